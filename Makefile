@@ -1,0 +1,51 @@
+# The two entry points of the README: `make run` and `make test`.
+# Both install what they need first: Debian packages, the virtual environment, pip packages.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
+SOURCES := airouter scp router inference encoders tests bench
+
+.PHONY: all install system-deps run test lint typecheck unit clean
+
+all: install
+
+system-deps:
+	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
+	    || ! command -v Orthanc >/dev/null || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	  echo "installing Debian packages: $(APT_PACKAGES)"; \
+	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(APT_PACKAGES); \
+	fi
+
+# torch first: `pip install torch==2.13.0` takes the CPU wheel on this machine's disk; anything
+# that depends on torch installed before it would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[triton,dev]'
+	touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+run: install
+	$(VENV)/bin/airouter serve
+
+lint: install
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+test: install lint typecheck
+	$(VENV)/bin/pytest -v
+
+unit: install
+	$(VENV)/bin/pytest -v -m "not integration"
+
+clean:
+	rm -rf $(VENV) var

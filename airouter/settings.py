@@ -1,0 +1,175 @@
+"""One typed settings tree for the node.
+
+Sources, highest precedence first: command-line flags (passed as keyword arguments),
+environment variables (``AIROUTER_...``, nested keys joined by ``__``), the YAML file named by
+``AIROUTER_CONFIG`` or ``--config``, then the defaults embedded here (which
+``config/airouter.yaml`` documents). Invalid configuration stops start-up with a message that
+names the key and the source.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: default repertoire, no '\'
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"not a valid AE title: {value!r} (1-16 characters, no backslash)")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DicomNode(_Strict):
+    """A remote DICOM application entity we send to (PACS, TPS)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DeviceSettings(_Strict):
+    """Provenance written into every object the node creates (General Equipment module)."""
+
+    manufacturer: str = "airouter project"
+    model_name: str = "airouter"
+    software_version: str = "0.1.0"
+    device_serial_number: str = "0"
+    institution_name: str | None = None
+
+
+class Settings(BaseSettings):
+    """The node's configuration; units are in the field names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AIROUTER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    # DIMSE
+    ae_title: str = "AIROUTER"
+    dimse_host: str = "0.0.0.0"
+    dimse_port: int = Field(default=11112, ge=0, le=65535)
+    max_associations: int = Field(default=16, ge=1)
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    maximum_pdu_size: int = Field(default=0, ge=0)  # 0 = unlimited
+
+    # HTTP: DICOMweb of the node's archive and the REST API
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+
+    # State and spool
+    data_dir: Path = Path("var")
+    database_url: str | None = None  # default: SQLite in data_dir
+
+    # Completion: a study is complete once its associations are released and no instance
+    # arrived for this long.
+    quiet_period_s: float = Field(default=3.0, ge=0)
+    completion_poll_s: float = Field(default=0.5, gt=0)
+
+    # Rules and models
+    rules_dir: Path = Path("rules")
+    models_dir: Path = Path("config/models")
+
+    # Inference: "local" starts the bundled tritonserver; otherwise host:port of a server.
+    triton_url: str = "local"
+    triton_protocol: str = Field(default="http", pattern="^(http|grpc)$")
+    triton_http_port: int = Field(default=0, ge=0, le=65535)  # local server; 0 = a free port
+    triton_grpc_port: int = Field(default=0, ge=0, le=65535)
+    triton_start_timeout_s: float = 120.0
+    triton_request_timeout_s: float = 300.0
+
+    # Workers and dispatch
+    workers: int = Field(default=1, ge=1)
+    dispatch_max_attempts: int = Field(default=5, ge=1)
+    dispatch_backoff_s: float = Field(default=10.0, gt=0)
+
+    destinations: dict[str, DicomNode] = Field(default_factory=dict)
+    device: DeviceSettings = Field(default_factory=DeviceSettings)
+
+    log_phi: bool = False
+    log_level: str = "INFO"
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def archive_dir(self) -> Path:
+        """Objects the node produced; indexed with the received ones and served by DICOMweb."""
+        return self.data_dir / "archive"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'airouter.db').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Values from the YAML file named by ``AIROUTER_CONFIG`` (lowest precedence)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is used instead
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("AIROUTER_CONFIG")
+        if not path:
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        return data
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the message names the key and the source."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings tree once at start-up; flags are given as ``overrides``."""
+    if config_file is not None:
+        os.environ["AIROUTER_CONFIG"] = str(config_file)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        source = os.environ.get("AIROUTER_CONFIG", "defaults/environment")
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({source}): {problems}") from exc
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read configuration: {exc}") from exc

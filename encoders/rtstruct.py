@@ -1,0 +1,194 @@
+"""RT Structure Set (PS3.3 A.19) with pydicom; highdicom has no RTSTRUCT.
+
+Contours are closed planar polygons in patient coordinates, one per boundary of the mask in a
+slice: the outer boundary of every island and the boundary of every hole are separate contours
+(planning systems combine nested contours of one ROI on a slice by even-odd inclusion). Each
+slice's points are computed from that slice's own ImagePositionPatient and
+ImageOrientationPatient, so gantry-tilted and non-square-pixel series are placed exactly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+import numpy as np
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+from skimage.measure import find_contours
+
+from encoders.common import Provenance, SeriesIdentity, Structure
+
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+# Conventional Referenced SOP Class of the RT Referenced Study Sequence (Study Component
+# Management / Detached Study Management), as written by planning systems.
+STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
+
+# Patient / study attributes copied from the source images (type 2 ones written empty if absent).
+_COPIED_TYPE2 = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+_COPIED_OPTIONAL = (
+    "SpecificCharacterSet", "StudyInstanceUID", "IssuerOfPatientID", "PatientAge",
+    "StudyDescription", "OtherPatientIDs",
+)
+CONTOUR_DATA = Tag(0x3006, 0x0050)
+
+
+def _drop_collinear(points: np.ndarray) -> np.ndarray:
+    """Remove points where a closed polygon goes straight on; the shape is unchanged."""
+    prev = points - np.roll(points, 1, axis=0)
+    nxt = np.roll(points, -1, axis=0) - points
+    cross = prev[:, 0] * nxt[:, 1] - prev[:, 1] * nxt[:, 0]
+    keep = np.abs(cross) > 1e-9
+    return points[keep] if keep.sum() >= 3 else points
+
+
+def slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
+    """Closed boundaries of a 2D mask as (N, 2) arrays of (row, column), without repeats."""
+    padded = np.pad(mask2d.astype(np.uint8), 1)
+    contours = []
+    for c in find_contours(padded, 0.5):
+        c = c[:-1] if len(c) > 1 and np.allclose(c[0], c[-1]) else c
+        c = _drop_collinear(c) - 1.0  # undo the pad
+        if len(c) >= 3:
+            contours.append(c)
+    return contours
+
+
+def _contour_data(xyz: np.ndarray) -> RawDataElement:
+    """ContourData, encoded once (DS, explicit VR little endian) instead of value by value."""
+    text = "\\".join(f"{v:.3f}" for v in xyz.ravel()).encode("ascii")
+    if len(text) % 2:
+        text += b" "
+    return RawDataElement(CONTOUR_DATA, "DS", len(text), text, 0, False, True)
+
+
+def to_patient(points_rc: np.ndarray, image: Dataset) -> np.ndarray:
+    """(row, column) pixel coordinates of ``image`` to patient coordinates (mm), (N, 3)."""
+    iop = np.asarray(image.ImageOrientationPatient, dtype=float)
+    origin = np.asarray(image.ImagePositionPatient, dtype=float)
+    row_spacing, col_spacing = (float(v) for v in image.PixelSpacing)
+    along_row, along_col = iop[:3], iop[3:]
+    return (
+        origin
+        + np.outer(points_rc[:, 1] * col_spacing, along_row)
+        + np.outer(points_rc[:, 0] * row_spacing, along_col)
+    )
+
+
+def _image_ref(image: Dataset) -> Dataset:
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = image.SOPClassUID
+    ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
+    return ref
+
+
+def _contour_sequence(structure: Structure, images: Sequence[Dataset]) -> DicomSequence:
+    items = []
+    for k, image in enumerate(images):
+        if not structure.mask[k].any():
+            continue
+        for rc in slice_contours(structure.mask[k]):
+            xyz = to_patient(rc, image)
+            item = Dataset()
+            item.ContourImageSequence = DicomSequence([_image_ref(image)])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(xyz)
+            item[CONTOUR_DATA] = _contour_data(xyz)  # type: ignore[assignment]
+            items.append(item)
+    return DicomSequence(items)
+
+
+def build_rtstruct(
+    *,
+    source_images: Sequence[Dataset],
+    structures: Sequence[Structure],
+    provenance: Provenance,
+    series: SeriesIdentity,
+    label: str = "AI",
+) -> Dataset:
+    """An RT Structure Set with one ROI per structure, referencing exactly ``source_images``."""
+    first = source_images[0]
+    now = dt.datetime.now()
+    ds = Dataset()
+    for kw in _COPIED_TYPE2:
+        setattr(ds, kw, first.get(kw, ""))
+    for kw in _COPIED_OPTIONAL:
+        if kw in first:
+            setattr(ds, kw, first.data_element(kw).value)
+    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPInstanceUID = series.sop_instance_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = series.series_instance_uid
+    ds.SeriesNumber = series.series_number
+    ds.SeriesDescription = series.series_description
+    ds.SeriesDate = ds.InstanceCreationDate
+    ds.SeriesTime = ds.InstanceCreationTime
+    ds.OperatorsName = ""
+    ds.InstanceNumber = 1
+    ds.Manufacturer = provenance.manufacturer
+    ds.ManufacturerModelName = provenance.model_name
+    ds.SoftwareVersions = provenance.software_version
+    ds.DeviceSerialNumber = provenance.device_serial_number
+    if provenance.institution_name:
+        ds.InstitutionName = provenance.institution_name
+    ds.StructureSetLabel = label[:16]
+    ds.StructureSetName = series.series_description[:64]
+    ds.StructureSetDate = ds.InstanceCreationDate
+    ds.StructureSetTime = ds.InstanceCreationTime
+
+    frame_uid = first.FrameOfReferenceUID
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    rt_series = Dataset()
+    rt_series.SeriesInstanceUID = first.SeriesInstanceUID
+    rt_series.ContourImageSequence = DicomSequence([_image_ref(im) for im in source_images])
+    rt_study = Dataset()
+    rt_study.ReferencedSOPClassUID = STUDY_COMPONENT_MANAGEMENT
+    rt_study.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    rt_study.RTReferencedSeriesSequence = DicomSequence([rt_series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = frame_uid
+    frame.RTReferencedStudySequence = DicomSequence([rt_study])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
+
+    rois, contours, observations = [], [], []
+    for number, s in enumerate(structures, start=1):
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = frame_uid
+        roi.ROIName = s.label.name
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi.ROIGenerationDescription = f"{s.card.name} {s.algorithm_version}"[:64]
+        rois.append(roi)
+        contour = Dataset()
+        contour.ReferencedROINumber = number
+        contour.ROIDisplayColor = list(s.label.color)
+        contour.ContourSequence = _contour_sequence(s, source_images)
+        contours.append(contour)
+        obs = Dataset()
+        obs.ObservationNumber = number
+        obs.ReferencedROINumber = number
+        obs.RTROIInterpretedType = s.label.rt_roi_type.value
+        obs.ROIInterpreter = ""
+        observations.append(obs)
+    ds.StructureSetROISequence = DicomSequence(rois)
+    ds.ROIContourSequence = DicomSequence(contours)
+    ds.RTROIObservationsSequence = DicomSequence(observations)
+    ds.ApprovalStatus = "UNAPPROVED"
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    return ds
+

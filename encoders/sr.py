@@ -1,0 +1,84 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) with highdicom: volumes per structure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from encoders.common import Provenance, SeriesIdentity, Structure
+
+MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
+
+
+def build_measurement_report(
+    *,
+    source_images: Sequence[Dataset],
+    seg: Dataset,
+    structures: Sequence[Structure],
+    volumes_ml: Sequence[float],
+    provenance: Provenance,
+    device_uid: str,
+    series: SeriesIdentity,
+) -> hd.sr.Comprehensive3DSR:
+    """One TID 1411 volumetric group per structure, referencing its segment in ``seg``.
+
+    ``structures[n]`` is segment ``n + 1`` of ``seg``; ``volumes_ml[n]`` its volume.
+    """
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid,
+            name=provenance.model_name,
+            manufacturer_name=provenance.manufacturer,
+            model_name=provenance.model_name,
+            serial_number=provenance.device_serial_number,
+        ),
+    )
+    source_series = hd.sr.SourceSeriesForSegmentation(source_images[0].SeriesInstanceUID)
+    groups = [
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=hd.UID(), identifier=f"{s.card.name}:{s.label.name}"
+            ),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=number,
+                source_series=source_series,
+            ),
+            finding_type=s.type,
+            algorithm_id=hd.sr.AlgorithmIdentification(
+                name=s.card.name, version=s.algorithm_version
+            ),
+            measurements=[
+                hd.sr.Measurement(
+                    name=codes.SCT.Volume, value=round(float(volume), 3), unit=MILLILITER
+                )
+            ],
+        )
+        for number, (s, volume) in enumerate(zip(structures, volumes_ml, strict=True), start=1)
+    ]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*source_images, seg],
+        content=report,
+        series_instance_uid=series.series_instance_uid,
+        series_number=series.series_number,
+        sop_instance_uid=series.sop_instance_uid,
+        instance_number=1,
+        manufacturer=provenance.manufacturer,
+        institution_name=provenance.institution_name,
+        is_complete=True,
+    )
+    sr.SeriesDescription = series.series_description
+    sr.ManufacturerModelName = provenance.model_name
+    sr.SoftwareVersions = provenance.software_version
+    sr.DeviceSerialNumber = provenance.device_serial_number
+    return sr

@@ -1,0 +1,103 @@
+"""The bundled classic CT models, as plain numpy/scipy functions.
+
+They run inside Triton's Python backend (``inference/model_repository``); they are kept here,
+importable and testable without a server.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+BODY_THRESHOLD_HU = -500
+AIR_THRESHOLD_HU = -400
+MIN_LUNG_ML = 250.0
+BONE_THRESHOLD_HU = 300
+MAX_ENCLOSED_FRACTION = 0.5
+
+# Label values of the models' outputs; the model cards name them.
+BODY = 1
+RIGHT_LUNG = 1
+LEFT_LUNG = 2
+
+
+def voxel_ml(affine: np.ndarray) -> float:
+    return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a 3D mask (empty if the mask is empty)."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros_like(mask, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Fill enclosed holes in every axial slice (air inside the body belongs to the body)."""
+    out = np.empty_like(mask, dtype=bool)
+    for k in range(mask.shape[0]):
+        out[k] = ndimage.binary_fill_holes(mask[k])
+    return out
+
+
+def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """ct-body: the patient's outline. HU threshold, largest component, holes filled per slice.
+
+    Returns uint8 labels (0 background, 1 body).
+    """
+    body = fill_holes_per_slice(largest_component(hu > BODY_THRESHOLD_HU))
+    return body.astype(np.uint8) * BODY
+
+
+def segment_lungs(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """ct-lungs: air regions inside the body of at least MIN_LUNG_ML, split left/right.
+
+    The split is the body's sagittal midline in patient coordinates (LPS: +x is the patient's
+    left). Returns uint8 labels (0 background, 1 right lung, 2 left lung); empty for a study
+    without lungs (a head CT), which is a result, not an error.
+    """
+    body = segment_body(hu, affine).astype(bool)
+    air = (hu < AIR_THRESHOLD_HU) & body
+    labels, count = ndimage.label(air)
+    out = np.zeros(hu.shape, dtype=np.uint8)
+    if count == 0:
+        return out
+    sizes_ml = np.bincount(labels.ravel()) * voxel_ml(affine)
+    sizes_ml[0] = 0
+    # Air enclosed by a closed ring of bone in its slices is intracranial (a skull), not lung:
+    # ribs, spine and sternum do not close a ring around the lungs in an axial slice.
+    enclosed = np.bincount(labels[_inside_bone_ring(hu)], minlength=count + 1)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    lung_like = (sizes_ml >= MIN_LUNG_ML) & (enclosed < MAX_ENCLOSED_FRACTION * sizes)
+    lung_like[0] = False
+    keep = np.isin(labels, np.flatnonzero(lung_like))
+    if not keep.any():
+        return out
+    x = _patient_x(affine, hu.shape)
+    midline = _mean_x(body, affine)
+    left = keep & (x >= midline)
+    out[keep] = RIGHT_LUNG
+    out[left] = LEFT_LUNG
+    return out
+
+
+def _inside_bone_ring(hu: np.ndarray) -> np.ndarray:
+    """Voxels enclosed by bone (HU > BONE_THRESHOLD_HU) within their axial slice."""
+    bone = hu > BONE_THRESHOLD_HU
+    return fill_holes_per_slice(bone) & ~bone
+
+
+def _patient_x(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Patient x (LPS) of every voxel, broadcastable to ``shape``."""
+    k = np.arange(shape[0])[:, None, None]
+    j = np.arange(shape[1])[None, :, None]
+    i = np.arange(shape[2])[None, None, :]
+    return affine[0, 0] * k + affine[0, 1] * j + affine[0, 2] * i + affine[0, 3]
+
+
+def _mean_x(mask: np.ndarray, affine: np.ndarray) -> float:
+    k, j, i = (idx.astype(np.float64).mean() for idx in np.nonzero(mask))
+    return float(affine[0, 0] * k + affine[0, 1] * j + affine[0, 2] * i + affine[0, 3])

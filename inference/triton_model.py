@@ -1,0 +1,38 @@
+"""Adapter from a ``(hu, affine) -> labels`` function to a Triton Python-backend model.
+
+Imported only inside tritonserver's Python backend stub, where ``triton_python_backend_utils``
+exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+Segmenter = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def python_model(segment: Segmenter) -> type:
+    """A ``TritonPythonModel`` class that runs ``segment`` on each request."""
+    import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
+
+    class TritonPythonModel:
+        def execute(self, requests: list[Any]) -> list[Any]:
+            responses = []
+            for request in requests:
+                try:
+                    hu = pb_utils.get_input_tensor_by_name(request, "CT").as_numpy()
+                    affine = pb_utils.get_input_tensor_by_name(request, "AFFINE").as_numpy()
+                    labels = np.ascontiguousarray(segment(hu, affine), dtype=np.uint8)
+                    responses.append(
+                        pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("LABELS", labels)])
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported to the client as the error
+                    responses.append(
+                        pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+                    )
+            return responses
+
+    return TritonPythonModel

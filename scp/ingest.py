@@ -1,0 +1,203 @@
+"""Make a received instance durable and indexed, then say whether it is safe to acknowledge.
+
+Used by the C-STORE handler; kept free of pynetdicom so it can be driven by other receivers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from airouter.db import Instance, Series, Source, Store, Study, StudyState, utcnow
+from scp.spool import InvalidUID, check_uid, instance_path, write_durable
+from scp.status import StoreStatus
+
+log = logging.getLogger(__name__)
+
+# Series-level keywords denormalised for the rules (first instance of a series wins).
+SERIES_KEYWORDS = (
+    "Modality",
+    "BodyPartExamined",
+    "SeriesDescription",
+    "SeriesNumber",
+    "ImageType",
+    "ImageOrientationPatient",
+    "SliceThickness",
+    "ProtocolName",
+    "Manufacturer",
+    "FrameOfReferenceUID",
+)
+
+
+@dataclass(frozen=True)
+class Received:
+    """What the receiver knows besides the data set."""
+
+    encoded: bytes  # the instance as a DICOM file (preamble, meta, data set as received)
+    transfer_syntax: str
+    command_sop_instance_uid: str | None = None
+    command_sop_class_uid: str | None = None
+    calling_ae: str | None = None
+    source_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: StoreStatus
+    reason: str = ""
+    study_uid: str | None = None
+    sop_instance_uid: str | None = None
+
+
+class Ingest:
+    """Spool + index; thread-safe (pynetdicom runs one handler thread per association)."""
+
+    def __init__(self, store: Store, spool_root: Path) -> None:
+        self.store = store
+        self.spool_root = spool_root
+        self._lock = threading.Lock()  # serialises index writes of one process (SQLite)
+
+    def store_instance(self, ds: Dataset, received: Received) -> Outcome:
+        """Persist and index one instance. Never raises: every failure is a status."""
+        try:
+            ids = _identifiers(ds, received)
+        except InvalidUID as exc:
+            return Outcome(StoreStatus.CANNOT_UNDERSTAND, str(exc))
+        study_uid, series_uid, sop_uid, sop_class = ids
+        try:
+            with self.store.session() as s:
+                if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)):
+                    log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
+                    return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
+            path = instance_path(self.spool_root, study_uid, series_uid, sop_uid)
+            write_durable(path, received.encoded)
+            with self._lock, self.store.session() as s:
+                _upsert_study(s, ds, study_uid, received.calling_ae)
+                _upsert_series(s, ds, study_uid, series_uid)
+                s.add(
+                    Instance(
+                        sop_instance_uid=sop_uid,
+                        sop_class_uid=sop_class,
+                        series_uid=series_uid,
+                        study_uid=study_uid,
+                        instance_number=_int(ds.get("InstanceNumber")),
+                        transfer_syntax=received.transfer_syntax,
+                        path=str(path),
+                        size=len(received.encoded),
+                        calling_ae=received.calling_ae,
+                        source_address=received.source_address,
+                    )
+                )
+        except IntegrityError:
+            # A concurrent association stored the same SOP Instance UID first: it is stored once.
+            return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
+        except OSError as exc:
+            log.error("cannot persist %s: %s", sop_uid, exc)
+            return Outcome(StoreStatus.OUT_OF_RESOURCES, f"cannot persist: {exc.strerror}")
+        return Outcome(StoreStatus.SUCCESS, "", study_uid, sop_uid)
+
+
+def _identifiers(ds: Dataset, received: Received) -> tuple[str, str, str, str]:
+    """Study, series, SOP instance and SOP class UIDs.
+
+    The SOP Instance / Class UID fall back to the C-STORE command (the Affected SOP Instance
+    UID identifies the instance, PS3.7 9.1.1) when the data set has them empty; the study and
+    series UIDs have no such fallback.
+    """
+    sop_uid = str(ds.get("SOPInstanceUID", "") or received.command_sop_instance_uid or "")
+    sop_class = str(ds.get("SOPClassUID", "") or received.command_sop_class_uid or "")
+    cmd_uid = received.command_sop_instance_uid
+    if cmd_uid and ds.get("SOPInstanceUID") and str(ds.SOPInstanceUID) != cmd_uid:
+        raise InvalidUID("SOPInstanceUID in the data set differs from the C-STORE request")
+    return (
+        check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+        check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        check_uid(sop_uid, "SOPInstanceUID"),
+        check_uid(sop_class, "SOPClassUID"),
+    )
+
+
+def _upsert_study(s: Any, ds: Dataset, study_uid: str, calling_ae: str | None) -> None:
+    study = s.get(Study, study_uid)
+    now = utcnow()
+    if study is None:
+        s.add(
+            Study(
+                study_uid=study_uid,
+                patient_id=_text(ds, "PatientID"),
+                patient_name=_text(ds, "PatientName"),
+                study_date=_text(ds, "StudyDate"),
+                study_time=_text(ds, "StudyTime"),
+                accession_number=_text(ds, "AccessionNumber"),
+                study_description=_text(ds, "StudyDescription"),
+                calling_ae=calling_ae,
+                last_received_at=now,
+            )
+        )
+        s.flush()
+        return
+    study.last_received_at = now
+    if study.state is not StudyState.RECEIVING:
+        # Late arrival after routing: the study re-opens and will be routed again.
+        study.state = StudyState.RECEIVING
+
+
+def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str) -> None:
+    if s.get(Series, series_uid) is not None:
+        return
+    tags = {kw: _json_value(ds, kw) for kw in SERIES_KEYWORDS if kw in ds}
+    s.add(
+        Series(
+            series_uid=series_uid,
+            study_uid=study_uid,
+            modality=_text(ds, "Modality"),
+            series_number=_int(ds.get("SeriesNumber")),
+            series_description=_text(ds, "SeriesDescription"),
+            body_part_examined=_text(ds, "BodyPartExamined"),
+            tags=tags,
+            source=Source.DIMSE,
+        )
+    )
+    s.flush()
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    """A tag as text; a value in an odd character set never breaks indexing."""
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else str(value)
+    except Exception:  # noqa: BLE001 - any decoding problem leaves the column empty
+        return None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _json_value(ds: Dataset, keyword: str) -> Any:
+    try:
+        value = ds.get(keyword)
+        if isinstance(value, MultiValue | list | tuple):
+            return [_scalar(v) for v in value]
+        return None if value is None else _scalar(value)
+    except Exception:  # noqa: BLE001 - an undecodable value is left out, not fatal
+        return None
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, float):  # DS
+        return float(v)
+    if isinstance(v, int):  # IS, US
+        return int(v)
+    return str(v)

@@ -9,6 +9,7 @@ names the key and the source.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -49,6 +50,21 @@ class DeviceSettings(_Strict):
     software_version: str = "0.1.0"
     device_serial_number: str = "0"
     institution_name: str | None = None
+
+
+class OutputSeries(_Strict):
+    """Series number and description of one kind of output (stable, not random)."""
+
+    number: int = Field(ge=1, le=2**31 - 1)
+    description: str = Field(max_length=64)
+
+
+def _default_output_series() -> dict[str, OutputSeries]:
+    return {
+        "SEG": OutputSeries(number=901, description="AI segmentation"),
+        "SR": OutputSeries(number=902, description="AI measurements"),
+        "RTSTRUCT": OutputSeries(number=903, description="AI structures"),
+    }
 
 
 class Settings(BaseSettings):
@@ -100,6 +116,8 @@ class Settings(BaseSettings):
     dispatch_max_attempts: int = Field(default=5, ge=1)
     dispatch_backoff_s: float = Field(default=10.0, gt=0)
 
+    output_series: dict[str, OutputSeries] = Field(default_factory=_default_output_series)
+    # Named DICOM nodes rules can send to (default: EMBEDDED_DEFAULTS).
     destinations: dict[str, DicomNode] = Field(default_factory=dict)
     device: DeviceSettings = Field(default_factory=DeviceSettings)
 
@@ -134,7 +152,22 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        return (init_settings, env_settings, _YamlSource(settings_cls), _Defaults(settings_cls))
+
+
+# Defaults that other sources deep-merge into (so AIROUTER_DESTINATIONS__PACS__PORT=104 changes
+# only the port). "pacs" is Orthanc's Debian default node.
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}},
+}
+
+
+class _Defaults(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        return copy.deepcopy(EMBEDDED_DEFAULTS)
 
 
 class _YamlSource(PydanticBaseSettingsSource):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -101,6 +102,7 @@ class LocalTriton:
             self.process = subprocess.Popen(
                 cmd, env=self._env(), stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us; we stop it in order
+                preexec_fn=_die_with_parent,
             )
 
     def url(self, protocol: str) -> str:
@@ -116,6 +118,17 @@ class LocalTriton:
             self.process.kill()
             self.process.wait()
         log.info("tritonserver stopped")
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the node dies, even by SIGKILL (Linux prctl)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class InferenceClient:

@@ -1,0 +1,143 @@
+"""``airouter``: run the node, send DICOM to a node, look at jobs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from airouter.settings import ConfigError, Settings, load_settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from airouter.node import Node
+
+    settings = _settings(args)
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+    )
+    for noisy in ("pynetdicom", "apscheduler", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    Node(settings).serve_forever()
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        args.config,
+        ae_title=args.ae_title,
+        dimse_port=args.dimse_port,
+        http_host=args.http_host,
+        http_port=args.http_port,
+        data_dir=args.data_dir,
+        triton_url=args.triton_url,
+        rules_dir=args.rules_dir,
+    )
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    return files
+
+
+def _send(args: argparse.Namespace) -> int:
+    """C-STORE files to a node; files are sent as stored (file meta gives SOP class/instance)."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+    from pynetdicom import AE, _config
+    from pynetdicom.presentation import build_context
+
+    # Stream each file as stored, identified by its file meta: no decoding, no re-encoding.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+    items = []
+    for f in _files(args.paths):
+        try:
+            meta = dcmread(f, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+            items.append((f, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+        except (InvalidDicomError, AttributeError, OSError) as exc:
+            print(f"skipped {f}: not a DICOM file ({exc})", file=sys.stderr)
+    if not items:
+        print("nothing to send", file=sys.stderr)
+        return 1
+    ae = AE(ae_title=args.calling_ae)
+    pairs = sorted({(c, ts) for _, c, ts in items})
+    ae.requested_contexts = [build_context(c, [ts]) for c, ts in pairs][:128]
+    assoc = ae.associate(args.host, args.port, ae_title=args.called_ae)
+    if not assoc.is_established:
+        print(f"association with {args.called_ae}@{args.host}:{args.port} failed", file=sys.stderr)
+        return 2
+    failed = 0
+    try:
+        for f, _, _ in items:
+            status = assoc.send_c_store(f)
+            code = int(status.Status) if status and "Status" in status else None
+            if code != 0x0000:
+                failed += 1
+                comment = status.get("ErrorComment", "") if status else "no response"
+                code_text = f"0x{code:04X}" if code is not None else "none"
+                print(f"{f}: status {code_text} {comment}", file=sys.stderr)
+    finally:
+        assoc.release()
+    print(f"sent {len(items) - failed} of {len(items)}")
+    return 0 if failed == 0 else 3
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    url = f"http://{args.http_host}:{args.http_port}/api/jobs"
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - local API
+        jobs: list[dict[str, Any]] = json.load(response)
+    for job in jobs:
+        kinds = ",".join(o["kind"] for o in job["outputs"])
+        print(f"{job['id']:>5} {job['state']:<12} {job['rule']:<24} {kinds:<18} {job['error'] or ''}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="airouter", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the node in the foreground (Ctrl-C stops it)")
+    serve.add_argument("--config", type=Path, help="YAML settings file (AIROUTER_CONFIG)")
+    serve.add_argument("--ae-title", help="our AE title (AIROUTER_AE_TITLE, default AIROUTER)")
+    serve.add_argument("--dimse-port", type=int, help="DIMSE port (AIROUTER_DIMSE_PORT, 11112)")
+    serve.add_argument("--http-host", help="HTTP address (AIROUTER_HTTP_HOST, 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (AIROUTER_HTTP_PORT, 8080)")
+    serve.add_argument("--data-dir", type=Path, help="state and spool (AIROUTER_DATA_DIR, ./var)")
+    serve.add_argument("--triton-url", help="'local' or host:port (AIROUTER_TRITON_URL)")
+    serve.add_argument("--rules-dir", type=Path, help="rule files (AIROUTER_RULES_DIR, ./rules)")
+    serve.set_defaults(func=_serve)
+
+    send = sub.add_parser("send", help="C-STORE files or folders to a DICOM node")
+    send.add_argument("paths", nargs="+", type=Path)
+    send.add_argument("--host", default="127.0.0.1")
+    send.add_argument("--port", type=int, default=11112)
+    send.add_argument("--called-ae", default="AIROUTER")
+    send.add_argument("--calling-ae", default="AIROUTER-SCU")
+    send.set_defaults(func=_send)
+
+    jobs = sub.add_parser("jobs", help="list the node's jobs (from its HTTP API)")
+    jobs.add_argument("--http-host", default="127.0.0.1")
+    jobs.add_argument("--http-port", type=int, default=8080)
+    jobs.set_defaults(func=_jobs)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"airouter: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Results go out: the node's archive, then a durable outbox per (object, destination).
+
+Every object a job writes is stored in the archive (indexed, served by DICOMweb) and gets one
+delivery row per destination. Deliveries are sent by C-STORE on one association per destination;
+the state recorded is the destination's real answer, and failures are retried with exponential
+backoff until ``dispatch_max_attempts``, then marked dead.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import timedelta
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from airouter.db import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    Series,
+    Source,
+    Store,
+    utcnow,
+)
+from airouter.settings import DicomNode, Settings
+from scp.spool import instance_path, write_durable
+
+log = logging.getLogger(__name__)
+
+_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+
+
+def archive_output(s: Session, settings: Settings, job: Job, kind: str, ds: Dataset) -> Output:
+    """Write a produced object to the archive; index it and queue its deliveries in ``s``."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    path = instance_path(
+        settings.archive_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+    write_durable(path, data)
+    if s.get(Series, ds.SeriesInstanceUID) is None:
+        s.add(
+            Series(
+                series_uid=ds.SeriesInstanceUID,
+                study_uid=ds.StudyInstanceUID,
+                modality=ds.Modality,
+                series_number=int(ds.SeriesNumber),
+                series_description=str(ds.get("SeriesDescription", "")),
+                tags={"Modality": ds.Modality},
+                source=Source.PRODUCED,
+            )
+        )
+        s.flush()
+    s.add(
+        Instance(
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            series_uid=ds.SeriesInstanceUID,
+            study_uid=ds.StudyInstanceUID,
+            instance_number=int(ds.get("InstanceNumber", 1) or 1),
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            path=str(path),
+            size=len(data),
+            source=Source.PRODUCED,
+        )
+    )
+    output = Output(
+        job_id=job.id,
+        kind=kind,
+        sop_instance_uid=ds.SOPInstanceUID,
+        series_uid=ds.SeriesInstanceUID,
+        path=str(path),
+    )
+    s.add(output)
+    s.flush()
+    for destination in job.destinations:
+        s.add(Delivery(output_id=output.id, destination=destination))
+    return output
+
+
+class Dispatcher:
+    """Sends due deliveries; one run at a time (the scheduler calls :meth:`run_due`)."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._again = threading.Event()
+
+    def request(self) -> None:
+        """Ask for another pass (a pass already running repeats itself)."""
+        self._again.set()
+
+    def run_due(self) -> int:
+        """Attempt every due delivery, again while passes are requested; returns the count."""
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            attempted = self._pass()
+            while self._again.is_set():
+                self._again.clear()
+                attempted += self._pass()
+            return attempted
+        finally:
+            self._lock.release()
+
+    def _pass(self) -> int:
+        with self.store.session() as s:
+            due = s.execute(
+                select(Delivery.id, Delivery.destination, Output.path)
+                .join(Output, Output.id == Delivery.output_id)
+                .where(
+                    Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
+                    Delivery.next_attempt_at <= utcnow(),
+                )
+                .order_by(Delivery.id)
+            ).all()
+        by_destination: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for delivery_id, destination, path in due:
+            by_destination[destination].append((delivery_id, path))
+        for destination, items in by_destination.items():
+            node = self.settings.destinations.get(destination)
+            if node is None:
+                reason = f"destination {destination!r} is not configured"
+                for delivery_id, _ in items:
+                    self._record(delivery_id, False, reason, final=True)
+                continue
+            for delivery_id, ok, answer in self._send(node, items):
+                self._record(delivery_id, ok, answer)
+        self._finish_jobs()
+        return len(due)
+
+    def _send(
+        self, node: DicomNode, items: Sequence[tuple[int, str]]
+    ) -> list[tuple[int, bool, str]]:
+        """C-STORE each file on one association; the answer per delivery."""
+        datasets = []
+        for delivery_id, path in items:
+            datasets.append((delivery_id, dcmread(path)))
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.acse_timeout = self.settings.acse_timeout_s
+        ae.dimse_timeout = self.settings.dimse_timeout_s
+        ae.network_timeout = self.settings.network_timeout_s
+        classes = sorted({str(ds.SOPClassUID) for _, ds in datasets})
+        contexts = [build_context(c, _TRANSFER_SYNTAXES) for c in classes]
+        assoc = ae.associate(node.host, node.port, contexts=contexts, ae_title=node.ae_title)
+        if not assoc.is_established:
+            answer = f"association with {node.ae_title}@{node.host}:{node.port} failed"
+            return [(delivery_id, False, answer) for delivery_id, _ in datasets]
+        results = []
+        try:
+            for delivery_id, ds in datasets:
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if status and "Status" in status else None
+                if code is None:
+                    results.append((delivery_id, False, "no C-STORE response"))
+                elif code == 0x0000 or code in (0xB000, 0xB007, 0xB006):
+                    results.append((delivery_id, True, f"C-STORE status 0x{code:04X}"))
+                else:
+                    comment = status.get("ErrorComment", "")
+                    results.append((delivery_id, False, f"C-STORE status 0x{code:04X} {comment}"))
+        finally:
+            assoc.release()
+        return results
+
+    def _record(self, delivery_id: int, ok: bool, answer: str, final: bool = False) -> None:
+        with self.store.session() as s:
+            d = s.get(Delivery, delivery_id)
+            if d is None:
+                return
+            d.attempts += 1
+            d.last_status = answer
+            d.updated_at = utcnow()
+            if ok:
+                d.state = DeliveryState.SENT
+            elif final or d.attempts >= self.settings.dispatch_max_attempts:
+                d.state = DeliveryState.DEAD
+            else:
+                d.state = DeliveryState.FAILED
+                delay = self.settings.dispatch_backoff_s * 2 ** (d.attempts - 1)
+                d.next_attempt_at = utcnow() + timedelta(seconds=delay)
+        level = logging.INFO if ok else logging.WARNING
+        log.log(level, "delivery %s: %s", delivery_id, answer)
+
+    def _finish_jobs(self) -> None:
+        """A dispatching job is done when all its deliveries are sent; failed if one is dead."""
+        with self.store.session() as s:
+            jobs = s.scalars(select(Job).where(Job.state == JobState.DISPATCHING)).all()
+            for job in jobs:
+                rows = s.execute(
+                    select(Delivery.state, Delivery.destination, Delivery.last_status)
+                    .join(Output, Output.id == Delivery.output_id)
+                    .where(Output.job_id == job.id)
+                ).all()
+                dead = [r for r in rows if r.state == DeliveryState.DEAD]
+                if dead:
+                    job.state = JobState.FAILED
+                    job.error = f"delivery to {dead[0].destination} failed: {dead[0].last_status}"
+                    job.finished_at = utcnow()
+                elif all(r.state == DeliveryState.SENT for r in rows):
+                    job.state = JobState.DONE
+                    job.finished_at = utcnow()
+                    started = job.timings.get("dispatch_started_at")
+                    if started is not None:
+                        job.timings = {**job.timings, "dispatch_s": round(time.time() - started, 3)}
+                else:
+                    continue
+                log.info("job %s: %s", job.id, job.state.value)

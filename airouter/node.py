@@ -1,0 +1,182 @@
+"""The node in one process: DIMSE AE, HTTP server, scheduler, workers and the local Triton.
+
+Every stage talks through the state store, so a crash at any point resumes on restart: jobs
+caught mid-run are queued again, pending deliveries are retried, quiet studies complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import uvicorn
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from airouter.db import Job, JobState, Store
+from airouter.dispatch import Dispatcher
+from airouter.pipeline import PipelineContext, run_job
+from airouter.settings import ConfigError, Settings
+from airouter.web import create_app
+from inference.cards import ModelCardError, load_cards
+from inference.triton import InferenceClient, LocalTriton
+from router.queue import claim_next_job, route_study
+from router.rules import RuleError, load_rules
+from scp.completion import CompletionMonitor
+from scp.ingest import Ingest
+from scp.server import AssociationTracker, start_dimse
+
+log = logging.getLogger(__name__)
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        for directory in (settings.data_dir, settings.spool_dir, settings.archive_dir,
+                          settings.jobs_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.rules = load_rules(settings.rules_dir)
+            self.cards = load_cards(settings.models_dir)
+        except (RuleError, ModelCardError) as exc:
+            raise ConfigError(str(exc)) from exc
+        for rule in self.rules:
+            missing = [m for m in rule.models if m not in self.cards]
+            if missing:
+                raise ConfigError(f"rule {rule.name}: no model card for {', '.join(missing)}")
+            unknown = [d for d in rule.destinations if d not in settings.destinations]
+            if unknown:
+                raise ConfigError(f"rule {rule.name}: destination(s) not configured: "
+                                  f"{', '.join(unknown)}")
+        self.store = Store(settings.db_url)
+        self.tracker = AssociationTracker()
+        self.ingest = Ingest(self.store, settings.spool_dir)
+        self.dispatcher = Dispatcher(self.store, settings)
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+        self.triton: LocalTriton | None = None
+        self._client: InferenceClient | None = None
+        self._client_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self.dimse: Any = None
+
+    # -- inference -------------------------------------------------------------------------
+    def _start_triton(self) -> None:
+        s = self.settings
+        if s.triton_url == "local":
+            self.triton = LocalTriton(s.data_dir / "triton", s.triton_http_port, s.triton_grpc_port)
+            self.triton.start()
+            url = self.triton.url(s.triton_protocol)
+        else:
+            url = s.triton_url
+        self._client = InferenceClient(url, s.triton_protocol, s.triton_request_timeout_s)
+
+    def client(self) -> InferenceClient:
+        """The inference client, once the server and every model card's model are ready."""
+        assert self._client is not None
+        models = sorted({c.triton_model for c in self.cards.values()})
+        with self._client_lock:
+            self._client.wait_ready(models, self.settings.triton_start_timeout_s)
+        return self._client
+
+    # -- routing and work ------------------------------------------------------------------
+    def _route(self, session: Session, study_uid: str) -> None:
+        if route_study(session, study_uid, self.rules):
+            self._wake.set()
+
+    def _worker(self, ctx: PipelineContext) -> None:
+        while not self._stop.is_set():
+            job_id = claim_next_job(self.store)
+            if job_id is None:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            run_job(ctx, job_id)
+
+    def wake_dispatch(self) -> None:
+        """New outputs: dispatch now rather than at the next tick."""
+        self.dispatcher.request()
+        job = self.scheduler.get_job("dispatch")
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
+
+    def _recover(self) -> None:
+        """Jobs interrupted mid-run by a crash are queued again."""
+        with self.store.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.state.in_([JobState.RUNNING, JobState.ENCODING]))
+                .values(state=JobState.QUEUED)
+            )
+            if result.rowcount:  # type: ignore[attr-defined]
+                log.info("requeued %d interrupted job(s)", result.rowcount)  # type: ignore[attr-defined]
+
+    def health(self) -> dict[str, Any]:
+        with self.store.session() as s:
+            counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        ready = self._client is not None and self._client.is_ready()
+        return {
+            "status": "ok",
+            "ae_title": self.settings.ae_title,
+            "dimse_port": self.dimse.server_address[1] if self.dimse else None,
+            "triton_ready": ready,
+            "triton_pid": self.triton.process.pid if self.triton and self.triton.process else None,
+            "jobs": {state.value: n for state, n in counts.items()},
+        }
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        self._recover()
+        self._start_triton()
+        self.dimse = start_dimse(s, self.ingest, self.tracker)
+        monitor = CompletionMonitor(self.store, self.tracker, s.quiet_period_s, self._route)
+        self.scheduler.add_job(monitor.check, "interval", seconds=s.completion_poll_s,
+                               id="completion", max_instances=1, coalesce=True)
+        self.scheduler.add_job(self.dispatcher.run_due, "interval",
+                               seconds=min(s.dispatch_backoff_s, 5.0), id="dispatch",
+                               max_instances=1, coalesce=True)
+        self.scheduler.start()
+        ctx = PipelineContext(self.store, s, self.cards, self.client, self.wake_dispatch)
+        for n in range(s.workers):
+            t = threading.Thread(target=self._worker, args=(ctx,), name=f"worker-{n}", daemon=True)
+            t.start()
+            self._workers.append(t)
+
+    def serve_forever(self) -> None:
+        """Run the HTTP server in the foreground until Ctrl-C / SIGTERM, then stop everything."""
+        app = create_app(self.store, self.health)
+        config = uvicorn.Config(app, host=self.settings.http_host, port=self.settings.http_port,
+                                log_level="warning", lifespan="off")
+        # uvicorn re-raises SIGTERM after its own shutdown; make that an exception so the
+        # ``finally`` below stops DIMSE, the workers and Triton.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            self.start()
+            log.info("HTTP on http://%s:%s", self.settings.http_host, self.settings.http_port)
+            uvicorn.Server(config).run()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self.dimse is not None:
+            self.dimse.shutdown()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        for t in self._workers:
+            t.join(timeout=5)
+        if self.triton is not None:
+            self.triton.stop()
+        log.info("node stopped")
+

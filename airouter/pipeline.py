@@ -1,0 +1,183 @@
+"""One job, start to finish: volume -> Triton -> encoders -> archive and outbox.
+
+A job is caught in exactly one place (:func:`run_job`): any failure marks it failed with a
+reason that names the stage, and the log line carries the job id and UIDs, never PHI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from airouter.db import Instance, Job, JobState, Store, utcnow
+from airouter.dispatch import archive_output
+from airouter.settings import Settings
+from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.rtstruct import build_rtstruct
+from encoders.seg import build_seg
+from encoders.sr import build_measurement_report
+from inference.cards import ModelCard
+from inference.triton import InferenceClient, InferenceError, InferenceUnavailable
+from inference.volume import Volume, VolumeError, build_volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineContext:
+    store: Store
+    settings: Settings
+    cards: dict[str, ModelCard]
+    client: Callable[[], InferenceClient]  # the client once Triton is up
+    on_outputs: Callable[[], None]  # wake the dispatcher
+
+
+class JobError(Exception):
+    """A job cannot proceed; the message is the reason recorded in the job."""
+
+
+def _set_state(store: Store, job_id: int, state: JobState, **values: object) -> None:
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.state = state
+        for key, value in values.items():
+            setattr(job, key, value)
+
+
+def _timing(store: Store, job_id: int, **timings: float) -> None:
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.timings = {**job.timings, **{k: round(v, 3) for k, v in timings.items()}}
+
+
+def run_job(ctx: PipelineContext, job_id: int) -> None:
+    """Run a claimed job; never raises."""
+    try:
+        _run(ctx, job_id)
+    except (JobError, VolumeError, InferenceError, InferenceUnavailable) as exc:
+        _fail(ctx, job_id, str(exc))
+    except Exception as exc:  # noqa: BLE001 - the one place a job's unexpected error is caught
+        log.exception("job %s: unexpected error", job_id)
+        _fail(ctx, job_id, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _fail(ctx: PipelineContext, job_id: int, reason: str) -> None:
+    log.warning("job %s failed: %s", job_id, reason)
+    _set_state(ctx.store, job_id, JobState.FAILED, error=reason, finished_at=utcnow())
+    ctx.store.record("job_failed", reason, job_id=job_id)
+
+
+def _run(ctx: PipelineContext, job_id: int) -> None:
+    with ctx.store.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        paths = s.scalars(
+            select(Instance.path).where(Instance.series_uid == job.series_uid)
+        ).all()
+    log.info("job %s: series %s, %d instances, models %s",
+             job_id, job.series_uid, len(paths), ",".join(job.models))
+    t0 = time.perf_counter()
+    volume = build_volume(paths)
+    _timing(ctx.store, job_id, volume_s=time.perf_counter() - t0)
+
+    structures = _infer(ctx, job, volume)
+    _save_masks(ctx.settings.jobs_dir / str(job_id), structures)
+
+    _set_state(ctx.store, job_id, JobState.ENCODING)
+    t0 = time.perf_counter()
+    found = [s for s in structures if s.mask.any()]
+    if not found:
+        ctx.store.record("job_empty_result", "no structure found", job_id=job_id)
+        _set_state(ctx.store, job_id, JobState.DONE, finished_at=utcnow(),
+                   error="no structure found: nothing to encode")
+        return
+    objects = _encode(ctx, job, volume, found)
+    _timing(ctx.store, job_id, encode_s=time.perf_counter() - t0)
+
+    with ctx.store.session() as s:  # outputs and their deliveries appear together
+        job = s.get(Job, job_id)  # type: ignore[assignment]
+        assert job is not None
+        for kind, ds in objects:
+            archive_output(s, ctx.settings, job, kind, ds)
+        job.state = JobState.DISPATCHING if job.destinations else JobState.DONE
+        job.timings = {**job.timings, "dispatch_started_at": time.time()}
+        if not job.destinations:
+            job.finished_at = utcnow()
+    log.info("job %s: %d objects archived", job_id, len(objects))
+    ctx.on_outputs()
+
+
+def _infer(ctx: PipelineContext, job: Job, volume: Volume) -> list[Structure]:
+    structures = []
+    client = ctx.client()
+    for name in job.models:
+        card = ctx.cards.get(name)
+        if card is None:
+            raise JobError(f"model {name!r} has no model card")
+        t0 = time.perf_counter()
+        labels = client.segment(card.triton_model, volume.hu, volume.affine)
+        _timing(ctx.store, job.id, **{f"inference_{name}_s": time.perf_counter() - t0})
+        structures.extend(Structure(lab, card, labels == lab.value) for lab in card.labels)
+    return structures
+
+
+def _save_masks(directory: Path, structures: list[Structure]) -> None:
+    """Keep the models' raw output with the job (audit, explainability, tests)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        directory / "masks.npz",
+        **{f"{s.card.name}/{s.label.name}": s.mask for s in structures},
+    )
+
+
+def _encode(
+    ctx: PipelineContext, job: Job, volume: Volume, found: list[Structure]
+) -> list[tuple[str, Dataset]]:
+    settings = ctx.settings
+    dev = settings.device
+    provenance = Provenance(
+        manufacturer=dev.manufacturer,
+        model_name=dev.model_name,
+        software_version=dev.software_version,
+        device_serial_number=dev.device_serial_number,
+        institution_name=dev.institution_name,
+    )
+    out = settings.output_series
+
+    def identity(kind: str) -> SeriesIdentity:
+        spec = out[kind]
+        return SeriesIdentity(hd.UID(), spec.number, spec.description, hd.UID())
+
+    objects: list[tuple[str, Dataset]] = []
+    seg = build_seg(
+        source_images=volume.datasets, structures=found, provenance=provenance,
+        series=identity("SEG"),
+    )
+    if "SEG" in job.outputs or "SR" in job.outputs:
+        objects.append(("SEG", seg))
+    if "SR" in job.outputs:
+        volumes_ml = [float(s.mask.sum()) * volume.voxel_volume_ml for s in found]
+        device_uid = generate_uid(entropy_srcs=[settings.ae_title, dev.device_serial_number])
+        sr = build_measurement_report(
+            source_images=volume.datasets, seg=seg, structures=found, volumes_ml=volumes_ml,
+            provenance=provenance, device_uid=device_uid, series=identity("SR"),
+        )
+        objects.append(("SR", sr))
+    if "RTSTRUCT" in job.outputs:
+        rt = build_rtstruct(
+            source_images=volume.datasets, structures=found, provenance=provenance,
+            series=identity("RTSTRUCT"),
+        )
+        objects.append(("RTSTRUCT", rt))
+    return objects

@@ -1,0 +1,195 @@
+"""Real peers for the tests: Orthanc (with DICOMweb) and the node itself, as processes.
+
+Both start on free ports with temporary configuration and are waited on by deadline, never by
+fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DICOM = Path(os.environ.get("AIROUTER_SHARED_DICOM", ROOT.parent / "shared" / "dicom"))
+HEAD_CT = SHARED_DICOM / "ct-philips-head-phantom/In/Philips/S21570/S2020"
+HEAD_SCOUT = SHARED_DICOM / "ct-philips-head-phantom/In/Philips/S21570/S1000"
+BODY_J2K = SHARED_DICOM / "ct-siemens-body-j2k/tests/reference_files/example_ct_dicom"
+MR_EPI = SHARED_DICOM / "mr-ge-epi/In/20180918GE/mr_0004"
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.2) -> Any:
+    """Poll until ``condition()`` is truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)
+
+
+def http_json(url: str, timeout_s: float = 10.0) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - loopback
+            return json.load(response)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+
+
+def http_bytes(url: str, timeout_s: float = 30.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - loopback
+        return bytes(response.read())
+
+
+def head_ct_files() -> list[Path]:
+    """The 140 image files of the head CT (the folder also holds a Philips DIRFILE)."""
+    return sorted(p for p in HEAD_CT.iterdir() if p.name.startswith("I"))
+
+
+@dataclass
+class Orthanc:
+    http_port: int
+    dicom_port: int
+    aet: str
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> Any:
+        return http_json(self.url + path)
+
+
+def start_orthanc(workdir: Path) -> Orthanc:
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "airouter-test-pacs",
+        "StorageDirectory": str(workdir / "db"),
+        "IndexDirectory": str(workdir / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "Plugins": [str(ORTHANC_DICOMWEB)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(config))
+    log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - lives as long as the process
+    process = subprocess.Popen(
+        ["Orthanc", str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+    )
+    orthanc = Orthanc(http_port, dicom_port, "ORTHANC", process)
+    wait_for(lambda: orthanc.get("/system"), 30, "Orthanc to answer")
+    return orthanc
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
+
+
+@dataclass
+class NodeProcess:
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    dimse_port: int
+    http_port: int
+    ae_title: str
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> Any:
+        return http_json(self.url + path)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_node(workdir: Path, orthanc: Orthanc | None, **settings: Any) -> NodeProcess:
+    """Run ``airouter serve`` with a temporary config; wait until Triton's models are ready."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    dimse_port, http_port = free_port(), free_port()
+    config: dict[str, Any] = {
+        "ae_title": "AIROUTER",
+        "dimse_port": dimse_port,
+        "http_port": http_port,
+        "data_dir": str(workdir / "var"),
+        "rules_dir": str(ROOT / "rules"),
+        "models_dir": str(ROOT / "config" / "models"),
+        "quiet_period_s": 2.0,
+        "dispatch_backoff_s": 1.0,
+        **settings,
+    }
+    if orthanc is not None:
+        config["destinations"] = {
+            "pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+        }
+    config_path = workdir / "airouter.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIROUTER_")}
+    log_path = workdir / "node.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
+    process = subprocess.Popen(
+        [sys.executable, "-m", "airouter.cli", "serve", "--config", str(config_path)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    node = NodeProcess(process, workdir / "var", dimse_port, http_port, "AIROUTER", log_path)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"node exited early:\n{node.log_text()[-3000:]}")
+        health = node.get("/api/health")
+        return bool(health and health.get("triton_ready"))
+
+    wait_for(ready, 120, "the node and its Triton models")
+    return node
+
+
+def storescu(port: int, files: list[Path], aec: str = "AIROUTER", *extra: str) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu as the modality (TCP_NODELAY avoids Debian DCMTK's 40 ms stalls)."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    cmd = ["storescu", "-aet", "MODALITY", "-aec", aec, *extra, "127.0.0.1", str(port),
+           *map(str, files)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed; `make test` installs it")
+    return path

@@ -93,11 +93,13 @@ def _jobs(args: argparse.Namespace) -> int:
     import urllib.request
 
     url = f"http://{args.http_host}:{args.http_port}/api/jobs"
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - local API
+    with urllib.request.urlopen(url, timeout=10) as response:
         jobs: list[dict[str, Any]] = json.load(response)
     for job in jobs:
         kinds = ",".join(o["kind"] for o in job["outputs"])
-        print(f"{job['id']:>5} {job['state']:<12} {job['rule']:<24} {kinds:<18} {job['error'] or ''}")
+        print(
+            f"{job['id']:>5} {job['state']:<12} {job['rule']:<24} {kinds:<18} {job['error'] or ''}"
+        )
     return 0
 
 

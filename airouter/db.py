@@ -32,12 +32,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-class StudyState(str, enum.Enum):
+class StudyState(enum.StrEnum):
     RECEIVING = "receiving"
     COMPLETE = "complete"  # completion declared, routed
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     ENCODING = "encoding"
@@ -46,14 +46,14 @@ class JobState(str, enum.Enum):
     FAILED = "failed"
 
 
-class DeliveryState(str, enum.Enum):
+class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"  # will be retried
     DEAD = "dead"  # gave up after the configured attempts
 
 
-class Source(str, enum.Enum):
+class Source(enum.StrEnum):
     DIMSE = "dimse"
     PRODUCED = "produced"  # written by this node
 

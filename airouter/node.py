@@ -40,8 +40,12 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        for directory in (settings.data_dir, settings.spool_dir, settings.archive_dir,
-                          settings.jobs_dir):
+        for directory in (
+            settings.data_dir,
+            settings.spool_dir,
+            settings.archive_dir,
+            settings.jobs_dir,
+        ):
             directory.mkdir(parents=True, exist_ok=True)
         try:
             self.rules = load_rules(settings.rules_dir)
@@ -54,8 +58,9 @@ class Node:
                 raise ConfigError(f"rule {rule.name}: no model card for {', '.join(missing)}")
             unknown = [d for d in rule.destinations if d not in settings.destinations]
             if unknown:
-                raise ConfigError(f"rule {rule.name}: destination(s) not configured: "
-                                  f"{', '.join(unknown)}")
+                raise ConfigError(
+                    f"rule {rule.name}: destination(s) not configured: {', '.join(unknown)}"
+                )
         self.store = Store(settings.db_url)
         self.tracker = AssociationTracker()
         self.ingest = Ingest(self.store, settings.spool_dir)
@@ -140,11 +145,22 @@ class Node:
         self._start_triton()
         self.dimse = start_dimse(s, self.ingest, self.tracker)
         monitor = CompletionMonitor(self.store, self.tracker, s.quiet_period_s, self._route)
-        self.scheduler.add_job(monitor.check, "interval", seconds=s.completion_poll_s,
-                               id="completion", max_instances=1, coalesce=True)
-        self.scheduler.add_job(self.dispatcher.run_due, "interval",
-                               seconds=min(s.dispatch_backoff_s, 5.0), id="dispatch",
-                               max_instances=1, coalesce=True)
+        self.scheduler.add_job(
+            monitor.check,
+            "interval",
+            seconds=s.completion_poll_s,
+            id="completion",
+            max_instances=1,
+            coalesce=True,
+        )
+        self.scheduler.add_job(
+            self.dispatcher.run_due,
+            "interval",
+            seconds=min(s.dispatch_backoff_s, 5.0),
+            id="dispatch",
+            max_instances=1,
+            coalesce=True,
+        )
         self.scheduler.start()
         ctx = PipelineContext(self.store, s, self.cards, self.client, self.wake_dispatch)
         for n in range(s.workers):
@@ -155,8 +171,13 @@ class Node:
     def serve_forever(self) -> None:
         """Run the HTTP server in the foreground until Ctrl-C / SIGTERM, then stop everything."""
         app = create_app(self.store, self.health)
-        config = uvicorn.Config(app, host=self.settings.http_host, port=self.settings.http_port,
-                                log_level="warning", lifespan="off")
+        config = uvicorn.Config(
+            app,
+            host=self.settings.http_host,
+            port=self.settings.http_port,
+            log_level="warning",
+            lifespan="off",
+        )
         # uvicorn re-raises SIGTERM after its own shutdown; make that an exception so the
         # ``finally`` below stops DIMSE, the workers and Triton.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -179,4 +200,3 @@ class Node:
         if self.triton is not None:
             self.triton.stop()
         log.info("node stopped")
-

@@ -67,7 +67,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         _run(ctx, job_id)
     except (JobError, VolumeError, InferenceError, InferenceUnavailable) as exc:
         _fail(ctx, job_id, str(exc))
-    except Exception as exc:  # noqa: BLE001 - the one place a job's unexpected error is caught
+    except Exception as exc:
         log.exception("job %s: unexpected error", job_id)
         _fail(ctx, job_id, f"internal error: {type(exc).__name__}: {exc}")
 
@@ -82,11 +82,14 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
     with ctx.store.session() as s:
         job = s.get(Job, job_id)
         assert job is not None
-        paths = s.scalars(
-            select(Instance.path).where(Instance.series_uid == job.series_uid)
-        ).all()
-    log.info("job %s: series %s, %d instances, models %s",
-             job_id, job.series_uid, len(paths), ",".join(job.models))
+        paths = s.scalars(select(Instance.path).where(Instance.series_uid == job.series_uid)).all()
+    log.info(
+        "job %s: series %s, %d instances, models %s",
+        job_id,
+        job.series_uid,
+        len(paths),
+        ",".join(job.models),
+    )
     t0 = time.perf_counter()
     volume = build_volume(paths)
     _timing(ctx.store, job_id, volume_s=time.perf_counter() - t0)
@@ -99,14 +102,19 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
     found = [s for s in structures if s.mask.any()]
     if not found:
         ctx.store.record("job_empty_result", "no structure found", job_id=job_id)
-        _set_state(ctx.store, job_id, JobState.DONE, finished_at=utcnow(),
-                   error="no structure found: nothing to encode")
+        _set_state(
+            ctx.store,
+            job_id,
+            JobState.DONE,
+            finished_at=utcnow(),
+            error="no structure found: nothing to encode",
+        )
         return
     objects = _encode(ctx, job, volume, found)
     _timing(ctx.store, job_id, encode_s=time.perf_counter() - t0)
 
     with ctx.store.session() as s:  # outputs and their deliveries appear together
-        job = s.get(Job, job_id)  # type: ignore[assignment]
+        job = s.get(Job, job_id)
         assert job is not None
         for kind, ds in objects:
             archive_output(s, ctx.settings, job, kind, ds)
@@ -119,7 +127,7 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
 
 
 def _infer(ctx: PipelineContext, job: Job, volume: Volume) -> list[Structure]:
-    structures = []
+    structures: list[Structure] = []
     client = ctx.client()
     for name in job.models:
         card = ctx.cards.get(name)
@@ -161,7 +169,9 @@ def _encode(
 
     objects: list[tuple[str, Dataset]] = []
     seg = build_seg(
-        source_images=volume.datasets, structures=found, provenance=provenance,
+        source_images=volume.datasets,
+        structures=found,
+        provenance=provenance,
         series=identity("SEG"),
     )
     if "SEG" in job.outputs or "SR" in job.outputs:
@@ -170,13 +180,20 @@ def _encode(
         volumes_ml = [float(s.mask.sum()) * volume.voxel_volume_ml for s in found]
         device_uid = generate_uid(entropy_srcs=[settings.ae_title, dev.device_serial_number])
         sr = build_measurement_report(
-            source_images=volume.datasets, seg=seg, structures=found, volumes_ml=volumes_ml,
-            provenance=provenance, device_uid=device_uid, series=identity("SR"),
+            source_images=volume.datasets,
+            seg=seg,
+            structures=found,
+            volumes_ml=volumes_ml,
+            provenance=provenance,
+            device_uid=device_uid,
+            series=identity("SR"),
         )
         objects.append(("SR", sr))
     if "RTSTRUCT" in job.outputs:
         rt = build_rtstruct(
-            source_images=volume.datasets, structures=found, provenance=provenance,
+            source_images=volume.datasets,
+            structures=found,
+            provenance=provenance,
             series=identity("RTSTRUCT"),
         )
         objects.append(("RTSTRUCT", rt))

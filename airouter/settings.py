@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextvars import ContextVar
 import re
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ class _YamlSource(PydanticBaseSettingsSource):
         raise NotImplementedError  # __call__ is used instead
 
     def __call__(self) -> dict[str, Any]:
-        path = os.environ.get("AIROUTER_CONFIG")
+        path = _config_file.get() or os.environ.get("AIROUTER_CONFIG")
         if not path:
             return {}
         with open(path, encoding="utf-8") as fh:
@@ -187,22 +188,26 @@ class _YamlSource(PydanticBaseSettingsSource):
         return data
 
 
+_config_file: ContextVar[str | None] = ContextVar("airouter_config_file", default=None)
+
+
 class ConfigError(Exception):
     """Invalid configuration: the message names the key and the source."""
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings tree once at start-up; flags are given as ``overrides``."""
-    if config_file is not None:
-        os.environ["AIROUTER_CONFIG"] = str(config_file)
+    token = _config_file.set(str(config_file) if config_file is not None else None)
     flags = {k: v for k, v in overrides.items() if v is not None}
+    source = _config_file.get() or os.environ.get("AIROUTER_CONFIG") or "defaults/environment"
     try:
         return Settings(**flags)
     except ValidationError as exc:
-        source = os.environ.get("AIROUTER_CONFIG", "defaults/environment")
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration ({source}): {problems}") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read configuration: {exc}") from exc
+    finally:
+        _config_file.reset(token)

@@ -88,8 +88,12 @@ def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> di
     by_output: dict[int, list[dict[str, Any]]] = {}
     for d in deliveries:
         by_output.setdefault(d.output_id, []).append(
-            {"destination": d.destination, "state": d.state.value, "attempts": d.attempts,
-             "last_status": d.last_status}
+            {
+                "destination": d.destination,
+                "state": d.state.value,
+                "attempts": d.attempts,
+                "last_status": d.last_status,
+            }
         )
     return {
         "id": job.id,
@@ -105,8 +109,12 @@ def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> di
         "created_at": job.created_at.isoformat() + "Z",
         "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
         "outputs": [
-            {"kind": o.kind, "sop_instance_uid": o.sop_instance_uid, "series_uid": o.series_uid,
-             "deliveries": by_output.get(o.id, [])}
+            {
+                "kind": o.kind,
+                "sop_instance_uid": o.sop_instance_uid,
+                "series_uid": o.series_uid,
+                "deliveries": by_output.get(o.id, []),
+            }
             for o in outputs
         ],
     }
@@ -128,13 +136,22 @@ def create_app(store: Store, health: Callable[[], dict[str, Any]]) -> FastAPI:
                 q = q.where(Study.study_uid == StudyInstanceUID)
             rows = []
             for study in s.scalars(q.order_by(Study.created_at)).all():
-                n_series = s.scalar(
-                    select(func.count()).select_from(Series).where(Series.study_uid == study.study_uid)
-                ) or 0
-                n_inst = s.scalar(
-                    select(func.count()).select_from(Instance)
-                    .where(Instance.study_uid == study.study_uid)
-                ) or 0
+                n_series = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Series)
+                        .where(Series.study_uid == study.study_uid)
+                    )
+                    or 0
+                )
+                n_inst = (
+                    s.scalar(
+                        select(func.count())
+                        .select_from(Instance)
+                        .where(Instance.study_uid == study.study_uid)
+                    )
+                    or 0
+                )
                 rows.append(_study_json(study, n_series, n_inst))
         return JSONResponse(rows, media_type=DICOM_JSON)
 
@@ -147,7 +164,8 @@ def create_app(store: Store, health: Callable[[], dict[str, Any]]) -> FastAPI:
             counts = dict(
                 s.execute(
                     select(Instance.series_uid, func.count(Instance.id))
-                    .where(Instance.study_uid == study).group_by(Instance.series_uid)
+                    .where(Instance.study_uid == study)
+                    .group_by(Instance.series_uid)
                 ).all()
             )
             series = s.scalars(select(Series).where(Series.study_uid == study)).all()
@@ -159,7 +177,8 @@ def create_app(store: Store, health: Callable[[], dict[str, Any]]) -> FastAPI:
         _check(study, series)
         with store.session() as s:
             rows = s.scalars(
-                select(Instance).where(Instance.study_uid == study, Instance.series_uid == series)
+                select(Instance)
+                .where(Instance.study_uid == study, Instance.series_uid == series)
                 .order_by(Instance.instance_number, Instance.id)
             ).all()
             if not rows:
@@ -206,8 +225,14 @@ def create_app(store: Store, health: Callable[[], dict[str, Any]]) -> FastAPI:
             if kind:
                 q = q.where(Event.kind == kind)
             return [
-                {"id": e.id, "at": e.at.isoformat() + "Z", "kind": e.kind,
-                 "study_uid": e.study_uid, "job_id": e.job_id, "detail": e.detail}
+                {
+                    "id": e.id,
+                    "at": e.at.isoformat() + "Z",
+                    "kind": e.kind,
+                    "study_uid": e.study_uid,
+                    "job_id": e.job_id,
+                    "detail": e.detail,
+                }
                 for e in s.scalars(q).all()
             ]
 
@@ -232,7 +257,11 @@ def create_app(store: Store, health: Callable[[], dict[str, Any]]) -> FastAPI:
 
 def _job_details(s: Any, job: Job) -> dict[str, Any]:
     outputs = list(s.scalars(select(Output).where(Output.job_id == job.id)).all())
-    deliveries = list(
-        s.scalars(select(Delivery).where(Delivery.output_id.in_([o.id for o in outputs]))).all()
-    ) if outputs else []
+    deliveries = (
+        list(
+            s.scalars(select(Delivery).where(Delivery.output_id.in_([o.id for o in outputs]))).all()
+        )
+        if outputs
+        else []
+    )
     return _job_json(job, outputs, deliveries)

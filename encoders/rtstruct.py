@@ -29,12 +29,23 @@ STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 
 # Patient / study attributes copied from the source images (type 2 ones written empty if absent).
 _COPIED_TYPE2 = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
 )
 _COPIED_OPTIONAL = (
-    "SpecificCharacterSet", "StudyInstanceUID", "IssuerOfPatientID", "PatientAge",
-    "StudyDescription", "OtherPatientIDs",
+    "SpecificCharacterSet",
+    "StudyInstanceUID",
+    "IssuerOfPatientID",
+    "PatientAge",
+    "StudyDescription",
+    "OtherPatientIDs",
 )
 CONTOUR_DATA = Tag(0x3006, 0x0050)
 
@@ -99,7 +110,7 @@ def _contour_sequence(structure: Structure, images: Sequence[Dataset]) -> DicomS
             item.ContourImageSequence = DicomSequence([_image_ref(image)])
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(xyz)
-            item[CONTOUR_DATA] = _contour_data(xyz)  # type: ignore[assignment]
+            item[CONTOUR_DATA] = _contour_data(xyz)
             items.append(item)
     return DicomSequence(items)
 
@@ -120,7 +131,7 @@ def build_rtstruct(
         setattr(ds, kw, first.get(kw, ""))
     for kw in _COPIED_OPTIONAL:
         if kw in first:
-            setattr(ds, kw, first.data_element(kw).value)
+            setattr(ds, kw, first[kw].value)
     ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
     ds.SOPInstanceUID = series.sop_instance_uid
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
@@ -191,4 +202,3 @@ def build_rtstruct(
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
     return ds
-

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
-class RTROIType(str, enum.Enum):
+class RTROIType(enum.StrEnum):
     """RT ROI Interpreted Type (PS3.3 C.8.8.8), the ones a model may declare."""
 
     EXTERNAL = "EXTERNAL"

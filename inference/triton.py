@@ -45,7 +45,10 @@ class LocalTriton:
     """Start and stop the bundled tritonserver as a child process."""
 
     def __init__(
-        self, workdir: Path, http_port: int = 0, grpc_port: int = 0,
+        self,
+        workdir: Path,
+        http_port: int = 0,
+        grpc_port: int = 0,
         model_repository: Path = MODEL_REPOSITORY,
     ) -> None:
         self.workdir = workdir
@@ -57,7 +60,7 @@ class LocalTriton:
 
     def _prepare(self) -> Path:
         """Copy the server out of the wheel with the stub for this Python (as PyTriton does)."""
-        import pytriton  # type: ignore[import-untyped]
+        import pytriton
 
         dist = Path(pytriton.__file__).parent / "tritonserver"
         target = self.workdir / "server"
@@ -100,7 +103,10 @@ class LocalTriton:
         log.info("starting tritonserver (http %s, grpc %s)", self.http_port, self.grpc_port)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                cmd, env=self._env(), stdout=out, stderr=subprocess.STDOUT,
+                cmd,
+                env=self._env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us; we stop it in order
                 preexec_fn=_die_with_parent,
             )
@@ -156,7 +162,7 @@ class InferenceClient:
             if model is None:
                 return bool(self._client.is_server_ready())
             return bool(self._client.is_model_ready(model))
-        except Exception:  # noqa: BLE001 - not reachable means not ready
+        except Exception:
             return False
 
     def wait_ready(self, models: list[str], timeout_s: float) -> None:

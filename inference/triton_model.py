@@ -16,7 +16,7 @@ Segmenter = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def python_model(segment: Segmenter) -> type:
     """A ``TritonPythonModel`` class that runs ``segment`` on each request."""
-    import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found]
+    import triton_python_backend_utils as pb_utils
 
     class TritonPythonModel:
         def execute(self, requests: list[Any]) -> list[Any]:
@@ -27,11 +27,15 @@ def python_model(segment: Segmenter) -> type:
                     affine = pb_utils.get_input_tensor_by_name(request, "AFFINE").as_numpy()
                     labels = np.ascontiguousarray(segment(hu, affine), dtype=np.uint8)
                     responses.append(
-                        pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("LABELS", labels)])
+                        pb_utils.InferenceResponse(
+                            output_tensors=[pb_utils.Tensor("LABELS", labels)]
+                        )
                     )
-                except Exception as exc:  # noqa: BLE001 - reported to the client as the error
+                except Exception as exc:
                     responses.append(
-                        pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}"))
+                        pb_utils.InferenceResponse(
+                            error=pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
+                        )
                     )
             return responses
 

@@ -44,7 +44,7 @@ def slice_normal(ds: Dataset) -> np.ndarray:
 
 def read_headers(paths: Iterable[Path | str]) -> list[Dataset]:
     """Read and sort the images of one series along the slice normal."""
-    datasets = [pydicom.dcmread(p) for p in paths]
+    datasets: list[Dataset] = [pydicom.dcmread(p) for p in paths]
     if not datasets:
         raise VolumeError("the series has no instances")
     for ds in datasets:
@@ -62,7 +62,9 @@ def read_headers(paths: Iterable[Path | str]) -> list[Dataset]:
         if (ds.Rows, ds.Columns) != shape:
             raise VolumeError("the series mixes image sizes")
     datasets.sort(key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
-    positions = np.array([np.dot(normal, np.asarray(d.ImagePositionPatient, float)) for d in datasets])
+    positions = np.array(
+        [np.dot(normal, np.asarray(d.ImagePositionPatient, float)) for d in datasets]
+    )
     if len(positions) > 1 and np.min(np.diff(positions)) < 1e-3:
         raise VolumeError("the series has two images at the same position")
     return datasets
@@ -94,7 +96,7 @@ def build_volume(paths: Iterable[Path | str]) -> Volume:
     for index, ds in enumerate(datasets):
         try:
             pixels = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a clear reason
+        except Exception as exc:
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             name = getattr(ts, "name", ts)
             raise VolumeError(f"cannot decode pixel data ({name}): {exc}") from exc

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-class Priority(str, enum.Enum):
+class Priority(enum.StrEnum):
     STAT = "stat"
     URGENT = "urgent"
     ROUTINE = "routine"
@@ -27,13 +27,13 @@ class Priority(str, enum.Enum):
         return {"stat": 300, "urgent": 200, "routine": 100}[self.value]
 
 
-class OutputKind(str, enum.Enum):
+class OutputKind(enum.StrEnum):
     SEG = "SEG"
     SR = "SR"
     RTSTRUCT = "RTSTRUCT"
 
 
-class Orientation(str, enum.Enum):
+class Orientation(enum.StrEnum):
     AXIAL = "axial"
     CORONAL = "coronal"
     SAGITTAL = "sagittal"

@@ -153,7 +153,7 @@ def _upsert_study(s: Any, ds: Dataset, study_uid: str, calling_ae: str | None) -
 def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str) -> None:
     if s.get(Series, series_uid) is not None:
         return
-    tags = {kw: _json_value(ds, kw) for kw in SERIES_KEYWORDS if kw in ds}
+    tags = series_tags(ds)
     s.add(
         Series(
             series_uid=series_uid,
@@ -169,12 +169,17 @@ def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str) -> None
     s.flush()
 
 
+def series_tags(ds: Dataset) -> dict[str, Any]:
+    """The series-level keywords rules match on, as JSON-able values."""
+    return {kw: _json_value(ds, kw) for kw in SERIES_KEYWORDS if kw in ds}
+
+
 def _text(ds: Dataset, keyword: str) -> str | None:
     """A tag as text; a value in an odd character set never breaks indexing."""
     try:
         value = ds.get(keyword)
         return None if value is None or value == "" else str(value)
-    except Exception:  # noqa: BLE001 - any decoding problem leaves the column empty
+    except Exception:
         return None
 
 
@@ -191,7 +196,7 @@ def _json_value(ds: Dataset, keyword: str) -> Any:
         if isinstance(value, MultiValue | list | tuple):
             return [_scalar(v) for v in value]
         return None if value is None else _scalar(value)
-    except Exception:  # noqa: BLE001 - an undecodable value is left out, not fatal
+    except Exception:
         return None
 
 

@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -52,7 +52,7 @@ def handle_store(event: Any, ingest: Ingest, tracker: AssociationTracker) -> Dat
             calling_ae=assoc.requestor.ae_title,
             source_address=assoc.requestor.address,
         )
-    except Exception as exc:  # noqa: BLE001 - an undecodable data set is a status, not a crash
+    except Exception as exc:
         log.warning("assoc %s: cannot decode data set: %s", assoc.name, exc)
         return _status(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
     outcome = ingest.store_instance(ds, received)
@@ -68,8 +68,12 @@ def handle_store(event: Any, ingest: Ingest, tracker: AssociationTracker) -> Dat
         )
         ingest.store.record(
             "store_refused",
-            {"sop_instance_uid": received.command_sop_instance_uid, "status": int(outcome.status),
-             "reason": outcome.reason, "calling_ae": received.calling_ae},
+            {
+                "sop_instance_uid": received.command_sop_instance_uid,
+                "status": int(outcome.status),
+                "reason": outcome.reason,
+                "calling_ae": received.calling_ae,
+            },
         )
     return _status(outcome.status, outcome.reason)
 
@@ -97,6 +101,7 @@ def build_ae(settings: Settings) -> AE:
     ae.maximum_pdu_size = settings.maximum_pdu_size
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 
@@ -106,7 +111,7 @@ def start_dimse(
 ) -> ThreadedAssociationServer:
     """Start listening (non-blocking); returns the server so the caller can shut it down."""
     ae = build_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ingest, tracker]),
         (evt.EVT_RELEASED, handle_end, [tracker]),
         (evt.EVT_ABORTED, handle_end, [tracker]),
@@ -115,6 +120,7 @@ def start_dimse(
     server = ae.start_server(
         (settings.dimse_host, settings.dimse_port), block=False, evt_handlers=handlers
     )
+    assert server is not None  # block=False returns the server
     log.info(
         "DIMSE listening on %s:%s as %s",
         settings.dimse_host,

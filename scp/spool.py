@@ -35,9 +35,14 @@ def check_uid(value: object, name: str) -> str:
 
 def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
     """Where an instance lives; every component is validated."""
-    parts = [check_uid(u, n) for u, n in ((study_uid, "StudyInstanceUID"),
-                                          (series_uid, "SeriesInstanceUID"),
-                                          (sop_uid, "SOPInstanceUID"))]
+    parts = [
+        check_uid(u, n)
+        for u, n in (
+            (study_uid, "StudyInstanceUID"),
+            (series_uid, "SeriesInstanceUID"),
+            (sop_uid, "SOPInstanceUID"),
+        )
+    ]
     return root.joinpath(parts[0], parts[1], f"{parts[2]}.dcm")
 
 

@@ -38,7 +38,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.2) -> Any:
+def wait_for(
+    condition: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.2
+) -> Any:
     """Poll until ``condition()`` is truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -52,14 +54,14 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s:
 
 def http_json(url: str, timeout_s: float = 10.0) -> Any:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return json.load(response)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
 
 
 def http_bytes(url: str, timeout_s: float = 30.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 - loopback
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return bytes(response.read())
 
 
@@ -166,7 +168,10 @@ def start_node(workdir: Path, orthanc: Orthanc | None, **settings: Any) -> NodeP
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
     process = subprocess.Popen(
         [sys.executable, "-m", "airouter.cli", "serve", "--config", str(config_path)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     node = NodeProcess(process, workdir / "var", dimse_port, http_port, "AIROUTER", log_path)
 
@@ -180,11 +185,22 @@ def start_node(workdir: Path, orthanc: Orthanc | None, **settings: Any) -> NodeP
     return node
 
 
-def storescu(port: int, files: list[Path], aec: str = "AIROUTER", *extra: str) -> subprocess.CompletedProcess[str]:
+def storescu(
+    port: int, files: list[Path], aec: str = "AIROUTER", *extra: str
+) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu as the modality (TCP_NODELAY avoids Debian DCMTK's 40 ms stalls)."""
     env = {**os.environ, "TCP_NODELAY": "1"}
-    cmd = ["storescu", "-aet", "MODALITY", "-aec", aec, *extra, "127.0.0.1", str(port),
-           *map(str, files)]
+    cmd = [
+        "storescu",
+        "-aet",
+        "MODALITY",
+        "-aec",
+        aec,
+        *extra,
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 

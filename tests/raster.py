@@ -16,7 +16,9 @@ def sorted_ct(files: Sequence[Path]) -> list[Dataset]:
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     iop = np.asarray(headers[0].ImageOrientationPatient, float)
     normal = np.cross(iop[:3], iop[3:])
-    return sorted(headers, key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, float))))
+    return sorted(
+        headers, key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, float)))
+    )
 
 
 def rasterize_rtstruct(rt: Dataset, ct: Sequence[Dataset]) -> dict[str, np.ndarray]:

@@ -73,10 +73,13 @@ def orthanc_objects(orthanc: Orthanc, study_uid: str) -> dict[str, pydicom.Datas
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    result = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run(
+        [tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False
+    )
     lines = (result.stdout + result.stderr).splitlines()
-    return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
+    return [ln for ln in lines if ln.startswith("Error")], [
+        ln for ln in lines if ln.startswith("Warning")
+    ]
 
 
 def job_for(node: NodeProcess, study_uid: str) -> dict:
@@ -98,13 +101,20 @@ def test_ct_study_comes_back_as_seg_sr_rtstruct_in_orthanc(
 
     objects = wait_for(
         lambda: (o := orthanc_objects(orthanc, study_uid)) and len(o) == 3 and o,
-        180, "SEG, SR and RTSTRUCT in Orthanc", every_s=0.25,
+        180,
+        "SEG, SR and RTSTRUCT in Orthanc",
+        every_s=0.25,
     )
     latency_s = time.monotonic() - last_response
-    job = wait_for(lambda: (j := job_for(node, study_uid)) and j["state"] == "done" and j,
-                   30, "the job to be done")
-    print(f"\nlast C-STORE response -> 3 objects in Orthanc: {latency_s:.2f} s; "
-          f"job timings: {job['timings']}")
+    job = wait_for(
+        lambda: (j := job_for(node, study_uid)) and j["state"] == "done" and j,
+        30,
+        "the job to be done",
+    )
+    print(
+        f"\nlast C-STORE response -> 3 objects in Orthanc: {latency_s:.2f} s; "
+        f"job timings: {job['timings']}"
+    )
 
     ct_sops = [ds.SOPInstanceUID for ds in ct]
     seg, sr, rt = objects["SEG"], objects["SR"], objects["RTSTRUCT"]
@@ -130,8 +140,11 @@ def test_ct_study_comes_back_as_seg_sr_rtstruct_in_orthanc(
     }
     assert {(series_uid, sop) for sop in ct_sops} <= evidence
     assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) in evidence
-    rt_series = (rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-                 .RTReferencedSeriesSequence[0])
+    rt_series = (
+        rt.ReferencedFrameOfReferenceSequence[0]
+        .RTReferencedStudySequence[0]
+        .RTReferencedSeriesSequence[0]
+    )
     assert rt.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID == ct[0].FrameOfReferenceUID
     assert rt_series.SeriesInstanceUID == series_uid
     assert [i.ReferencedSOPInstanceUID for i in rt_series.ContourImageSequence] == ct_sops
@@ -148,8 +161,9 @@ def test_ct_study_comes_back_as_seg_sr_rtstruct_in_orthanc(
         for w in warnings:
             print("   ", w)
         assert errors == [], f"{modality}: {errors}"
-    dump = subprocess.run([tool("dsrdump"), str(tmp_path / "SR.dcm")], capture_output=True,
-                          text=True, check=False)
+    dump = subprocess.run(
+        [tool("dsrdump"), str(tmp_path / "SR.dcm")], capture_output=True, text=True, check=False
+    )
     assert dump.returncode == 0, dump.stderr
     assert "Imaging Measurement Report" in dump.stdout and "Volume" in dump.stdout
 
@@ -159,12 +173,15 @@ def test_ct_study_comes_back_as_seg_sr_rtstruct_in_orthanc(
     labels = {d.SegmentNumber: d.SegmentLabel for d in seg_read.SegmentSequence}
     assert "Body" in labels.values()
     pixels = seg_read.get_pixels_by_source_instance(
-        source_sop_instance_uids=ct_sops, segment_numbers=sorted(labels),
+        source_sop_instance_uids=ct_sops,
+        segment_numbers=sorted(labels),
         assert_missing_frames_are_empty=True,
     )
     model = {key.split("/")[1]: masks[key] for key in masks.files}
     for index, number in enumerate(sorted(labels)):
-        assert np.array_equal(pixels[..., index].astype(bool), model[labels[number]]), labels[number]
+        assert np.array_equal(pixels[..., index].astype(bool), model[labels[number]]), labels[
+            number
+        ]
     for name in model:  # structures the model left empty are absent, not empty segments
         assert (name in labels.values()) == bool(model[name].any())
 
@@ -174,8 +191,7 @@ def test_ct_study_comes_back_as_seg_sr_rtstruct_in_orthanc(
         print(f"RTSTRUCT {name}: Dice {score:.4f}")
         assert score >= 0.98, name
 
-    spacing = np.linalg.norm(
-        np.subtract(ct[1].ImagePositionPatient, ct[0].ImagePositionPatient))
+    spacing = np.linalg.norm(np.subtract(ct[1].ImagePositionPatient, ct[0].ImagePositionPatient))
     voxel_ml = float(ct[0].PixelSpacing[0]) * float(ct[0].PixelSpacing[1]) * spacing / 1000
     report = hd.sr.srread(tmp_path / "SR.dcm")
     groups = report.content.get_volumetric_roi_measurement_groups()
@@ -201,7 +217,10 @@ def test_head_ct_folder_with_non_image_dirfile_is_refused_clearly(node: NodeProc
 def _airouter_send(node: NodeProcess, folder: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "airouter.cli", "send", str(folder), "--port", str(node.dimse_port)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -232,7 +251,8 @@ def test_jpeg2000_ct_is_decoded_once_its_uids_are_repaired(
     assert result.returncode == 0, result.stderr
     job = wait_for(
         lambda: (j := job_for(node, study_uid)) and j["state"] in ("done", "failed") and j,
-        120, "the J2K job to finish",
+        120,
+        "the J2K job to finish",
     )
     assert job["state"] == "done", job["error"]
     assert {o["kind"] for o in job["outputs"]} == {"SEG", "SR", "RTSTRUCT"}
@@ -244,8 +264,11 @@ def test_mr_series_matches_no_ct_rule(node: NodeProcess) -> None:
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     sent = storescu(node.dimse_port, files)
     assert sent.returncode == 0, sent.stderr
-    wait_for(lambda: node.get(f"/api/events?study={study_uid}&kind=no_rule_matched"), 60,
-             "the MR study to complete unmatched")
+    wait_for(
+        lambda: node.get(f"/api/events?study={study_uid}&kind=no_rule_matched"),
+        60,
+        "the MR study to complete unmatched",
+    )
     assert node.get(f"/api/jobs?study={study_uid}") == []
     series = node.get(f"/dicomweb/studies/{study_uid}/series")
     assert series and series[0]["00080060"]["Value"] == ["MR"]

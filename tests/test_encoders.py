@@ -1,0 +1,137 @@
+"""Encoders round-trip: build, write, read back, compare; dciodvfy and dsrdump on the bytes."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.rtstruct import build_rtstruct
+from encoders.seg import build_seg
+from encoders.sr import build_measurement_report
+from inference.cards import load_cards
+from tests.peers import ROOT, head_ct_files, tool
+from tests.raster import dice, rasterize_rtstruct
+
+PROVENANCE = Provenance("Test Maker", "test-model", "9.9.9", "SN-1", "Test Hospital")
+
+
+def _tilted(images: list[Dataset], degrees: float, spacing: tuple[float, float]) -> list[Dataset]:
+    """Re-describe a series as gantry-tilted with non-square pixels (geometry only)."""
+    t = np.radians(degrees)
+    col_dir = np.array([0.0, np.cos(t), -np.sin(t)])
+    out = []
+    for k, ds in enumerate(images):
+        d = copy.deepcopy(ds)
+        d.ImageOrientationPatient = [1.0, 0.0, 0.0, *col_dir.round(6).tolist()]
+        d.PixelSpacing = list(spacing)
+        d.ImagePositionPatient = [-100.0, -100.0 + k * 1.0 * np.tan(t), 50.0 + k * 1.0]
+        out.append(d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ct() -> list[Dataset]:
+    files = head_ct_files()[60:72]  # 12 real slices keep the test fast
+    return [pydicom.dcmread(f) for f in files]
+
+
+def _structures(n: int, rows: int, cols: int) -> list[Structure]:
+    cards = load_cards(ROOT / "config" / "models")
+    ring = np.zeros((n, rows, cols), dtype=bool)
+    ring[2:9, 100:300, 120:320] = True
+    ring[2:9, 150:250, 170:270] = False  # a hole
+    islands = np.zeros_like(ring)
+    islands[4:7, 50:90, 50:90] = True
+    islands[4:7, 400:460, 380:470] = True  # two islands on each slice
+    return [
+        Structure(cards["ct-body"].labels[0], cards["ct-body"], ring),
+        Structure(cards["ct-lungs"].labels[0], cards["ct-lungs"], islands),
+    ]
+
+
+def _validate(path: Path) -> None:
+    out = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
+    errors = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
+    assert errors == [], errors
+
+
+@pytest.mark.parametrize("geometry", ["as-acquired", "tilted-non-square"])
+def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: Path) -> None:
+    images = ct
+    if geometry == "tilted-non-square":
+        images = _tilted(ct, 15.0, (0.5, 0.8))
+    structures = _structures(len(images), images[0].Rows, images[0].Columns)
+    seg = build_seg(
+        source_images=images, structures=structures, provenance=PROVENANCE,
+        series=SeriesIdentity(hd.UID(), 901, "AI segmentation", hd.UID()),
+    )
+    seg.save_as(tmp_path / "seg.dcm")
+    _validate(tmp_path / "seg.dcm")
+    back = hd.seg.segread(tmp_path / "seg.dcm")
+    sops = [ds.SOPInstanceUID for ds in images]
+    pixels = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=sops, segment_numbers=[1, 2], assert_missing_frames_are_empty=True
+    )
+    for n, s in enumerate(structures):
+        assert np.array_equal(pixels[..., n].astype(bool), s.mask)
+    assert back.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "38266002"
+    assert back.Manufacturer == "Test Maker" and back.SoftwareVersions == "9.9.9"
+    algorithm = back.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "ct-body" and "card:" in algorithm.AlgorithmVersion
+
+    voxel_ml = float(np.prod([float(v) for v in images[0].PixelSpacing])) * np.linalg.norm(
+        np.subtract(images[1].ImagePositionPatient, images[0].ImagePositionPatient)) / 1000
+    if geometry == "tilted-non-square":
+        voxel_ml *= np.cos(np.radians(15.0))  # slice spacing along the normal
+    volumes = [float(s.mask.sum()) * voxel_ml for s in structures]
+    sr = build_measurement_report(
+        source_images=images, seg=seg, structures=structures, volumes_ml=volumes,
+        provenance=PROVENANCE, device_uid=hd.UID(),
+        series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
+    )
+    sr.save_as(tmp_path / "sr.dcm")
+    _validate(tmp_path / "sr.dcm")
+    dump = subprocess.run([tool("dsrdump"), str(tmp_path / "sr.dcm")], capture_output=True,
+                          text=True, check=False)
+    assert dump.returncode == 0 and "Volume" in dump.stdout
+    report = hd.sr.srread(tmp_path / "sr.dcm")
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    got = [g.get_measurements(name=codes.SCT.Volume)[0].value for g in groups]
+    assert got == pytest.approx(volumes, rel=1e-3)
+
+    rt = build_rtstruct(
+        source_images=images, structures=structures, provenance=PROVENANCE,
+        series=SeriesIdentity(hd.UID(), 903, "AI structures", hd.UID()),
+    )
+    rt.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
+    _validate(tmp_path / "rt.dcm")
+    rt_back = pydicom.dcmread(tmp_path / "rt.dcm")
+    masks = rasterize_rtstruct(rt_back, images)  # asserts every point lies on its image plane
+    for s in structures:
+        assert dice(masks[s.label.name], s.mask) >= 0.98, s.label.name
+    types = [o.RTROIInterpretedType for o in rt_back.RTROIObservationsSequence]
+    assert types == ["EXTERNAL", "ORGAN"]
+    contour_images = (rt_back.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+                      .RTReferencedSeriesSequence[0].ContourImageSequence)
+    assert [c.ReferencedSOPInstanceUID for c in contour_images] == sops
+    islands = [c for c in rt_back.ROIContourSequence[1].ContourSequence
+               if c.ContourImageSequence[0].ReferencedSOPInstanceUID == sops[5]]
+    assert len(islands) == 2
+    ring = [c for c in rt_back.ROIContourSequence[0].ContourSequence
+            if c.ContourImageSequence[0].ReferencedSOPInstanceUID == sops[5]]
+    assert len(ring) == 2  # the outer boundary and the hole
+
+
+def test_seg_refuses_an_empty_result(ct: list[Dataset]) -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        build_seg(source_images=ct, structures=[], provenance=PROVENANCE,
+                  series=SeriesIdentity(hd.UID(), 901, "x", hd.UID()))

@@ -1,0 +1,43 @@
+"""Volumes from real series: sorted along the normal, rescaled, decoded whatever the syntax."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from inference.volume import VolumeError, build_volume
+from tests.peers import BODY_J2K, HEAD_SCOUT, head_ct_files
+
+
+def test_head_ct_volume_is_sorted_and_rescaled() -> None:
+    files = head_ct_files()
+    shuffled = files[:]
+    random.Random(1).shuffle(shuffled)
+    a, b = build_volume(files), build_volume(shuffled)
+    assert a.hu.shape == (140, 512, 512)
+    assert np.array_equal(a.hu, b.hu)
+    z = [float(ds.ImagePositionPatient[2]) for ds in a.datasets]
+    assert z == sorted(z)
+    assert np.allclose(a.affine[:3, 3], a.datasets[0].ImagePositionPatient)
+    assert a.spacing_mm == pytest.approx((1.0, 0.451171875, 0.451171875), rel=1e-3)
+    corner = a.hu[:, :10, :10]
+    assert -1030 < np.median(corner) < -970  # air, so the intercept (-1024) was applied
+
+
+def test_jpeg2000_ct_is_decoded() -> None:
+    volume = build_volume(sorted(BODY_J2K.iterdir()))
+    assert volume.hu.shape == (20, 512, 512)
+    assert volume.hu.min() == -1024 and volume.hu.max() > 1000
+
+
+def test_series_that_is_not_a_volume_gives_a_reason() -> None:
+    ct = head_ct_files()
+    with pytest.raises(VolumeError, match="two images at the same position"):
+        build_volume([ct[0], ct[0]])
+    with pytest.raises(VolumeError, match="no instances"):
+        build_volume([])
+    scout = [p for p in HEAD_SCOUT.iterdir() if p.name != "DIRFILE"]
+    with pytest.raises(VolumeError, match="mixes image"):
+        build_volume([ct[0], *scout])

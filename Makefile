@@ -37,6 +37,7 @@ run: install
 lint: install
 	$(VENV)/bin/ruff check $(SOURCES)
 	$(VENV)/bin/ruff format --check $(SOURCES)
+	$(VENV)/bin/hadolint docker/Dockerfile docker/triton/Dockerfile
 
 typecheck: install
 	$(VENV)/bin/mypy

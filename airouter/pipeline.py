@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,17 +128,31 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
 
 
 def _infer(ctx: PipelineContext, job: Job, volume: Volume) -> list[Structure]:
-    structures: list[Structure] = []
+    """Run the job's models concurrently (each Triton model instance is its own process)."""
+    missing = [name for name in job.models if name not in ctx.cards]
+    if missing:
+        raise JobError(f"no model card for {', '.join(missing)}")
     client = ctx.client()
-    for name in job.models:
-        card = ctx.cards.get(name)
-        if card is None:
-            raise JobError(f"model {name!r} has no model card")
+
+    def call(name: str) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
-        labels = client.segment(card.triton_model, volume.hu, volume.affine)
-        _timing(ctx.store, job.id, **{f"inference_{name}_s": time.perf_counter() - t0})
-        structures.extend(Structure(lab, card, labels == lab.value) for lab in card.labels)
-    return structures
+        labels = client.clone().segment(ctx.cards[name].triton_model, volume.hu, volume.affine)
+        return labels, time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(job.models), thread_name_prefix=f"job{job.id}") as pool:
+        results = dict(zip(job.models, pool.map(call, job.models), strict=True))
+    _timing(
+        ctx.store,
+        job.id,
+        inference_s=time.perf_counter() - t0,
+        **{f"inference_{name}_s": seconds for name, (_, seconds) in results.items()},
+    )
+    return [
+        Structure(label, ctx.cards[name], labels == label.value)
+        for name, (labels, _) in results.items()
+        for label in ctx.cards[name].labels
+    ]
 
 
 def _save_masks(directory: Path, structures: list[Structure]) -> None:

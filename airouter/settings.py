@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import copy
 import os
-from contextvars import ContextVar
 import re
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 

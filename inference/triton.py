@@ -157,6 +157,10 @@ class InferenceClient:
                 url, connection_timeout=request_timeout_s, network_timeout=request_timeout_s
             )
 
+    def clone(self) -> InferenceClient:
+        """A client with its own connection (one per thread: the clients are not thread-safe)."""
+        return InferenceClient(self.url, self.protocol, self.request_timeout_s)
+
     def is_ready(self, model: str | None = None) -> bool:
         try:
             if model is None:

@@ -142,8 +142,10 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def start_node(workdir: Path, orthanc: Orthanc | None, **settings: Any) -> NodeProcess:
-    """Run ``airouter serve`` with a temporary config; wait until Triton's models are ready."""
+def start_node(
+    workdir: Path, orthanc: Orthanc | None, wait_triton: bool = True, **settings: Any
+) -> NodeProcess:
+    """Run ``airouter serve`` with a temporary config; wait until it answers (and Triton)."""
     workdir.mkdir(parents=True, exist_ok=True)
     dimse_port, http_port = free_port(), free_port()
     config: dict[str, Any] = {
@@ -179,7 +181,7 @@ def start_node(workdir: Path, orthanc: Orthanc | None, **settings: Any) -> NodeP
         if process.poll() is not None:
             raise RuntimeError(f"node exited early:\n{node.log_text()[-3000:]}")
         health = node.get("/api/health")
-        return bool(health and health.get("triton_ready"))
+        return bool(health and (health.get("triton_ready") or not wait_triton))
 
     wait_for(ready, 120, "the node and its Triton models")
     return node

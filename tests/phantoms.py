@@ -16,8 +16,9 @@ class ChestPhantom:
     left_lung: np.ndarray
 
 
-def chest_phantom(slices: int = 40, size: int = 128, pixel_mm: float = 2.0,
-                  slice_mm: float = 2.5) -> ChestPhantom:
+def chest_phantom(
+    slices: int = 40, size: int = 128, pixel_mm: float = 2.0, slice_mm: float = 2.5
+) -> ChestPhantom:
     """An elliptic-cylinder body with two ellipsoid lungs and a separate table below it.
 
     Axial, head-first supine (IOP 1,0,0 / 0,1,0): columns run towards the patient's left (+x),
@@ -39,10 +40,13 @@ def chest_phantom(slices: int = 40, size: int = 128, pixel_mm: float = 2.0,
     hu[right | left] = -850
     table = (y > 95.0) & (y < 105.0) & (np.abs(x) < 120.0)  # 15 mm below the body: not touching
     hu[table] = 300
-    affine = np.array([
-        [0, 0, pixel_mm, -(size / 2 - 0.5) * pixel_mm],
-        [0, pixel_mm, 0, -(size / 2 - 0.5) * pixel_mm],
-        [slice_mm, 0, 0, 0.5 * slice_mm],
-        [0, 0, 0, 1],
-    ], dtype=float)
+    affine = np.array(
+        [
+            [0, 0, pixel_mm, -(size / 2 - 0.5) * pixel_mm],
+            [0, pixel_mm, 0, -(size / 2 - 0.5) * pixel_mm],
+            [slice_mm, 0, 0, 0.5 * slice_mm],
+            [0, 0, 0, 1],
+        ],
+        dtype=float,
+    )
     return ChestPhantom(hu, affine, body, right, left)

@@ -71,7 +71,9 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
         images = _tilted(ct, 15.0, (0.5, 0.8))
     structures = _structures(len(images), images[0].Rows, images[0].Columns)
     seg = build_seg(
-        source_images=images, structures=structures, provenance=PROVENANCE,
+        source_images=images,
+        structures=structures,
+        provenance=PROVENANCE,
         series=SeriesIdentity(hd.UID(), 901, "AI segmentation", hd.UID()),
     )
     seg.save_as(tmp_path / "seg.dcm")
@@ -88,20 +90,30 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
     algorithm = back.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmName == "ct-body" and "card:" in algorithm.AlgorithmVersion
 
-    voxel_ml = float(np.prod([float(v) for v in images[0].PixelSpacing])) * np.linalg.norm(
-        np.subtract(images[1].ImagePositionPatient, images[0].ImagePositionPatient)) / 1000
+    voxel_ml = (
+        float(np.prod([float(v) for v in images[0].PixelSpacing]))
+        * np.linalg.norm(
+            np.subtract(images[1].ImagePositionPatient, images[0].ImagePositionPatient)
+        )
+        / 1000
+    )
     if geometry == "tilted-non-square":
         voxel_ml *= np.cos(np.radians(15.0))  # slice spacing along the normal
     volumes = [float(s.mask.sum()) * voxel_ml for s in structures]
     sr = build_measurement_report(
-        source_images=images, seg=seg, structures=structures, volumes_ml=volumes,
-        provenance=PROVENANCE, device_uid=hd.UID(),
+        source_images=images,
+        seg=seg,
+        structures=structures,
+        volumes_ml=volumes,
+        provenance=PROVENANCE,
+        device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
     )
     sr.save_as(tmp_path / "sr.dcm")
     _validate(tmp_path / "sr.dcm")
-    dump = subprocess.run([tool("dsrdump"), str(tmp_path / "sr.dcm")], capture_output=True,
-                          text=True, check=False)
+    dump = subprocess.run(
+        [tool("dsrdump"), str(tmp_path / "sr.dcm")], capture_output=True, text=True, check=False
+    )
     assert dump.returncode == 0 and "Volume" in dump.stdout
     report = hd.sr.srread(tmp_path / "sr.dcm")
     groups = report.content.get_volumetric_roi_measurement_groups()
@@ -109,7 +121,9 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
     assert got == pytest.approx(volumes, rel=1e-3)
 
     rt = build_rtstruct(
-        source_images=images, structures=structures, provenance=PROVENANCE,
+        source_images=images,
+        structures=structures,
+        provenance=PROVENANCE,
         series=SeriesIdentity(hd.UID(), 903, "AI structures", hd.UID()),
     )
     rt.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
@@ -120,18 +134,32 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
         assert dice(masks[s.label.name], s.mask) >= 0.98, s.label.name
     types = [o.RTROIInterpretedType for o in rt_back.RTROIObservationsSequence]
     assert types == ["EXTERNAL", "ORGAN"]
-    contour_images = (rt_back.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-                      .RTReferencedSeriesSequence[0].ContourImageSequence)
+    contour_images = (
+        rt_back.ReferencedFrameOfReferenceSequence[0]
+        .RTReferencedStudySequence[0]
+        .RTReferencedSeriesSequence[0]
+        .ContourImageSequence
+    )
     assert [c.ReferencedSOPInstanceUID for c in contour_images] == sops
-    islands = [c for c in rt_back.ROIContourSequence[1].ContourSequence
-               if c.ContourImageSequence[0].ReferencedSOPInstanceUID == sops[5]]
+    islands = [
+        c
+        for c in rt_back.ROIContourSequence[1].ContourSequence
+        if c.ContourImageSequence[0].ReferencedSOPInstanceUID == sops[5]
+    ]
     assert len(islands) == 2
-    ring = [c for c in rt_back.ROIContourSequence[0].ContourSequence
-            if c.ContourImageSequence[0].ReferencedSOPInstanceUID == sops[5]]
+    ring = [
+        c
+        for c in rt_back.ROIContourSequence[0].ContourSequence
+        if c.ContourImageSequence[0].ReferencedSOPInstanceUID == sops[5]
+    ]
     assert len(ring) == 2  # the outer boundary and the hole
 
 
 def test_seg_refuses_an_empty_result(ct: list[Dataset]) -> None:
     with pytest.raises(ValueError, match="non-empty"):
-        build_seg(source_images=ct, structures=[], provenance=PROVENANCE,
-                  series=SeriesIdentity(hd.UID(), 901, "x", hd.UID()))
+        build_seg(
+            source_images=ct,
+            structures=[],
+            provenance=PROVENANCE,
+            series=SeriesIdentity(hd.UID(), 901, "x", hd.UID()),
+        )

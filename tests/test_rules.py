@@ -44,7 +44,9 @@ BASE = "rules:\n  - name: r1\n    models: [ct-body]\n"
         ("    outputs: [PDF]\n", "outputs"),
     ],
 )
-def test_invalid_rules_are_rejected_naming_file_and_key(tmp_path: Path, extra: str, message: str) -> None:
+def test_invalid_rules_are_rejected_naming_file_and_key(
+    tmp_path: Path, extra: str, message: str
+) -> None:
     path = _write(tmp_path, BASE + extra)
     with pytest.raises(RuleError) as info:
         load_rule_file(path)
@@ -96,7 +98,9 @@ def test_condition_table(condition: dict, value: object, holds: bool) -> None:
         ([1, 0, 0], None),
     ],
 )
-def test_orientation_from_image_orientation(iop: list[float] | None, expected: Orientation | None) -> None:
+def test_orientation_from_image_orientation(
+    iop: list[float] | None, expected: Orientation | None
+) -> None:
     assert orientation_of(iop) == expected
 
 

@@ -20,10 +20,19 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_embedded_defaults_match_the_contract() -> None:
     s = load_settings()
-    assert (s.ae_title, s.dimse_port, s.http_host, s.http_port) == ("AIROUTER", 11112, "127.0.0.1", 8080)
+    assert (s.ae_title, s.dimse_port, s.http_host, s.http_port) == (
+        "AIROUTER",
+        11112,
+        "127.0.0.1",
+        8080,
+    )
     assert s.data_dir == Path("var") and s.triton_url == "local"
     assert s.destinations["pacs"].port == 4242
-    assert {k: v.number for k, v in s.output_series.items()} == {"SEG": 901, "SR": 902, "RTSTRUCT": 903}
+    assert {k: v.number for k, v in s.output_series.items()} == {
+        "SEG": 901,
+        "SR": 902,
+        "RTSTRUCT": 903,
+    }
 
 
 def test_config_file_matches_embedded_defaults() -> None:

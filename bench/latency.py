@@ -1,0 +1,92 @@
+"""End-to-end latency: last C-STORE response -> SEG + SR + RTSTRUCT in Orthanc.
+
+The shared 140-slice CT (fresh UIDs each round) is sent with DCMTK storescu to a node running
+the default rule with its local tritonserver; Orthanc is the PACS. The node's own job timings
+split the wait into completion, volume build, inference, encoding and sending. Default
+quiet period (3 s) unless --quiet-period-s is given.
+
+    .venv/bin/python -m bench.latency [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import fresh_copy, median, record
+from tests.peers import head_ct_files, start_node, start_orthanc, stop_process, storescu
+
+
+def _objects_in_orthanc(orthanc, study_uid: str) -> int:  # type: ignore[no-untyped-def]
+    found = orthanc.get(f"/dicom-web/studies/{study_uid}/series") or []
+    modalities = {s.get("00080060", {}).get("Value", [None])[0] for s in found}
+    return len(modalities & {"SEG", "SR", "RTSTRUCT"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quiet-period-s", type=float, default=3.0)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    orthanc = start_orthanc(tmp / "orthanc")
+    node = start_node(tmp / "node", orthanc, quiet_period_s=args.quiet_period_s)
+    rows: list[dict[str, float]] = []
+    try:
+        for r in range(args.rounds):
+            batch = fresh_copy(head_ct_files(), tmp / f"round{r}")
+            import pydicom
+
+            study_uid = pydicom.dcmread(batch[0], stop_before_pixels=True).StudyInstanceUID
+            t0 = time.perf_counter()
+            sent = storescu(node.dimse_port, batch)
+            t_last = time.perf_counter()
+            assert sent.returncode == 0, sent.stderr
+            while _objects_in_orthanc(orthanc, study_uid) < 3:
+                if time.perf_counter() - t_last > 300:
+                    raise TimeoutError("objects did not reach Orthanc")
+                time.sleep(0.05)
+            t_done = time.perf_counter()
+            job = next(j for j in node.get(f"/api/jobs?study={study_uid}"))
+            timings = job["timings"]
+            created = job["created_at"]
+            row = {"send_s": t_last - t0, "latency_s": t_done - t_last, **timings}
+            rows.append(row)
+            print(f"round {r}: latency {row['latency_s']:.2f} s, {timings} (job created {created})")
+    finally:
+        stop_process(node.process)
+        stop_process(orthanc.process)
+
+    def m(key: str) -> float:
+        return median([row.get(key, 0.0) for row in rows])
+
+    accounted = m("volume_s") + m("inference_s") + m("encode_s") + m("dispatch_s")
+    waiting = m("latency_s") - accounted
+    body = f"""
+From the last C-STORE response (storescu, 140 x 512x512 CT, one association) until the SEG, SR
+and RTSTRUCT are all queryable in Orthanc. Medians of {args.rounds} rounds;
+quiet period {args.quiet_period_s:.1f} s; local tritonserver (CPU) over HTTP.
+
+| stage | median s |
+|---|---|
+| sending 140 instances (storescu, for reference) | {m("send_s"):.2f} |
+| **last C-STORE response -> 3 objects in Orthanc** | **{m("latency_s"):.2f}** |
+| completion wait (quiet period + poll) and job pick-up, by difference | {waiting:.2f} |
+| volume build (read, sort, rescale 140 slices) | {m("volume_s"):.2f} |
+| inference, both models concurrently (wall) | {m("inference_s"):.2f} |
+| of which ct-body (its own request) | {m("inference_ct-body_s"):.2f} |
+| of which ct-lungs (its own request) | {m("inference_ct-lungs_s"):.2f} |
+| encode SEG + SR + RTSTRUCT | {m("encode_s"):.2f} |
+| archive + C-STORE of the 3 objects to Orthanc | {m("dispatch_s"):.2f} |
+
+Inference includes moving the 140x512x512 int16 volume to Triton and the labels back over
+HTTP (about 0.5 s each way here).
+"""
+    record("End-to-end latency: CT in, SEG + SR + RTSTRUCT in the PACS", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

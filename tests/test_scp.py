@@ -1,0 +1,153 @@
+"""The SCP on a real association: DCMTK echoscu/storescu and pynetdicom as the peers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, _config
+from pynetdicom.presentation import build_context
+from sqlalchemy import func, select
+
+from airouter.db import Instance, Store, Study
+from airouter.settings import Settings
+from scp.completion import CompletionMonitor
+from scp.ingest import Ingest
+from scp.server import AssociationTracker, start_dimse
+from scp.status import StoreStatus
+from tests.peers import free_port, head_ct_files, storescu, tool
+
+
+class Node:
+    def __init__(self, tmp: Path, spool: Path | None = None) -> None:
+        self.settings = Settings(dimse_host="127.0.0.1", dimse_port=free_port(), data_dir=tmp)
+        self.store = Store(self.settings.db_url)
+        self.tracker = AssociationTracker()
+        self.ingest = Ingest(self.store, spool or self.settings.spool_dir)
+        self.server = start_dimse(self.settings, self.ingest, self.tracker)
+        self.port = self.settings.dimse_port
+
+    def count(self) -> int:
+        with self.store.session() as s:
+            return int(s.scalar(select(func.count()).select_from(Instance)) or 0)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path)
+    yield n
+    n.server.shutdown()
+
+
+def test_echoscu_gets_success(node: Node) -> None:
+    result = subprocess.run(
+        [tool("echoscu"), "-aec", "AIROUTER", "127.0.0.1", str(node.port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode == 0
+
+
+def test_stored_instances_are_on_disk_and_indexed_once(node: Node) -> None:
+    files = head_ct_files()[:5]
+    assert storescu(node.port, files).returncode == 0
+    assert storescu(node.port, files).returncode == 0  # the same instances again
+    assert node.count() == 5
+    with node.store.session() as s:
+        for inst in s.scalars(select(Instance)).all():
+            stored = pydicom.dcmread(inst.path)
+            assert stored.SOPInstanceUID == inst.sop_instance_uid
+            assert Path(inst.path).relative_to(node.settings.spool_dir).parts[:2] == (
+                inst.study_uid,
+                inst.series_uid,
+            )
+    original = pydicom.dcmread(files[0])
+    with node.store.session() as s:
+        path = s.scalar(
+            select(Instance.path).where(Instance.sop_instance_uid == original.SOPInstanceUID)
+        )
+    assert pydicom.dcmread(path).PixelData == original.PixelData  # stored as received
+
+
+def _send(port: int, path: Path) -> pydicom.Dataset:
+    """Send one file as stored, identified by its file meta (pynetdicom, chunked)."""
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title="TESTSCU")
+    ae.requested_contexts = [build_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])]
+    assoc = ae.associate("127.0.0.1", port, ae_title="AIROUTER")
+    assert assoc.is_established
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        return assoc.send_c_store(path)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+        assoc.release()
+
+
+def test_empty_sop_instance_uid_falls_back_to_the_request(node: Node, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(head_ct_files()[0])
+    sop = ds.SOPInstanceUID
+    ds.SOPInstanceUID = ""
+    ds.save_as(tmp_path / "blank.dcm")  # file meta keeps the UID: the request carries it
+    status = _send(node.port, tmp_path / "blank.dcm")
+    assert status.Status == StoreStatus.SUCCESS
+    with node.store.session() as s:
+        assert s.scalar(select(Instance.sop_instance_uid)) == sop
+
+
+def test_missing_study_uid_is_refused_with_a_reason(node: Node, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(head_ct_files()[0])
+    ds.StudyInstanceUID = ""
+    ds.save_as(tmp_path / "nostudy.dcm")
+    status = _send(node.port, tmp_path / "nostudy.dcm")
+    assert status.Status == StoreStatus.CANNOT_UNDERSTAND
+    assert status.ErrorComment == "StudyInstanceUID is missing or empty"
+    assert node.count() == 0
+
+
+def test_uid_with_path_characters_is_refused(node: Node, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(head_ct_files()[0])
+    ds.SeriesInstanceUID = "../../../../tmp/x"
+    ds.save_as(tmp_path / "evil.dcm")
+    status = _send(node.port, tmp_path / "evil.dcm")
+    assert status.Status == StoreStatus.CANNOT_UNDERSTAND
+    assert not list(tmp_path.parent.glob("tmp/x*"))
+
+
+def test_failure_to_persist_is_out_of_resources_and_nothing_is_indexed(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")
+    n = Node(tmp_path, spool=blocker)
+    try:
+        status = _send(n.port, head_ct_files()[0])
+        assert status.Status == StoreStatus.OUT_OF_RESOURCES
+        assert n.count() == 0
+    finally:
+        n.server.shutdown()
+
+
+def test_study_completes_only_after_release_and_quiet_period(node: Node) -> None:
+    routed: list[str] = []
+    monitor = CompletionMonitor(node.store, node.tracker, 0.0, lambda s, uid: routed.append(uid))
+    files = head_ct_files()[:3]
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(pydicom.dcmread(files[0]).SOPClassUID, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AIROUTER")
+    for f in files:
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0
+    assert monitor.check() == []  # association still open
+    assoc.release()
+    study = pydicom.dcmread(files[0]).StudyInstanceUID
+    done = monitor.check()
+    assert done == [study] and routed == [study]
+    assert monitor.check() == []  # once
+    slow = CompletionMonitor(node.store, node.tracker, 3600.0, lambda s, uid: None)
+    with node.store.session() as s:
+        s.get(Study, study).state = "receiving"  # type: ignore[union-attr]
+    assert slow.check() == []  # quiet period not over

@@ -95,7 +95,11 @@ class Node:
 
     # -- routing and work ------------------------------------------------------------------
     def _route(self, session: Session, study_uid: str) -> None:
-        if route_study(session, study_uid, self.rules):
+        route_study(session, study_uid, self.rules)
+
+    def _complete_studies(self, monitor: CompletionMonitor) -> None:
+        """Completion check; workers are woken once the new jobs are committed."""
+        if monitor.check():
             self._wake.set()
 
     def _worker(self, ctx: PipelineContext) -> None:
@@ -146,8 +150,9 @@ class Node:
         self.dimse = start_dimse(s, self.ingest, self.tracker)
         monitor = CompletionMonitor(self.store, self.tracker, s.quiet_period_s, self._route)
         self.scheduler.add_job(
-            monitor.check,
+            self._complete_studies,
             "interval",
+            args=[monitor],
             seconds=s.completion_poll_s,
             id="completion",
             max_instances=1,

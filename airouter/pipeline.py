@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from airouter.db import Instance, Job, JobState, Store, utcnow
+from airouter.db import Instance, Job, JobState, Store, Study, utcnow
 from airouter.dispatch import archive_output
 from airouter.settings import Settings
 from encoders.common import Provenance, SeriesIdentity, Structure
@@ -84,6 +84,13 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
         job = s.get(Job, job_id)
         assert job is not None
         paths = s.scalars(select(Instance.path).where(Instance.series_uid == job.series_uid)).all()
+        study = s.get(Study, job.study_uid)
+        assert study is not None and job.started_at is not None
+        waits = {
+            "completion_wait_s": (job.created_at - study.last_received_at).total_seconds(),
+            "queue_wait_s": (job.started_at - job.created_at).total_seconds(),
+        }
+    _timing(ctx.store, job_id, **waits)
     log.info(
         "job %s: series %s, %d instances, models %s",
         job_id,
@@ -156,12 +163,23 @@ def _infer(ctx: PipelineContext, job: Job, volume: Volume) -> list[Structure]:
 
 
 def _save_masks(directory: Path, structures: list[Structure]) -> None:
-    """Keep the models' raw output with the job (audit, explainability, tests)."""
+    """Keep the models' raw output with the job (audit, explainability, tests), bit-packed."""
     directory.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        directory / "masks.npz",
-        **{f"{s.card.name}/{s.label.name}": s.mask for s in structures},
-    )
+    arrays = {f"{s.card.name}/{s.label.name}": np.packbits(s.mask) for s in structures}
+    shape = structures[0].mask.shape if structures else (0, 0, 0)
+    np.savez_compressed(directory / "masks.npz", _shape=np.asarray(shape), **arrays)
+
+
+def load_masks(path: Path) -> dict[str, np.ndarray]:
+    """The masks a job saved, by ``model/label``, as boolean volumes."""
+    with np.load(path) as data:
+        shape = tuple(int(v) for v in data["_shape"])
+        count = int(np.prod(shape))
+        return {
+            key: np.unpackbits(data[key], count=count).astype(bool).reshape(shape)
+            for key in data.files
+            if key != "_shape"
+        }
 
 
 def _encode(

@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     # Completion: a study is complete once its associations are released and no instance
     # arrived for this long.
     quiet_period_s: float = Field(default=3.0, ge=0)
-    completion_poll_s: float = Field(default=0.5, gt=0)
+    completion_poll_s: float = Field(default=0.25, gt=0)
 
     # Rules and models
     rules_dir: Path = Path("rules")

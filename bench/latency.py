@@ -62,7 +62,17 @@ def main() -> None:
     def m(key: str) -> float:
         return median([row.get(key, 0.0) for row in rows])
 
-    accounted = m("volume_s") + m("inference_s") + m("encode_s") + m("dispatch_s")
+    accounted = sum(
+        m(k)
+        for k in (
+            "completion_wait_s",
+            "queue_wait_s",
+            "volume_s",
+            "inference_s",
+            "encode_s",
+            "dispatch_s",
+        )
+    )
     waiting = m("latency_s") - accounted
     body = f"""
 From the last C-STORE response (storescu, 140 x 512x512 CT, one association) until the SEG, SR
@@ -73,7 +83,9 @@ quiet period {args.quiet_period_s:.1f} s; local tritonserver (CPU) over HTTP.
 |---|---|
 | sending 140 instances (storescu, for reference) | {m("send_s"):.2f} |
 | **last C-STORE response -> 3 objects in Orthanc** | **{m("latency_s"):.2f}** |
-| completion wait (quiet period + poll) and job pick-up, by difference | {waiting:.2f} |
+| completion: last instance -> study complete, job queued | {m("completion_wait_s"):.2f} |
+| queue: job queued -> a worker starts it | {m("queue_wait_s"):.2f} |
+| not accounted above (reading the index, saving masks, Orthanc polling) | {waiting:.2f} |
 | volume build (read, sort, rescale 140 slices) | {m("volume_s"):.2f} |
 | inference, both models concurrently (wall) | {m("inference_s"):.2f} |
 | of which ct-body (its own request) | {m("inference_ct-body_s"):.2f} |

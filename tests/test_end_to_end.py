@@ -24,6 +24,7 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from airouter.pipeline import load_masks
 from tests.peers import (
     BODY_J2K,
     MR_EPI,
@@ -168,7 +169,7 @@ def test_ct_study_comes_back_as_seg_sr_rtstruct_in_orthanc(
     assert "Imaging Measurement Report" in dump.stdout and "Volume" in dump.stdout
 
     # 3. SEG == the model's mask exactly; RTSTRUCT Dice >= 0.98; SR volumes == SEG within 1 %
-    masks = np.load(node.data_dir / "jobs" / str(job["id"]) / "masks.npz")
+    masks = load_masks(node.data_dir / "jobs" / str(job["id"]) / "masks.npz")
     seg_read = hd.seg.segread(tmp_path / "SEG.dcm")
     labels = {d.SegmentNumber: d.SegmentLabel for d in seg_read.SegmentSequence}
     assert "Body" in labels.values()
@@ -177,7 +178,7 @@ def test_ct_study_comes_back_as_seg_sr_rtstruct_in_orthanc(
         segment_numbers=sorted(labels),
         assert_missing_frames_are_empty=True,
     )
-    model = {key.split("/")[1]: masks[key] for key in masks.files}
+    model = {key.split("/")[1]: mask for key, mask in masks.items()}
     for index, number in enumerate(sorted(labels)):
         assert np.array_equal(pixels[..., index].astype(bool), model[labels[number]]), labels[
             number

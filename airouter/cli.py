@@ -22,6 +22,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     for noisy in ("pynetdicom", "apscheduler", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances" is by design (max_instances=1, coalesce)
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
     Node(settings).serve_forever()
     return 0
 

@@ -103,7 +103,9 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
     _timing(ctx.store, job_id, volume_s=time.perf_counter() - t0)
 
     structures = _infer(ctx, job, volume)
+    t0 = time.perf_counter()
     _save_masks(ctx.settings.jobs_dir / str(job_id), structures)
+    _timing(ctx.store, job_id, masks_s=time.perf_counter() - t0)
 
     _set_state(ctx.store, job_id, JobState.ENCODING)
     t0 = time.perf_counter()
@@ -124,8 +126,10 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
     with ctx.store.session() as s:  # outputs and their deliveries appear together
         job = s.get(Job, job_id)
         assert job is not None
+        t0 = time.perf_counter()
         for kind, ds in objects:
             archive_output(s, ctx.settings, job, kind, ds)
+        job.timings = {**job.timings, "archive_s": round(time.perf_counter() - t0, 3)}
         job.state = JobState.DISPATCHING if job.destinations else JobState.DONE
         job.timings = {**job.timings, "dispatch_started_at": time.time()}
         if not job.destinations:

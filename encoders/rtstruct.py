@@ -99,6 +99,14 @@ def _image_ref(image: Dataset) -> Dataset:
     return ref
 
 
+def _keep_contour_data_raw(ds: Dataset) -> None:
+    """Declare the contour items' encoding so that pydicom writes the pre-encoded ContourData
+    as is, instead of parsing hundreds of thousands of DS values back into floats first."""
+    for roi in ds.ROIContourSequence:
+        for item in roi.ContourSequence:
+            item.set_original_encoding(False, True, item._character_set)
+
+
 def _contour_sequence(structure: Structure, images: Sequence[Dataset]) -> DicomSequence:
     items = []
     for k, image in enumerate(images):
@@ -194,6 +202,7 @@ def build_rtstruct(
     ds.ROIContourSequence = DicomSequence(contours)
     ds.RTROIObservationsSequence = DicomSequence(observations)
     ds.ApprovalStatus = "UNAPPROVED"
+    _keep_contour_data_raw(ds)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID

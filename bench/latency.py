@@ -85,13 +85,15 @@ quiet period {args.quiet_period_s:.1f} s; local tritonserver (CPU) over HTTP.
 | **last C-STORE response -> 3 objects in Orthanc** | **{m("latency_s"):.2f}** |
 | completion: last instance -> study complete, job queued | {m("completion_wait_s"):.2f} |
 | queue: job queued -> a worker starts it | {m("queue_wait_s"):.2f} |
-| not accounted above (reading the index, saving masks, Orthanc polling) | {waiting:.2f} |
+| not accounted below (reading the index, Orthanc indexing and polling) | {waiting:.2f} |
 | volume build (read, sort, rescale 140 slices) | {m("volume_s"):.2f} |
 | inference, both models concurrently (wall) | {m("inference_s"):.2f} |
 | of which ct-body (its own request) | {m("inference_ct-body_s"):.2f} |
 | of which ct-lungs (its own request) | {m("inference_ct-lungs_s"):.2f} |
+| saving the models' masks with the job | {m("masks_s"):.2f} |
 | encode SEG + SR + RTSTRUCT | {m("encode_s"):.2f} |
-| archive + C-STORE of the 3 objects to Orthanc | {m("dispatch_s"):.2f} |
+| write the 3 objects to the archive (durable) and queue deliveries | {m("archive_s"):.2f} |
+| C-STORE of the 3 objects to Orthanc | {m("dispatch_s"):.2f} |
 
 Inference includes moving the 140x512x512 int16 volume to Triton and the labels back over
 HTTP (about 0.5 s each way here).

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from airouter.db import Instance, Series, Source, Store, Study, StudyState, utcnow
-from scp.spool import InvalidUID, check_uid, instance_path, write_durable
+from scp.spool import InvalidUID, check_uid, instance_path, move_durable, write_durable
 from scp.status import StoreStatus
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,11 @@ SERIES_KEYWORDS = (
 class Received:
     """What the receiver knows besides the data set."""
 
-    encoded: bytes  # the instance as a DICOM file (preamble, meta, data set as received)
     transfer_syntax: str
+    # The instance as a DICOM file (preamble, meta, data set as received): either the bytes or
+    # a temporary file, which is moved into the spool (same filesystem: a rename, no copy).
+    data: bytes | None = None
+    path: Path | None = None
     command_sop_instance_uid: str | None = None
     command_sop_class_uid: str | None = None
     calling_ae: str | None = None
@@ -78,7 +81,12 @@ class Ingest:
                     log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
                     return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
             path = instance_path(self.spool_root, study_uid, series_uid, sop_uid)
-            write_durable(path, received.encoded)
+            if received.path is not None:
+                size = move_durable(received.path, path)
+            else:
+                assert received.data is not None
+                write_durable(path, received.data)
+                size = len(received.data)
             with self._lock, self.store.session() as s:
                 _upsert_study(s, ds, study_uid, received.calling_ae)
                 _upsert_series(s, ds, study_uid, series_uid)
@@ -91,7 +99,7 @@ class Ingest:
                         instance_number=_int(ds.get("InstanceNumber")),
                         transfer_syntax=received.transfer_syntax,
                         path=str(path),
-                        size=len(received.encoded),
+                        size=size,
                         calling_ae=received.calling_ae,
                         source_address=received.source_address,
                     )

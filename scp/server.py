@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -39,13 +42,17 @@ class AssociationTracker:
 
 
 def handle_store(event: Any, ingest: Ingest, tracker: AssociationTracker) -> Dataset:
-    """EVT_C_STORE: acknowledge only once the instance is durable and indexed."""
+    """EVT_C_STORE: acknowledge only once the instance is durable and indexed.
+
+    pynetdicom has already written the data set as received to a temporary file (chunked
+    receive); only the header is parsed here, and the file is renamed into the spool.
+    """
     assoc = event.assoc
     try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
+        path = Path(event.dataset_path)
+        ds = dcmread(path, stop_before_pixels=True)
         received = Received(
-            encoded=event.encoded_dataset(include_meta=True),
+            path=path,
             transfer_syntax=str(event.context.transfer_syntax),
             command_sop_instance_uid=str(event.request.AffectedSOPInstanceUID or "") or None,
             command_sop_class_uid=str(event.request.AffectedSOPClassUID or "") or None,
@@ -91,6 +98,22 @@ def handle_end(event: Any, tracker: AssociationTracker) -> None:
     tracker.end(id(event.assoc))
 
 
+def configure_pynetdicom(incoming_dir: Path) -> None:
+    """Process-wide pynetdicom behaviour of a node that stores what it receives as received.
+
+    - unrestricted storage: any storage, private or unknown SOP class is accepted, with the
+      transfer syntax the sender proposed first (no transcoding forced on the modality);
+    - chunked receive: each data set is streamed to a temporary file in ``incoming_dir`` (on
+      the spool's filesystem, so moving it into the spool is a rename), never held in memory.
+    """
+    incoming_dir.mkdir(parents=True, exist_ok=True)
+    for stale in incoming_dir.glob("*.dcm"):  # never acknowledged: a crash cut them off
+        stale.unlink(missing_ok=True)
+    tempfile.tempdir = str(incoming_dir)
+    _config.UNRESTRICTED_STORAGE_SERVICE = True
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
 def build_ae(settings: Settings) -> AE:
     """An AE that accepts Verification and every storage SOP class in every transfer syntax."""
     ae = AE(ae_title=settings.ae_title)
@@ -110,6 +133,7 @@ def start_dimse(
     settings: Settings, ingest: Ingest, tracker: AssociationTracker
 ) -> ThreadedAssociationServer:
     """Start listening (non-blocking); returns the server so the caller can shut it down."""
+    configure_pynetdicom(settings.data_dir / "incoming")
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ingest, tracker]),

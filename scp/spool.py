@@ -7,6 +7,7 @@ network. Writes are atomic and durable: temporary file, fsync, rename, fsync of 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -74,6 +75,36 @@ def write_durable(path: Path, data: bytes) -> None:
     if created:  # new directories must be durable in their parents too
         for parent in list(directory.parents)[:2]:
             _fsync_dir(parent)
+
+
+def move_durable(source: Path, path: Path) -> int:
+    """Move a complete file into place durably; returns its size.
+
+    fsync of the file, then an atomic rename (a copy first when ``source`` lies on another
+    filesystem), then fsync of the directory.
+    """
+    directory = path.parent
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    try:
+        os.replace(source, path)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        write_durable(path, Path(source).read_bytes())
+        Path(source).unlink(missing_ok=True)
+        return size
+    _fsync_dir(directory)
+    if created:
+        for parent in list(directory.parents)[:2]:
+            _fsync_dir(parent)
+    return size
 
 
 def _fsync_dir(directory: Path) -> None:

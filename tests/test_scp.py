@@ -151,3 +151,49 @@ def test_study_completes_only_after_release_and_quiet_period(node: Node) -> None
     with node.store.session() as s:
         s.get(Study, study).state = "receiving"  # type: ignore[union-attr]
     assert slow.check() == []  # quiet period not over
+
+
+def _associate(port: int, sop_class: str, syntaxes: list[str]) -> object:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(sop_class, syntaxes)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AIROUTER")
+    assert assoc.is_established
+    return assoc
+
+
+def test_private_sop_class_is_accepted_and_stored(node: Node) -> None:
+    ds = pydicom.dcmread(head_ct_files()[0])
+    private_class = "1.3.46.670589.99.1.2"  # a vendor's private storage class
+    ds.SOPClassUID = private_class
+    ds.file_meta.MediaStorageSOPClassUID = private_class
+    assoc = _associate(node.port, private_class, ["1.2.840.10008.1.2.1"])
+    try:
+        assert assoc.send_c_store(ds).Status == StoreStatus.SUCCESS  # type: ignore[attr-defined]
+    finally:
+        assoc.release()  # type: ignore[attr-defined]
+    with node.store.session() as s:
+        assert s.scalar(select(Instance.sop_class_uid)) == private_class
+
+
+def test_compressed_instance_is_stored_as_received(node: Node) -> None:
+    """Offered [JPEG 2000, explicit LE], the node takes the sender's first choice and stores
+    the encoded data set byte for byte: no transcoding anywhere."""
+    from tests.peers import BODY_J2K
+
+    source = sorted(BODY_J2K.iterdir())[0]
+    original = pydicom.dcmread(source)
+    original.StudyInstanceUID, original.SeriesInstanceUID = "1.2.3.4", "1.2.3.4.5"
+    original.SOPInstanceUID = original.file_meta.MediaStorageSOPInstanceUID
+    original.SOPClassUID = original.file_meta.MediaStorageSOPClassUID
+    j2k = str(original.file_meta.TransferSyntaxUID)
+    assoc = _associate(node.port, original.SOPClassUID, [j2k, "1.2.840.10008.1.2.1"])
+    try:
+        assert assoc.send_c_store(original).Status == StoreStatus.SUCCESS  # type: ignore[attr-defined]
+    finally:
+        assoc.release()  # type: ignore[attr-defined]
+    with node.store.session() as s:
+        inst = s.scalars(select(Instance)).one()
+    assert inst.transfer_syntax == j2k
+    stored = pydicom.dcmread(inst.path)
+    assert stored.file_meta.TransferSyntaxUID == j2k
+    assert stored.PixelData == original.PixelData

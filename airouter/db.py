@@ -55,6 +55,7 @@ class DeliveryState(enum.StrEnum):
 
 class Source(enum.StrEnum):
     DIMSE = "dimse"
+    STOW = "stow"
     PRODUCED = "produced"  # written by this node
 
 
@@ -75,6 +76,7 @@ class Study(Base):
     study_description: Mapped[str | None] = mapped_column(String(64))
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    opened_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # (re-)opened
     last_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
 
@@ -121,6 +123,8 @@ class Job(Base):
     models: Mapped[list[str]] = mapped_column(JSON)
     outputs: Mapped[list[str]] = mapped_column(JSON)
     destinations: Mapped[list[str]] = mapped_column(JSON)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)  # of the series, at routing
+    version: Mapped[int] = mapped_column(Integer, default=1)  # 2, 3 ...: amended results
     priority: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[JobState] = mapped_column(Enum(JobState), default=JobState.QUEUED, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

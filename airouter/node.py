@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import uvicorn
@@ -17,7 +17,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from airouter.db import Job, JobState, Store
+from airouter.db import Job, JobState, Store, Study, StudyState, utcnow
 from airouter.dispatch import Dispatcher
 from airouter.pipeline import PipelineContext, run_job
 from airouter.settings import ConfigError, Settings
@@ -26,7 +26,7 @@ from inference.cards import ModelCardError, load_cards
 from inference.triton import InferenceClient, LocalTriton
 from router.queue import claim_next_job, route_study
 from router.rules import RuleError, load_rules
-from scp.completion import CompletionMonitor
+from scp.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
 from scp.server import AssociationTracker, start_dimse
 
@@ -63,7 +63,8 @@ class Node:
                 )
         self.store = Store(settings.db_url)
         self.tracker = AssociationTracker()
-        self.ingest = Ingest(self.store, settings.spool_dir)
+        reserve = int(settings.min_free_space_mb * 1024 * 1024)
+        self.ingest = Ingest(self.store, settings.spool_dir, reserve)
         self.dispatcher = Dispatcher(self.store, settings)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.triton: LocalTriton | None = None
@@ -119,8 +120,16 @@ class Node:
             job.modify(next_run_time=datetime.now(UTC))
 
     def _recover(self) -> None:
-        """Jobs interrupted mid-run by a crash are queued again."""
+        """After a restart: jobs interrupted mid-run are queued again, and studies that were
+        still receiving wait ``restart_grace_s`` for their senders to resend before they may
+        complete (a crash is not the end of a transfer)."""
+        grace_until = utcnow() + timedelta(seconds=self.settings.restart_grace_s)
         with self.store.session() as s:
+            s.execute(
+                update(Study)
+                .where(Study.state == StudyState.RECEIVING)
+                .values(last_received_at=grace_until)
+            )
             result = s.execute(
                 update(Job)
                 .where(Job.state.in_([JobState.RUNNING, JobState.ENCODING]))
@@ -148,7 +157,8 @@ class Node:
         self._recover()
         self._start_triton()
         self.dimse = start_dimse(s, self.ingest, self.tracker)
-        monitor = CompletionMonitor(self.store, self.tracker, s.quiet_period_s, self._route)
+        policy = CompletionPolicy(s.quiet_period_s, s.study_deadline_s, s.deadline_action)
+        monitor = CompletionMonitor(self.store, self.tracker, policy, self._route)
         self.scheduler.add_job(
             self._complete_studies,
             "interval",
@@ -175,7 +185,7 @@ class Node:
 
     def serve_forever(self) -> None:
         """Run the HTTP server in the foreground until Ctrl-C / SIGTERM, then stop everything."""
-        app = create_app(self.store, self.health)
+        app = create_app(self.store, self.health, self.ingest, self.tracker)
         config = uvicorn.Config(
             app,
             host=self.settings.http_host,

@@ -201,8 +201,10 @@ def _encode(
     out = settings.output_series
 
     def identity(kind: str) -> SeriesIdentity:
+        """A new series per output kind and job; amended results say which version they are."""
         spec = out[kind]
-        return SeriesIdentity(hd.UID(), spec.number, spec.description, hd.UID())
+        description = spec.description if job.version == 1 else f"{spec.description} v{job.version}"
+        return SeriesIdentity(hd.UID(), spec.number, description[:64], hd.UID())
 
     objects: list[tuple[str, Dataset]] = []
     seg = build_seg(

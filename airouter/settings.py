@@ -93,12 +93,22 @@ class Settings(BaseSettings):
 
     # State and spool
     data_dir: Path = Path("var")
+    # Refuse new instances (0xA700) while the data directory's filesystem has less free space.
+    min_free_space_mb: float = Field(default=256.0, ge=0)
     database_url: str | None = None  # default: SQLite in data_dir
 
     # Completion: a study is complete once its associations are released and no instance
     # arrived for this long.
-    quiet_period_s: float = Field(default=3.0, ge=0)
+    # Completion signals (scp/completion.py): a study whose senders are all done completes at
+    # once when every series holds the instance count it announces, else after quiet_period_s
+    # without new instances; study_deadline_s after its first instance it completes whatever
+    # its state (deadline_action "route") or is failed without routing ("discard").
+    quiet_period_s: float = Field(default=2.0, ge=0)
     completion_poll_s: float = Field(default=0.25, gt=0)
+    study_deadline_s: float = Field(default=1800.0, gt=0)
+    deadline_action: str = Field(default="route", pattern="^(route|discard)$")
+    # After a restart, studies still receiving wait this long for their senders to resend.
+    restart_grace_s: float = Field(default=30.0, ge=0)
 
     # Rules and models
     rules_dir: Path = Path("rules")

@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import func, select
 
 from airouter.db import Delivery, Event, Instance, Job, Output, Series, Store, Study
+from scp.ingest import Ingest
+from scp.server import AssociationTracker
 from scp.spool import is_valid_uid
+from scp.stow import StowError, boundary_of, split_parts, store_parts
 
 DICOM_JSON = "application/dicom+json"
 
@@ -100,6 +104,8 @@ def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> di
         "study_uid": job.study_uid,
         "series_uid": job.series_uid,
         "rule": job.rule,
+        "version": job.version,
+        "instance_count": job.instance_count,
         "models": job.models,
         "priority": job.priority,
         "state": job.state.value,
@@ -120,9 +126,40 @@ def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> di
     }
 
 
-def create_app(store: Store, health: Callable[[], dict[str, Any]]) -> FastAPI:
-    """The node's HTTP application."""
+def create_app(
+    store: Store,
+    health: Callable[[], dict[str, Any]],
+    ingest: Ingest | None = None,
+    tracker: AssociationTracker | None = None,
+) -> FastAPI:
+    """The node's HTTP application (STOW-RS when an ingest is given)."""
     app = FastAPI(title="airouter", version="0.1.0")
+
+    async def _stow(request: Request, study: str | None) -> JSONResponse:
+        if ingest is None or tracker is None:
+            raise HTTPException(405, "this node does not accept STOW-RS")
+        try:
+            boundary = boundary_of(request.headers.get("content-type", ""))
+            parts = split_parts(await request.body(), boundary)
+        except StowError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        base = str(request.base_url).rstrip("/") + "/dicomweb"
+        client = request.client.host if request.client else None
+        result = await run_in_threadpool(store_parts, ingest, tracker, parts, study, base, client)
+        retrieve = f"{base}/studies/{study}" if study else None
+        return JSONResponse(
+            result.dicom_json(retrieve), status_code=result.http_status, media_type=DICOM_JSON
+        )
+
+    @app.post("/dicomweb/studies")
+    async def store_instances(request: Request) -> JSONResponse:
+        """STOW-RS (PS3.18 10.5): multipart/related; type="application/dicom"."""
+        return await _stow(request, None)
+
+    @app.post("/dicomweb/studies/{study}")
+    async def store_study_instances(study: str, request: Request) -> JSONResponse:
+        _check(study)
+        return await _stow(request, study)
 
     @app.exception_handler(HTTPException)
     async def _json_error(_: Request, exc: HTTPException) -> JSONResponse:

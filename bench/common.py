@@ -8,30 +8,10 @@ import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pydicom
-from pydicom.uid import generate_uid
+from tests.peers import fresh_copy  # noqa: F401 - shared with the tests
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "benchmarks.md"
-
-
-def fresh_copy(files: list[Path], out: Path, copies: int = 1) -> list[Path]:
-    """The series with new Study/Series/SOP UIDs (``copies`` times, shifted along z), so that
-    every round stores new instances rather than duplicates."""
-    out.mkdir(parents=True, exist_ok=True)
-    study = generate_uid()
-    written = []
-    datasets = [pydicom.dcmread(f) for f in files]
-    for c in range(copies):
-        series = generate_uid()
-        for n, ds in enumerate(datasets):
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.SOPInstanceUID = generate_uid()
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            path = out / f"c{c}_{n:04d}.dcm"
-            ds.save_as(path)
-            written.append(path)
-    return written
 
 
 def machine() -> str:

@@ -25,17 +25,33 @@ def study_series(s: Session, study_uid: str) -> list[SeriesInfo]:
         ).all()
     )
     rows = s.scalars(
-        select(Series).where(Series.study_uid == study_uid, Series.source == Source.DIMSE)
+        select(Series).where(Series.study_uid == study_uid, Series.source != Source.PRODUCED)
     ).all()
     return [SeriesInfo(r.series_uid, r.tags or {}, counts.get(r.series_uid, 0)) for r in rows]
 
 
 def route_study(s: Session, study_uid: str, rules: Sequence[Rule]) -> list[Job]:
-    """Create one queued job per matching rule, in the caller's transaction."""
-    decisions = decide(study_series(s, study_uid), rules)
+    """Create one queued job per matching rule, in the caller's transaction.
+
+    A rule that already ran on the same series with the same instance count is not run again
+    (a re-opened study whose new instances do not change what the rule processes); otherwise
+    the new job is the next version of the rule's results for this study.
+    """
+    series = study_series(s, study_uid)
+    counts = {info.series_uid: info.instance_count for info in series}
+    decisions = decide(series, rules)
     jobs = []
     for d in decisions:
+        previous = s.scalars(
+            select(Job).where(Job.study_uid == study_uid, Job.rule == d.rule.name)
+        ).all()
+        count = counts[d.series_uid]
+        if any(p.series_uid == d.series_uid and p.instance_count == count for p in previous):
+            s.add(Event(kind="rule_unchanged", study_uid=study_uid, detail=d.rule.name))
+            continue
         job = Job(
+            instance_count=count,
+            version=len(previous) + 1,
             study_uid=study_uid,
             series_uid=d.series_uid,
             rule=d.rule.name,
@@ -50,7 +66,7 @@ def route_study(s: Session, study_uid: str, rules: Sequence[Rule]) -> list[Job]:
     for job in jobs:
         s.add(Event(kind="rule_matched", study_uid=study_uid, job_id=job.id, detail=job.rule))
         log.info("job %s: rule %s matched series %s", job.id, job.rule, job.series_uid)
-    if not jobs:
+    if not decisions:
         s.add(Event(kind="no_rule_matched", study_uid=study_uid))
         log.info("study %s: no rule matched", study_uid)
     return jobs

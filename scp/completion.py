@@ -1,20 +1,30 @@
-"""Deciding when a study is complete.
+"""Deciding when a study is complete, from several signals.
 
-A study is complete once no association that sent to it is still open and no instance arrived
-for ``quiet_period_s``. The check runs on the scheduler; a complete study is routed in the same
-transaction that marks it complete, so a crash never leaves a complete study unrouted.
+A study is *open* while any association or STOW-RS request that sent to it is still running.
+Once none is, it completes:
+
+- at once, when every series holds the instance count it announces
+  (ImagesInAcquisition x NumberOfTemporalPositions);
+- otherwise after ``quiet_period_s`` without a new instance.
+
+``study_deadline_s`` after it started receiving, a study completes whatever its state, with
+the configured action: ``route`` it as it is, or ``discard`` it (failed, not routed). A study
+is routed in the same transaction that marks it complete, so a crash never leaves a complete
+study unrouted. An instance arriving later re-opens the study (see scp.ingest), and it
+completes again: the router then produces amended results if the selected series changed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from airouter.db import Store, Study, StudyState, utcnow
+from airouter.db import Event, Instance, Series, Source, Store, Study, StudyState, utcnow
 from scp.server import AssociationTracker
 
 log = logging.getLogger(__name__)
@@ -22,37 +32,93 @@ log = logging.getLogger(__name__)
 OnComplete = Callable[[Session, str], None]
 
 
+@dataclass(frozen=True)
+class CompletionPolicy:
+    quiet_period_s: float = 2.0
+    study_deadline_s: float = 1800.0
+    deadline_action: str = "route"  # or "discard"
+
+
+def announced_count(tags: dict[str, object]) -> int | None:
+    """The number of instances a series says it will have, if it says so."""
+    try:
+        images = int(str(tags.get("ImagesInAcquisition") or 0))
+        positions = int(str(tags.get("NumberOfTemporalPositions") or 1))
+    except ValueError:
+        return None
+    return images * max(positions, 1) if images > 0 else None
+
+
 class CompletionMonitor:
     def __init__(
         self,
         store: Store,
         tracker: AssociationTracker,
-        quiet_period_s: float,
+        policy: CompletionPolicy,
         on_complete: OnComplete,
     ) -> None:
         self.store = store
         self.tracker = tracker
-        self.quiet_period_s = quiet_period_s
+        self.policy = policy
         self.on_complete = on_complete
 
     def check(self) -> list[str]:
-        """Declare every quiet, released study complete; returns their UIDs."""
-        cutoff = utcnow() - timedelta(seconds=self.quiet_period_s)
+        """Complete every study whose signals say so; returns the UIDs routed."""
+        now = utcnow()
         busy = self.tracker.busy_studies()
-        done: list[str] = []
+        routed: list[str] = []
         with self.store.session() as s:
-            studies = s.scalars(
-                select(Study).where(
-                    Study.state == StudyState.RECEIVING, Study.last_received_at <= cutoff
-                )
-            ).all()
+            studies = s.scalars(select(Study).where(Study.state == StudyState.RECEIVING)).all()
             for study in studies:
-                if study.study_uid in busy:
+                reason = self._reason(s, study, study.study_uid in busy, now)
+                if reason is None:
                     continue
                 study.state = StudyState.COMPLETE
-                study.completed_at = utcnow()
+                study.completed_at = now
+                s.add(Event(kind="study_complete", study_uid=study.study_uid, detail=reason))
+                if reason == "deadline" and self.policy.deadline_action == "discard":
+                    s.add(
+                        Event(
+                            kind="study_discarded",
+                            study_uid=study.study_uid,
+                            detail="deadline reached while receiving",
+                        )
+                    )
+                    log.warning("study %s discarded: deadline reached", study.study_uid)
+                    continue
                 self.on_complete(s, study.study_uid)
-                done.append(study.study_uid)
-        for uid in done:
-            log.info("study %s complete", uid)
-        return done
+                routed.append(study.study_uid)
+                log.info("study %s complete (%s)", study.study_uid, reason)
+        return routed
+
+    def _reason(self, s: Session, study: Study, busy: bool, now: datetime) -> str | None:
+        if study.opened_at <= now - timedelta(seconds=self.policy.study_deadline_s):
+            return "deadline"
+        if busy or study.last_received_at > now:  # a sender is active, or restart grace
+            return None
+        if self._announced_counts_reached(s, study.study_uid):
+            return "announced counts reached"
+        if study.last_received_at <= now - timedelta(seconds=self.policy.quiet_period_s):
+            return "quiet period"
+        return None
+
+    def _announced_counts_reached(self, s: Session, study_uid: str) -> bool:
+        series = s.execute(
+            select(Series.series_uid, Series.tags).where(
+                Series.study_uid == study_uid, Series.source != Source.PRODUCED
+            )
+        ).all()
+        counts = dict(
+            s.execute(
+                select(Instance.series_uid, func.count(Instance.id))
+                .where(Instance.study_uid == study_uid)
+                .group_by(Instance.series_uid)
+            ).all()
+        )
+        if not series:
+            return False
+        for series_uid, tags in series:
+            expected = announced_count(tags or {})
+            if expected is None or counts.get(series_uid, 0) < expected:
+                return False
+        return True

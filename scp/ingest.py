@@ -6,6 +6,7 @@ Used by the C-STORE handler; kept free of pynetdicom so it can be driven by othe
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pydicom.multival import MultiValue
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from airouter.db import Instance, Series, Source, Store, Study, StudyState, utcnow
+from airouter.db import Event, Instance, Series, Source, Store, Study, StudyState, utcnow
 from scp.spool import InvalidUID, check_uid, instance_path, move_durable, write_durable
 from scp.status import StoreStatus
 
@@ -34,6 +35,8 @@ SERIES_KEYWORDS = (
     "ProtocolName",
     "Manufacturer",
     "FrameOfReferenceUID",
+    "ImagesInAcquisition",
+    "NumberOfTemporalPositions",
 )
 
 
@@ -50,6 +53,7 @@ class Received:
     command_sop_class_uid: str | None = None
     calling_ae: str | None = None
     source_address: str | None = None
+    source: Source = Source.DIMSE
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,10 @@ class Outcome:
 class Ingest:
     """Spool + index; thread-safe (pynetdicom runs one handler thread per association)."""
 
-    def __init__(self, store: Store, spool_root: Path) -> None:
+    def __init__(self, store: Store, spool_root: Path, reserve_bytes: int = 0) -> None:
         self.store = store
         self.spool_root = spool_root
+        self.reserve_bytes = reserve_bytes
         self._lock = threading.Lock()  # serialises index writes of one process (SQLite)
 
     def store_instance(self, ds: Dataset, received: Received) -> Outcome:
@@ -81,6 +86,10 @@ class Ingest:
                     log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
                     return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
             path = instance_path(self.spool_root, study_uid, series_uid, sop_uid)
+            pending = 0 if received.path is not None else len(received.data or b"")
+            if free_bytes(self.spool_root) - pending < self.reserve_bytes:
+                log.warning("refusing %s: free space below the reserve", sop_uid)
+                return Outcome(StoreStatus.OUT_OF_RESOURCES, "storage below the free-space reserve")
             if received.path is not None:
                 size = move_durable(received.path, path)
             else:
@@ -89,7 +98,7 @@ class Ingest:
                 size = len(received.data)
             with self._lock, self.store.session() as s:
                 _upsert_study(s, ds, study_uid, received.calling_ae)
-                _upsert_series(s, ds, study_uid, series_uid)
+                _upsert_series(s, ds, study_uid, series_uid, received.source)
                 s.add(
                     Instance(
                         sop_instance_uid=sop_uid,
@@ -102,6 +111,7 @@ class Ingest:
                         size=size,
                         calling_ae=received.calling_ae,
                         source_address=received.source_address,
+                        source=received.source,
                     )
                 )
         except IntegrityError:
@@ -111,6 +121,14 @@ class Ingest:
             log.error("cannot persist %s: %s", sop_uid, exc)
             return Outcome(StoreStatus.OUT_OF_RESOURCES, f"cannot persist: {exc.strerror}")
         return Outcome(StoreStatus.SUCCESS, "", study_uid, sop_uid)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space for unprivileged writers on the filesystem holding ``path``."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
 
 
 def _identifiers(ds: Dataset, received: Received) -> tuple[str, str, str, str]:
@@ -156,9 +174,11 @@ def _upsert_study(s: Any, ds: Dataset, study_uid: str, calling_ae: str | None) -
     if study.state is not StudyState.RECEIVING:
         # Late arrival after routing: the study re-opens and will be routed again.
         study.state = StudyState.RECEIVING
+        study.opened_at = now
+        s.add(Event(kind="study_reopened", study_uid=study_uid))
 
 
-def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str) -> None:
+def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str, source: Source) -> None:
     if s.get(Series, series_uid) is not None:
         return
     tags = series_tags(ds)
@@ -171,7 +191,7 @@ def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str) -> None
             series_description=_text(ds, "SeriesDescription"),
             body_part_examined=_text(ds, "BodyPartExamined"),
             tags=tags,
-            source=Source.DIMSE,
+            source=source,
         )
     )
     s.flush()

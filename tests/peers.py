@@ -6,6 +6,8 @@ fixed sleeps.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import shutil
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import yaml
+from pydicom.uid import generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DICOM = Path(os.environ.get("AIROUTER_SHARED_DICOM", ROOT.parent / "shared" / "dicom"))
@@ -63,6 +67,36 @@ def http_json(url: str, timeout_s: float = 10.0) -> Any:
 def http_bytes(url: str, timeout_s: float = 30.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return bytes(response.read())
+
+
+def fresh_copy(files: list[Path], out: Path, count: int | None = None) -> list[Path]:
+    """One new series (new Study/Series/SOP UIDs) of ``count`` instances made from ``files``:
+    past the last file the slices repeat, shifted along z beyond the previous block, so that
+    every round of a benchmark or test stores new instances and a consistent volume."""
+    out.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    datasets = [pydicom.dcmread(f) for f in files]
+    z = sorted(float(ds.ImagePositionPatient[2]) for ds in datasets)
+    step = min((b - a for a, b in itertools.pairwise(z) if b > a), default=1.0)
+    block = z[-1] - z[0] + step
+    written = []
+    for k in range(count or len(datasets)):
+        ds = datasets[k % len(datasets)]
+        shift = (k // len(datasets)) * block
+        ds = copy.deepcopy(ds) if shift else ds
+        if shift:
+            x, y, z0 = (float(v) for v in ds.ImagePositionPatient)
+            ds.ImagePositionPatient = [x, y, round(z0 + shift, 4)]
+            if "SliceLocation" in ds:
+                ds.SliceLocation = round(float(ds.SliceLocation) + shift, 4)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        path = out / f"{k:05d}.dcm"
+        ds.save_as(path)
+        written.append(path)
+    return written
 
 
 def head_ct_files() -> list[Path]:
@@ -155,7 +189,6 @@ def start_node(
         "data_dir": str(workdir / "var"),
         "rules_dir": str(ROOT / "rules"),
         "models_dir": str(ROOT / "config" / "models"),
-        "quiet_period_s": 2.0,
         "dispatch_backoff_s": 1.0,
         **settings,
     }

@@ -30,6 +30,7 @@ from tests.peers import (
     MR_EPI,
     NodeProcess,
     Orthanc,
+    fresh_copy,
     head_ct_files,
     http_bytes,
     start_node,
@@ -276,6 +277,58 @@ def test_mr_series_matches_no_ct_rule(node: NodeProcess) -> None:
     assert series[0]["00201209"]["Value"] == [len(files)]
 
 
+def test_completion_within_3_s_of_release_and_amended_results(
+    node: NodeProcess, orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """Default completion settings: a single-series CT study is routed less than 3 s after the
+    association is released; one more instance later gives version 2 of the results."""
+    files = fresh_copy(head_ct_files()[50:80], tmp_path / "ct")
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    sent = storescu(node.dimse_port, files)
+    released = time.monotonic()
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: node.get(f"/api/jobs?study={study_uid}"), 10, "a job", every_s=0.05)
+    assert time.monotonic() - released < 3.0
+    first = wait_for(
+        lambda: (j := job_for(node, study_uid)) and j["state"] == "done" and j, 120, "job v1"
+    )
+    assert (first["version"], first["instance_count"]) == (1, 30)
+
+    late = pydicom.dcmread(head_ct_files()[80])  # the next slice, arriving after routing
+    late.StudyInstanceUID = study_uid
+    late.SeriesInstanceUID = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+    late.SOPInstanceUID = generate_uid()
+    late.file_meta.MediaStorageSOPInstanceUID = late.SOPInstanceUID
+    late.save_as(tmp_path / "late.dcm")
+    assert storescu(node.dimse_port, [tmp_path / "late.dcm"]).returncode == 0
+
+    def second_done() -> dict | None:
+        jobs = node.get(f"/api/jobs?study={study_uid}") or []
+        done = [j for j in jobs if j["version"] == 2 and j["state"] == "done"]
+        return done[0] if done else None
+
+    second = wait_for(second_done, 120, "job v2")
+    assert second["instance_count"] == 31
+    assert len(node.get(f"/api/jobs?study={study_uid}")) == 2
+    descriptions = wait_for(
+        lambda: (
+            {
+                s["MainDicomTags"].get("SeriesDescription")
+                for s in orthanc.get("/series?expand") or []
+                if s["MainDicomTags"].get("Modality") == "SEG"
+            }
+            >= {"AI segmentation v2"}
+            or None
+        ),
+        30,
+        "the amended SEG in Orthanc",
+    )
+    assert descriptions
+    events = [e["kind"] for e in node.get(f"/api/events?study={study_uid}")]
+    assert events.count("study_complete") == 2 and "study_reopened" in events
+
+
+# Last: it stops the module's node.
 def test_ctrl_c_stops_everything_triton_included(node: NodeProcess) -> None:
     pid = node.get("/api/health")["triton_pid"]
     assert pid

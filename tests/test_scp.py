@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from airouter.db import Instance, Store, Study
 from airouter.settings import Settings
-from scp.completion import CompletionMonitor
+from scp.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
 from scp.server import AssociationTracker, start_dimse
 from scp.status import StoreStatus
@@ -23,11 +23,11 @@ from tests.peers import free_port, head_ct_files, storescu, tool
 
 
 class Node:
-    def __init__(self, tmp: Path, spool: Path | None = None) -> None:
+    def __init__(self, tmp: Path, spool: Path | None = None, reserve_bytes: int = 0) -> None:
         self.settings = Settings(dimse_host="127.0.0.1", dimse_port=free_port(), data_dir=tmp)
         self.store = Store(self.settings.db_url)
         self.tracker = AssociationTracker()
-        self.ingest = Ingest(self.store, spool or self.settings.spool_dir)
+        self.ingest = Ingest(self.store, spool or self.settings.spool_dir, reserve_bytes)
         self.server = start_dimse(self.settings, self.ingest, self.tracker)
         self.port = self.settings.dimse_port
 
@@ -134,7 +134,8 @@ def test_failure_to_persist_is_out_of_resources_and_nothing_is_indexed(tmp_path:
 
 def test_study_completes_only_after_release_and_quiet_period(node: Node) -> None:
     routed: list[str] = []
-    monitor = CompletionMonitor(node.store, node.tracker, 0.0, lambda s, uid: routed.append(uid))
+    policy = CompletionPolicy(quiet_period_s=0.0)
+    monitor = CompletionMonitor(node.store, node.tracker, policy, lambda s, uid: routed.append(uid))
     files = head_ct_files()[:3]
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(pydicom.dcmread(files[0]).SOPClassUID, ["1.2.840.10008.1.2.1"])
@@ -147,7 +148,9 @@ def test_study_completes_only_after_release_and_quiet_period(node: Node) -> None
     done = monitor.check()
     assert done == [study] and routed == [study]
     assert monitor.check() == []  # once
-    slow = CompletionMonitor(node.store, node.tracker, 3600.0, lambda s, uid: None)
+    slow = CompletionMonitor(
+        node.store, node.tracker, CompletionPolicy(quiet_period_s=3600.0), lambda s, uid: None
+    )
     with node.store.session() as s:
         s.get(Study, study).state = "receiving"  # type: ignore[union-attr]
     assert slow.check() == []  # quiet period not over
@@ -197,3 +200,99 @@ def test_compressed_instance_is_stored_as_received(node: Node) -> None:
     stored = pydicom.dcmread(inst.path)
     assert stored.file_meta.TransferSyntaxUID == j2k
     assert stored.PixelData == original.PixelData
+
+
+def _send_open(port: int, files: list[Path]) -> object:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(pydicom.dcmread(files[0]).SOPClassUID, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="AIROUTER")
+    for f in files:
+        assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0  # type: ignore[attr-defined]
+    return assoc
+
+
+def test_announced_counts_complete_a_study_at_release(node: Node) -> None:
+    """The GE fMRI series announces 15 images x 10 temporal positions: complete at release,
+    with no quiet period to wait for; one image short, it waits."""
+    from tests.peers import MR_EPI
+
+    files = sorted(MR_EPI.glob("*.dcm"))
+    assert len(files) == 150
+    routed: list[str] = []
+    monitor = CompletionMonitor(
+        node.store,
+        node.tracker,
+        CompletionPolicy(quiet_period_s=3600.0),
+        lambda s, uid: routed.append(uid),
+    )
+    assoc = _send_open(node.port, files[:-1])
+    assoc.release()  # type: ignore[attr-defined]
+    assert monitor.check() == []  # 149 of 150
+    assoc = _send_open(node.port, files[-1:])
+    assert monitor.check() == []  # still sending
+    assoc.release()  # type: ignore[attr-defined]
+    assert monitor.check() == [pydicom.dcmread(files[0]).StudyInstanceUID]
+
+
+@pytest.mark.parametrize("action", ["route", "discard"])
+def test_deadline_completes_even_an_open_study(node: Node, action: str) -> None:
+    routed: list[str] = []
+    monitor = CompletionMonitor(
+        node.store,
+        node.tracker,
+        CompletionPolicy(quiet_period_s=3600.0, study_deadline_s=0.001, deadline_action=action),
+        lambda s, uid: routed.append(uid),
+    )
+    assoc = _send_open(node.port, head_ct_files()[:2])
+    try:
+        done = monitor.check()
+    finally:
+        assoc.release()  # type: ignore[attr-defined]
+    study = pydicom.dcmread(head_ct_files()[0]).StudyInstanceUID
+    assert done == routed == ([study] if action == "route" else [])
+    with node.store.session() as s:
+        assert s.get(Study, study).state == "complete"  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs: a real filesystem that fills up (mounting needs root, as in CI)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; CI runs as root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_filesystem_below_reserve_refuses_with_a700_and_recovers(small_filesystem: Path) -> None:
+    n = Node(small_filesystem, reserve_bytes=6 * 1024 * 1024)
+    filler = small_filesystem / "filler"
+    filler.write_bytes(b"\0" * 8 * 1024 * 1024)
+    files = head_ct_files()[:12]
+    try:
+        statuses = [int(_send(n.port, f).Status) for f in files]
+        assert statuses[0] == StoreStatus.SUCCESS
+        assert StoreStatus.OUT_OF_RESOURCES in statuses
+        first_refusal = statuses.index(StoreStatus.OUT_OF_RESOURCES)
+        assert set(statuses[first_refusal:]) == {StoreStatus.OUT_OF_RESOURCES}
+        # nothing half-written: every spooled file is complete and indexed, no temp left over
+        spooled = sorted(p for p in n.settings.spool_dir.rglob("*.dcm"))
+        assert len(spooled) == n.count() == first_refusal
+        for p in spooled:
+            pydicom.dcmread(p)
+        assert not list((small_filesystem / "incoming").iterdir())
+        echo = subprocess.run(
+            [tool("echoscu"), "-aec", "AIROUTER", "127.0.0.1", str(n.port)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            capture_output=True,
+        )
+        assert echo.returncode == 0  # still up
+        filler.unlink()  # space returns
+        assert int(_send(n.port, files[-1]).Status) == StoreStatus.SUCCESS
+        assert n.count() == first_refusal + 1
+    finally:
+        n.server.shutdown()

@@ -1,0 +1,130 @@
+"""STOW-RS against the real ingest and index (FastAPI test client, no network)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from fastapi.testclient import TestClient
+
+from airouter.db import Store
+from airouter.web import create_app
+from scp.completion import CompletionMonitor, CompletionPolicy
+from scp.ingest import Ingest
+from scp.server import AssociationTracker
+from tests.peers import SHARED_DICOM, head_ct_files
+
+
+class Api:
+    def __init__(self, tmp: Path) -> None:
+        self.store = Store(f"sqlite:///{tmp / 'db.sqlite'}")
+        self.tracker = AssociationTracker()
+        self.ingest = Ingest(self.store, tmp / "spool")
+        self.client = TestClient(create_app(self.store, dict, self.ingest, self.tracker))
+
+    def stow(self, parts: list[tuple[str, bytes]], path: str = "/dicomweb/studies"):  # type: ignore[no-untyped-def]
+        boundary = uuid.uuid4().hex
+        body = (
+            b"".join(
+                f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n".encode() + data + b"\r\n"
+                for ctype, data in parts
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
+        headers = {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'
+        }
+        return self.client.post(path, content=body, headers=headers)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    yield Api(tmp_path)
+
+
+def _split_multipart(response) -> list[bytes]:  # type: ignore[no-untyped-def]
+    boundary = response.headers["content-type"].split("boundary=")[1].encode()
+    chunks = response.content.split(b"--" + boundary)[1:-1]
+    return [c.split(b"\r\n\r\n", 1)[1][:-2] for c in chunks]
+
+
+def test_stored_instances_are_referenced_and_retrievable_byte_identical(api: Api) -> None:
+    files = head_ct_files()[:3]
+    data = [f.read_bytes() for f in files]
+    response = api.stow([("application/dicom", d) for d in data])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "00081198" not in body
+    refs = body["00081199"]["Value"]
+    assert [r["00081155"]["Value"][0] for r in refs] == [
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files
+    ]
+    for ref, original in zip(refs, data, strict=True):
+        url = ref["00081190"]["Value"][0].split("/dicomweb", 1)[1]
+        got = api.client.get("/dicomweb" + url)
+        assert got.status_code == 200
+        assert _split_multipart(got) == [original]
+    again = api.stow([("application/dicom", data[0])])  # idempotent
+    assert again.status_code == 200
+
+
+def test_non_dicom_parts_fail_with_a_reason_and_the_rest_is_stored(api: Api) -> None:
+    nrrd = (SHARED_DICOM / "seg-vendor").rglob("slicer.seg.dcm").__next__().read_bytes()
+    ct = head_ct_files()[0].read_bytes()
+    response = api.stow(
+        [("application/dicom", nrrd), ("application/dicom", ct), ("text/plain", b"hello")]
+    )
+    assert response.status_code == 202
+    failed = response.json()["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [0xC000, 0xC000]
+    assert len(response.json()["00081199"]["Value"]) == 1
+    assert api.stow([("application/dicom", b"not dicom")]).status_code == 409
+
+
+def test_instance_of_another_study_is_refused_on_a_study_url(api: Api) -> None:
+    ct = head_ct_files()[0].read_bytes()
+    response = api.stow([("application/dicom", ct)], "/dicomweb/studies/1.2.3.4")
+    assert response.status_code == 409
+    assert "differs" in response.json()["00081198"]["Value"][0]["00000902"]["Value"][0]
+
+
+def test_missing_study_uid_is_a_failure_not_a_crash(api: Api, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(head_ct_files()[0])
+    ds.StudyInstanceUID = ""
+    ds.save_as(tmp_path / "x.dcm")
+    response = api.stow([("application/dicom", (tmp_path / "x.dcm").read_bytes())])
+    assert response.status_code == 409
+    reason = response.json()["00081198"]["Value"][0]
+    assert reason["00081197"]["Value"] == [0xC000]
+    assert reason["00000902"]["Value"] == ["StudyInstanceUID is missing or empty"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json", 415),
+        ('multipart/related; type="image/jpeg"; boundary=x', 415),
+        ('multipart/related; type="application/dicom"', 400),
+    ],
+)
+def test_unusable_requests_get_a_json_error(api: Api, content_type: str, status: int) -> None:
+    response = api.client.post(
+        "/dicomweb/studies", content=b"x", headers={"Content-Type": content_type}
+    )
+    assert response.status_code == status
+    assert response.json()["status"] == status and response.json()["error"]
+
+
+def test_a_stow_request_is_one_unit_for_completion(api: Api) -> None:
+    routed: list[str] = []
+    monitor = CompletionMonitor(
+        api.store,
+        api.tracker,
+        CompletionPolicy(quiet_period_s=0.0),
+        lambda s, uid: routed.append(uid),
+    )
+    api.stow([("application/dicom", f.read_bytes()) for f in head_ct_files()[:2]])
+    assert monitor.check() == [pydicom.dcmread(head_ct_files()[0]).StudyInstanceUID]

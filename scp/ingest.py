@@ -135,13 +135,16 @@ def _identifiers(ds: Dataset, received: Received) -> tuple[str, str, str, str]:
     """Study, series, SOP instance and SOP class UIDs.
 
     The SOP Instance / Class UID fall back to the C-STORE command (the Affected SOP Instance
-    UID identifies the instance, PS3.7 9.1.1) when the data set has them empty; the study and
-    series UIDs have no such fallback.
+    UID identifies the instance, PS3.7 9.1.1), or for STOW to the file meta, when the data set
+    has them empty; the study and series UIDs have no such fallback. A C-STORE whose command and
+    data set name different instances is refused; a STOW part's file meta that disagrees with
+    its data set is common and harmless (the data set wins).
     """
     sop_uid = str(ds.get("SOPInstanceUID", "") or received.command_sop_instance_uid or "")
     sop_class = str(ds.get("SOPClassUID", "") or received.command_sop_class_uid or "")
     cmd_uid = received.command_sop_instance_uid
-    if cmd_uid and ds.get("SOPInstanceUID") and str(ds.SOPInstanceUID) != cmd_uid:
+    mismatch = cmd_uid and ds.get("SOPInstanceUID") and str(ds.SOPInstanceUID) != cmd_uid
+    if mismatch and received.source is Source.DIMSE:
         raise InvalidUID("SOPInstanceUID in the data set differs from the C-STORE request")
     return (
         check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),

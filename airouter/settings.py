@@ -10,6 +10,7 @@ names the key and the source.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 import re
 from contextvars import ContextVar
@@ -82,6 +83,10 @@ class Settings(BaseSettings):
     dimse_host: str = "0.0.0.0"
     dimse_port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1)
+    # Access control, off by default: empty lists allow everyone.
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)  # else A-ASSOCIATE-RJ
+    allowed_source_networks: list[str] = Field(default_factory=list)  # CIDR; else TCP closed
+    check_called_ae_title: bool = False  # reject associations not addressed to ae_title
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
     network_timeout_s: float = 60.0
@@ -136,6 +141,18 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _ae_list(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+    @field_validator("allowed_source_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)  # raises ValueError naming the value
+        return values
 
     @property
     def spool_dir(self) -> Path:

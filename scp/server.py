@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import tempfile
 import threading
@@ -122,6 +123,8 @@ def build_ae(settings: Settings) -> AE:
     ae.dimse_timeout = settings.dimse_timeout_s
     ae.network_timeout = settings.network_timeout_s
     ae.maximum_pdu_size = settings.maximum_pdu_size
+    ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
+    ae.require_called_aet = settings.check_called_ae_title
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None
@@ -145,6 +148,17 @@ def start_dimse(
         (settings.dimse_host, settings.dimse_port), block=False, evt_handlers=handlers
     )
     assert server is not None  # block=False returns the server
+    if settings.allowed_source_networks:
+        networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_source_networks]
+
+        def verify_request(_request: Any, client_address: tuple[str, int]) -> bool:
+            """Connections from outside the allowed networks are closed before any DICOM."""
+            allowed = any(ipaddress.ip_address(client_address[0]) in net for net in networks)
+            if not allowed:
+                log.warning("connection from %s refused: not an allowed network", client_address[0])
+            return allowed
+
+        server.verify_request = verify_request  # type: ignore[method-assign,assignment]
     log.info(
         "DIMSE listening on %s:%s as %s",
         settings.dimse_host,

@@ -6,6 +6,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -23,8 +24,12 @@ from tests.peers import free_port, head_ct_files, storescu, tool
 
 
 class Node:
-    def __init__(self, tmp: Path, spool: Path | None = None, reserve_bytes: int = 0) -> None:
-        self.settings = Settings(dimse_host="127.0.0.1", dimse_port=free_port(), data_dir=tmp)
+    def __init__(
+        self, tmp: Path, spool: Path | None = None, reserve_bytes: int = 0, **settings: Any
+    ) -> None:
+        self.settings = Settings(
+            dimse_host="127.0.0.1", dimse_port=free_port(), data_dir=tmp, **settings
+        )
         self.store = Store(self.settings.db_url)
         self.tracker = AssociationTracker()
         self.ingest = Ingest(self.store, spool or self.settings.spool_dir, reserve_bytes)
@@ -76,7 +81,7 @@ def test_stored_instances_are_on_disk_and_indexed_once(node: Node) -> None:
 
 def _send(port: int, path: Path) -> pydicom.Dataset:
     """Send one file as stored, identified by its file meta (pynetdicom, chunked)."""
-    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    meta = pydicom.filereader.read_file_meta_info(path)
     ae = AE(ae_title="TESTSCU")
     ae.requested_contexts = [build_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])]
     assoc = ae.associate("127.0.0.1", port, ae_title="AIROUTER")
@@ -296,3 +301,107 @@ def test_filesystem_below_reserve_refuses_with_a700_and_recovers(small_filesyste
         assert n.count() == first_refusal + 1
     finally:
         n.server.shutdown()
+
+
+def _echo(port: int, calling: str = "MODALITY", called: str = "AIROUTER") -> str:
+    result = subprocess.run(
+        [tool("echoscu"), "-v", "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "accepted" if result.returncode == 0 else result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "calling", "called", "expected"),
+    [
+        ({}, "ANYONE", "WHATEVER", "accepted"),  # open by default
+        ({"allowed_calling_ae_titles": ["MODALITY"]}, "MODALITY", "AIROUTER", "accepted"),
+        (
+            {"allowed_calling_ae_titles": ["MODALITY"]},
+            "INTRUDER",
+            "AIROUTER",
+            "Calling AE Title Not Recognized",
+        ),
+        (
+            {"check_called_ae_title": True},
+            "MODALITY",
+            "OTHERNODE",
+            "Called AE Title Not Recognized",
+        ),
+        (
+            {"allowed_source_networks": ["10.0.0.0/8"]},
+            "MODALITY",
+            "AIROUTER",
+            "Association Request Failed",
+        ),
+        ({"allowed_source_networks": ["127.0.0.0/8"]}, "MODALITY", "AIROUTER", "accepted"),
+    ],
+)
+def test_access_control(
+    tmp_path: Path, settings: dict, calling: str, called: str, expected: str
+) -> None:
+    n = Node(tmp_path, **settings)
+    try:
+        assert expected in _echo(n.port, calling, called)
+        assert n.server.socket.fileno() >= 0  # still listening
+    finally:
+        n.server.shutdown()
+
+
+def test_too_many_associations_are_rejected_transiently(tmp_path: Path) -> None:
+    n = Node(tmp_path, max_associations=1)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", n.port, ae_title="AIROUTER")
+    try:
+        assert held.is_established
+        assert "Local Limit Exceeded" in _echo(n.port)
+    finally:
+        held.release()
+        n.server.shutdown()
+
+
+def _deeply_nested(depth: int) -> bytes:
+    """A CT header with a sequence nested ``depth`` levels deep, encoded by hand (explicit VR
+    little endian, undefined lengths): pydicom itself cannot write such a data set."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds = pydicom.dcmread(head_ct_files()[1], stop_before_pixels=True)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.3000"
+    before, after = pydicom.Dataset(), pydicom.Dataset()
+    for element in ds:
+        (before if element.tag < 0x00081140 else after).add(element)
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    out.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(out, ds.file_meta)
+    out.is_little_endian, out.is_implicit_VR = True, False  # the data set's encoding
+    write_dataset(out, before)
+    open_sq = b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff"
+    open_item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    close_item = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+    close_sq = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    out.write((open_sq + open_item) * depth + (close_item + close_sq) * depth)
+    write_dataset(out, after)
+    return out.getvalue()
+
+
+def test_nasty_data_sets_get_a_status_not_a_crash(node: Node, tmp_path: Path) -> None:
+    """A 65535 x 65535 image with no pixel data behind it is stored as received (nothing is
+    decoded at ingest); a data set nested 3000 sequences deep is refused with 0xC210."""
+
+    huge = pydicom.dcmread(head_ct_files()[0])
+    huge.Rows = huge.Columns = 65535
+    huge.PixelData = b"\0\0" * 8
+    huge.SOPInstanceUID = huge.file_meta.MediaStorageSOPInstanceUID = "1.2.3.65535"
+    huge.save_as(tmp_path / "huge.dcm")
+    assert int(_send(node.port, tmp_path / "huge.dcm").Status) == StoreStatus.SUCCESS
+
+    (tmp_path / "deep.dcm").write_bytes(_deeply_nested(3000))
+    status = _send(node.port, tmp_path / "deep.dcm")
+    assert int(status.Status) == StoreStatus.CANNOT_UNDERSTAND
+    assert _echo(node.port) == "accepted"

@@ -24,7 +24,7 @@ from airouter.settings import ConfigError, Settings
 from airouter.web import create_app
 from inference.cards import ModelCardError, load_cards
 from inference.triton import InferenceClient, LocalTriton
-from router.queue import claim_next_job, route_study
+from router.queue import claim_next_job, required_series_ready, route_study
 from router.rules import RuleError, load_rules
 from scp.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
@@ -158,7 +158,13 @@ class Node:
         self._start_triton()
         self.dimse = start_dimse(s, self.ingest, self.tracker)
         policy = CompletionPolicy(s.quiet_period_s, s.study_deadline_s, s.deadline_action)
-        monitor = CompletionMonitor(self.store, self.tracker, policy, self._route)
+        monitor = CompletionMonitor(
+            self.store,
+            self.tracker,
+            policy,
+            self._route,
+            lambda session, uid: required_series_ready(session, uid, self.rules),
+        )
         self.scheduler.add_job(
             self._complete_studies,
             "interval",

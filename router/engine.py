@@ -82,6 +82,20 @@ def series_matches(rule: Rule, series: SeriesInfo) -> bool:
     )
 
 
+def required_series_present(rule: Rule, series: Sequence[SeriesInfo]) -> bool:
+    """Whether the rule states required series and the study holds all of them."""
+    if not rule.enabled or not rule.require_series:
+        return False
+    return all(
+        any(
+            s.instance_count >= req.min_instances
+            and all(condition_holds(c, s.tags.get(kw)) for kw, c in req.match.items())
+            for s in series
+        )
+        for req in rule.require_series
+    )
+
+
 def decide(series: Sequence[SeriesInfo], rules: Sequence[Rule]) -> list[Decision]:
     """For each enabled rule, the series it would process (the largest matching one)."""
     decisions = []

@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from airouter.db import Event, Instance, Job, JobState, Series, Source, Store, utcnow
-from router.engine import SeriesInfo, decide
+from router.engine import SeriesInfo, decide, required_series_present
 from router.rules import Rule
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,12 @@ def study_series(s: Session, study_uid: str) -> list[SeriesInfo]:
         select(Series).where(Series.study_uid == study_uid, Series.source != Source.PRODUCED)
     ).all()
     return [SeriesInfo(r.series_uid, r.tags or {}, counts.get(r.series_uid, 0)) for r in rows]
+
+
+def required_series_ready(s: Session, study_uid: str, rules: Sequence[Rule]) -> bool:
+    """Some enabled rule states required series, and the study holds them all."""
+    series = study_series(s, study_uid)
+    return any(required_series_present(rule, series) for rule in rules)
 
 
 def route_study(s: Session, study_uid: str, rules: Sequence[Rule]) -> list[Job]:

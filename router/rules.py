@@ -86,6 +86,20 @@ class SeriesSelection(_Strict):
     min_instances: int = Field(default=1, ge=1)
 
 
+class RequiredSeries(_Strict):
+    """A series the study must hold for the rule: conditions on keywords and a minimum count."""
+
+    match: dict[str, Condition] = Field(default_factory=dict)
+    min_instances: int = Field(default=1, ge=1)
+
+    @field_validator("match", mode="before")
+    @classmethod
+    def _short_forms(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: _coerce_condition(v) for k, v in value.items()}
+        return value
+
+
 class Rule(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: str = ""
@@ -96,6 +110,9 @@ class Rule(_Strict):
     models: list[str] = Field(min_length=1)
     outputs: list[OutputKind] = Field(default_factory=lambda: list(OutputKind))
     destinations: list[str] = Field(default_factory=list)
+    # Once every required series is present (and the senders are done), the study completes
+    # without waiting for the quiet period.
+    require_series: list[RequiredSeries] = Field(default_factory=list)
 
     @field_validator("match", mode="before")
     @classmethod

@@ -30,6 +30,8 @@ from scp.server import AssociationTracker
 log = logging.getLogger(__name__)
 
 OnComplete = Callable[[Session, str], None]
+# Whether a study may complete before its quiet period (a rule's required series are present).
+Ready = Callable[[Session, str], bool]
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,13 @@ class CompletionMonitor:
         tracker: AssociationTracker,
         policy: CompletionPolicy,
         on_complete: OnComplete,
+        ready: Ready | None = None,
     ) -> None:
         self.store = store
         self.tracker = tracker
         self.policy = policy
         self.on_complete = on_complete
+        self.ready = ready
 
     def check(self) -> list[str]:
         """Complete every study whose signals say so; returns the UIDs routed."""
@@ -98,6 +102,8 @@ class CompletionMonitor:
             return None
         if self._announced_counts_reached(s, study.study_uid):
             return "announced counts reached"
+        if self.ready is not None and self.ready(s, study.study_uid):
+            return "required series present"
         if study.last_received_at <= now - timedelta(seconds=self.policy.quiet_period_s):
             return "quiet period"
         return None

@@ -124,3 +124,25 @@ def test_real_study_selects_the_axial_ct_not_the_scout_or_the_mr() -> None:
 def test_disabled_rule_never_matches(tmp_path: Path) -> None:
     rules = load_rule_file(_write(tmp_path, BASE + "    enabled: false\n"))
     assert decide([_series(HEAD_CT)], rules) == []
+
+
+def test_required_series(tmp_path: Path) -> None:
+    rules = load_rule_file(
+        _write(
+            tmp_path,
+            BASE
+            + (
+                "    require_series:\n"
+                "      - {match: {Modality: CT, ImageType: {regex: AXIAL}}, min_instances: 100}\n"
+                "      - {match: {Modality: CT, ImageType: LOCALIZER}}\n"
+            ),
+        )
+    )
+    from router.engine import required_series_present
+
+    ct, scout = _series(HEAD_CT), _series(HEAD_SCOUT)
+    assert required_series_present(rules[0], [ct, scout])
+    assert not required_series_present(rules[0], [ct])  # the scout is missing
+    few = SeriesInfo(ct.series_uid, ct.tags, 50)
+    assert not required_series_present(rules[0], [few, scout])  # too few slices yet
+    assert not required_series_present(load_rules(RULES_DIR)[0], [ct, scout])  # states none

@@ -405,3 +405,31 @@ def test_nasty_data_sets_get_a_status_not_a_crash(node: Node, tmp_path: Path) ->
     status = _send(node.port, tmp_path / "deep.dcm")
     assert int(status.Status) == StoreStatus.CANNOT_UNDERSTAND
     assert _echo(node.port) == "accepted"
+
+
+def test_required_series_complete_a_study_without_the_quiet_period(
+    node: Node, tmp_path: Path
+) -> None:
+    from router.queue import required_series_ready
+    from router.rules import load_rule_file
+
+    rule_file = tmp_path / "r.yaml"
+    rule_file.write_text(
+        "rules:\n  - name: r\n    models: [ct-body]\n    require_series:\n"
+        "      - {match: {Modality: CT}, min_instances: 3}\n"
+    )
+    rules = load_rule_file(rule_file)
+    routed: list[str] = []
+    monitor = CompletionMonitor(
+        node.store,
+        node.tracker,
+        CompletionPolicy(quiet_period_s=3600.0),
+        lambda s, uid: routed.append(uid),
+        lambda s, uid: required_series_ready(s, uid, rules),
+    )
+    assoc = _send_open(node.port, head_ct_files()[:2])
+    assoc.release()  # type: ignore[attr-defined]
+    assert monitor.check() == []  # two of the three required instances
+    assoc = _send_open(node.port, head_ct_files()[2:3])
+    assoc.release()  # type: ignore[attr-defined]
+    assert monitor.check() == [pydicom.dcmread(head_ct_files()[0]).StudyInstanceUID]

@@ -433,3 +433,30 @@ def test_required_series_complete_a_study_without_the_quiet_period(
     assoc = _send_open(node.port, head_ct_files()[2:3])
     assoc.release()  # type: ignore[attr-defined]
     assert monitor.check() == [pydicom.dcmread(head_ct_files()[0]).StudyInstanceUID]
+
+
+def test_specific_character_sets_index_and_serve_names(node: Node) -> None:
+    """ISO 8859 variants, ISO 2022 (Japanese, Korean), UTF-8 and GB18030 (pydicom's own
+    character-set files): names are indexed decoded and served by QIDO-RS."""
+    from fastapi.testclient import TestClient
+    from pydicom.data import get_charset_files
+
+    from airouter.web import create_app
+
+    wado = TestClient(create_app(node.store, dict))
+    files = sorted(get_charset_files("chr*.dcm"))
+    assert len(files) >= 15
+    expected: dict[str, str] = {}
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        sent = storescu(node.port, [Path(path)], "AIROUTER", "-v")
+        if not ds.get("StudyInstanceUID"):  # refused by the node, or not even sent by storescu
+            assert sent.returncode != 0
+            continue
+        assert sent.returncode == 0, (path, sent.stderr)
+        expected.setdefault(ds.StudyInstanceUID, str(ds.PatientName))
+    assert len(expected) >= 10
+    for study, name in expected.items():
+        (row,) = wado.get(f"/dicomweb/studies?StudyInstanceUID={study}").json()
+        served = row["00100010"].get("Value", [{"Alphabetic": ""}])[0]["Alphabetic"]
+        assert served == name, (study, served, name)

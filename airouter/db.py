@@ -109,6 +109,7 @@ class Instance(Base):
     size: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
     source_address: Mapped[str | None] = mapped_column(String(64))
     source: Mapped[Source] = mapped_column(Enum(Source), default=Source.DIMSE)
 
@@ -120,6 +121,7 @@ class Job(Base):
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_uid: Mapped[str] = mapped_column(String(64))
     rule: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(16), default="run")  # run | forward
     models: Mapped[list[str]] = mapped_column(JSON)
     outputs: Mapped[list[str]] = mapped_column(JSON)
     destinations: Mapped[list[str]] = mapped_column(JSON)

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from airouter.db import Instance, Job, JobState, Store, Study, utcnow
+from airouter.db import Delivery, Instance, Job, JobState, Output, Store, Study, utcnow
 from airouter.dispatch import archive_output
 from airouter.settings import Settings
 from encoders.common import Provenance, SeriesIdentity, Structure
@@ -91,6 +91,9 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
             "queue_wait_s": (job.started_at - job.created_at).total_seconds(),
         }
     _timing(ctx.store, job_id, **waits)
+    if job.action == "forward":
+        _forward(ctx, job_id)
+        return
     log.info(
         "job %s: series %s, %d instances, models %s",
         job_id,
@@ -135,6 +138,32 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
         if not job.destinations:
             job.finished_at = utcnow()
     log.info("job %s: %d objects archived", job_id, len(objects))
+    ctx.on_outputs()
+
+
+def _forward(ctx: PipelineContext, job_id: int) -> None:
+    """Send the selected series as received: its instances become the job's outputs."""
+    with ctx.store.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        instances = s.scalars(
+            select(Instance).where(Instance.series_uid == job.series_uid).order_by(Instance.id)
+        ).all()
+        for inst in instances:
+            output = Output(
+                job_id=job.id,
+                kind="ORIGINAL",
+                sop_instance_uid=inst.sop_instance_uid,
+                series_uid=inst.series_uid,
+                path=inst.path,
+            )
+            s.add(output)
+            s.flush()
+            for destination in job.destinations:
+                s.add(Delivery(output_id=output.id, destination=destination))
+        job.state = JobState.DISPATCHING
+        job.timings = {**job.timings, "dispatch_started_at": time.time()}
+    log.info("job %s: forwarding %d instances", job_id, len(instances))
     ctx.on_outputs()
 
 

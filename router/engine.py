@@ -1,4 +1,5 @@
-"""Rule evaluation: a pure function from a study's series and the rules to decisions."""
+"""Rule evaluation: a pure function from a study (its series and where it came from) and the
+rules to decisions, with the reason each rule did or did not match."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from router.rules import Condition, Orientation, Rule
+from router.rules import Action, Condition, Orientation, Preference, Rule, When
 
 
 @dataclass(frozen=True)
@@ -22,18 +23,71 @@ class SeriesInfo:
 
 
 @dataclass(frozen=True)
+class StudyContext:
+    """A study as the rules see it."""
+
+    series: Sequence[SeriesInfo]
+    calling_ae: str | None = None
+    called_ae: str | None = None
+    source_address: str | None = None
+
+
+@dataclass(frozen=True)
 class Decision:
-    """Run ``rule`` on ``series_uid``."""
+    """Apply ``rule`` to ``series_uid`` (None for a rule that discards the study)."""
 
     rule: Rule
-    series_uid: str
+    series_uid: str | None
 
 
-def condition_holds(cond: Condition, value: Any) -> bool:
-    """Whether a tag value satisfies a condition; a missing tag satisfies nothing."""
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a rule matched a study, and why (the first failing condition otherwise)."""
+
+    rule: Rule
+    matched: bool
+    reason: str
+    series_uid: str | None = None
+
+
+# -- values ------------------------------------------------------------------------------
+_AGE = re.compile(r"^(\d{1,3})([DWMY])$")
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def _number(value: Any, keyword: str | None) -> float | None:
+    text = str(value).strip()
+    if keyword == "PatientAge":
+        m = _AGE.match(text)
+        return int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2)] if m else None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _values(value: Any) -> list[Any]:
     if value is None or value == "":
+        return []
+    if isinstance(value, list | tuple):
+        return [v for v in value if v not in (None, "")]
+    return [value]
+
+
+def _same(value: Any, expected: Any) -> bool:
+    if isinstance(expected, int | float) and not isinstance(expected, bool):
+        number = _number(value, None)
+        return number is not None and number == float(expected)
+    return str(value).strip() == str(expected)
+
+
+def condition_holds(cond: Condition, value: Any, keyword: str | None = None) -> bool:
+    """Whether a value satisfies a condition; a missing value satisfies only ``present: false``."""
+    values = _values(value)
+    if cond.present is not None:
+        return bool(values) == cond.present
+    if not values:
         return False
-    values = value if isinstance(value, list | tuple) else [value]
     if cond.equals is not None:
         return any(_same(v, cond.equals) for v in values)
     if cond.one_of is not None:
@@ -41,18 +95,29 @@ def condition_holds(cond: Condition, value: Any) -> bool:
     if cond.regex is not None:
         pattern = re.compile(cond.regex)
         return any(pattern.search(str(v)) is not None for v in values)
+    if cond.contains is not None:
+        return any(str(v).strip() == cond.contains for v in values)
+    if cond.range is not None:
+        numbers = [_number(v, keyword) for v in values]
+        low, high = cond.range.min, cond.range.max
+        return all(
+            n is not None and (low is None or n >= low) and (high is None or n <= high)
+            for n in numbers
+        )
     return False
 
 
-def _same(value: Any, expected: Any) -> bool:
-    if isinstance(expected, int | float) and not isinstance(expected, bool):
-        try:
-            return float(value) == float(expected)
-        except (TypeError, ValueError):
-            return False
-    return str(value).strip() == str(expected)
+def _failing(conditions: Mapping[str, Condition], tags: Mapping[str, Any]) -> str | None:
+    """The first condition that does not hold, with the value seen (None: all hold)."""
+    for keyword, cond in conditions.items():
+        value = tags.get(keyword)
+        if not condition_holds(cond, value, keyword):
+            seen = "missing" if not _values(value) else repr(value)
+            return f"{keyword} {cond.describe()} (seen: {seen})"
+    return None
 
 
+# -- geometry ----------------------------------------------------------------------------
 def orientation_of(iop: Sequence[float] | None) -> Orientation | None:
     """Axial / coronal / sagittal from ImageOrientationPatient (the slice normal's main axis)."""
     if not iop or len(iop) != 6:
@@ -65,21 +130,113 @@ def orientation_of(iop: Sequence[float] | None) -> Orientation | None:
     return (Orientation.SAGITTAL, Orientation.CORONAL, Orientation.AXIAL)[axis]
 
 
-def series_matches(rule: Rule, series: SeriesInfo) -> bool:
-    """All of the rule's conditions hold for the series, and its selection criteria too."""
-    if not all(condition_holds(c, series.tags.get(kw)) for kw, c in rule.match.items()):
-        return False
+# -- study level ---------------------------------------------------------------------------
+def _study_tags(ctx: StudyContext) -> Mapping[str, Any]:
+    """Study-level attributes: the same in every series; taken from the largest one."""
+    if not ctx.series:
+        return {}
+    return max(ctx.series, key=lambda s: s.instance_count).tags
+
+
+def when_failure(node: When, ctx: StudyContext) -> str | None:
+    """Why a condition tree does not hold for a study (None when it holds)."""
+    if node.all_of is not None:
+        for child in node.all_of:
+            reason = when_failure(child, ctx)
+            if reason:
+                return reason
+        return None
+    if node.any_of is not None:
+        reasons = [when_failure(child, ctx) for child in node.any_of]
+        return (
+            None
+            if any(r is None for r in reasons)
+            else "none of: " + "; ".join(r for r in reasons if r)
+        )
+    if node.not_ is not None:
+        return "the negated condition holds" if when_failure(node.not_, ctx) is None else None
+    if node.any_series is not None:
+        conds = node.any_series.conditions
+        failures = [_failing(conds, s.tags) for s in ctx.series]
+        if any(f is None for f in failures):
+            return None
+        first = next((f for f in failures if f), "a series at all")
+        return f"no series satisfies it (first: {first})"
+    if node.all_series is not None:
+        for s in ctx.series:
+            failure = _failing(node.all_series.conditions, s.tags)
+            if failure:
+                return f"series {s.series_uid}: {failure}"
+        return None
+    for name, cond in (
+        ("calling_ae", node.calling_ae),
+        ("called_ae", node.called_ae),
+        ("source_address", node.source_address),
+    ):
+        if cond is not None:
+            value = getattr(ctx, name)
+            return (
+                None
+                if condition_holds(cond, value)
+                else f"{name} {cond.describe()} (seen: {value!r})"
+            )
+    return _failing(node.keywords or {}, _study_tags(ctx))
+
+
+# -- series level ----------------------------------------------------------------------------
+def series_failure(rule: Rule, series: SeriesInfo) -> str | None:
+    """Why the rule would not process this series (None when it would)."""
+    failure = _failing(rule.match, series.tags)
+    if failure:
+        return failure
     sel = rule.select
     if series.instance_count < sel.min_instances:
-        return False
-    image_type = series.tags.get("ImageType") or []
-    if isinstance(image_type, str):
-        image_type = image_type.split("\\")
-    if any(t in image_type for t in sel.exclude_image_types):
-        return False
-    return sel.orientation is None or (
-        orientation_of(series.tags.get("ImageOrientationPatient")) == sel.orientation
-    )
+        return f"{series.instance_count} instances, fewer than {sel.min_instances}"
+    image_type = [str(t) for t in _values(series.tags.get("ImageType"))]
+    excluded = [t for t in sel.exclude_image_types if t in image_type]
+    if excluded:
+        return f"ImageType contains {excluded[0]}"
+    missing = [t for t in sel.image_types if t not in image_type]
+    if missing:
+        return f"ImageType lacks {missing[0]}"
+    orientation = orientation_of(series.tags.get("ImageOrientationPatient"))
+    if sel.orientation is not None and orientation != sel.orientation:
+        return f"orientation {orientation} is not {sel.orientation.value}"
+    if sel.slice_thickness_mm is not None and not condition_holds(
+        Condition(range=sel.slice_thickness_mm), series.tags.get("SliceThickness")
+    ):
+        return f"SliceThickness {series.tags.get('SliceThickness')!r} outside the range"
+    if (
+        sel.contrast is not None
+        and bool(_values(series.tags.get("ContrastBolusAgent"))) != sel.contrast
+    ):
+        return "contrast" if not sel.contrast else "no contrast agent"
+    return None
+
+
+def _preference_key(prefs: Sequence[Preference], s: SeriesInfo) -> tuple[float, ...]:
+    thickness = _number(s.tags.get("SliceThickness"), None) or 0.0
+    keys = {
+        Preference.MOST_INSTANCES: float(s.instance_count),
+        Preference.THINNEST: -thickness,
+        Preference.THICKEST: thickness,
+    }
+    return (*(keys[p] for p in prefs), float(s.instance_count))
+
+
+def select_series(rule: Rule, series: Sequence[SeriesInfo]) -> tuple[SeriesInfo | None, str]:
+    """The series the rule processes, or None with the reason none qualifies."""
+    candidates, reasons = [], []
+    for s in series:
+        failure = series_failure(rule, s)
+        if failure is None:
+            candidates.append(s)
+        else:
+            reasons.append(f"{s.series_uid}: {failure}")
+    if not candidates:
+        return None, "no series qualifies (" + "; ".join(reasons or ["no series"]) + ")"
+    best = max(candidates, key=lambda s: (_preference_key(rule.select.prefer, s), s.series_uid))
+    return best, f"selected {best.series_uid} of {len(candidates)} candidate(s)"
 
 
 def required_series_present(rule: Rule, series: Sequence[SeriesInfo]) -> bool:
@@ -88,22 +245,49 @@ def required_series_present(rule: Rule, series: Sequence[SeriesInfo]) -> bool:
         return False
     return all(
         any(
-            s.instance_count >= req.min_instances
-            and all(condition_holds(c, s.tags.get(kw)) for kw, c in req.match.items())
+            s.instance_count >= req.min_instances and _failing(req.match, s.tags) is None
             for s in series
         )
         for req in rule.require_series
     )
 
 
-def decide(series: Sequence[SeriesInfo], rules: Sequence[Rule]) -> list[Decision]:
-    """For each enabled rule, the series it would process (the largest matching one)."""
-    decisions = []
-    for rule in rules:
-        if not rule.enabled:
+# -- rules -------------------------------------------------------------------------------------
+def _verdict(rule: Rule, ctx: StudyContext) -> Verdict:
+    if not rule.enabled:
+        return Verdict(rule, False, "disabled")
+    if rule.when is not None:
+        failure = when_failure(rule.when, ctx)
+        if failure:
+            return Verdict(rule, False, failure)
+    if rule.action is Action.DISCARD:
+        return Verdict(rule, True, "discards the study")
+    chosen, reason = select_series(rule, ctx.series)
+    return Verdict(rule, chosen is not None, reason, chosen.series_uid if chosen else None)
+
+
+def explain(ctx: StudyContext, rules: Sequence[Rule]) -> list[Verdict]:
+    """Every rule's verdict in evaluation order, honouring ``stop`` and ``fallback``."""
+    verdicts: list[Verdict] = []
+    stopped = False
+    rules = sorted(rules, key=lambda r: r.order)  # stable: equal orders keep file order
+    for rule in [r for r in rules if not r.fallback]:
+        if stopped:
+            verdicts.append(Verdict(rule, False, "not evaluated: an earlier rule stopped"))
             continue
-        candidates = [s for s in series if series_matches(rule, s)]
-        if candidates:
-            best = max(candidates, key=lambda s: (s.instance_count, s.series_uid))
-            decisions.append(Decision(rule, best.series_uid))
-    return decisions
+        verdict = _verdict(rule, ctx)
+        verdicts.append(verdict)
+        stopped = verdict.matched and rule.stop
+    any_matched = any(v.matched for v in verdicts)
+    for rule in [r for r in rules if r.fallback]:
+        verdicts.append(
+            Verdict(rule, False, "fallback: another rule matched")
+            if any_matched
+            else _verdict(rule, ctx)
+        )
+    return verdicts
+
+
+def decide(ctx: StudyContext, rules: Sequence[Rule]) -> list[Decision]:
+    """What to do with a study: one decision per matching rule."""
+    return [Decision(v.rule, v.series_uid) for v in explain(ctx, rules) if v.matched]

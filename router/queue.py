@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from airouter.db import Event, Instance, Job, JobState, Series, Source, Store, utcnow
-from router.engine import SeriesInfo, decide, required_series_present
-from router.rules import Rule
+from airouter.db import Event, Instance, Job, JobState, Series, Source, Store, Study, utcnow
+from router.engine import SeriesInfo, StudyContext, decide, required_series_present
+from router.rules import Action, Rule
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,23 @@ def study_series(s: Session, study_uid: str) -> list[SeriesInfo]:
     return [SeriesInfo(r.series_uid, r.tags or {}, counts.get(r.series_uid, 0)) for r in rows]
 
 
+def study_context(s: Session, study_uid: str) -> StudyContext:
+    """The study as the rules see it: its series and where it came from."""
+    study = s.get(Study, study_uid)
+    first = s.execute(
+        select(Instance.calling_ae, Instance.called_ae, Instance.source_address)
+        .where(Instance.study_uid == study_uid, Instance.source != Source.PRODUCED)
+        .order_by(Instance.id)
+        .limit(1)
+    ).first()
+    return StudyContext(
+        series=study_series(s, study_uid),
+        calling_ae=first.calling_ae if first else (study.calling_ae if study else None),
+        called_ae=first.called_ae if first else None,
+        source_address=first.source_address if first else None,
+    )
+
+
 def required_series_ready(s: Session, study_uid: str, rules: Sequence[Rule]) -> bool:
     """Some enabled rule states required series, and the study holds them all."""
     series = study_series(s, study_uid)
@@ -43,11 +60,15 @@ def route_study(s: Session, study_uid: str, rules: Sequence[Rule]) -> list[Job]:
     (a re-opened study whose new instances do not change what the rule processes); otherwise
     the new job is the next version of the rule's results for this study.
     """
-    series = study_series(s, study_uid)
-    counts = {info.series_uid: info.instance_count for info in series}
-    decisions = decide(series, rules)
+    ctx = study_context(s, study_uid)
+    counts = {info.series_uid: info.instance_count for info in ctx.series}
+    decisions = decide(ctx, rules)
     jobs = []
     for d in decisions:
+        if d.rule.action is Action.DISCARD or d.series_uid is None:
+            s.add(Event(kind="study_discarded", study_uid=study_uid, detail=d.rule.name))
+            log.info("study %s: discarded by rule %s", study_uid, d.rule.name)
+            continue
         previous = s.scalars(
             select(Job).where(Job.study_uid == study_uid, Job.rule == d.rule.name)
         ).all()
@@ -56,13 +77,14 @@ def route_study(s: Session, study_uid: str, rules: Sequence[Rule]) -> list[Job]:
             s.add(Event(kind="rule_unchanged", study_uid=study_uid, detail=d.rule.name))
             continue
         job = Job(
+            action=d.rule.action.value,
             instance_count=count,
             version=len(previous) + 1,
             study_uid=study_uid,
             series_uid=d.series_uid,
             rule=d.rule.name,
             models=list(d.rule.models),
-            outputs=[o.value for o in d.rule.outputs],
+            outputs=[o.value for o in d.rule.outputs] if d.rule.action is Action.RUN else [],
             destinations=list(d.rule.destinations),
             priority=d.rule.priority.rank,
         )

@@ -1,8 +1,9 @@
 """Rules are data: YAML files validated into typed models (unknown keys rejected).
 
-A rule file holds ``rules: [...]``. Each rule says which series it applies to (conditions on
-DICOM keywords), how to pick the series to process, which models to run, which outputs to write
-and where to send them. Nothing in a rule is ever executed as code.
+A rule file holds ``rules: [...]``. Each rule says when it applies (a study-level condition
+tree ``when`` and series-level conditions ``match``), how to pick the series to process, what
+to do (run models, forward the series as-is, or discard the study), and where results go.
+Errors name the file, the line and the key. Nothing in a rule is ever executed as code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydicom.datadict import tag_for_keyword
 
 
 class Priority(enum.StrEnum):
@@ -33,6 +42,12 @@ class OutputKind(enum.StrEnum):
     RTSTRUCT = "RTSTRUCT"
 
 
+class Action(enum.StrEnum):
+    RUN = "run"  # run the models, send their results
+    FORWARD = "forward"  # send the selected series as received
+    DISCARD = "discard"  # do nothing with the study (recorded)
+
+
 class Orientation(enum.StrEnum):
     AXIAL = "axial"
     CORONAL = "coronal"
@@ -40,16 +55,47 @@ class Orientation(enum.StrEnum):
     OBLIQUE = "oblique"
 
 
+class Preference(enum.StrEnum):
+    MOST_INSTANCES = "most_instances"
+    THINNEST = "thinnest"
+    THICKEST = "thickest"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Range(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Range:
+        if self.min is None and self.max is None:
+            raise ValueError("a range needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("range min is greater than max")
+        return self
+
+
+OPERATORS = ("equals", "one_of", "regex", "range", "contains", "present")
+
+
 class Condition(_Strict):
-    """One test on a DICOM keyword's value; exactly one operator is given."""
+    """One test on a value; exactly one operator is given.
+
+    ``equals`` / ``one_of`` / ``regex`` hold when any value of a multi-valued attribute does;
+    ``contains`` tests for one value of a multi-valued attribute (ImageType); ``range``
+    holds when every value is a number within it (PatientAge is read in years);
+    ``present`` tests that the attribute has a value (or, false, that it has none).
+    """
 
     equals: str | float | None = None
     one_of: list[str | float] | None = None
     regex: str | None = None
+    range: Range | None = None
+    contains: str | None = None
+    present: bool | None = None
 
     @field_validator("regex")
     @classmethod
@@ -63,10 +109,17 @@ class Condition(_Strict):
 
     @model_validator(mode="after")
     def _one_operator(self) -> Condition:
-        given = [k for k in ("equals", "one_of", "regex") if getattr(self, k) is not None]
+        given = [k for k in OPERATORS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("a condition needs exactly one of: equals, one_of, regex")
+            raise ValueError(f"a condition needs exactly one of: {', '.join(OPERATORS)}")
         return self
+
+    def describe(self) -> str:
+        op = next(k for k in OPERATORS if getattr(self, k) is not None)
+        value = getattr(self, op)
+        if isinstance(value, Range):
+            value = f"[{value.min}, {value.max}]"
+        return f"{op} {value}"
 
 
 def _coerce_condition(value: Any) -> Any:
@@ -78,12 +131,100 @@ def _coerce_condition(value: Any) -> Any:
     return value
 
 
-class SeriesSelection(_Strict):
-    """How to pick the series to process among those that match."""
+def _keyword_conditions(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _coerce_condition(v) for k, v in value.items()}
+    return value
 
-    orientation: Orientation | None = Orientation.AXIAL
+
+def _check_keywords(value: dict[str, Condition]) -> dict[str, Condition]:
+    for keyword in value:
+        if tag_for_keyword(keyword) is None:
+            raise ValueError(f"unknown DICOM keyword: {keyword}")
+    return value
+
+
+class SeriesConditions(_Strict):
+    """Conditions on DICOM keywords of one series, all of which must hold."""
+
+    conditions: dict[str, Condition]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wrap(cls, value: Any) -> Any:
+        return {"conditions": _keyword_conditions(value)} if isinstance(value, dict) else value
+
+    @field_validator("conditions")
+    @classmethod
+    def _keywords(cls, value: dict[str, Condition]) -> dict[str, Condition]:
+        return _check_keywords(value)
+
+
+NODE_KEYS = (
+    "all",
+    "any",
+    "not",
+    "any_series",
+    "all_series",
+    "calling_ae",
+    "called_ae",
+    "source_address",
+)
+
+
+class When(_Strict):
+    """A study-level condition tree. One kind of node per mapping:
+
+    ``all: [...]``, ``any: [...]``, ``not: {...}``; ``any_series: {Keyword: cond}`` (some series
+    satisfies them all), ``all_series: {...}``; ``calling_ae``, ``called_ae``,
+    ``source_address``: a condition on where the study came from; or ``{Keyword: cond, ...}``:
+    study-level attributes (from the study's series), all of which must hold.
+    """
+
+    all_of: list[When] | None = None
+    any_of: list[When] | None = None
+    not_: When | None = None
+    any_series: SeriesConditions | None = None
+    all_series: SeriesConditions | None = None
+    calling_ae: Condition | None = None
+    called_ae: Condition | None = None
+    source_address: Condition | None = None
+    keywords: dict[str, Condition] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("a condition node must be a mapping")
+        node_keys = [k for k in value if k in NODE_KEYS]
+        if node_keys and len(value) != 1:
+            raise ValueError(f"'{node_keys[0]}' must be the only key of its mapping")
+        if not node_keys:
+            return {"keywords": _keyword_conditions(value)}
+        key, inner = next(iter(value.items()))
+        if key in ("calling_ae", "called_ae", "source_address"):
+            inner = _coerce_condition(inner)
+        return {{"all": "all_of", "any": "any_of", "not": "not_"}.get(key, key): inner}
+
+    @field_validator("keywords")
+    @classmethod
+    def _keywords(cls, value: dict[str, Condition] | None) -> dict[str, Condition] | None:
+        return _check_keywords(value) if value is not None else None
+
+
+class SeriesSelection(_Strict):
+    """How to pick the series to process among those that match: filters, then preferences.
+
+    Series descriptions are not trusted for this; the image's own attributes are.
+    """
+
+    orientation: Orientation | None = Orientation.AXIAL  # from ImageOrientationPatient
+    image_types: list[str] = Field(default_factory=list)  # all must be in ImageType
     exclude_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER"])
+    slice_thickness_mm: Range | None = None
     min_instances: int = Field(default=1, ge=1)
+    contrast: bool | None = None  # ContrastBolusAgent present (true) or absent (false)
+    prefer: list[Preference] = Field(default_factory=lambda: [Preference.MOST_INSTANCES])
 
 
 class RequiredSeries(_Strict):
@@ -94,20 +235,29 @@ class RequiredSeries(_Strict):
 
     @field_validator("match", mode="before")
     @classmethod
-    def _short_forms(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: _coerce_condition(v) for k, v in value.items()}
-        return value
+    def _short(cls, value: Any) -> Any:
+        return _keyword_conditions(value)
+
+    @field_validator("match")
+    @classmethod
+    def _known(cls, value: dict[str, Condition]) -> dict[str, Condition]:
+        return _check_keywords(value)
 
 
 class Rule(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: str = ""
     enabled: bool = True
+    order: int = 0  # lower first; equal orders keep file order
+    stop: bool = False  # when it matches, later rules are not evaluated
+    fallback: bool = False  # applies only when no other rule matched
     priority: Priority = Priority.ROUTINE
+    off_hours: bool = False  # routine work that waits for the configured off-hours window
+    when: When | None = None
     match: dict[str, Condition] = Field(default_factory=dict)
     select: SeriesSelection = Field(default_factory=SeriesSelection)
-    models: list[str] = Field(min_length=1)
+    action: Action = Action.RUN
+    models: list[str] = Field(default_factory=list)
     outputs: list[OutputKind] = Field(default_factory=lambda: list(OutputKind))
     destinations: list[str] = Field(default_factory=list)
     # Once every required series is present (and the senders are done), the study completes
@@ -116,20 +266,21 @@ class Rule(_Strict):
 
     @field_validator("match", mode="before")
     @classmethod
-    def _short_forms(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: _coerce_condition(v) for k, v in value.items()}
-        return value
+    def _short(cls, value: Any) -> Any:
+        return _keyword_conditions(value)
 
     @field_validator("match")
     @classmethod
-    def _keywords(cls, value: dict[str, Condition]) -> dict[str, Condition]:
-        from pydicom.datadict import tag_for_keyword
+    def _known(cls, value: dict[str, Condition]) -> dict[str, Condition]:
+        return _check_keywords(value)
 
-        for keyword in value:
-            if tag_for_keyword(keyword) is None:
-                raise ValueError(f"unknown DICOM keyword: {keyword}")
-        return value
+    @model_validator(mode="after")
+    def _action_needs(self) -> Rule:
+        if self.action is Action.RUN and not self.models:
+            raise ValueError("models: a rule that runs models needs at least one")
+        if self.action is Action.FORWARD and not self.destinations:
+            raise ValueError("destinations: a forwarding rule needs at least one")
+        return self
 
 
 class RuleFile(_Strict):
@@ -137,33 +288,78 @@ class RuleFile(_Strict):
 
 
 class RuleError(Exception):
-    """A rule file that cannot be loaded; the message names the file and the key."""
+    """A rule file that cannot be loaded; the message names the file, the line and the key."""
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The line (1-based) of the YAML node at a validation error's location."""
+    node, line = root, None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
+            if not match:
+                break
+            line = match[0][0].start_mark.line + 1
+            node = match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part] if part < len(node.value) else None
+            line = node.start_mark.line + 1 if node is not None else line
+        # pydantic adds locations of its own (union members, validators): skip them
+    return line
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Map model field names back to the rule file's keys."""
+    names = {"all_of": "all", "any_of": "any", "not_": "not", "conditions": None, "keywords": None}
+    return tuple(names.get(p, p) for p in loc if names.get(p, p) is not None)
+
+
+def parse_rules(text: str, source: str) -> list[Rule]:
+    """Validate rule-file text; errors as ``source:line: key: message``."""
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise RuleError(f"{source}: {exc}") from exc
+    try:
+        return RuleFile.model_validate(data).rules
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = _clean_loc(tuple(err["loc"]))
+            line = _line_of(root, loc)
+            where = f"{source}:{line}" if line else source
+            problems.append(f"{where}: {'.'.join(str(p) for p in loc)}: {err['msg']}")
+        raise RuleError("\n".join(problems)) from exc
 
 
 def load_rule_file(path: Path) -> list[Rule]:
     """Load and validate one rule file."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
         raise RuleError(f"{path}: {exc}") from exc
-    try:
-        return RuleFile.model_validate(data).rules
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise RuleError(f"{path}: {problems}") from exc
+    return parse_rules(text, str(path))
 
 
 def load_rules(directory: Path) -> list[Rule]:
-    """All rules of ``directory/*.yaml`` in file-name order; names must be unique."""
+    """All rules of ``directory/*.yaml``, in their evaluation order; names must be unique."""
     if not directory.is_dir():
         raise RuleError(f"{directory}: rules directory not found")
     rules: list[Rule] = []
+    errors: list[str] = []
     for path in sorted(directory.glob("*.yaml")):
-        rules.extend(load_rule_file(path))
+        try:
+            rules.extend(load_rule_file(path))
+        except RuleError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise RuleError("\n".join(errors))
     names = [r.name for r in rules]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise RuleError(f"{directory}: duplicate rule names: {', '.join(dupes)}")
-    return rules
+    return sorted(rules, key=lambda r: r.order)  # stable: equal orders keep file order

@@ -37,6 +37,12 @@ SERIES_KEYWORDS = (
     "FrameOfReferenceUID",
     "ImagesInAcquisition",
     "NumberOfTemporalPositions",
+    "ContrastBolusAgent",
+    "PixelSpacing",
+    # study-level attributes rules may test (the same in every series of a study)
+    "StudyDescription",
+    "PatientAge",
+    "PatientSex",
 )
 
 
@@ -52,6 +58,7 @@ class Received:
     command_sop_instance_uid: str | None = None
     command_sop_class_uid: str | None = None
     calling_ae: str | None = None
+    called_ae: str | None = None
     source_address: str | None = None
     source: Source = Source.DIMSE
 
@@ -110,6 +117,7 @@ class Ingest:
                         path=str(path),
                         size=size,
                         calling_ae=received.calling_ae,
+                        called_ae=received.called_ae,
                         source_address=received.source_address,
                         source=received.source,
                     )

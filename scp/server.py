@@ -58,6 +58,7 @@ def handle_store(event: Any, ingest: Ingest, tracker: AssociationTracker) -> Dat
             command_sop_instance_uid=str(event.request.AffectedSOPInstanceUID or "") or None,
             command_sop_class_uid=str(event.request.AffectedSOPClassUID or "") or None,
             calling_ae=assoc.requestor.ae_title,
+            called_ae=assoc.acceptor.ae_title,
             source_address=assoc.requestor.address,
         )
     except Exception as exc:

@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--http-port", type=int, default=8080)
     jobs.set_defaults(func=_jobs)
 
+    from router.cli import add_parser
+
+    add_parser(sub, Path("rules"))
+
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

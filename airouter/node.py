@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,7 +26,8 @@ from airouter.web import create_app
 from inference.cards import ModelCardError, load_cards
 from inference.triton import InferenceClient, LocalTriton
 from router.queue import claim_next_job, required_series_ready, route_study
-from router.rules import RuleError, load_rules
+from router.registry import RuleSet
+from router.rules import Rule, RuleError
 from scp.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
 from scp.server import AssociationTracker, start_dimse
@@ -48,19 +50,10 @@ class Node:
         ):
             directory.mkdir(parents=True, exist_ok=True)
         try:
-            self.rules = load_rules(settings.rules_dir)
             self.cards = load_cards(settings.models_dir)
+            self.ruleset = RuleSet(settings.rules_dir, self._validate_rules)
         except (RuleError, ModelCardError) as exc:
             raise ConfigError(str(exc)) from exc
-        for rule in self.rules:
-            missing = [m for m in rule.models if m not in self.cards]
-            if missing:
-                raise ConfigError(f"rule {rule.name}: no model card for {', '.join(missing)}")
-            unknown = [d for d in rule.destinations if d not in settings.destinations]
-            if unknown:
-                raise ConfigError(
-                    f"rule {rule.name}: destination(s) not configured: {', '.join(unknown)}"
-                )
         self.store = Store(settings.db_url)
         self.tracker = AssociationTracker()
         reserve = int(settings.min_free_space_mb * 1024 * 1024)
@@ -74,6 +67,27 @@ class Node:
         self._wake = threading.Event()
         self._workers: list[threading.Thread] = []
         self.dimse: Any = None
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self.ruleset.rules
+
+    def _validate_rules(self, rules: Sequence[Rule]) -> None:
+        """Rules must name models with a card and configured destinations."""
+        for rule in rules:
+            missing = [m for m in rule.models if m not in self.cards]
+            if missing:
+                raise RuleError(f"rule {rule.name}: no model card for {', '.join(missing)}")
+            unknown = [d for d in rule.destinations if d not in self.settings.destinations]
+            if unknown:
+                raise RuleError(
+                    f"rule {rule.name}: destination(s) not configured: {', '.join(unknown)}"
+                )
+
+    def _reload_rules(self) -> None:
+        if self.ruleset.check():
+            detail = self.ruleset.error or "reloaded"
+            self.store.record("rules_rejected" if self.ruleset.error else "rules_reloaded", detail)
 
     # -- inference -------------------------------------------------------------------------
     def _start_triton(self) -> None:
@@ -182,6 +196,9 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        self.scheduler.add_job(
+            self._reload_rules, "interval", seconds=1.0, id="rules", max_instances=1, coalesce=True
+        )
         self.scheduler.start()
         ctx = PipelineContext(self.store, s, self.cards, self.client, self.wake_dispatch)
         for n in range(s.workers):
@@ -191,7 +208,7 @@ class Node:
 
     def serve_forever(self) -> None:
         """Run the HTTP server in the foreground until Ctrl-C / SIGTERM, then stop everything."""
-        app = create_app(self.store, self.health, self.ingest, self.tracker)
+        app = create_app(self.store, self.health, self.ingest, self.tracker, self.ruleset)
         config = uvicorn.Config(
             app,
             host=self.settings.http_host,

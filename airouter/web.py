@@ -16,6 +16,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import func, select
 
 from airouter.db import Delivery, Event, Instance, Job, Output, Series, Store, Study
+from router.engine import explain
+from router.queue import study_context
+from router.registry import RuleSet
 from scp.ingest import Ingest
 from scp.server import AssociationTracker
 from scp.spool import is_valid_uid
@@ -131,6 +134,7 @@ def create_app(
     health: Callable[[], dict[str, Any]],
     ingest: Ingest | None = None,
     tracker: AssociationTracker | None = None,
+    ruleset: RuleSet | None = None,
 ) -> FastAPI:
     """The node's HTTP application (STOW-RS when an ingest is given)."""
     app = FastAPI(title="airouter", version="0.1.0")
@@ -247,6 +251,46 @@ def create_app(
     def retrieve_instance(study: str, series: str, sop: str) -> StreamingResponse:
         _check(study, series, sop)
         return _multipart(_paths(study_uid=study, series_uid=series, sop_instance_uid=sop))
+
+    @app.get("/api/rules")
+    def get_rules() -> dict[str, Any]:
+        """The rules in force and the last rejected edit, if any."""
+        if ruleset is None:
+            raise HTTPException(404, "no rules loaded")
+        return ruleset.status()
+
+    @app.get("/api/studies/{study}/rules")
+    def dry_run(study: str) -> dict[str, Any]:
+        """Which rules would match this stored study, what they would select, and why not."""
+        _check(study)
+        if ruleset is None:
+            raise HTTPException(404, "no rules loaded")
+        with store.session() as s:
+            if s.get(Study, study) is None:
+                raise HTTPException(404, "study not found")
+            ctx = study_context(s, study)
+        verdicts = explain(ctx, ruleset.rules)
+        return {
+            "study": study,
+            "series": [
+                {
+                    "series_uid": x.series_uid,
+                    "instances": x.instance_count,
+                    "modality": x.tags.get("Modality"),
+                }
+                for x in ctx.series
+            ],
+            "rules": [
+                {
+                    "rule": v.rule.name,
+                    "matched": v.matched,
+                    "series_uid": v.series_uid,
+                    "action": v.rule.action.value,
+                    "reason": v.reason,
+                }
+                for v in verdicts
+            ],
+        }
 
     @app.get("/api/health")
     def get_health() -> dict[str, Any]:

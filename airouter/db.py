@@ -128,6 +128,7 @@ class Job(Base):
     instance_count: Mapped[int] = mapped_column(Integer, default=0)  # of the series, at routing
     version: Mapped[int] = mapped_column(Integer, default=1)  # 2, 3 ...: amended results
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime | None] = mapped_column(DateTime)  # off-hours work waits
     state: Mapped[JobState] = mapped_column(Enum(JobState), default=JobState.QUEUED, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)

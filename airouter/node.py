@@ -28,6 +28,7 @@ from inference.triton import InferenceClient, LocalTriton
 from router.queue import claim_next_job, required_series_ready, route_study
 from router.registry import RuleSet
 from router.rules import Rule, RuleError
+from router.schedule import OffHours
 from scp.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
 from scp.server import AssociationTracker, start_dimse
@@ -52,6 +53,7 @@ class Node:
         try:
             self.cards = load_cards(settings.models_dir)
             self.ruleset = RuleSet(settings.rules_dir, self._validate_rules)
+            self.off_hours = OffHours.parse(settings.off_hours_start, settings.off_hours_end)
         except (RuleError, ModelCardError) as exc:
             raise ConfigError(str(exc)) from exc
         self.store = Store(settings.db_url)
@@ -110,7 +112,7 @@ class Node:
 
     # -- routing and work ------------------------------------------------------------------
     def _route(self, session: Session, study_uid: str) -> None:
-        route_study(session, study_uid, self.rules)
+        route_study(session, study_uid, self.rules, self.off_hours)
 
     def _complete_studies(self, monitor: CompletionMonitor) -> None:
         """Completion check; workers are woken once the new jobs are committed."""

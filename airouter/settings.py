@@ -117,6 +117,9 @@ class Settings(BaseSettings):
 
     # Rules and models
     rules_dir: Path = Path("rules")
+    # Routine rules marked off_hours run only inside this daily window (node's local time).
+    off_hours_start: str = Field(default="19:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    off_hours_end: str = Field(default="07:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     models_dir: Path = Path("config/models")
 
     # Inference: "local" starts the bundled tritonserver; otherwise host:port of a server.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,8 @@ _AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
 
 
 def _number(value: Any, keyword: str | None) -> float | None:
+    if isinstance(value, float):
+        return value
     text = str(value).strip()
     if keyword == "PatientAge":
         m = _AGE.match(text)
@@ -107,10 +110,22 @@ def condition_holds(cond: Condition, value: Any, keyword: str | None = None) -> 
     return False
 
 
+def age_from_dates(tags: Mapping[str, Any]) -> float | None:
+    """Age in years at the study date, from PatientBirthDate and StudyDate (YYYYMMDD)."""
+    try:
+        birth = datetime.strptime(str(tags.get("PatientBirthDate", ""))[:8], "%Y%m%d")
+        study = datetime.strptime(str(tags.get("StudyDate", ""))[:8], "%Y%m%d")
+    except ValueError:
+        return None
+    return (study - birth).days / 365.25 if study >= birth else None
+
+
 def _failing(conditions: Mapping[str, Condition], tags: Mapping[str, Any]) -> str | None:
     """The first condition that does not hold, with the value seen (None: all hold)."""
     for keyword, cond in conditions.items():
         value = tags.get(keyword)
+        if keyword == "PatientAge" and not _values(value):
+            value = age_from_dates(tags)  # PatientAge is type 3: fall back to the dates
         if not condition_holds(cond, value, keyword):
             seen = "missing" if not _values(value) else repr(value)
             return f"{keyword} {cond.describe()} (seen: {seen})"

@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session
 
 from airouter.db import Event, Instance, Job, JobState, Series, Source, Store, Study, utcnow
 from router.engine import SeriesInfo, StudyContext, decide, required_series_present
-from router.rules import Action, Rule
+from router.rules import Action, Priority, Rule
+from router.schedule import OffHours, local_now
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ def required_series_ready(s: Session, study_uid: str, rules: Sequence[Rule]) -> 
     return any(required_series_present(rule, series) for rule in rules)
 
 
-def route_study(s: Session, study_uid: str, rules: Sequence[Rule]) -> list[Job]:
+def route_study(
+    s: Session, study_uid: str, rules: Sequence[Rule], off_hours: OffHours | None = None
+) -> list[Job]:
     """Create one queued job per matching rule, in the caller's transaction.
 
     A rule that already ran on the same series with the same instance count is not run again
@@ -76,7 +79,9 @@ def route_study(s: Session, study_uid: str, rules: Sequence[Rule]) -> list[Job]:
         if any(p.series_uid == d.series_uid and p.instance_count == count for p in previous):
             s.add(Event(kind="rule_unchanged", study_uid=study_uid, detail=d.rule.name))
             continue
+        waits = off_hours is not None and d.rule.off_hours and d.rule.priority is Priority.ROUTINE
         job = Job(
+            not_before=off_hours.not_before(local_now()) if waits and off_hours else None,
             action=d.rule.action.value,
             instance_count=count,
             version=len(previous) + 1,
@@ -103,9 +108,11 @@ def route_study(s: Session, study_uid: str, rules: Sequence[Rule]) -> list[Job]:
 def claim_next_job(store: Store) -> int | None:
     """Atomically move the highest-priority, oldest queued job to RUNNING; return its id."""
     with store.session() as s:
+        now = utcnow()
         job_id = s.scalar(
             select(Job.id)
             .where(Job.state == JobState.QUEUED)
+            .where((Job.not_before.is_(None)) | (Job.not_before <= now))
             .order_by(Job.priority.desc(), Job.created_at, Job.id)
             .limit(1)
         )

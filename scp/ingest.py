@@ -43,6 +43,8 @@ SERIES_KEYWORDS = (
     "StudyDescription",
     "PatientAge",
     "PatientSex",
+    "PatientBirthDate",
+    "StudyDate",
 )
 
 

@@ -300,3 +300,22 @@ def test_errors_carry_file_line_and_key(tmp_path: Path) -> None:
         load_rule_file(path)
     assert f"{path}:7: rules.0.when.any.1" in str(info.value)
     assert "unknown DICOM keyword: NotAKeyword" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("tags", "adult"),
+    [
+        ({"PatientAge": "067Y"}, True),
+        ({"PatientBirthDate": "19500101", "StudyDate": "20150206"}, True),  # no PatientAge
+        ({"PatientBirthDate": "20100101", "StudyDate": "20150206"}, False),
+        ({"PatientBirthDate": "garbage", "StudyDate": "20150206"}, False),
+        ({}, False),
+    ],
+)
+def test_patient_age_from_age_or_birth_date(tmp_path: Path, tags: dict, adult: bool) -> None:
+    rules = _rules(
+        tmp_path,
+        BASE + "    select: {orientation: null}\n    when: {PatientAge: {range: {min: 18}}}\n",
+    )
+    series = SeriesInfo("1.9", {"Modality": "CT", **tags}, 10)
+    assert explain(StudyContext([series]), rules)[0].matched is adult

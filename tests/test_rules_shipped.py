@@ -115,3 +115,36 @@ def test_stat_job_runs_before_the_queued_routine_jobs(tmp_path: Path) -> None:
         assert s.get(Job, nxt).state is JobState.RUNNING  # type: ignore[union-attr]
         queued = s.query(Job).filter(Job.state == JobState.QUEUED).count()
     assert queued == 17  # the remaining routine jobs come after it
+
+
+def test_off_hours_window_and_deferred_routine_work(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from router.schedule import OffHours
+
+    window = OffHours.parse("19:00", "07:00")
+    local = datetime(2026, 11, 26, 12, 30).astimezone()  # midday: closed
+    start = window.not_before(local)
+    assert start == datetime(2026, 11, 26, 19, 0).astimezone().astimezone(UTC).replace(tzinfo=None)
+    assert window.not_before(datetime(2026, 11, 26, 23, 0).astimezone()) is None  # open
+    assert window.not_before(datetime(2026, 11, 27, 6, 59).astimezone()) is None  # still open
+    assert OffHours.parse("01:00", "05:00").contains(datetime(2026, 1, 1, 3).time())
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    later = datetime.now(UTC).replace(tzinfo=None) + timedelta(hours=3)
+    with store.session() as s:
+        deferred = Job(
+            study_uid="1.1",
+            series_uid="1.2",
+            rule="night",
+            models=["m"],
+            outputs=[],
+            destinations=[],
+            priority=Priority.ROUTINE.rank,
+            not_before=later,
+        )
+        s.add(deferred)
+    assert claim_next_job(store) is None  # waits for its window
+    with store.session() as s:
+        s.get(Job, deferred.id).not_before = datetime(2000, 1, 1)  # type: ignore[union-attr]
+    assert claim_next_job(store) == deferred.id

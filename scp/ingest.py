@@ -23,29 +23,10 @@ from scp.status import StoreStatus
 
 log = logging.getLogger(__name__)
 
-# Series-level keywords denormalised for the rules (first instance of a series wins).
-SERIES_KEYWORDS = (
-    "Modality",
-    "BodyPartExamined",
-    "SeriesDescription",
-    "SeriesNumber",
-    "ImageType",
-    "ImageOrientationPatient",
-    "SliceThickness",
-    "ProtocolName",
-    "Manufacturer",
-    "FrameOfReferenceUID",
-    "ImagesInAcquisition",
-    "NumberOfTemporalPositions",
-    "ContrastBolusAgent",
-    "PixelSpacing",
-    # study-level attributes rules may test (the same in every series of a study)
-    "StudyDescription",
-    "PatientAge",
-    "PatientSex",
-    "PatientBirthDate",
-    "StudyDate",
-)
+# Attributes denormalised for the rules (first instance of a series wins): every top-level,
+# public attribute with a short, textual or numeric value, so a rule can test any keyword.
+_SKIPPED_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "UT", "LT"}
+_MAX_VALUE_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -211,8 +192,18 @@ def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str, source:
 
 
 def series_tags(ds: Dataset) -> dict[str, Any]:
-    """The series-level keywords rules match on, as JSON-able values."""
-    return {kw: _json_value(ds, kw) for kw in SERIES_KEYWORDS if kw in ds}
+    """The attributes rules match on, by keyword, as JSON-able values."""
+    tags: dict[str, Any] = {}
+    for element in ds:
+        keyword = element.keyword
+        if not keyword or element.tag.is_private or element.VR in _SKIPPED_VRS:
+            continue
+        if element.tag.group in (0x0002, 0x7FE0):
+            continue
+        value = _json_value(ds, keyword)
+        if value is not None and len(str(value)) <= _MAX_VALUE_CHARS:
+            tags[keyword] = value
+    return tags
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

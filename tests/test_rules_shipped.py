@@ -148,3 +148,19 @@ def test_off_hours_window_and_deferred_routine_work(tmp_path: Path) -> None:
     with store.session() as s:
         s.get(Job, deferred.id).not_before = datetime(2000, 1, 1)  # type: ignore[union-attr]
     assert claim_next_job(store) == deferred.id
+
+
+def test_any_keyword_can_be_tested(tmp_path: Path) -> None:
+    """Conditions are not limited to a fixed list: here KVP and ConvolutionKernel."""
+    from router.rules import load_rule_file
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "rules:\n  - name: k\n    models: [ct-body]\n"
+        "    match: {KVP: {range: {min: 100, max: 140}}, ConvolutionKernel: {present: true}}\n"
+    )
+    (decision,) = decide(_context(HEAD_STUDY), load_rule_file(path))
+    assert decision.rule.name == "k"
+    path.write_text(path.read_text().replace("min: 100", "min: 130"))
+    verdict = explain(_context(HEAD_STUDY), load_rule_file(path))[0]
+    assert not verdict.matched and "KVP range [130.0, 140.0]" in verdict.reason

@@ -28,6 +28,7 @@ from airouter.pipeline import load_masks
 from tests.peers import (
     BODY_J2K,
     MR_EPI,
+    SHARED_DICOM,
     NodeProcess,
     Orthanc,
     fresh_copy,
@@ -326,6 +327,27 @@ def test_completion_within_3_s_of_release_and_amended_results(
     assert descriptions
     events = [e["kind"] for e in node.get(f"/api/events?study={study_uid}")]
     assert events.count("study_complete") == 2 and "study_reopened" in events
+
+
+def test_rt_plan_is_forwarded_as_received(node: NodeProcess, orthanc: Orthanc) -> None:
+    """The shipped forward-only rule: an RT plan goes on to the PACS unchanged."""
+    plan = SHARED_DICOM / "rt-dicompyler/tests/testdata/example_data/rtplan.dcm"
+    ds = pydicom.dcmread(plan)
+    assert storescu(node.dimse_port, [plan]).returncode == 0
+    job = wait_for(
+        lambda: (j := job_for(node, ds.StudyInstanceUID)) and j["state"] == "done" and j,
+        60,
+        "the forward job",
+    )
+    assert job["rule"] == "forward-rt-plans-and-doses"
+    assert [o["kind"] for o in job["outputs"]] == ["ORIGINAL"]
+    found = (
+        orthanc.get(
+            f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances"
+        )
+        or []
+    )
+    assert [i["00080018"]["Value"][0] for i in found] == [ds.SOPInstanceUID]
 
 
 # Last: it stops the module's node.

@@ -2,8 +2,8 @@
 
 The shared 140-slice CT (fresh UIDs each round) is sent with DCMTK storescu to a node running
 the default rule with its local tritonserver; Orthanc is the PACS. The node's own job timings
-split the wait into completion, volume build, inference, encoding and sending. Default
-quiet period (3 s) unless --quiet-period-s is given.
+split the wait into completion, volume build, inference, encoding and sending. The node's
+default quiet period applies unless --quiet-period-s is given.
 
     .venv/bin/python -m bench.latency [--rounds 3]
 """
@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from airouter.settings import Settings
 from bench.common import fresh_copy, median, record
 from tests.peers import head_ct_files, start_node, start_orthanc, stop_process, storescu
 
@@ -28,11 +29,15 @@ def _objects_in_orthanc(orthanc, study_uid: str) -> int:  # type: ignore[no-unty
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quiet-period-s", type=float, default=3.0)
+    parser.add_argument(
+        "--quiet-period-s", type=float, default=None, help="default: the node's own default"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     orthanc = start_orthanc(tmp / "orthanc")
-    node = start_node(tmp / "node", orthanc, quiet_period_s=args.quiet_period_s)
+    overrides = {} if args.quiet_period_s is None else {"quiet_period_s": args.quiet_period_s}
+    node = start_node(tmp / "node", orthanc, **overrides)
+    quiet = args.quiet_period_s if args.quiet_period_s is not None else Settings().quiet_period_s
     rows: list[dict[str, float]] = []
     try:
         for r in range(args.rounds):
@@ -77,7 +82,7 @@ def main() -> None:
     body = f"""
 From the last C-STORE response (storescu, 140 x 512x512 CT, one association) until the SEG, SR
 and RTSTRUCT are all queryable in Orthanc. Medians of {args.rounds} rounds;
-quiet period {args.quiet_period_s:.1f} s; local tritonserver (CPU) over HTTP.
+quiet period {quiet:.1f} s; local tritonserver (CPU) over HTTP.
 
 | stage | median s |
 |---|---|

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from airouter.db import Delivery, Instance, Job, JobState, Output, Store, Study, utcnow
 from airouter.dispatch import archive_output
 from airouter.settings import Settings
-from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.common import Provenance, SeriesIdentity, Structure, ensure_type2
 from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_seg
 from encoders.sr import build_measurement_report
@@ -236,6 +236,9 @@ def _encode(
         return SeriesIdentity(hd.UID(), spec.number, description[:64], hd.UID())
 
     objects: list[tuple[str, Dataset]] = []
+    added = ensure_type2(volume.datasets)
+    if added:
+        ctx.store.record("type2_attributes_added", ", ".join(added), job_id=job.id)
     seg = build_seg(
         source_images=volume.datasets,
         structures=found,

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
 
 from inference.cards import Label, ModelCard
+
+# Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1): they
+# must be present, possibly empty. Real scanners omit them; highdicom then refuses the images.
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+
+def ensure_type2(datasets: Sequence[Dataset]) -> list[str]:
+    """Give in-memory source headers the type 2 attributes they lack, empty; returns which.
+
+    Only the copies read for encoding change, never the stored instances; the objects we
+    write then carry the attributes present and empty, as the standard asks.
+    """
+    added: set[str] = set()
+    for ds in datasets:
+        for keyword in TYPE2_PATIENT_STUDY:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+                added.add(keyword)
+    return sorted(added)
 
 
 @dataclass(frozen=True)

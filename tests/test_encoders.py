@@ -163,3 +163,45 @@ def test_seg_refuses_an_empty_result(ct: list[Dataset]) -> None:
             provenance=PROVENANCE,
             series=SeriesIdentity(hd.UID(), 901, "x", hd.UID()),
         )
+
+
+def test_images_without_type2_attributes_still_give_valid_results(
+    ct: list[Dataset], tmp_path: Path
+) -> None:
+    from encoders.common import TYPE2_PATIENT_STUDY, ensure_type2
+
+    images = [copy.deepcopy(ds) for ds in ct[:4]]
+    for ds in images:
+        for keyword in TYPE2_PATIENT_STUDY:
+            if keyword in ds:
+                delattr(ds, keyword)
+    assert set(ensure_type2(images)) == set(TYPE2_PATIENT_STUDY)
+    structures = _structures(len(images), images[0].Rows, images[0].Columns)
+    structures = [Structure(s.label, s.card, s.mask[:4] | True) for s in structures[:1]]
+    seg = build_seg(
+        source_images=images,
+        structures=structures,
+        provenance=PROVENANCE,
+        series=SeriesIdentity(hd.UID(), 901, "AI segmentation", hd.UID()),
+    )
+    sr = build_measurement_report(
+        source_images=images,
+        seg=seg,
+        structures=structures,
+        volumes_ml=[1.0],
+        provenance=PROVENANCE,
+        device_uid=hd.UID(),
+        series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
+    )
+    rt = build_rtstruct(
+        source_images=images,
+        structures=structures,
+        provenance=PROVENANCE,
+        series=SeriesIdentity(hd.UID(), 903, "AI structures", hd.UID()),
+    )
+    for name, ds in (("seg", seg), ("sr", sr), ("rt", rt)):
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        _validate(path)
+        back = pydicom.dcmread(path)
+        assert "PatientBirthDate" in back and back.PatientBirthDate == ""

@@ -22,7 +22,13 @@ from sqlalchemy import select
 from airouter.db import Delivery, Instance, Job, JobState, Output, Store, Study, utcnow
 from airouter.dispatch import archive_output
 from airouter.settings import Settings
-from encoders.common import Provenance, SeriesIdentity, Structure, ensure_type2
+from encoders.common import (
+    EncodeError,
+    Provenance,
+    SeriesIdentity,
+    Structure,
+    ensure_type2,
+)
 from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_seg
 from encoders.sr import build_measurement_report
@@ -66,7 +72,7 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
     """Run a claimed job; never raises."""
     try:
         _run(ctx, job_id)
-    except (JobError, VolumeError, InferenceError, InferenceUnavailable) as exc:
+    except (JobError, VolumeError, InferenceError, InferenceUnavailable, EncodeError) as exc:
         _fail(ctx, job_id, str(exc))
     except Exception as exc:
         log.exception("job %s: unexpected error", job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,13 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 
 from inference.cards import Label, ModelCard
+
+_AGE_STRING = re.compile(r"^\d{3}[DWMY]$")
+
+
+class EncodeError(ValueError):
+    """An object cannot be encoded from these inputs; the message says why (no PHI)."""
+
 
 # Type 2 attributes of the Patient and General Study modules (PS3.3 C.7.1.1, C.7.2.1): they
 # must be present, possibly empty. Real scanners omit them; highdicom then refuses the images.
@@ -38,6 +46,10 @@ def ensure_type2(datasets: Sequence[Dataset]) -> list[str]:
             if keyword not in ds:
                 setattr(ds, keyword, "")
                 added.add(keyword)
+        # Patient's Age is type 3 where we copy it; a malformed one (seen: "0Y") is dropped
+        # rather than written into objects that validators would then reject.
+        if "PatientAge" in ds and not _AGE_STRING.match(str(ds.PatientAge)):
+            del ds.PatientAge
     return sorted(added)
 
 

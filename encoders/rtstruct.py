@@ -20,7 +20,7 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from skimage.measure import find_contours
 
-from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # Conventional Referenced SOP Class of the RT Referenced Study Sequence (Study Component
@@ -133,6 +133,8 @@ def build_rtstruct(
 ) -> Dataset:
     """An RT Structure Set with one ROI per structure, referencing exactly ``source_images``."""
     first = source_images[0]
+    if not first.get("FrameOfReferenceUID"):
+        raise EncodeError("source images have no FrameOfReferenceUID: contours cannot be placed")
     now = dt.datetime.now()
     ds = Dataset()
     for kw in _COPIED_TYPE2:

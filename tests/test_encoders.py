@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure, ensure_type2
 from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_seg
 from encoders.sr import build_measurement_report
@@ -205,3 +205,53 @@ def test_images_without_type2_attributes_still_give_valid_results(
         _validate(path)
         back = pydicom.dcmread(path)
         assert "PatientBirthDate" in back and back.PatientBirthDate == ""
+
+
+def test_rtstruct_on_real_gantry_tilted_ct_keeps_points_on_their_planes(tmp_path: Path) -> None:
+    """dicom2nifti's gantry-tilted CT (14 degrees): each contour point lies on its own image
+    plane (rt-utils puts them up to 20 mm off with one affine per series)."""
+    from inference.algorithms import segment_body
+    from inference.volume import build_volume
+    from tests.peers import SHARED_DICOM
+
+    folder = SHARED_DICOM / "odd/dicom2nifti/tests/data/failing/gantrytilting/001"
+    volume = build_volume(sorted(folder.iterdir()))
+    with pytest.raises(EncodeError, match="no FrameOfReferenceUID"):  # anonymised away here
+        build_rtstruct(
+            source_images=volume.datasets,
+            structures=[],
+            provenance=PROVENANCE,
+            series=SeriesIdentity(hd.UID(), 903, "x", hd.UID()),
+        )
+    frame = hd.UID()
+    for ds in volume.datasets:
+        ds.FrameOfReferenceUID = frame
+    ensure_type2(volume.datasets)  # as the pipeline does: drops its malformed PatientAge "0Y"
+    assert "PatientAge" not in volume.datasets[0]
+    iop = [float(v) for v in volume.datasets[0].ImageOrientationPatient]
+    assert abs(iop[5]) > 0.2  # really tilted
+    cards = load_cards(ROOT / "config" / "models")
+    assert not segment_body(volume.hu, volume.affine).any()  # its pixels hold no tissue
+    rows, cols = np.ogrid[:512, :512]
+    body = np.broadcast_to((rows - 250) ** 2 + (cols - 260) ** 2 < 150**2, volume.hu.shape).copy()
+    structure = Structure(cards["ct-body"].labels[0], cards["ct-body"], body)
+    rt = build_rtstruct(
+        source_images=volume.datasets,
+        structures=[structure],
+        provenance=PROVENANCE,
+        series=SeriesIdentity(hd.UID(), 903, "AI structures", hd.UID()),
+    )
+    rt.save_as(tmp_path / "rt.dcm", enforce_file_format=True)
+    _validate(tmp_path / "rt.dcm")
+    back = pydicom.dcmread(tmp_path / "rt.dcm")
+    by_sop = {ds.SOPInstanceUID: ds for ds in volume.datasets}
+    worst = 0.0
+    for contour in back.ROIContourSequence[0].ContourSequence:
+        image = by_sop[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
+        o = np.asarray(image.ImageOrientationPatient, float)
+        normal = np.cross(o[:3], o[3:])
+        points = np.asarray(contour.ContourData, float).reshape(-1, 3)
+        offsets = (points - np.asarray(image.ImagePositionPatient, float)) @ normal
+        worst = max(worst, float(np.abs(offsets).max()))
+    assert worst < 0.1, f"a contour point is {worst:.3f} mm off its image plane"
+    assert dice(rasterize_rtstruct(back, volume.datasets)["Body"], body) >= 0.98

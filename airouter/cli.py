@@ -105,6 +105,30 @@ def _jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deliveries(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    base = f"http://{args.http_host}:{args.http_port}/api/deliveries"
+    if args.retry is not None:
+        request = urllib.request.Request(f"{base}/{args.retry}/retry", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                print(json.load(response))
+        except urllib.error.HTTPError as exc:
+            print(f"airouter: {json.load(exc).get('error')}", file=sys.stderr)
+            return 1
+        return 0
+    query = f"?state={args.state}" if args.state else ""
+    with urllib.request.urlopen(base + query, timeout=10) as response:
+        for d in json.load(response):
+            print(
+                f"{d['id']:>6} job {d['job_id']:<5} {d['kind']:<9} {d['destination']:<12} "
+                f"{d['state']:<8} attempts {d['attempts']:<3} {d['last_status'] or ''}"
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="airouter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--http-host", default="127.0.0.1")
     jobs.add_argument("--http-port", type=int, default=8080)
     jobs.set_defaults(func=_jobs)
+
+    deliveries = sub.add_parser("deliveries", help="the outbox; retry a failed or dead delivery")
+    deliveries.add_argument("--state", choices=["pending", "sent", "failed", "dead"])
+    deliveries.add_argument("--retry", type=int, metavar="ID", help="send delivery ID again")
+    deliveries.add_argument("--http-host", default="127.0.0.1")
+    deliveries.add_argument("--http-port", type=int, default=8080)
+    deliveries.set_defaults(func=_deliveries)
 
     from router.cli import add_parser
 

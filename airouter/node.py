@@ -210,7 +210,9 @@ class Node:
 
     def serve_forever(self) -> None:
         """Run the HTTP server in the foreground until Ctrl-C / SIGTERM, then stop everything."""
-        app = create_app(self.store, self.health, self.ingest, self.tracker, self.ruleset)
+        app = create_app(
+            self.store, self.health, self.ingest, self.tracker, self.ruleset, self.wake_dispatch
+        )
         config = uvicorn.Config(
             app,
             host=self.settings.http_host,

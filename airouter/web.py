@@ -15,7 +15,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import func, select
 
-from airouter.db import Delivery, Event, Instance, Job, Output, Series, Store, Study
+from airouter.db import (
+    Delivery,
+    DeliveryState,
+    Event,
+    Instance,
+    Job,
+    JobState,
+    Output,
+    Series,
+    Store,
+    Study,
+    utcnow,
+)
 from router.engine import explain
 from router.queue import study_context
 from router.registry import RuleSet
@@ -135,6 +147,7 @@ def create_app(
     ingest: Ingest | None = None,
     tracker: AssociationTracker | None = None,
     ruleset: RuleSet | None = None,
+    on_retry: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The node's HTTP application (STOW-RS when an ingest is given)."""
     app = FastAPI(title="airouter", version="0.1.0")
@@ -291,6 +304,55 @@ def create_app(
                 for v in verdicts
             ],
         }
+
+    @app.get("/api/deliveries")
+    def list_deliveries(state: str | None = None, job: int | None = None) -> list[dict[str, Any]]:
+        """The outbox: each (object, destination) with its state and the destination's answer."""
+        with store.session() as s:
+            q = select(Delivery, Output).join(Output, Output.id == Delivery.output_id)
+            if state:
+                q = q.where(Delivery.state == state)
+            if job is not None:
+                q = q.where(Output.job_id == job)
+            return [
+                {
+                    "id": d.id,
+                    "job_id": o.job_id,
+                    "kind": o.kind,
+                    "sop_instance_uid": o.sop_instance_uid,
+                    "destination": d.destination,
+                    "state": d.state.value,
+                    "attempts": d.attempts,
+                    "last_status": d.last_status,
+                    "next_attempt_at": d.next_attempt_at.isoformat() + "Z",
+                }
+                for d, o in s.execute(q.order_by(Delivery.id)).all()
+            ]
+
+    @app.post("/api/deliveries/{delivery_id}/retry")
+    def retry_delivery(delivery_id: int) -> dict[str, Any]:
+        """Send a failed or dead delivery again now, with a fresh round of attempts."""
+        with store.session() as s:
+            d = s.get(Delivery, delivery_id)
+            if d is None:
+                raise HTTPException(404, f"delivery {delivery_id} not found")
+            if d.state not in (DeliveryState.DEAD, DeliveryState.FAILED):
+                raise HTTPException(409, f"delivery {delivery_id} is {d.state.value}")
+            d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, utcnow()
+            output = s.get(Output, d.output_id)
+            job_row = s.get(Job, output.job_id) if output else None
+            if job_row is not None and job_row.state is JobState.FAILED:
+                job_row.state, job_row.error = JobState.DISPATCHING, None
+            s.add(
+                Event(
+                    kind="delivery_retry",
+                    job_id=output.job_id if output else None,
+                    detail=f"delivery {delivery_id} to {d.destination}",
+                )
+            )
+        if on_retry is not None:
+            on_retry()
+        return {"id": delivery_id, "state": "pending"}
 
     @app.get("/api/health")
     def get_health() -> dict[str, Any]:

@@ -119,9 +119,10 @@ class Orthanc:
         return http_json(self.url + path)
 
 
-def start_orthanc(workdir: Path) -> Orthanc:
+def start_orthanc(workdir: Path, http_port: int = 0, dicom_port: int = 0) -> Orthanc:
+    """Orthanc on free ports (or the given ones: a restart keeps its storage in ``workdir``)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), free_port()
+    http_port, dicom_port = http_port or free_port(), dicom_port or free_port()
     config = {
         "Name": "airouter-test-pacs",
         "StorageDirectory": str(workdir / "db"),
@@ -194,7 +195,8 @@ def start_node(
     }
     if orthanc is not None:
         config["destinations"] = {
-            "pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+            **config.get("destinations", {}),
+            "pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port},
         }
     config_path = workdir / "airouter.yaml"
     config_path.write_text(yaml.safe_dump(config))

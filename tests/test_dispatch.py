@@ -1,0 +1,132 @@
+"""The outbox: a PACS that is down gets everything once it is back, exactly once; a destination
+that rejects ends in the dead-letter state with its answer shown; a manual retry."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    RTStructureSetStorage,
+    SegmentationStorage,
+)
+
+from tests.peers import (
+    free_port,
+    fresh_copy,
+    head_ct_files,
+    start_node,
+    start_orthanc,
+    stop_process,
+    storescu,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+RULE = """rules:
+  - name: body-to-two
+    match: {Modality: CT}
+    models: [ct-body]
+    destinations: [pacs, reject]
+"""
+
+
+def _rejecting_scp(port: int) -> Any:
+    """A destination that refuses every object (out of resources)."""
+    ae = AE(ae_title="REJECT")
+    for sop in (SegmentationStorage, Comprehensive3DSRStorage, RTStructureSetStorage):
+        ae.add_supported_context(sop)
+    return ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0xA700)]
+    )
+
+
+def _post(url: str) -> tuple[int, Any]:
+    request = urllib.request.Request(url, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def test_pacs_down_then_back_gets_everything_once_and_rejections_end_dead(tmp_path: Path) -> None:
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "r.yaml").write_text(RULE)
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    reject_port = free_port()
+    rejecting = _rejecting_scp(reject_port)
+    node = start_node(
+        tmp_path / "node",
+        orthanc,
+        rules_dir=str(tmp_path / "rules"),
+        dispatch_backoff_s=0.5,
+        dispatch_max_attempts=6,
+        destinations={"reject": {"ae_title": "REJECT", "host": "127.0.0.1", "port": reject_port}},
+    )
+    try:
+        stop_process(orthanc.process)  # the PACS goes down
+        files = fresh_copy(head_ct_files()[55:85], tmp_path / "ct")
+        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        assert storescu(node.dimse_port, files).returncode == 0
+
+        def pacs_failing() -> bool:
+            rows = node.get("/api/deliveries") or []
+            return any(d["destination"] == "pacs" and d["state"] == "failed" for d in rows)
+
+        wait_for(pacs_failing, 120, "a failed delivery to the PACS")
+        orthanc = start_orthanc(tmp_path / "orthanc", orthanc.http_port, orthanc.dicom_port)
+
+        def settled() -> list[dict] | None:
+            rows = node.get("/api/deliveries") or []
+            pacs = [d for d in rows if d["destination"] == "pacs"]
+            dead = [d for d in rows if d["destination"] == "reject" and d["state"] == "dead"]
+            done = pacs and all(d["state"] == "sent" for d in pacs) and len(dead) == len(pacs)
+            return rows if done else None
+
+        rows = wait_for(settled, 120, "deliveries to settle")
+        pacs = [d for d in rows if d["destination"] == "pacs"]
+        assert {d["kind"] for d in pacs} == {"SEG", "SR", "RTSTRUCT"}
+        assert any(d["attempts"] > 1 for d in pacs)  # they were retried
+        for modality in ("SEG", "SR", "RTSTRUCT"):  # exactly once in the PACS
+            found = [
+                s
+                for s in orthanc.get("/series?expand") or []
+                if s["MainDicomTags"].get("Modality") == modality
+            ]
+            assert len(found) == 1 and len(found[0]["Instances"]) == 1, modality
+        dead = node.get("/api/deliveries?state=dead")
+        assert len(dead) == 3 and all("0xA700" in d["last_status"] for d in dead)
+        assert all(d["attempts"] == 6 for d in dead)
+        (job,) = node.get(f"/api/jobs?study={study}")
+        assert job["state"] == "failed" and "reject" in job["error"]
+
+        status, body = _post(f"{node.url}/api/deliveries/{dead[0]['id']}/retry")
+        assert status == 200 and body["state"] == "pending"
+        retried = wait_for(
+            lambda: next(
+                (
+                    d
+                    for d in node.get("/api/deliveries")
+                    if d["id"] == dead[0]["id"] and d["state"] == "dead"
+                ),
+                None,
+            ),
+            60,
+            "the retried delivery to die again",
+        )
+        assert retried["attempts"] == 6  # a fresh round of attempts
+        status, body = _post(f"{node.url}/api/deliveries/{pacs[0]['id']}/retry")
+        assert status == 409 and "sent" in body["error"]
+        assert node.get("/api/events?kind=delivery_retry")
+    finally:
+        stop_process(node.process)
+        stop_process(orthanc.process)
+        rejecting.shutdown()

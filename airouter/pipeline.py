@@ -255,12 +255,17 @@ def _encode(
         objects.append(("SEG", seg))
     if "SR" in job.outputs:
         volumes_ml = [float(s.mask.sum()) * volume.voxel_volume_ml for s in found]
+        intensities = [
+            (float(v.mean()), float(v.min()), float(v.max()))
+            for v in (volume.hu[s.mask] for s in found)
+        ]
         device_uid = generate_uid(entropy_srcs=[settings.ae_title, dev.device_serial_number])
         sr = build_measurement_report(
             source_images=volume.datasets,
             seg=seg,
             structures=found,
             volumes_ml=volumes_ml,
+            intensities_hu=intensities,
             provenance=provenance,
             device_uid=device_uid,
             series=identity("SR"),

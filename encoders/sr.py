@@ -13,6 +13,23 @@ from encoders.common import Provenance, SeriesIdentity, Structure
 MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
 
 
+def _attenuation(stats: tuple[float, float, float] | None) -> list[hd.sr.Measurement]:
+    """Mean, minimum and maximum attenuation (HU) as TID 300 measurements with derivations."""
+    if stats is None:
+        return []
+    return [
+        hd.sr.Measurement(
+            name=codes.DCM.AttenuationCoefficient,
+            value=round(float(value), 2),
+            unit=codes.UCUM.HounsfieldUnit,
+            derivation=derivation,
+        )
+        for derivation, value in zip(
+            (codes.SCT.Mean, codes.SCT.Minimum, codes.SCT.Maximum), stats, strict=True
+        )
+    ]
+
+
 def build_measurement_report(
     *,
     source_images: Sequence[Dataset],
@@ -20,12 +37,14 @@ def build_measurement_report(
     structures: Sequence[Structure],
     volumes_ml: Sequence[float],
     provenance: Provenance,
+    intensities_hu: Sequence[tuple[float, float, float]] | None = None,
     device_uid: str,
     series: SeriesIdentity,
 ) -> hd.sr.Comprehensive3DSR:
     """One TID 1411 volumetric group per structure, referencing its segment in ``seg``.
 
-    ``structures[n]`` is segment ``n + 1`` of ``seg``; ``volumes_ml[n]`` its volume.
+    ``structures[n]`` is segment ``n + 1`` of ``seg``; ``volumes_ml[n]`` its volume;
+    ``intensities_hu[n]``, when given, its (mean, min, max) attenuation in HU.
     """
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -56,7 +75,8 @@ def build_measurement_report(
             measurements=[
                 hd.sr.Measurement(
                     name=codes.SCT.Volume, value=round(float(volume), 3), unit=MILLILITER
-                )
+                ),
+                *_attenuation(intensities_hu[number - 1] if intensities_hu else None),
             ],
         )
         for number, (s, volume) in enumerate(zip(structures, volumes_ml, strict=True), start=1)

@@ -100,11 +100,13 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
     if geometry == "tilted-non-square":
         voxel_ml *= np.cos(np.radians(15.0))  # slice spacing along the normal
     volumes = [float(s.mask.sum()) * voxel_ml for s in structures]
+    intensities = [(40.5, -120.0, 300.0), (-850.25, -1000.0, -400.0)]
     sr = build_measurement_report(
         source_images=images,
         seg=seg,
         structures=structures,
         volumes_ml=volumes,
+        intensities_hu=intensities,
         provenance=PROVENANCE,
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
@@ -119,6 +121,13 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
     groups = report.content.get_volumetric_roi_measurement_groups()
     got = [g.get_measurements(name=codes.SCT.Volume)[0].value for g in groups]
     assert got == pytest.approx(volumes, rel=1e-3)
+    for group, expected in zip(groups, intensities, strict=True):
+        hu = group.get_measurements(name=codes.DCM.AttenuationCoefficient)
+        by_derivation = {m.derivation.meaning: m.value for m in hu}  # type: ignore[union-attr]
+        assert by_derivation == pytest.approx(
+            dict(zip(("Mean", "Minimum", "Maximum"), expected, strict=True))
+        )
+        assert hu[0].unit.value == "[hnsf'U]"
 
     rt = build_rtstruct(
         source_images=images,

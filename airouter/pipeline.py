@@ -119,17 +119,20 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
     _set_state(ctx.store, job_id, JobState.ENCODING)
     t0 = time.perf_counter()
     found = [s for s in structures if s.mask.any()]
+    absent = [s for s in structures if not s.mask.any()]
     if not found:
+        # An empty result is a result: the SR says so; there is no SEG or RTSTRUCT to write.
         ctx.store.record("job_empty_result", "no structure found", job_id=job_id)
-        _set_state(
-            ctx.store,
-            job_id,
-            JobState.DONE,
-            finished_at=utcnow(),
-            error="no structure found: nothing to encode",
-        )
-        return
-    objects = _encode(ctx, job, volume, found)
+        if "SR" not in job.outputs:
+            _set_state(
+                ctx.store,
+                job_id,
+                JobState.DONE,
+                finished_at=utcnow(),
+                error="no structure found: nothing to encode",
+            )
+            return
+    objects = _encode(ctx, job, volume, found, absent)
     _timing(ctx.store, job_id, encode_s=time.perf_counter() - t0)
 
     with ctx.store.session() as s:  # outputs and their deliveries appear together
@@ -222,7 +225,11 @@ def load_masks(path: Path) -> dict[str, np.ndarray]:
 
 
 def _encode(
-    ctx: PipelineContext, job: Job, volume: Volume, found: list[Structure]
+    ctx: PipelineContext,
+    job: Job,
+    volume: Volume,
+    found: list[Structure],
+    absent: list[Structure],
 ) -> list[tuple[str, Dataset]]:
     settings = ctx.settings
     dev = settings.device
@@ -245,14 +252,16 @@ def _encode(
     added = ensure_type2(volume.datasets)
     if added:
         ctx.store.record("type2_attributes_added", ", ".join(added), job_id=job.id)
-    seg = build_seg(
-        source_images=volume.datasets,
-        structures=found,
-        provenance=provenance,
-        series=identity("SEG"),
-    )
-    if "SEG" in job.outputs or "SR" in job.outputs:
-        objects.append(("SEG", seg))
+    seg = None
+    if found:
+        seg = build_seg(
+            source_images=volume.datasets,
+            structures=found,
+            provenance=provenance,
+            series=identity("SEG"),
+        )
+        if "SEG" in job.outputs or "SR" in job.outputs:
+            objects.append(("SEG", seg))
     if "SR" in job.outputs:
         volumes_ml = [float(s.mask.sum()) * volume.voxel_volume_ml for s in found]
         intensities = [
@@ -266,12 +275,13 @@ def _encode(
             structures=found,
             volumes_ml=volumes_ml,
             intensities_hu=intensities,
+            absent=absent,
             provenance=provenance,
             device_uid=device_uid,
             series=identity("SR"),
         )
         objects.append(("SR", sr))
-    if "RTSTRUCT" in job.outputs:
+    if "RTSTRUCT" in job.outputs and found:
         rt = build_rtstruct(
             source_images=volume.datasets,
             structures=found,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -11,6 +12,18 @@ from pydicom.sr.codedict import codes
 from encoders.common import Provenance, SeriesIdentity, Structure
 
 MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
+
+
+def _absent(s: Structure) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501: the model looked for this structure and found none."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"{s.card.name}:{s.label.name}"
+        ),
+        finding_type=s.type,
+        algorithm_id=hd.sr.AlgorithmIdentification(name=s.card.name, version=s.algorithm_version),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=s.type, value=codes.SCT.Absent)],
+    )
 
 
 def _attenuation(stats: tuple[float, float, float] | None) -> list[hd.sr.Measurement]:
@@ -33,19 +46,24 @@ def _attenuation(stats: tuple[float, float, float] | None) -> list[hd.sr.Measure
 def build_measurement_report(
     *,
     source_images: Sequence[Dataset],
-    seg: Dataset,
+    seg: Dataset | None,
     structures: Sequence[Structure],
     volumes_ml: Sequence[float],
     provenance: Provenance,
     intensities_hu: Sequence[tuple[float, float, float]] | None = None,
+    absent: Sequence[Structure] = (),
     device_uid: str,
     series: SeriesIdentity,
 ) -> hd.sr.Comprehensive3DSR:
-    """One TID 1411 volumetric group per structure, referencing its segment in ``seg``.
+    """One TID 1411 volumetric group per structure found, referencing its segment in ``seg``,
+    and one TID 1501 group per structure the model looked for and did not find ("Absent").
 
     ``structures[n]`` is segment ``n + 1`` of ``seg``; ``volumes_ml[n]`` its volume;
-    ``intensities_hu[n]``, when given, its (mean, min, max) attenuation in HU.
+    ``intensities_hu[n]``, when given, its (mean, min, max) attenuation in HU. With nothing
+    found there is no SEG (``seg`` None, ``structures`` empty): the report says so.
     """
+    if seg is None and structures:
+        raise ValueError("structures that were found need the SEG that holds them")
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -57,14 +75,15 @@ def build_measurement_report(
         ),
     )
     source_series = hd.sr.SourceSeriesForSegmentation(source_images[0].SeriesInstanceUID)
-    groups = [
+    seg_class, seg_instance = (seg.SOPClassUID, seg.SOPInstanceUID) if seg is not None else ("", "")
+    groups: list[Any] = [
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=hd.UID(), identifier=f"{s.card.name}:{s.label.name}"
             ),
             referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID,
-                sop_instance_uid=seg.SOPInstanceUID,
+                sop_class_uid=seg_class,
+                sop_instance_uid=seg_instance,
                 segment_number=number,
                 source_series=source_series,
             ),
@@ -81,13 +100,14 @@ def build_measurement_report(
         )
         for number, (s, volume) in enumerate(zip(structures, volumes_ml, strict=True), start=1)
     ]
+    groups += [_absent(s) for s in absent]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*source_images, seg],
+        evidence=[*source_images, *([seg] if seg is not None else [])],
         content=report,
         series_instance_uid=series.series_instance_uid,
         series_number=series.series_number,

@@ -264,3 +264,46 @@ def test_rtstruct_on_real_gantry_tilted_ct_keeps_points_on_their_planes(tmp_path
         worst = max(worst, float(np.abs(offsets).max()))
     assert worst < 0.1, f"a contour point is {worst:.3f} mm off its image plane"
     assert dice(rasterize_rtstruct(back, volume.datasets)["Body"], body) >= 0.98
+
+
+@pytest.mark.parametrize("with_found", [True, False])
+def test_sr_reports_structures_the_model_did_not_find(
+    ct: list[Dataset], tmp_path: Path, with_found: bool
+) -> None:
+    """An empty result is a result: each structure not found is reported "Absent"; with
+    nothing found at all there is no SEG and the SR stands alone."""
+    images = ct[:4]
+    structures = _structures(len(images), images[0].Rows, images[0].Columns)
+    body = Structure(structures[0].label, structures[0].card, structures[0].mask[:4])
+    cards = load_cards(ROOT / "config" / "models")
+    lungs = [
+        Structure(lab, cards["ct-lungs"], np.zeros_like(body.mask))
+        for lab in cards["ct-lungs"].labels
+    ]
+    found = [body] if with_found else []
+    seg = None
+    if found:
+        seg = build_seg(
+            source_images=images,
+            structures=found,
+            provenance=PROVENANCE,
+            series=SeriesIdentity(hd.UID(), 901, "AI segmentation", hd.UID()),
+        )
+    sr = build_measurement_report(
+        source_images=images,
+        seg=seg,
+        structures=found,
+        volumes_ml=[1.0] * len(found),
+        absent=lungs,
+        provenance=PROVENANCE,
+        device_uid=hd.UID(),
+        series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
+    )
+    sr.save_as(tmp_path / "sr.dcm")
+    _validate(tmp_path / "sr.dcm")
+    dump = subprocess.run(
+        [tool("dsrdump"), str(tmp_path / "sr.dcm")], capture_output=True, text=True, check=False
+    )
+    assert dump.returncode == 0 and dump.stdout.count("Absent") == 2
+    report = hd.sr.srread(tmp_path / "sr.dcm")
+    assert len(report.content.get_volumetric_roi_measurement_groups()) == len(found)

@@ -169,6 +169,7 @@ def test_ct_study_comes_back_as_seg_sr_rtstruct_in_orthanc(
     )
     assert dump.returncode == 0, dump.stderr
     assert "Imaging Measurement Report" in dump.stdout and "Volume" in dump.stdout
+    assert dump.stdout.count("Absent") == 2  # a head CT: both lungs reported absent
 
     # 3. SEG == the model's mask exactly; RTSTRUCT Dice >= 0.98; SR volumes == SEG within 1 %
     masks = load_masks(node.data_dir / "jobs" / str(job["id"]) / "masks.npz")

@@ -20,7 +20,13 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from skimage.measure import find_contours
 
-from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure
+from encoders.common import (
+    TYPE2_PATIENT_STUDY,
+    EncodeError,
+    Provenance,
+    SeriesIdentity,
+    Structure,
+)
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # Conventional Referenced SOP Class of the RT Referenced Study Sequence (Study Component
@@ -28,17 +34,6 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 
 # Patient / study attributes copied from the source images (type 2 ones written empty if absent).
-_COPIED_TYPE2 = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 _COPIED_OPTIONAL = (
     "SpecificCharacterSet",
     "StudyInstanceUID",
@@ -137,7 +132,7 @@ def build_rtstruct(
         raise EncodeError("source images have no FrameOfReferenceUID: contours cannot be placed")
     now = dt.datetime.now()
     ds = Dataset()
-    for kw in _COPIED_TYPE2:
+    for kw in TYPE2_PATIENT_STUDY:
         setattr(ds, kw, first.get(kw, ""))
     for kw in _COPIED_OPTIONAL:
         if kw in first:

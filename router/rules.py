@@ -227,11 +227,10 @@ class SeriesSelection(_Strict):
     prefer: list[Preference] = Field(default_factory=lambda: [Preference.MOST_INSTANCES])
 
 
-class RequiredSeries(_Strict):
-    """A series the study must hold for the rule: conditions on keywords and a minimum count."""
+class _KeywordMatch(_Strict):
+    """A ``match`` of DICOM keywords to conditions (short forms allowed, keywords checked)."""
 
     match: dict[str, Condition] = Field(default_factory=dict)
-    min_instances: int = Field(default=1, ge=1)
 
     @field_validator("match", mode="before")
     @classmethod
@@ -244,7 +243,13 @@ class RequiredSeries(_Strict):
         return _check_keywords(value)
 
 
-class Rule(_Strict):
+class RequiredSeries(_KeywordMatch):
+    """A series the study must hold for the rule: conditions on keywords and a minimum count."""
+
+    min_instances: int = Field(default=1, ge=1)
+
+
+class Rule(_KeywordMatch):
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: str = ""
     enabled: bool = True
@@ -254,7 +259,6 @@ class Rule(_Strict):
     priority: Priority = Priority.ROUTINE
     off_hours: bool = False  # routine work that waits for the configured off-hours window
     when: When | None = None
-    match: dict[str, Condition] = Field(default_factory=dict)
     select: SeriesSelection = Field(default_factory=SeriesSelection)
     action: Action = Action.RUN
     models: list[str] = Field(default_factory=list)
@@ -263,16 +267,6 @@ class Rule(_Strict):
     # Once every required series is present (and the senders are done), the study completes
     # without waiting for the quiet period.
     require_series: list[RequiredSeries] = Field(default_factory=list)
-
-    @field_validator("match", mode="before")
-    @classmethod
-    def _short(cls, value: Any) -> Any:
-        return _keyword_conditions(value)
-
-    @field_validator("match")
-    @classmethod
-    def _known(cls, value: dict[str, Condition]) -> dict[str, Condition]:
-        return _check_keywords(value)
 
     @model_validator(mode="after")
     def _action_needs(self) -> Rule:

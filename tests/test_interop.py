@@ -1,0 +1,136 @@
+"""Our SEG, SR and RTSTRUCT in a real PACS: Orthanc accepts them by C-STORE and by STOW-RS and
+returns them by WADO-RS with their data sets unchanged."""
+
+from __future__ import annotations
+
+import io
+import urllib.request
+import uuid
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pynetdicom import AE
+
+from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.rtstruct import build_rtstruct
+from encoders.seg import build_seg
+from encoders.sr import build_measurement_report
+from inference.cards import load_cards
+from tests.peers import ROOT, head_ct_files, start_orthanc, stop_process
+
+pytestmark = pytest.mark.integration
+
+
+def _objects() -> list[pydicom.Dataset]:
+    images = [pydicom.dcmread(f) for f in head_ct_files()[60:66]]
+    cards = load_cards(ROOT / "config" / "models")
+    mask = np.zeros((6, 512, 512), dtype=bool)
+    mask[1:5, 150:350, 150:350] = True
+    mask[1:5, 220:280, 220:280] = False
+    structures = [Structure(cards["ct-body"].labels[0], cards["ct-body"], mask)]
+    prov = Provenance("Test Maker", "test-model", "1", "SN")
+    seg = build_seg(
+        source_images=images,
+        structures=structures,
+        provenance=prov,
+        series=SeriesIdentity(hd.UID(), 901, "AI segmentation", hd.UID()),
+    )
+    sr = build_measurement_report(
+        source_images=images,
+        seg=seg,
+        structures=structures,
+        volumes_ml=[1.0],
+        provenance=prov,
+        device_uid=hd.UID(),
+        series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
+    )
+    rt = build_rtstruct(
+        source_images=images,
+        structures=structures,
+        provenance=prov,
+        series=SeriesIdentity(hd.UID(), 903, "AI structures", hd.UID()),
+    )
+    out = []
+    for ds in (seg, sr, rt):  # as the node archives them: a DICOM file
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        out.append(pydicom.dcmread(io.BytesIO(buffer.getvalue())))
+    return out
+
+
+def _dataset_bytes(data: bytes) -> bytes:
+    fp = pydicom.filebase.DicomBytesIO(data)
+    fp.read(132)
+    pydicom.filereader._read_file_meta_info(fp)
+    return fp.read()
+
+
+def _multipart_type(boundary: str) -> str:
+    return f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def _wado(url: str) -> bytes:
+    request = urllib.request.Request(
+        url, headers={"Accept": 'multipart/related; type="application/dicom"'}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        content_type = response.headers["Content-Type"]
+        body = response.read()
+    boundary = content_type.split("boundary=")[1].split(";")[0].strip('"').encode()
+    (part,) = body.split(b"--" + boundary)[1:-1]
+    return part.split(b"\r\n\r\n", 1)[1].rstrip(b"\r\n")
+
+
+@pytest.mark.parametrize("transport", ["C-STORE", "STOW-RS"])
+def test_orthanc_accepts_and_returns_our_objects_unchanged(tmp_path: Path, transport: str) -> None:
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    try:
+        objects = _objects()
+        if transport == "C-STORE":
+            ae = AE(ae_title="AIROUTER")
+            for ds in objects:
+                ae.add_requested_context(ds.SOPClassUID, ["1.2.840.10008.1.2.1"])
+            assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
+            assert assoc.is_established
+            try:
+                for ds in objects:
+                    assert int(assoc.send_c_store(ds).Status) == 0
+            finally:
+                assoc.release()
+        else:
+            boundary = uuid.uuid4().hex
+            body = b""
+            for ds in objects:
+                buffer = io.BytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                body += (
+                    f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    + buffer.getvalue()
+                    + b"\r\n"
+                )
+            body += f"--{boundary}--\r\n".encode()
+            request = urllib.request.Request(
+                f"{orthanc.url}/dicom-web/studies",
+                data=body,
+                method="POST",
+                headers={
+                    "Content-Type": _multipart_type(boundary),
+                    "Accept": "application/dicom+json",
+                },
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.status == 200
+        for ds in objects:
+            url = (
+                f"{orthanc.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+                f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+            )
+            back = _wado(url)
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            assert _dataset_bytes(back) == _dataset_bytes(buffer.getvalue()), ds.Modality
+    finally:
+        stop_process(orthanc.process)

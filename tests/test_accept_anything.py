@@ -20,6 +20,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from airouter.web import create_app
+from tests.objects import dataset_bytes
 from tests.peers import SHARED_DICOM, tool
 from tests.test_scp import Node, _send
 from tests.test_stow import Api, _split_multipart
@@ -57,15 +58,6 @@ def _meta(path: Path) -> pydicom.Dataset | None:
     # A valid C-STORE request needs the SOP Class and Instance UIDs (the file meta gives them)
     needed = ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
     return meta if all(meta.get(k) for k in needed) else None
-
-
-def _dataset_bytes(path: Path) -> bytes:
-    """The encoded data set of a DICOM file: everything after the file meta information."""
-    with open(path, "rb") as fp:
-        preamble = fp.read(132)
-        assert preamble[128:] == b"DICM"
-        pydicom.filereader._read_file_meta_info(fp)
-        return fp.read()
 
 
 def _elements(ds: pydicom.Dataset) -> dict:
@@ -137,7 +129,7 @@ def test_every_file_through_dimse(node: Node) -> None:
                 continue  # a duplicate SOP Instance UID: the first is kept
             stored = _retrieve(wado, ds.StudyInstanceUID, ds.SeriesInstanceUID, sop)
             if outcome == "stored by pynetdicom":
-                assert stored.endswith(_dataset_bytes(path)), path  # byte for byte
+                assert stored.endswith(dataset_bytes(path.read_bytes())), path  # byte for byte
             else:  # DCMTK re-encodes what it sends: compare element by element
                 back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(stored), force=True)
                 assert _elements(back) == _elements(pydicom.dcmread(path, force=True)), path

@@ -18,6 +18,7 @@ from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_seg
 from encoders.sr import build_measurement_report
 from inference.cards import load_cards
+from tests.objects import build_all
 from tests.peers import ROOT, head_ct_files, tool
 from tests.raster import dice, rasterize_rtstruct
 
@@ -187,27 +188,7 @@ def test_images_without_type2_attributes_still_give_valid_results(
     assert set(ensure_type2(images)) == set(TYPE2_PATIENT_STUDY)
     structures = _structures(len(images), images[0].Rows, images[0].Columns)
     structures = [Structure(s.label, s.card, s.mask[:4] | True) for s in structures[:1]]
-    seg = build_seg(
-        source_images=images,
-        structures=structures,
-        provenance=PROVENANCE,
-        series=SeriesIdentity(hd.UID(), 901, "AI segmentation", hd.UID()),
-    )
-    sr = build_measurement_report(
-        source_images=images,
-        seg=seg,
-        structures=structures,
-        volumes_ml=[1.0],
-        provenance=PROVENANCE,
-        device_uid=hd.UID(),
-        series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
-    )
-    rt = build_rtstruct(
-        source_images=images,
-        structures=structures,
-        provenance=PROVENANCE,
-        series=SeriesIdentity(hd.UID(), 903, "AI structures", hd.UID()),
-    )
+    seg, sr, rt = build_all(images, structures, PROVENANCE)
     for name, ds in (("seg", seg), ("sr", sr), ("rt", rt)):
         path = tmp_path / f"{name}.dcm"
         ds.save_as(path, enforce_file_format=True)

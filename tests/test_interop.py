@@ -8,17 +8,14 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pynetdicom import AE
 
-from encoders.common import Provenance, SeriesIdentity, Structure
-from encoders.rtstruct import build_rtstruct
-from encoders.seg import build_seg
-from encoders.sr import build_measurement_report
+from encoders.common import Provenance, Structure
 from inference.cards import load_cards
+from tests.objects import build_all, dataset_bytes
 from tests.peers import ROOT, head_ct_files, start_orthanc, stop_process
 
 pytestmark = pytest.mark.integration
@@ -32,40 +29,13 @@ def _objects() -> list[pydicom.Dataset]:
     mask[1:5, 220:280, 220:280] = False
     structures = [Structure(cards["ct-body"].labels[0], cards["ct-body"], mask)]
     prov = Provenance("Test Maker", "test-model", "1", "SN")
-    seg = build_seg(
-        source_images=images,
-        structures=structures,
-        provenance=prov,
-        series=SeriesIdentity(hd.UID(), 901, "AI segmentation", hd.UID()),
-    )
-    sr = build_measurement_report(
-        source_images=images,
-        seg=seg,
-        structures=structures,
-        volumes_ml=[1.0],
-        provenance=prov,
-        device_uid=hd.UID(),
-        series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
-    )
-    rt = build_rtstruct(
-        source_images=images,
-        structures=structures,
-        provenance=prov,
-        series=SeriesIdentity(hd.UID(), 903, "AI structures", hd.UID()),
-    )
+    seg, sr, rt = build_all(images, structures, prov)
     out = []
     for ds in (seg, sr, rt):  # as the node archives them: a DICOM file
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         out.append(pydicom.dcmread(io.BytesIO(buffer.getvalue())))
     return out
-
-
-def _dataset_bytes(data: bytes) -> bytes:
-    fp = pydicom.filebase.DicomBytesIO(data)
-    fp.read(132)
-    pydicom.filereader._read_file_meta_info(fp)
-    return fp.read()
 
 
 def _multipart_type(boundary: str) -> str:
@@ -131,6 +101,6 @@ def test_orthanc_accepts_and_returns_our_objects_unchanged(tmp_path: Path, trans
             back = _wado(url)
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
-            assert _dataset_bytes(back) == _dataset_bytes(buffer.getvalue()), ds.Modality
+            assert dataset_bytes(back) == dataset_bytes(buffer.getvalue()), ds.Modality
     finally:
         stop_process(orthanc.process)

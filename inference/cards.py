@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class RTROIType(enum.StrEnum):
@@ -41,16 +41,118 @@ class Label(BaseModel):
     rt_roi_type: RTROIType = RTROIType.ORGAN
 
 
+class InputKind(enum.StrEnum):
+    # The raw volume in modality units (INT16 "CT") and its 4x4 index->patient affine
+    # ("AFFINE"); the model does its own pre/post-processing on the server (classic models).
+    HU_AFFINE = "hu_affine"
+    # A pre-processed float tensor (channel first); the node runs MONAI pre/post-processing.
+    TENSOR = "tensor"
+
+
+class InputMode(enum.StrEnum):
+    VOLUME = "volume"  # the whole (pre-processed) volume in one request
+    PATCH = "patch"  # 3D patches, MONAI sliding_window_inference, batched per request
+    SLICE = "slice"  # a 2D model applied to each axial slice, batched per request
+
+
+class ModelInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: InputKind = InputKind.HU_AFFINE
+    mode: InputMode = InputMode.VOLUME
+    tensor: str = "CT"  # input tensor name on the server
+    output_tensor: str = "LABELS"
+    channels: int = Field(default=1, ge=1)
+    dtype: str = Field(default="INT16", pattern="^(INT16|FP32|FP16)$")
+    output_channels: int = Field(default=1, ge=1)  # tensor models: channels of the output
+    patch_size: tuple[int, ...] | None = None  # patch mode: (x, y, z) after orientation
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    batch_size: int = Field(default=4, ge=1)  # patches or slices per request
+    divisible_by: int = Field(default=1, ge=1)  # volume mode: pad spatial dims to a multiple
+
+
+class IntensityScaling(BaseModel):
+    """MONAI ScaleIntensityRange: [a_min, a_max] (e.g. a HU window) -> [b_min, b_max]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    a_min: float
+    a_max: float
+    b_min: float = 0.0
+    b_max: float = 1.0
+    clip: bool = True
+
+
+class Preprocessing(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    orientation: str | None = Field(default=None, pattern="^[LRAPSI]{3}$")
+    spacing: tuple[float, float, float] | None = None  # mm, after orientation
+    intensity: IntensityScaling | None = None
+    crop_foreground_above: float | None = None  # crop to where the input exceeds this value
+
+
+class Postprocessing(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    activation: str = Field(default="softmax", pattern="^(softmax|sigmoid|none)$")
+    # softmax outputs: argmax over channels (channel = label value); sigmoid: threshold each.
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    keep_largest_component: bool = False
+    min_component_ml: float = Field(default=0.0, ge=0.0)
+    fill_holes: bool = False  # per axial slice
+    resample_to_source: bool = True  # always true in practice; outputs live on the source grid
+
+
+class Task(enum.StrEnum):
+    SEGMENTATION = "segmentation"
+    CLASSIFICATION = "classification"
+
+
+class OutputKind(enum.StrEnum):
+    SEG = "SEG"
+    SR = "SR"
+    RTSTRUCT = "RTSTRUCT"
+    PROBABILITY_MAP = "PROBABILITY_MAP"
+
+
 class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     version: str
     triton_model: str
     modality: str
+    task: Task = Task.SEGMENTATION
     description: str = ""
+    input: ModelInput = Field(default_factory=ModelInput)
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    postprocessing: Postprocessing = Field(default_factory=Postprocessing)
     labels: list[Label] = Field(min_length=1)
+    outputs: list[OutputKind] = Field(
+        default_factory=lambda: [OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT]
+    )
+    # What it was trained on and how it measures up (free-form, shown by `models list`).
+    training: dict[str, object] = Field(default_factory=dict)
     checksum: str = ""  # sha256 of the card file, filled in at load
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        values = [label.value for label in self.labels]
+        if len(set(values)) != len(values):
+            raise ValueError("labels: two labels share a value")
+        if self.input.kind is InputKind.TENSOR:
+            if self.input.mode is InputMode.PATCH and not self.input.patch_size:
+                raise ValueError("input.patch_size is required for mode: patch")
+            top = max(values)
+            if self.postprocessing.activation == "softmax" and self.input.output_channels <= top:
+                raise ValueError(
+                    f"input.output_channels: {self.input.output_channels} channels cannot "
+                    f"hold label {top} after softmax (channel 0 is background)"
+                )
+        elif self.input.mode is not InputMode.VOLUME:
+            raise ValueError("input.mode: hu_affine models take the whole volume")
+        return self
 
 
 class ModelCardError(Exception):
@@ -66,9 +168,16 @@ def load_card(path: Path) -> ModelCard:
     return card.model_copy(update={"checksum": hashlib.sha256(raw).hexdigest()})
 
 
-def load_cards(directory: Path) -> dict[str, ModelCard]:
-    """All cards of ``directory/*.yaml`` by model name."""
-    cards = [load_card(p) for p in sorted(directory.glob("*.yaml"))]
+def load_cards(*directories: Path) -> dict[str, ModelCard]:
+    """All cards of ``directory/*.yaml`` by model name (later directories may add models, not
+    replace them: two cards with one name are an error)."""
+    cards: dict[str, ModelCard] = {}
+    for directory in directories:
+        for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+            card = load_card(path)
+            if card.name in cards:
+                raise ModelCardError(f"{path}: a model named {card.name} is already defined")
+            cards[card.name] = card
     if not cards:
-        raise ModelCardError(f"{directory}: no model cards")
-    return {c.name: c for c in cards}
+        raise ModelCardError(f"{', '.join(map(str, directories))}: no model cards")
+    return cards

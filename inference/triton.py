@@ -9,6 +9,7 @@ so the virtual environment's ``bin`` goes first there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -49,12 +51,15 @@ class LocalTriton:
         workdir: Path,
         http_port: int = 0,
         grpc_port: int = 0,
-        model_repository: Path = MODEL_REPOSITORY,
+        model_repositories: list[Path] | None = None,
     ) -> None:
         self.workdir = workdir
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
-        self.model_repository = model_repository
+        # The bundled repository first; imported models live in repositories beside it.
+        self.model_repositories = [
+            p for p in (model_repositories or [MODEL_REPOSITORY]) if p.is_dir()
+        ]
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "tritonserver.log"
 
@@ -91,7 +96,7 @@ class LocalTriton:
         server = self._prepare()
         cmd = [
             str(server / "bin" / "tritonserver"),
-            f"--model-repository={self.model_repository}",
+            *(f"--model-repository={p.resolve()}" for p in self.model_repositories),
             f"--backend-directory={server / 'backends'}",
             f"--cache-directory={server / 'caches'}",
             f"--http-port={self.http_port}",
@@ -110,6 +115,9 @@ class LocalTriton:
                 start_new_session=True,  # Ctrl-C reaches us; we stop it in order
                 preexec_fn=_die_with_parent,
             )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def url(self, protocol: str) -> str:
         return f"127.0.0.1:{self.http_port if protocol == 'http' else self.grpc_port}"
@@ -137,18 +145,49 @@ def _die_with_parent() -> None:
         pass
 
 
-class InferenceClient:
-    """tritonclient over HTTP or gRPC with binary tensors."""
+OutputSpec = dict[str, tuple[np.dtype, tuple[int, ...]]]
 
-    def __init__(self, url: str, protocol: str = "http", request_timeout_s: float = 300.0) -> None:
+_NP_TO_TRITON = {
+    np.dtype(np.int16): "INT16",
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.float16): "FP16",
+    np.dtype(np.float64): "FP64",
+    np.dtype(np.uint8): "UINT8",
+}
+
+
+def is_local(url: str) -> bool:
+    host = url.rsplit(":", 1)[0]
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class InferenceClient:
+    """tritonclient over HTTP or gRPC with binary tensors, or system shared memory.
+
+    With ``shared_memory`` the tensors travel through POSIX shared-memory regions that this
+    client creates and registers with the server (only when the server runs on this host); the
+    request then carries only their names. The regions are kept and reused while large enough,
+    and registered again if the server restarted and forgot them.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "http",
+        request_timeout_s: float = 300.0,
+        shared_memory: bool = False,
+    ) -> None:
         self.url = url
         self.protocol = protocol
         self.request_timeout_s = request_timeout_s
+        self.shared_memory = shared_memory
+        self._regions: dict[str, tuple[Any, int]] = {}  # role -> (handle, byte size)
+        self._registered: set[str] = set()
         if protocol == "grpc":
             import tritonclient.grpc as grpcclient
 
-            self._mod = grpcclient
-            self._client = grpcclient.InferenceServerClient(url)
+            self._mod: Any = grpcclient
+            self._client: Any = grpcclient.InferenceServerClient(url)
         else:
             import tritonclient.http as httpclient
 
@@ -158,9 +197,29 @@ class InferenceClient:
             )
 
     def clone(self) -> InferenceClient:
-        """A client with its own connection (one per thread: the clients are not thread-safe)."""
-        return InferenceClient(self.url, self.protocol, self.request_timeout_s)
+        """A client with its own connection and regions (one per thread: not thread-safe)."""
+        return InferenceClient(self.url, self.protocol, self.request_timeout_s, self.shared_memory)
 
+    def close(self) -> None:
+        """Unregister and free this client's shared-memory regions."""
+        import tritonclient.utils.shared_memory as shm
+
+        for name, (handle, _) in list(self._regions.items()):
+            if name in self._registered:
+                with contextlib.suppress(Exception):
+                    self._client.unregister_system_shared_memory(self._region_name(name))
+            with contextlib.suppress(Exception):
+                shm.destroy_shared_memory_region(handle)
+        self._regions.clear()
+        self._registered.clear()
+        with contextlib.suppress(Exception):
+            self._client.close()
+
+    def __del__(self) -> None:
+        if self._regions:
+            self.close()
+
+    # -- state -----------------------------------------------------------------------------
     def is_ready(self, model: str | None = None) -> bool:
         try:
             if model is None:
@@ -171,35 +230,150 @@ class InferenceClient:
 
     def wait_ready(self, models: list[str], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             if self.is_ready() and all(self.is_ready(m) for m in models):
                 return
+            if time.monotonic() >= deadline:
+                break
             time.sleep(0.2)
         raise InferenceUnavailable(f"Triton at {self.url} not ready within {timeout_s:.0f} s")
 
-    def segment(self, model: str, hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        """Run a segmentation model on a volume; returns the uint8 label volume."""
+    def loaded_models(self) -> dict[str, str]:
+        """Model name -> state as the server reports it (READY, UNAVAILABLE, ...)."""
+        index = self._client.get_model_repository_index()
+        if self.protocol == "grpc":
+            return {m.name: m.state or "UNKNOWN" for m in index.models}
+        return {m["name"]: m.get("state", "UNKNOWN") or "UNKNOWN" for m in index}
+
+    def statistics(self, model: str) -> dict[str, float]:
+        """Cumulative server-side seconds for ``model``: request, queue, compute_input,
+        compute_infer, compute_output, and the count of successful requests."""
+        if self.protocol == "grpc":
+            from google.protobuf.json_format import MessageToDict
+
+            raw = MessageToDict(
+                self._client.get_inference_statistics(model), preserving_proto_field_name=True
+            )
+        else:
+            raw = self._client.get_inference_statistics(model)
+        out: dict[str, float] = {}
+        for entry in raw.get("model_stats", []):
+            stats = entry.get("inference_stats", {})
+            for key in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+                out[key] = out.get(key, 0.0) + int(stats.get(key, {}).get("ns", 0)) / 1e9
+            out["count"] = out.get("count", 0.0) + int(stats.get("success", {}).get("count", 0))
+        return out
+
+    # -- requests --------------------------------------------------------------------------
+    def _region_name(self, role: str) -> str:
+        return f"airouter_{os.getpid()}_{id(self):x}_{role}"
+
+    def _region(self, role: str, size: int) -> Any:
+        """A registered shared-memory region of at least ``size`` bytes for ``role``."""
+        import tritonclient.utils.shared_memory as shm
+
+        name = self._region_name(role)
+        current = self._regions.get(role)
+        if current is not None and current[1] < size:
+            with contextlib.suppress(Exception):
+                self._client.unregister_system_shared_memory(name)
+            shm.destroy_shared_memory_region(current[0])
+            self._registered.discard(role)
+            current = None
+        if current is None:
+            handle = shm.create_shared_memory_region(name, "/" + name, size)
+            current = (handle, size)
+            self._regions[role] = current
+        if role not in self._registered:
+            self._client.register_system_shared_memory(name, "/" + name, current[1])
+            self._registered.add(role)
+        return current[0]
+
+    def infer(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: OutputSpec
+    ) -> dict[str, np.ndarray]:
+        """One request. ``outputs`` gives each output's dtype and shape (needed to size its
+        shared-memory region; checked against the answer otherwise)."""
         from tritonclient.utils import InferenceServerException
 
-        ct = self._mod.InferInput("CT", list(hu.shape), "INT16")
-        af = self._mod.InferInput("AFFINE", [4, 4], "FP64")
-        if self.protocol == "grpc":
-            ct.set_data_from_numpy(np.ascontiguousarray(hu, dtype=np.int16))
-            af.set_data_from_numpy(np.ascontiguousarray(affine, dtype=np.float64))
-            kwargs: dict[str, object] = {"client_timeout": self.request_timeout_s}
-        else:
-            ct.set_data_from_numpy(np.ascontiguousarray(hu, dtype=np.int16), binary_data=True)
-            af.set_data_from_numpy(np.ascontiguousarray(affine, dtype=np.float64), binary_data=True)
-            kwargs = {}  # network_timeout of the client bounds the request
         try:
-            result = self._client.infer(model, [ct, af], **kwargs)
+            return self._infer(model, inputs, outputs)
         except InferenceServerException as exc:
+            message = exc.message() or str(exc)
             if not self.is_ready():
-                raise InferenceUnavailable(f"Triton at {self.url}: {exc}") from exc
-            raise InferenceError(f"model {model}: {exc.message()}") from exc
-        except (ConnectionError, OSError) as exc:
+                self._registered.clear()  # a restarted server knows no regions
+                raise InferenceUnavailable(f"Triton at {self.url}: {message}") from exc
+            if "shared memory" in message.lower() and "region" in message.lower():
+                self._registered.clear()
+                raise InferenceUnavailable(f"Triton at {self.url}: {message}") from exc
+            raise InferenceError(f"model {model}: {message}") from exc
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            self._registered.clear()
             raise InferenceUnavailable(f"Triton at {self.url}: {exc}") from exc
-        labels = result.as_numpy("LABELS")
-        if labels is None or labels.shape != hu.shape:
-            raise InferenceError(f"model {model}: output shape differs from the input")
-        return labels
+
+    def _infer(
+        self, model: str, inputs: dict[str, np.ndarray], outputs: OutputSpec
+    ) -> dict[str, np.ndarray]:
+        import tritonclient.utils.shared_memory as shm
+
+        use_shm = self.shared_memory
+        request_inputs = []
+        for name, array in inputs.items():
+            array = np.ascontiguousarray(array)
+            datatype = _NP_TO_TRITON[array.dtype]
+            tensor = self._mod.InferInput(name, list(array.shape), datatype)
+            if use_shm:
+                handle = self._region(f"in_{name}", array.nbytes)
+                shm.set_shared_memory_region(handle, [array])
+                tensor.set_shared_memory(self._region_name(f"in_{name}"), array.nbytes)
+            elif self.protocol == "grpc":
+                tensor.set_data_from_numpy(array)
+            else:
+                tensor.set_data_from_numpy(array, binary_data=True)
+            request_inputs.append(tensor)
+        requested = []
+        for name, (dtype, shape) in outputs.items():
+            if self.protocol == "grpc":
+                out = self._mod.InferRequestedOutput(name)
+            else:
+                out = self._mod.InferRequestedOutput(name, binary_data=True)
+            if use_shm:
+                size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                self._region(f"out_{name}", size)
+                out.set_shared_memory(self._region_name(f"out_{name}"), size)
+            requested.append(out)
+        kwargs: dict[str, object] = (
+            {"client_timeout": self.request_timeout_s} if self.protocol == "grpc" else {}
+        )  # over HTTP the client's network_timeout bounds the request
+        result = self._client.infer(model, request_inputs, outputs=requested, **kwargs)
+        arrays: dict[str, np.ndarray] = {}
+        for name, (dtype, shape) in outputs.items():
+            if use_shm:
+                answer = result.get_output(name)
+                got = tuple(
+                    int(d) for d in (answer["shape"] if isinstance(answer, dict) else answer.shape)
+                )
+                if got != tuple(shape):
+                    raise InferenceError(
+                        f"model {model}: output {name} has shape {got}, not {shape}"
+                    )
+                handle = self._regions[f"out_{name}"][0]
+                arrays[name] = np.array(shm.get_contents_as_numpy(handle, np.dtype(dtype), shape))
+            else:
+                value = result.as_numpy(name)
+                if value is None or value.shape != tuple(shape):
+                    got = None if value is None else value.shape
+                    raise InferenceError(
+                        f"model {model}: output {name} has shape {got}, not {shape}"
+                    )
+                arrays[name] = value.astype(dtype, copy=False)
+        return arrays
+
+    def segment(self, model: str, hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """Run a classic (``hu_affine``) model on a volume; returns the uint8 label volume."""
+        result = self.infer(
+            model,
+            {"CT": hu.astype(np.int16, copy=False), "AFFINE": affine.astype(np.float64)},
+            {"LABELS": (np.dtype(np.uint8), tuple(hu.shape))},
+        )
+        return result["LABELS"]

@@ -164,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     deliveries.add_argument("--http-port", type=int, default=8080)
     deliveries.set_defaults(func=_deliveries)
 
+    from airouter.models_cli import add_parser as add_models_parser
     from router.cli import add_parser
 
     add_parser(sub, Path("rules"))
+    add_models_parser(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -40,6 +40,7 @@ class StudyState(enum.StrEnum):
 class JobState(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    WAITING_INFERENCE = "waiting_inference"  # Triton unavailable: retried, never failed for it
     ENCODING = "encoding"
     DISPATCHING = "dispatching"
     DONE = "done"

@@ -24,7 +24,7 @@ from airouter.pipeline import PipelineContext, run_job
 from airouter.settings import ConfigError, Settings
 from airouter.web import create_app
 from inference.cards import ModelCardError, load_cards
-from inference.triton import InferenceClient, LocalTriton
+from inference.triton import InferenceClient, LocalTriton, is_local
 from router.queue import claim_next_job, required_series_ready, route_study
 from router.registry import RuleSet
 from router.rules import Rule, RuleError
@@ -51,7 +51,7 @@ class Node:
         ):
             directory.mkdir(parents=True, exist_ok=True)
         try:
-            self.cards = load_cards(settings.models_dir)
+            self.cards = load_cards(*settings.card_dirs)
             self.ruleset = RuleSet(settings.rules_dir, self._validate_rules)
             self.off_hours = OffHours.parse(settings.off_hours_start, settings.off_hours_end)
         except (RuleError, ModelCardError) as exc:
@@ -65,6 +65,7 @@ class Node:
         self.triton: LocalTriton | None = None
         self._client: InferenceClient | None = None
         self._client_lock = threading.Lock()
+        self._health_client: InferenceClient | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._workers: list[threading.Thread] = []
@@ -95,20 +96,35 @@ class Node:
     def _start_triton(self) -> None:
         s = self.settings
         if s.triton_url == "local":
-            self.triton = LocalTriton(s.data_dir / "triton", s.triton_http_port, s.triton_grpc_port)
+            self.triton = LocalTriton(
+                s.data_dir / "triton",
+                s.triton_http_port,
+                s.triton_grpc_port,
+                model_repositories=s.model_repositories,
+            )
             self.triton.start()
             url = self.triton.url(s.triton_protocol)
         else:
             url = s.triton_url
-        self._client = InferenceClient(url, s.triton_protocol, s.triton_request_timeout_s)
+        shm = s.triton_shared_memory == "on" or (s.triton_shared_memory == "auto" and is_local(url))
+        self._client = InferenceClient(
+            url, s.triton_protocol, s.triton_request_timeout_s, shared_memory=shm
+        )
+        log.info("inference: %s over %s%s", url, s.triton_protocol, " + shared memory" * shm)
 
     def client(self) -> InferenceClient:
-        """The inference client, once the server and every model card's model are ready."""
+        """The inference client (jobs check readiness and wait while the server is down)."""
         assert self._client is not None
-        models = sorted({c.triton_model for c in self.cards.values()})
-        with self._client_lock:
-            self._client.wait_ready(models, self.settings.triton_start_timeout_s)
         return self._client
+
+    def _watch_triton(self) -> None:
+        """Restart the local tritonserver if it died (jobs wait meanwhile)."""
+        if self.triton is None or self._stop.is_set() or self.triton.alive():
+            return
+        code = self.triton.process.returncode if self.triton.process else None
+        log.warning("tritonserver exited (code %s): restarting it", code)
+        self.store.record("triton_restarted", f"exit code {code}")
+        self.triton.start()
 
     # -- routing and work ------------------------------------------------------------------
     def _route(self, session: Session, study_uid: str) -> None:
@@ -148,7 +164,9 @@ class Node:
             )
             result = s.execute(
                 update(Job)
-                .where(Job.state.in_([JobState.RUNNING, JobState.ENCODING]))
+                .where(
+                    Job.state.in_([JobState.RUNNING, JobState.WAITING_INFERENCE, JobState.ENCODING])
+                )
                 .values(state=JobState.QUEUED)
             )
             if result.rowcount:  # type: ignore[attr-defined]
@@ -157,12 +175,21 @@ class Node:
     def health(self) -> dict[str, Any]:
         with self.store.session() as s:
             counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        ready = self._client is not None and self._client.is_ready()
+        with self._client_lock:  # the health checks share one client (not thread-safe)
+            if self._health_client is None and self._client is not None:
+                self._health_client = self._client.clone()
+            probe = self._health_client
+            ready = probe is not None and probe.is_ready()
+            models = {
+                name: probe is not None and ready and probe.is_ready(card.triton_model)
+                for name, card in self.cards.items()
+            }
         return {
             "status": "ok",
             "ae_title": self.settings.ae_title,
             "dimse_port": self.dimse.server_address[1] if self.dimse else None,
             "triton_ready": ready,
+            "models_ready": models,
             "triton_pid": self.triton.process.pid if self.triton and self.triton.process else None,
             "jobs": {state.value: n for state, n in counts.items()},
         }
@@ -199,10 +226,15 @@ class Node:
             coalesce=True,
         )
         self.scheduler.add_job(
+            self._watch_triton, "interval", seconds=2.0, id="triton", max_instances=1
+        )
+        self.scheduler.add_job(
             self._reload_rules, "interval", seconds=1.0, id="rules", max_instances=1, coalesce=True
         )
         self.scheduler.start()
-        ctx = PipelineContext(self.store, s, self.cards, self.client, self.wake_dispatch)
+        ctx = PipelineContext(
+            self.store, s, self.cards, self.client, self.wake_dispatch, stopping=self._stop
+        )
         for n in range(s.workers):
             t = threading.Thread(target=self._worker, args=(ctx,), name=f"worker-{n}", daemon=True)
             t.start()

@@ -7,10 +7,11 @@ reason that names the stage, and the log line carries the job id and UIDs, never
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import highdicom as hd
@@ -32,7 +33,8 @@ from encoders.common import (
 from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_seg
 from encoders.sr import build_measurement_report
-from inference.cards import ModelCard
+from inference.cards import ModelCard, OutputKind
+from inference.runner import ModelOutput, run_model
 from inference.triton import InferenceClient, InferenceError, InferenceUnavailable
 from inference.volume import Volume, VolumeError, build_volume
 
@@ -44,12 +46,17 @@ class PipelineContext:
     store: Store
     settings: Settings
     cards: dict[str, ModelCard]
-    client: Callable[[], InferenceClient]  # the client once Triton is up
+    client: Callable[[], InferenceClient]  # the inference client (the server may be down)
     on_outputs: Callable[[], None]  # wake the dispatcher
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 class JobError(Exception):
     """A job cannot proceed; the message is the reason recorded in the job."""
+
+
+class JobInterrupted(Exception):
+    """The node is stopping while the job waits; it stays where it is and resumes on restart."""
 
 
 def _set_state(store: Store, job_id: int, state: JobState, **values: object) -> None:
@@ -72,6 +79,8 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
     """Run a claimed job; never raises."""
     try:
         _run(ctx, job_id)
+    except JobInterrupted:
+        log.info("job %s: interrupted by shutdown, resumes on restart", job_id)
     except (JobError, VolumeError, InferenceError, InferenceUnavailable, EncodeError) as exc:
         _fail(ctx, job_id, str(exc))
     except Exception as exc:
@@ -177,31 +186,103 @@ def _forward(ctx: PipelineContext, job_id: int) -> None:
 
 
 def _infer(ctx: PipelineContext, job: Job, volume: Volume) -> list[Structure]:
-    """Run the job's models concurrently (each Triton model instance is its own process)."""
+    """Run the job's models; while Triton is unavailable the job waits, visibly, and retries.
+
+    A model that answers with an error fails the job with the server's message. A model the
+    server does not load within ``triton_start_timeout_s`` (while the server itself is up)
+    fails it too, rather than waiting forever.
+    """
     missing = [name for name in job.models if name not in ctx.cards]
     if missing:
         raise JobError(f"no model card for {', '.join(missing)}")
-    client = ctx.client()
+    cards = [ctx.cards[name] for name in job.models]
+    waiting_since: float | None = None
+    attempt = 0
+    while True:
+        client = ctx.client().clone()  # its own connection: clients are not thread-safe
+        try:
+            _check_ready(client, cards)
+            results = _run_models(ctx, job, volume, client, cards)
+            break
+        except InferenceUnavailable as exc:
+            now = time.monotonic()
+            if waiting_since is None:
+                waiting_since = now
+                log.warning("job %s: waiting for inference: %s", job.id, exc)
+                _set_state(ctx.store, job.id, JobState.WAITING_INFERENCE, error=str(exc))
+                ctx.store.record("job_waiting_inference", str(exc), job_id=job.id)
+            server_up = client.is_ready()
+            if server_up and now - waiting_since > ctx.settings.triton_start_timeout_s:
+                raise InferenceError(
+                    f"Triton is up but did not make it ready within "
+                    f"{ctx.settings.triton_start_timeout_s:.0f} s: {exc}"
+                ) from exc
+            delay = min(ctx.settings.triton_retry_max_s, 0.5 * 2**attempt)
+            attempt += 1
+            if ctx.stopping.wait(delay):
+                raise JobInterrupted() from exc
+        finally:
+            client.close()
+    if waiting_since is not None:
+        waited = time.monotonic() - waiting_since
+        _set_state(ctx.store, job.id, JobState.RUNNING, error=None)
+        ctx.store.record("job_inference_resumed", f"after {waited:.1f} s", job_id=job.id)
+        _timing(ctx.store, job.id, waiting_inference_s=waited)
+    structures: list[Structure] = []
+    for card in cards:
+        output = results[card.name]
+        if output.labels is None:
+            continue
+        structures.extend(
+            Structure(label, card, output.labels == label.value) for label in card.labels
+        )
+    probabilities = {
+        f"{card.name}/{label.name}": results[card.name].probabilities[label.value]
+        for card in cards
+        if OutputKind.PROBABILITY_MAP in card.outputs
+        for label in card.labels
+        if label.value in results[card.name].probabilities
+    }
+    if probabilities:
+        directory = ctx.settings.jobs_dir / str(job.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(directory / "probabilities.npz", **probabilities)
+    return structures
 
-    def call(name: str) -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
-        labels = client.clone().segment(ctx.cards[name].triton_model, volume.hu, volume.affine)
-        return labels, time.perf_counter() - t0
+
+def _check_ready(client: InferenceClient, cards: list[ModelCard]) -> None:
+    if not client.is_ready():
+        raise InferenceUnavailable(f"Triton at {client.url} is not ready")
+    for card in cards:
+        if not client.is_ready(card.triton_model):
+            raise InferenceUnavailable(f"model {card.triton_model} is not ready on {client.url}")
+
+
+def _run_models(
+    ctx: PipelineContext,
+    job: Job,
+    volume: Volume,
+    client: InferenceClient,
+    cards: list[ModelCard],
+) -> dict[str, ModelOutput]:
+    """The job's models concurrently (each Triton model instance is its own process)."""
+
+    def call(card: ModelCard) -> ModelOutput:
+        own = client.clone()
+        try:
+            return run_model(card, volume.hu, volume.affine, client=own)
+        finally:
+            own.close()
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=len(job.models), thread_name_prefix=f"job{job.id}") as pool:
-        results = dict(zip(job.models, pool.map(call, job.models), strict=True))
-    _timing(
-        ctx.store,
-        job.id,
-        inference_s=time.perf_counter() - t0,
-        **{f"inference_{name}_s": seconds for name, (_, seconds) in results.items()},
-    )
-    return [
-        Structure(label, ctx.cards[name], labels == label.value)
-        for name, (labels, _) in results.items()
-        for label in ctx.cards[name].labels
-    ]
+    with ThreadPoolExecutor(max_workers=len(cards), thread_name_prefix=f"job{job.id}") as pool:
+        outputs = dict(zip([c.name for c in cards], pool.map(call, cards), strict=True))
+    timings = {"inference_s": time.perf_counter() - t0}
+    for name, out in outputs.items():
+        for key, seconds in out.timings.items():
+            timings[f"{name}_{key}"] = seconds
+    _timing(ctx.store, job.id, **timings)
+    return outputs
 
 
 def _save_masks(directory: Path, structures: list[Structure]) -> None:

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     triton_grpc_port: int = Field(default=0, ge=0, le=65535)
     triton_start_timeout_s: float = 120.0
     triton_request_timeout_s: float = 300.0
+    # Jobs wait while Triton is unavailable, retrying with backoff up to this interval.
+    triton_retry_max_s: float = Field(default=10.0, gt=0)
+    # System shared memory for tensors: "auto" uses it when the server is on this host.
+    triton_shared_memory: str = Field(default="auto", pattern="^(auto|on|off)$")
+    # Imported models (``airouter models import``): cards and Triton repository entries.
+    imported_models_dir: Path | None = None  # default: data_dir/models
 
     # Workers and dispatch
     workers: int = Field(default=1, ge=1)
@@ -169,6 +175,22 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def imported_models(self) -> Path:
+        """Where ``airouter models import`` puts cards (``cards/``) and Triton entries
+        (``repository/``)."""
+        return self.imported_models_dir or self.data_dir / "models"
+
+    @property
+    def card_dirs(self) -> list[Path]:
+        return [self.models_dir, self.imported_models / "cards"]
+
+    @property
+    def model_repositories(self) -> list[Path]:
+        from inference.triton import MODEL_REPOSITORY
+
+        return [MODEL_REPOSITORY, self.imported_models / "repository"]
 
     @property
     def db_url(self) -> str:

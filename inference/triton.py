@@ -362,9 +362,9 @@ class InferenceClient:
             else:
                 value = result.as_numpy(name)
                 if value is None or value.shape != tuple(shape):
-                    got = None if value is None else value.shape
+                    seen = None if value is None else value.shape
                     raise InferenceError(
-                        f"model {model}: output {name} has shape {got}, not {shape}"
+                        f"model {model}: output {name} has shape {seen}, not {shape}"
                     )
                 arrays[name] = value.astype(dtype, copy=False)
         return arrays

@@ -1,0 +1,144 @@
+"""``airouter models list | import | export-repository``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from airouter.settings import Settings, load_settings
+from inference.cards import ModelCardError, load_cards
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, data_dir=args.data_dir)
+
+
+def _readiness(args: argparse.Namespace, settings: Settings, models: list[str]) -> dict[str, str]:
+    """Model -> state, from a Triton server (--triton-url) or else from the running node."""
+    if args.triton_url:
+        from inference.triton import InferenceClient
+
+        client = InferenceClient(args.triton_url, args.protocol, 10.0)
+        if not client.is_ready():
+            return {m: "server not ready" for m in models}
+        try:
+            states = client.loaded_models()
+        finally:
+            client.close()
+        return {m: states.get(m, "not in repository") for m in models}
+    url = f"http://{settings.http_host}:{settings.http_port}/api/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            health = json.load(response)
+    except (urllib.error.URLError, OSError):
+        return {m: "node not running" for m in models}
+    ready = health.get("models_ready", {})
+    return {m: "READY" if ready.get(m) else "not ready" for m in models}
+
+
+def list_models(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    try:
+        cards = load_cards(*settings.card_dirs)
+    except ModelCardError as exc:
+        print(f"airouter: {exc}", file=sys.stderr)
+        return 1
+    states = _readiness(args, settings, list(cards))
+    if args.triton_url:  # the server knows Triton model names
+        states = _readiness(args, settings, [c.triton_model for c in cards.values()])
+        states = {name: states[c.triton_model] for name, c in cards.items()}
+    rows: list[dict[str, Any]] = [
+        {
+            "name": c.name,
+            "version": c.version,
+            "card": c.checksum[:12],
+            "triton_model": c.triton_model,
+            "task": c.task.value,
+            "input": f"{c.input.kind.value}/{c.input.mode.value}",
+            "labels": [label.name for label in c.labels],
+            "state": states[c.name],
+        }
+        for c in cards.values()
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'MODEL':<20} {'VERSION':<9} {'CARD':<13} {'INPUT':<18} {'STATE':<18} LABELS")
+    for r in rows:
+        print(
+            f"{r['name']:<20} {r['version']:<9} {r['card']:<13} {r['input']:<18} "
+            f"{r['state']:<18} {', '.join(r['labels'])}"
+        )
+    return 0
+
+
+def import_model(args: argparse.Namespace) -> int:
+    from inference.bundles import BundleError, import_bundle
+
+    settings = _settings(args)
+    codes = yaml.safe_load(args.codes.read_text()) if args.codes else None
+    try:
+        card, entry = import_bundle(
+            args.bundle,
+            settings.imported_models / "cards",
+            settings.imported_models / "repository",
+            name=args.name,
+            codes=codes,
+            replace=args.replace,
+        )
+    except (BundleError, ModelCardError) as exc:
+        print(f"airouter: cannot import {args.bundle}: {exc}", file=sys.stderr)
+        return 1
+    print(f"model card: {card}\nTriton entry: {entry}\n(restart the node to serve it)")
+    return 0
+
+
+def export_repository(args: argparse.Namespace) -> int:
+    from inference.bundles import BundleError, export_repository
+
+    settings = _settings(args)
+    try:
+        cards = load_cards(*settings.card_dirs)
+        written = export_repository(cards, settings.model_repositories, args.dir, args.backend)
+    except (BundleError, ModelCardError) as exc:
+        print(f"airouter: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.dir}: {', '.join(written)} ({args.backend} backend for TorchScript models)")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    models = sub.add_parser("models", help="model cards and the Triton model repository")
+    msub = models.add_subparsers(dest="models_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="YAML settings file (AIROUTER_CONFIG)")
+        p.add_argument("--data-dir", type=Path, help="the node's data directory")
+
+    ls = msub.add_parser("list", help="each model, its version, and whether Triton has it ready")
+    common(ls)
+    ls.add_argument("--triton-url", help="ask this Triton (host:port) instead of the node")
+    ls.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=list_models)
+
+    imp = msub.add_parser("import", help="a MONAI bundle -> model card + Triton entry")
+    common(imp)
+    imp.add_argument("bundle", type=Path, help="bundle folder (configs/metadata.json, models/)")
+    imp.add_argument("--name", help="model name (default: the bundle's name)")
+    imp.add_argument("--codes", type=Path, help="YAML: label name -> coded concepts and colour")
+    imp.add_argument("--replace", action="store_true", help="replace an imported model")
+    imp.set_defaults(func=import_model)
+
+    exp = msub.add_parser("export-repository", help="write the Triton repository for NGC Triton")
+    common(exp)
+    exp.add_argument("dir", type=Path)
+    exp.add_argument("--backend", choices=["python", "libtorch"], default="python")
+    exp.set_defaults(func=export_repository)

@@ -23,7 +23,8 @@ from airouter.dispatch import Dispatcher
 from airouter.pipeline import PipelineContext, run_job
 from airouter.settings import ConfigError, Settings
 from airouter.web import create_app
-from inference.cards import ModelCardError, load_cards
+from inference.cards import InputKind, ModelCardError, load_cards
+from inference.runner import warm_up
 from inference.triton import InferenceClient, LocalTriton, is_local
 from router.queue import claim_next_job, required_series_ready, route_study
 from router.registry import RuleSet
@@ -232,6 +233,8 @@ class Node:
             self._reload_rules, "interval", seconds=1.0, id="rules", max_instances=1, coalesce=True
         )
         self.scheduler.start()
+        if any(c.input.kind is InputKind.TENSOR for c in self.cards.values()):
+            threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
         ctx = PipelineContext(
             self.store, s, self.cards, self.client, self.wake_dispatch, stopping=self._stop
         )

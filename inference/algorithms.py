@@ -13,6 +13,7 @@ BODY_THRESHOLD_HU = -500
 AIR_THRESHOLD_HU = -400
 MIN_LUNG_ML = 250.0
 BONE_THRESHOLD_HU = 300
+TABLE_RADIUS_MM = 8.0  # the table and holders are thinner than 16 mm
 MAX_ENCLOSED_FRACTION = 0.5
 
 # Label values of the models' outputs; the model cards name them.
@@ -57,12 +58,34 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
 
 
 def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """ct-body: the patient's outline. HU threshold, largest component, holes filled per slice.
+    """ct-body: the patient's outline. HU threshold, largest component, the table cut off where
+    it touches the patient, holes filled per slice.
 
     Returns uint8 labels (0 background, 1 body).
     """
     body = fill_holes_per_slice(largest_component(hu > BODY_THRESHOLD_HU))
+    if body.any():
+        body = largest_component(remove_thin_attachments(body, affine))
     return body.astype(np.uint8) * BODY
+
+
+def remove_thin_attachments(
+    mask: np.ndarray, affine: np.ndarray, radius_mm: float = TABLE_RADIUS_MM
+) -> np.ndarray:
+    """Cut structures thinner than ``2 * radius_mm`` in the axial plane (the table, head
+    holders, cables) where they touch the patient: an in-plane opening (erosion then dilation
+    by a disk, as distance transforms) on a ~2 mm grid; the mask keeps its full resolution
+    within the opening's reach."""
+    pixel_mm = float(min(np.linalg.norm(affine[:3, 1]), np.linalg.norm(affine[:3, 2])))
+    step = max(1, round(2.0 / max(pixel_mm, 1e-3)))
+    coarse = mask[:, ::step, ::step]
+    sampling = (1e4, pixel_mm * step, pixel_mm * step)  # no reach across slices
+    core = ndimage.distance_transform_edt(coarse, sampling=sampling) > radius_mm
+    if not core.any():
+        return mask
+    near = ndimage.distance_transform_edt(~core, sampling=sampling) <= radius_mm + pixel_mm * step
+    full = np.repeat(np.repeat(near, step, axis=1), step, axis=2)
+    return mask & full[:, : mask.shape[1], : mask.shape[2]]
 
 
 def segment_lungs(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -99,7 +99,8 @@ def random_chest_phantom(
         lungs.append(
             ((x - cx) / (rx * taper)) ** 2 + ((y - cy) / ry) ** 2 + ((z - zc) / rz) ** 2 <= 1.0
         )
-    right, left = lungs[0] & body, lungs[1] & body
+    chest_wall = (x / (a - 15)) ** 2 + (y / (b - 15)) ** 2 <= 1.0  # lungs stay inside it
+    right, left = lungs[0] & chest_wall, lungs[1] & chest_wall
     soft = rng.uniform(20, 60)
     hu = np.full(body.shape, -1000, dtype=np.float32)
     hu[body] = soft

@@ -216,7 +216,8 @@ def start_node(
         if process.poll() is not None:
             raise RuntimeError(f"node exited early:\n{node.log_text()[-3000:]}")
         health = node.get("/api/health")
-        return bool(health and (health.get("triton_ready") or not wait_triton))
+        models_ready = health and all(health.get("models_ready", {}).values())
+        return bool(health and ((health.get("triton_ready") and models_ready) or not wait_triton))
 
     wait_for(ready, 120, "the node and its Triton models")
     return node

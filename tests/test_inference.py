@@ -1,0 +1,237 @@
+"""Inference: model cards, the MONAI runner, and the real tritonserver serving every bundled
+model over HTTP, gRPC and system shared memory."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from inference.algorithms import segment_lungs
+from inference.cards import ModelCard, ModelCardError, load_card, load_cards
+from inference.lungnet.train import HELD_OUT_SEEDS, held_out_phantom
+from inference.runner import LPS_TO_RAS, preprocess, resample_to_source, run_model
+from inference.triton import InferenceClient, InferenceError, LocalTriton
+from inference.volume import build_volume
+from tests.peers import ROOT, head_ct_files
+from tests.raster import dice
+
+CARDS = ROOT / "config" / "models"
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _tensor_card(**changes: object) -> ModelCard:
+    base = load_card(CARDS / "ct-lungs-unet.yaml").model_dump(exclude={"checksum"})
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            base[section] = {**base[section], field: value}
+        else:
+            base[section] = value
+    return ModelCard.model_validate(base)
+
+
+# -- cards --------------------------------------------------------------------------------------
+def test_shipped_cards_describe_input_processing_labels_and_outputs() -> None:
+    cards = load_cards(CARDS)
+    assert set(cards) >= {"ct-body", "ct-lungs", "ct-lungs-unet"}
+    unet = cards["ct-lungs-unet"]
+    assert unet.input.mode.value == "patch" and unet.input.patch_size == (64, 64, 64)
+    assert unet.preprocessing.orientation == "RAS" and unet.preprocessing.spacing == (4, 4, 4)
+    assert unet.preprocessing.intensity is not None
+    assert "PROBABILITY_MAP" in unet.outputs
+    assert unet.labels[0].type.value == "39607008"  # SNOMED CT lung structure
+    # the card reports what it was trained on and its held-out Dice against ct-lungs
+    assert "phantom" in str(unet.training["data"])
+    assert float(unet.training["dice_vs_ct_lungs_min"]) >= 0.9  # type: ignore[arg-type]
+    assert len(unet.checksum) == 64
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"input__patch_size": None}, "patch_size is required"),
+        ({"input__output_channels": 1}, "cannot hold label 1"),
+        ({"preprocessing__orientation": "XYZ"}, "orientation"),
+        ({"input__mode": "warp"}, "mode"),
+    ],
+)
+def test_invalid_cards_are_refused_with_the_field(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _tensor_card(**change)
+
+
+def test_two_cards_with_one_name_are_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.yaml").write_text((CARDS / "ct-body.yaml").read_text())
+    with pytest.raises(ModelCardError, match="already defined"):
+        load_cards(CARDS, tmp_path / "a")
+
+
+# -- the runner (MONAI pre/post-processing) with an in-process predictor --------------------------
+def test_resampling_back_matches_the_general_affine_path() -> None:
+    rng = np.random.default_rng(1)
+    small = rng.random((20, 24, 16)).astype(np.float32)
+    pre = np.diag([-4.0, 4.0, 3.0, 1.0])
+    pre[:3, 3] = [40.0, -50.0, 10.0]
+    src = np.array([[0, 0, 1.3, -30], [0, 1.1, 0, -40], [2.5, 0, 0, 12], [0, 0, 0, 1.0]])
+    shape = (30, 60, 50)
+    fast = resample_to_source(small, pre, src, shape)
+    # nudge the affine off-axis by 1e-7: the general (scipy affine_transform) path runs
+    tilted = src.copy()
+    tilted[0, 1] = 1e-7
+    slow = resample_to_source(small, pre, tilted, shape)
+    assert np.abs(fast - slow).max() < 1e-4
+
+
+def test_preprocessing_orients_and_resamples_in_patient_space() -> None:
+    """A marker on the patient's left stays on the left (RAS +x is the patient's left? no: RAS
+    +x is the patient's right-to-left reversed, so the left is at low x) after Orientation."""
+    card = _tensor_card()
+    hu = np.full((20, 64, 64), -1000, dtype=np.int16)
+    hu[:, 28:36, 50:58] = 500  # high column index = patient's left (+x in LPS)
+    affine = np.array([[0, 0, 2.0, -63], [0, 2.0, 0, -63], [4.0, 0, 0, 0], [0, 0, 0, 1]])
+    image, pre_affine = preprocess(card, hu, affine)
+    peak = np.unravel_index(np.argmax(image[0]), image.shape[1:])
+    ras = pre_affine @ [*peak, 1]
+    assert ras[0] < 0  # RAS x < 0: towards the patient's left
+    back = resample_to_source(image[0], pre_affine, LPS_TO_RAS @ affine, hu.shape)
+    assert back[:, 32, 54].mean() > 0.9 and back[:, 32, 10].mean() < 0.05
+
+
+@pytest.mark.parametrize("mode", ["volume", "slice", "patch"])
+def test_dense_modes_give_the_same_labels_with_a_known_predictor(mode: str) -> None:
+    """The predictor thresholds the windowed input: every mode must reproduce that threshold
+    on the source grid (within resampling at the edges)."""
+    card = _tensor_card(
+        input__mode=mode,
+        input__patch_size=[32, 32, 16] if mode == "patch" else None,
+        input__batch_size=3,
+        postprocessing__min_component_ml=0.0,
+        postprocessing__fill_holes=False,
+    )
+    level = (-400 + 1000) / 1500  # -400 HU after the card's window
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        air = (level - batch) * 50.0
+        return np.concatenate([-air, air], axis=1)  # channel 1 = air
+
+    hu = np.full((30, 64, 64), 40, dtype=np.int16)
+    hu[8:22, 16:48, 10:30] = -900
+    affine = np.array([[0, 0, 4.0, -126], [0, 4.0, 0, -126], [4.0, 0, 0, 0], [0, 0, 0, 1]])
+    out = run_model(card, hu, affine, predict=predict)
+    assert out.labels is not None
+    assert dice(out.labels == 1, hu < -400) > 0.97
+    assert set(out.probabilities) == {1} and out.probabilities[1].dtype == np.uint8
+
+
+def test_classification_gives_one_score_per_label() -> None:
+    card = _tensor_card(
+        task="classification",
+        input__mode="volume",
+        input__patch_size=None,
+        input__output_channels=2,
+    )
+    out = run_model(
+        card,
+        np.zeros((8, 16, 16), np.int16),
+        np.eye(4),
+        predict=lambda batch: np.array([[0.0, np.log(3.0)]] * batch.shape[0]),
+    )
+    assert out.labels is None
+    assert out.scores == {"Lungs": pytest.approx(0.75)}
+
+
+# -- the real tritonserver ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
+    server = LocalTriton(tmp_path_factory.mktemp("triton"))
+    server.start()
+    try:
+        cards = load_cards(CARDS)
+        InferenceClient(server.url("http")).wait_ready(
+            [c.triton_model for c in cards.values()], 120
+        )
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.integration
+def test_every_model_gives_the_same_masks_over_http_grpc_and_shared_memory(
+    triton: LocalTriton,
+) -> None:
+    phantom = held_out_phantom(HELD_OUT_SEEDS[0])
+    cards = load_cards(CARDS)
+    reference: dict[str, np.ndarray] = {}
+    for protocol in ("http", "grpc"):
+        for shared in (False, True):
+            client = InferenceClient(triton.url(protocol), protocol, shared_memory=shared)
+            try:
+                for name, card in sorted(cards.items()):
+                    labels = run_model(card, phantom.hu, phantom.affine, client=client).labels
+                    assert labels is not None and labels.shape == phantom.hu.shape
+                    if name in reference:
+                        assert np.array_equal(labels, reference[name]), (name, protocol, shared)
+                    else:
+                        reference[name] = labels
+            finally:
+                client.close()
+    truth = phantom.right_lung | phantom.left_lung
+    assert dice(reference["ct-body"] == 1, phantom.body) > 0.97
+    assert dice(reference["ct-lungs"] > 0, truth) > 0.95
+    assert dice(reference["ct-lungs-unet"] == 1, truth) > 0.9
+
+
+@pytest.mark.integration
+def test_network_model_on_held_out_phantom_agrees_with_the_classic_model(
+    triton: LocalTriton,
+) -> None:
+    """Acceptance: Dice >= 0.9 against ct-lungs on a phantom never seen in training (seed and
+    grid differ from the training set's), through Triton; and the card says the same."""
+    cards = load_cards(CARDS)
+    client = InferenceClient(triton.url("grpc"), "grpc", shared_memory=True)
+    try:
+        phantom = held_out_phantom(HELD_OUT_SEEDS[1])
+        classic = segment_lungs(phantom.hu, phantom.affine) > 0
+        out = run_model(cards["ct-lungs-unet"], phantom.hu, phantom.affine, client=client)
+        assert out.labels is not None
+        score = dice(out.labels == 1, classic)
+        assert score >= 0.9, score
+        recorded = cards["ct-lungs-unet"].training["dice_vs_ct_lungs"]
+        assert abs(score - recorded[1]) < 0.01  # type: ignore[index]
+        # the probability map is high inside the lungs and low outside
+        prob = out.probabilities[1]
+        assert prob[classic].mean() > 200 and prob[~classic].mean() < 20
+        # a head CT (air inside a skull) has no lungs for the network either: an empty result
+        head = build_volume(head_ct_files())
+        empty = run_model(cards["ct-lungs-unet"], head.hu, head.affine, client=client)
+        assert empty.labels is not None and not empty.labels.any()
+    finally:
+        client.close()
+
+
+@pytest.mark.integration
+def test_a_model_error_carries_the_servers_message(triton: LocalTriton) -> None:
+    client = InferenceClient(triton.url("http"))
+    with pytest.raises(InferenceError, match="ct-lungs-unet"):
+        # two channels where the network takes one: the model fails, the server says why
+        client.infer(
+            "ct-lungs-unet",
+            {"INPUT__0": np.zeros((1, 2, 16, 16, 16), np.float32)},
+            {"OUTPUT__0": (np.dtype(np.float32), (1, 2, 16, 16, 16))},
+        )
+    assert client.is_ready("ct-lungs-unet")  # the model still serves the next request
+
+
+def test_card_checksum_follows_the_file(tmp_path: Path) -> None:
+    text = (CARDS / "ct-body.yaml").read_text()
+    (tmp_path / "a.yaml").write_text(text)
+    data = yaml.safe_load(text)
+    data["version"] = "1.0.1"
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(data))
+    assert load_card(tmp_path / "a.yaml").checksum != load_card(tmp_path / "b.yaml").checksum

@@ -6,6 +6,7 @@ reason that names the stage, and the log line carries the job id and UIDs, never
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -229,6 +230,12 @@ def _infer(ctx: PipelineContext, job: Job, volume: Volume) -> list[Structure]:
         ctx.store.record("job_inference_resumed", f"after {waited:.1f} s", job_id=job.id)
         _timing(ctx.store, job.id, waiting_inference_s=waited)
     structures: list[Structure] = []
+    scores = {card.name: results[card.name].scores for card in cards if results[card.name].scores}
+    if scores:  # classification models: one score per label, kept with the job and in events
+        directory = ctx.settings.jobs_dir / str(job.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "scores.json").write_text(json.dumps(scores, indent=2))
+        ctx.store.record("job_scores", json.dumps(scores), job_id=job.id)
     for card in cards:
         output = results[card.name]
         if output.labels is None:

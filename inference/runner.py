@@ -167,7 +167,8 @@ def _infer_dense(card: ModelCard, image: np.ndarray, predict: Predictor) -> np.n
     from monai.inferers import sliding_window_inference
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(predict(batch.detach().cpu().numpy()))
+        out = predict(batch.detach().cpu().numpy())
+        return torch.from_numpy(np.require(out, requirements=["W", "C"]))
 
     assert card.input.patch_size is not None
     with torch.no_grad():

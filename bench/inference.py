@@ -1,0 +1,183 @@
+"""Inference speed on the 140-slice CT: where the time goes, per transport.
+
+For each bundled model and each transport (HTTP, gRPC, each with and without system shared
+memory) against the real tritonserver: pre-processing (MONAI, in the node), the Triton requests
+split into server time (Triton's own statistics: queue + compute, including the copy into the
+Python backend) and transfer (the rest of the client's wall time: serialisation, the socket or
+the shared-memory copy, deserialisation), and post-processing (resampling back, cleaning).
+The network model is also run in process with the same TorchScript file: the overhead ratio is
+Triton's total over that. Medians of --rounds, transports alternating within each round.
+
+    .venv/bin/python -m bench.inference [--rounds 3] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import machine, median, record
+from inference.cards import ModelCard, load_cards
+from inference.runner import run_model
+from inference.triton import InferenceClient, LocalTriton
+from inference.volume import build_volume
+from tests.peers import ROOT, head_ct_files
+
+TRANSPORTS = [("http", False), ("grpc", False), ("http", True), ("grpc", True)]
+
+
+class TimedClient(InferenceClient):
+    """Adds up the client's wall time per request and the server's time for the same requests."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wall = 0.0
+        self.requests = 0
+
+    def infer(self, model: str, inputs: Any, outputs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return super().infer(model, inputs, outputs)
+        finally:
+            self.wall += time.perf_counter() - t0
+            self.requests += 1
+
+
+def run_once(card: ModelCard, volume: Any, client: TimedClient) -> dict[str, float]:
+    before = client.statistics(card.triton_model)
+    client.wall, client.requests = 0.0, 0
+    t0 = time.perf_counter()
+    out = run_model(card, volume.hu, volume.affine, client=client)
+    total = time.perf_counter() - t0
+    after = client.statistics(card.triton_model)
+    server = after["success"] - before["success"]
+    compute = sum(
+        after[k] - before[k] for k in ("compute_input", "compute_infer", "compute_output")
+    )
+    return {
+        "pre": out.timings.get("preprocess_s", 0.0),
+        "transfer": client.wall - server,
+        "server": server,
+        "compute": compute,
+        "post": out.timings.get("postprocess_s", 0.0),
+        "total": total,
+        "requests": client.requests,
+    }
+
+
+def in_process(card: ModelCard, volume: Any, device: str) -> dict[str, float]:
+    import torch
+
+    entry = ROOT / "inference" / "model_repository" / card.triton_model / "1" / "model.pt"
+    module = torch.jit.load(str(entry), map_location=device).eval()
+    compute = 0.0
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        nonlocal compute
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            y = module(torch.from_numpy(batch).to(device)).cpu().numpy()
+        compute += time.perf_counter() - t0
+        return y
+
+    t0 = time.perf_counter()
+    out = run_model(card, volume.hu, volume.affine, predict=predict)
+    return {
+        "pre": out.timings["preprocess_s"],
+        "compute": compute,
+        "post": out.timings["postprocess_s"],
+        "total": time.perf_counter() - t0,
+    }
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    volume = build_volume(head_ct_files())
+    build_s = time.perf_counter() - t0
+    cards = load_cards(ROOT / "config" / "models")
+    server = LocalTriton(Path(tempfile.mkdtemp(prefix="bench-triton-")))
+    server.start()
+    results: dict[tuple[str, str], list[dict[str, float]]] = {}
+    baseline: list[dict[str, float]] = []
+    try:
+        InferenceClient(server.url("http")).wait_ready(
+            [c.triton_model for c in cards.values()], 180
+        )
+        clients = {
+            (p, shm): TimedClient(server.url(p), p, shared_memory=shm) for p, shm in TRANSPORTS
+        }
+        for name in ("ct-body", "ct-lungs-unet"):  # warm each model and the imports once
+            run_once(cards[name], volume, clients[("http", False)])
+        for r in range(args.rounds):
+            for name in ("ct-body", "ct-lungs-unet"):
+                for (protocol, shm), client in clients.items():
+                    label = f"{protocol}{' + shared memory' if shm else ''}"
+                    results.setdefault((name, label), []).append(
+                        run_once(cards[name], volume, client)
+                    )
+            baseline.append(in_process(cards["ct-lungs-unet"], volume, args.device))
+            print(f"round {r + 1} done", flush=True)
+        for client in clients.values():
+            client.close()
+    finally:
+        server.stop()
+
+    def fmt(v: float) -> str:
+        return f"{v:.3f}"
+
+    shape = "x".join(str(n) for n in volume.hu.shape)
+    lines = [
+        f"`bench/inference.py`: the shared head CT ({shape}, int16), {args.rounds} rounds, "
+        f"medians; tritonserver 2.51 from nvidia-pytriton on the CPU, Python backend, "
+        f"client and server on one host. Volume build (read, sort, decode, rescale): "
+        f"**{build_s:.2f} s**.",
+        "",
+        "| model | transport | pre-processing s | transfer s | server s (compute) | "
+        "post-processing s | total s | requests |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (name, label), rows in results.items():
+        m = {k: median([row[k] for row in rows]) for k in rows[0]}
+        lines.append(
+            f"| {name} | {label} | {fmt(m['pre'])} | **{fmt(m['transfer'])}** | "
+            f"{fmt(m['server'])} ({fmt(m['compute'])}) | {fmt(m['post'])} | {fmt(m['total'])} | "
+            f"{int(m['requests'])} |"
+        )
+    b = {k: median([row[k] for row in baseline]) for k in baseline[0]}
+    best = min(
+        median([row["total"] for row in rows])
+        for (name, _), rows in results.items()
+        if name == "ct-lungs-unet"
+    )
+    http = median([row["total"] for row in results[("ct-lungs-unet", "http")]])
+    lines += [
+        "",
+        f"In process ({args.device}), the same TorchScript file and the same MONAI code: "
+        f"pre-processing {fmt(b['pre'])} s, compute {fmt(b['compute'])} s, post-processing "
+        f"{fmt(b['post'])} s, total {fmt(b['total'])} s. Triton's overhead for ct-lungs-unet: "
+        f"**{best / b['total']:.2f}x** the in-process total with the best transport, "
+        f"{http / b['total']:.2f}x over plain HTTP.",
+        "",
+        f"Machine: {machine()}.",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_record:
+        record("Inference: the 140-slice CT through Triton, per transport", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -343,3 +343,53 @@ def test_export_repository_for_ngc_triton(tmp_path: Path) -> None:
     # the exported TorchScript is the shipped one, loadable by libtorch
     module = torch.jit.load(str(out / "ct-lungs-unet" / "1" / "model.pt"))
     assert module(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+
+class _Broken(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            raise RuntimeError("weights do not fit this input")
+        return x
+
+
+def test_a_failing_model_fails_its_job_with_the_servers_message_others_continue(
+    tmp_path: Path,
+) -> None:
+    """Two rules match one study: the job of the broken model fails with what Triton said;
+    the other job is unaffected."""
+    from inference.triton_torch import MODEL_PY, config_pbtxt
+
+    models = tmp_path / "node" / "var" / "models"
+    entry = models / "repository" / "broken-net" / "1"
+    entry.mkdir(parents=True)
+    torch.jit.script(_Broken()).save(str(entry / "model.pt"))
+    (entry / "model.py").write_text(MODEL_PY)
+    (entry.parent / "config.pbtxt").write_text(config_pbtxt("broken-net", 1, 2, 3))
+    card = yaml.safe_load((ROOT / "config/models/ct-lungs-unet.yaml").read_text())
+    card.update(name="broken-net", triton_model="broken-net", training={})
+    (models / "cards").mkdir()
+    (models / "cards" / "broken-net.yaml").write_text(yaml.safe_dump(card))
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    for name, model in (("a-broken", "broken-net"), ("b-body", "ct-body")):
+        (rules / f"{name}.yaml").write_text(
+            yaml.safe_dump(
+                {"rules": [{"name": name, "match": {"Modality": "CT"}, "models": [model]}]}
+            )
+        )
+    node = start_node(tmp_path / "node", None, rules_dir=str(rules), quiet_period_s=0.5)
+    try:
+        study = _send_phantom(node, tmp_path / "s", 2)
+
+        def finished() -> list[dict[str, Any]] | None:
+            jobs = [j for j in _jobs(node) if j["study_uid"] == study]
+            done = [j for j in jobs if j["state"] in ("done", "failed")]
+            return done if len(done) == 2 else None
+
+        jobs = {j["rule"]: j for j in wait_for(finished, 120, "both jobs")}
+        assert jobs["a-broken"]["state"] == "failed"
+        assert "model broken-net" in jobs["a-broken"]["error"]
+        assert "weights do not fit this input" in jobs["a-broken"]["error"]
+        assert jobs["b-body"]["state"] == "done" and not jobs["b-body"]["error"]
+    finally:
+        stop_process(node.process)

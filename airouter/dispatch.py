@@ -1,9 +1,10 @@
 """Results go out: the node's archive, then a durable outbox per (object, destination).
 
 Every object a job writes is stored in the archive (indexed, served by DICOMweb) and gets one
-delivery row per destination. Deliveries are sent by C-STORE on one association per destination;
-the state recorded is the destination's real answer, and failures are retried with exponential
-backoff until ``dispatch_max_attempts``, then marked dead.
+delivery row per destination. Deliveries are sent per destination kind (``airouter/senders.py``:
+C-STORE on one association, STOW-RS, Orthanc REST, a folder); the state recorded is the
+destination's real answer, and failures are retried with exponential backoff until
+``dispatch_max_attempts``, then marked dead.
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from datetime import timedelta
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
-from pynetdicom.presentation import build_context
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -33,14 +30,14 @@ from airouter.db import (
     Series,
     Source,
     Store,
+    Study,
     utcnow,
 )
-from airouter.settings import DicomNode, Settings
+from airouter.senders import send
+from airouter.settings import RETURN_TO_SENDER, DicomNode, Settings
 from scp.spool import instance_path, write_durable
 
 log = logging.getLogger(__name__)
-
-_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 
 def archive_output(s: Session, settings: Settings, job: Job, kind: str, ds: Dataset) -> Output:
@@ -87,9 +84,38 @@ def archive_output(s: Session, settings: Settings, job: Job, kind: str, ds: Data
     )
     s.add(output)
     s.flush()
-    for destination in job.destinations:
-        s.add(Delivery(output_id=output.id, destination=destination))
+    add_deliveries(s, settings, job, output)
     return output
+
+
+def add_deliveries(s: Session, settings: Settings, job: Job, output: Output) -> None:
+    """One outbox entry per destination of the job; "@sender" becomes the configured DICOM
+    destination whose AE title is the study's calling AE, or a dead entry saying why not."""
+    for destination in job.destinations:
+        if destination != RETURN_TO_SENDER:
+            s.add(Delivery(output_id=output.id, destination=destination))
+            continue
+        study = s.get(Study, job.study_uid)
+        calling = study.calling_ae if study is not None else None
+        names = [
+            name
+            for name, node in settings.destinations.items()
+            if isinstance(node, DicomNode) and calling and node.ae_title == calling.strip()
+        ]
+        if names:
+            s.add(Delivery(output_id=output.id, destination=names[0]))
+        else:
+            s.add(
+                Delivery(
+                    output_id=output.id,
+                    destination=f"{RETURN_TO_SENDER}:{calling or '?'}",
+                    state=DeliveryState.DEAD,
+                    last_status=(
+                        f"return to sender: calling AE {calling!r} is not a configured "
+                        "DICOM destination"
+                    ),
+                )
+            )
 
 
 class Dispatcher:
@@ -139,43 +165,15 @@ class Dispatcher:
                 for delivery_id, _ in items:
                     self._record(delivery_id, False, reason, final=True)
                 continue
-            for delivery_id, ok, answer in self._send(node, items):
+            try:
+                answers = send(node, items, self.settings)
+            except Exception as exc:  # a sender bug must not stop the other destinations
+                log.exception("sending to %s failed", destination)
+                answers = [(i, False, f"internal error: {exc}") for i, _ in items]
+            for delivery_id, ok, answer in answers:
                 self._record(delivery_id, ok, answer)
         self._finish_jobs()
         return len(due)
-
-    def _send(
-        self, node: DicomNode, items: Sequence[tuple[int, str]]
-    ) -> list[tuple[int, bool, str]]:
-        """C-STORE each file on one association; the answer per delivery."""
-        datasets = []
-        for delivery_id, path in items:
-            datasets.append((delivery_id, dcmread(path)))
-        ae = AE(ae_title=self.settings.ae_title)
-        ae.acse_timeout = self.settings.acse_timeout_s
-        ae.dimse_timeout = self.settings.dimse_timeout_s
-        ae.network_timeout = self.settings.network_timeout_s
-        classes = sorted({str(ds.SOPClassUID) for _, ds in datasets})
-        contexts = [build_context(c, _TRANSFER_SYNTAXES) for c in classes]
-        assoc = ae.associate(node.host, node.port, contexts=contexts, ae_title=node.ae_title)
-        if not assoc.is_established:
-            answer = f"association with {node.ae_title}@{node.host}:{node.port} failed"
-            return [(delivery_id, False, answer) for delivery_id, _ in datasets]
-        results = []
-        try:
-            for delivery_id, ds in datasets:
-                status = assoc.send_c_store(ds)
-                code = int(status.Status) if status and "Status" in status else None
-                if code is None:
-                    results.append((delivery_id, False, "no C-STORE response"))
-                elif code == 0x0000 or code in (0xB000, 0xB007, 0xB006):
-                    results.append((delivery_id, True, f"C-STORE status 0x{code:04X}"))
-                else:
-                    comment = status.get("ErrorComment", "")
-                    results.append((delivery_id, False, f"C-STORE status 0x{code:04X} {comment}"))
-        finally:
-            assoc.release()
-        return results
 
     def _record(self, delivery_id: int, ok: bool, answer: str, final: bool = False) -> None:
         with self.store.session() as s:

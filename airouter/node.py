@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from airouter.db import Job, JobState, Store, Study, StudyState, utcnow
 from airouter.dispatch import Dispatcher
 from airouter.pipeline import PipelineContext, run_job
-from airouter.settings import ConfigError, Settings
+from airouter.settings import RETURN_TO_SENDER, ConfigError, Settings
 from airouter.web import create_app
 from inference.cards import InputKind, ModelCardError, load_cards
 from inference.runner import warm_up
@@ -82,7 +82,11 @@ class Node:
             missing = [m for m in rule.models if m not in self.cards]
             if missing:
                 raise RuleError(f"rule {rule.name}: no model card for {', '.join(missing)}")
-            unknown = [d for d in rule.destinations if d not in self.settings.destinations]
+            unknown = [
+                d
+                for d in rule.destinations
+                if d not in self.settings.destinations and d != RETURN_TO_SENDER
+            ]
             if unknown:
                 raise RuleError(
                     f"rule {rule.name}: destination(s) not configured: {', '.join(unknown)}"

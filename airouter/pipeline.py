@@ -21,8 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from airouter.db import Delivery, Instance, Job, JobState, Output, Store, Study, utcnow
-from airouter.dispatch import archive_output
+from airouter.db import Instance, Job, JobState, Output, Store, Study, utcnow
+from airouter.dispatch import add_deliveries, archive_output
 from airouter.settings import Settings
 from encoders.common import (
     EncodeError,
@@ -178,8 +178,7 @@ def _forward(ctx: PipelineContext, job_id: int) -> None:
             )
             s.add(output)
             s.flush()
-            for destination in job.destinations:
-                s.add(Delivery(output_id=output.id, destination=destination))
+            add_deliveries(s, ctx.settings, job, output)
         job.state = JobState.DISPATCHING
         job.timings = {**job.timings, "dispatch_started_at": time.time()}
     log.info("job %s: forwarding %d instances", job_id, len(instances))

@@ -15,10 +15,18 @@ import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: default repertoire, no '\'
@@ -34,14 +42,73 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DicomNode(_Strict):
-    """A remote DICOM application entity we send to (PACS, TPS)."""
+class TlsSettings(_Strict):
+    """DICOM TLS (PS3.15 B.1, the "secure transport connection profile") for a C-STORE
+    destination: the server is verified against ``ca_file``; ``cert_file``/``key_file`` give
+    our certificate when the peer asks for one."""
 
+    ca_file: Path | None = None  # None: the system's trusted CAs
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify_hostname: bool = True
+
+
+class DicomNode(_Strict):
+    """A remote DICOM application entity we send to by C-STORE (PACS, TPS)."""
+
+    kind: Literal["dicom"] = "dicom"
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: TlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DicomWebNode(_Strict):
+    """A DICOMweb server we send to by STOW-RS (``url`` is the service root)."""
+
+    kind: Literal["dicomweb"]
+    url: str = Field(pattern=r"^https?://")
+    token: str | None = None  # bearer token (AIROUTER_DESTINATIONS__<NAME>__TOKEN)
+    username: str | None = None  # basic authentication
+    password: str | None = None
+    ca_file: Path | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class OrthancNode(_Strict):
+    """An Orthanc server we upload to through its REST API (orthanc-api-client)."""
+
+    kind: Literal["orthanc"]
+    url: str = Field(pattern=r"^https?://")
+    username: str | None = None
+    password: str | None = None
+
+
+class FolderNode(_Strict):
+    """A folder we write to (``<path>/<study>/<series>/<sop>.dcm``, durable before "sent")."""
+
+    kind: Literal["folder"]
+    path: Path
+
+
+def _destination_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "dicom"))
+    return str(getattr(value, "kind", "dicom"))
+
+
+Destination = Annotated[
+    Annotated[DicomNode, Tag("dicom")]
+    | Annotated[DicomWebNode, Tag("dicomweb")]
+    | Annotated[OrthancNode, Tag("orthanc")]
+    | Annotated[FolderNode, Tag("folder")],
+    Discriminator(_destination_kind),
+]
+# A rule's destination that means "the AE that sent the study", looked up among the
+# configured DICOM destinations by its AE title.
+RETURN_TO_SENDER = "@sender"
 
 
 class DeviceSettings(_Strict):
@@ -142,8 +209,9 @@ class Settings(BaseSettings):
     dispatch_backoff_s: float = Field(default=10.0, gt=0)
 
     output_series: dict[str, OutputSeries] = Field(default_factory=_default_output_series)
-    # Named DICOM nodes rules can send to (default: EMBEDDED_DEFAULTS).
-    destinations: dict[str, DicomNode] = Field(default_factory=dict)
+    # Named destinations rules can send to (default: EMBEDDED_DEFAULTS): kind dicom (C-STORE,
+    # optional TLS), dicomweb (STOW-RS), orthanc (REST API) or folder.
+    destinations: dict[str, Destination] = Field(default_factory=dict)
     device: DeviceSettings = Field(default_factory=DeviceSettings)
 
     log_phi: bool = False

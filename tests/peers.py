@@ -6,6 +6,7 @@ fixed sleeps.
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import json
@@ -56,9 +57,13 @@ def wait_for(
         time.sleep(every_s)
 
 
-def http_json(url: str, timeout_s: float = 10.0) -> Any:
+def http_json(url: str, timeout_s: float = 10.0, auth: tuple[str, str] | None = None) -> Any:
+    request = urllib.request.Request(url)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.load(response)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
@@ -110,17 +115,25 @@ class Orthanc:
     dicom_port: int
     aet: str
     process: subprocess.Popen[bytes]
+    auth: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
     def get(self, path: str) -> Any:
-        return http_json(self.url + path)
+        return http_json(self.url + path, auth=self.auth)
 
 
-def start_orthanc(workdir: Path, http_port: int = 0, dicom_port: int = 0) -> Orthanc:
-    """Orthanc on free ports (or the given ones: a restart keeps its storage in ``workdir``)."""
+def start_orthanc(
+    workdir: Path,
+    http_port: int = 0,
+    dicom_port: int = 0,
+    user: tuple[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Orthanc:
+    """Orthanc on free ports (or the given ones: a restart keeps its storage in ``workdir``);
+    with ``user``, HTTP needs that user's basic authentication."""
     workdir.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = http_port or free_port(), dicom_port or free_port()
     config = {
@@ -131,17 +144,19 @@ def start_orthanc(workdir: Path, http_port: int = 0, dicom_port: int = 0) -> Ort
         "DicomPort": dicom_port,
         "DicomAet": "ORTHANC",
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": user is not None,
         "DicomCheckCalledAet": False,
         "Plugins": [str(ORTHANC_DICOMWEB)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        **({"RegisteredUsers": {user[0]: user[1]}} if user else {}),
+        **(extra or {}),
     }
     (workdir / "orthanc.json").write_text(json.dumps(config))
     log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - lives as long as the process
     process = subprocess.Popen(
         ["Orthanc", str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
     )
-    orthanc = Orthanc(http_port, dicom_port, "ORTHANC", process)
+    orthanc = Orthanc(http_port, dicom_port, "ORTHANC", process, user)
     wait_for(lambda: orthanc.get("/system"), 30, "Orthanc to answer")
     return orthanc
 

@@ -130,3 +130,84 @@ def test_pacs_down_then_back_gets_everything_once_and_rejections_end_dead(tmp_pa
         stop_process(node.process)
         stop_process(orthanc.process)
         rejecting.shutdown()
+
+
+def test_stow_rest_folder_and_return_to_sender_each_get_the_objects_once(tmp_path: Path) -> None:
+    """One rule, five destinations: STOW-RS with basic auth (Orthanc's DICOMweb plugin), the
+    same with a wrong password (dead with the HTTP status), Orthanc's REST API, a folder, and
+    "@sender" (the modality's AE title is configured as a DICOM node: another Orthanc)."""
+    user = ("airouter", "s3cret-pw")
+    pacs = start_orthanc(tmp_path / "pacs", user=user)
+    modality = start_orthanc(tmp_path / "modality", extra={"DicomAet": "MODALITY"})
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "r.yaml").write_text(
+        "rules:\n"
+        "  - name: body-everywhere\n"
+        "    match: {Modality: CT}\n"
+        "    models: [ct-body]\n"
+        "    destinations: [web, web-bad, rest, folder, '@sender']\n"
+    )
+    folder = tmp_path / "outbox-folder"
+    node = start_node(
+        tmp_path / "node",
+        None,
+        rules_dir=str(tmp_path / "rules"),
+        dispatch_backoff_s=0.2,
+        dispatch_max_attempts=2,
+        destinations={
+            "web": {
+                "kind": "dicomweb",
+                "url": f"{pacs.url}/dicom-web",
+                "username": user[0],
+                "password": user[1],
+            },
+            "web-bad": {
+                "kind": "dicomweb",
+                "url": f"{pacs.url}/dicom-web",
+                "username": user[0],
+                "password": "wrong",
+            },
+            "rest": {"kind": "orthanc", "url": pacs.url, "username": user[0], "password": user[1]},
+            "folder": {"kind": "folder", "path": str(folder)},
+            "modality": {"ae_title": "MODALITY", "host": "127.0.0.1", "port": modality.dicom_port},
+        },
+    )
+    try:
+        files = fresh_copy(head_ct_files()[55:85], tmp_path / "ct")
+        study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        assert storescu(node.dimse_port, files).returncode == 0
+
+        def settled() -> list[dict] | None:
+            rows = node.get("/api/deliveries") or []
+            final = [d for d in rows if d["state"] in ("sent", "dead")]
+            return rows if len(rows) == 15 and len(final) == 15 else None
+
+        rows = wait_for(settled, 180, "15 deliveries to settle")
+        by_destination: dict[str, list[dict]] = {}
+        for d in rows:
+            by_destination.setdefault(d["destination"], []).append(d)
+        assert set(by_destination) == {"web", "web-bad", "rest", "folder", "modality"}
+        answers = {"web": "STOW-RS stored", "rest": "Orthanc REST: instance", "folder": "written"}
+        for name, text in answers.items():
+            assert all(d["state"] == "sent" for d in by_destination[name]), name
+            assert all(text in d["last_status"] for d in by_destination[name]), name
+        assert all(d["state"] == "dead" for d in by_destination["web-bad"])
+        assert all("HTTP 401" in d["last_status"] for d in by_destination["web-bad"])
+        assert all(d["last_status"] == "C-STORE status 0x0000" for d in by_destination["modality"])
+        # exactly once: the PACS got each object by STOW and by REST, and holds it once
+        (job,) = node.get(f"/api/jobs?study={study}")
+        sops = {o["sop_instance_uid"] for o in job["outputs"]}
+        assert len(sops) == 3
+        assert {i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.get("/instances?expand")} == sops
+        assert {
+            i["MainDicomTags"]["SOPInstanceUID"] for i in modality.get("/instances?expand")
+        } == sops
+        written = {p.stem: p.read_bytes() for p in folder.rglob("*.dcm")}
+        assert set(written) == sops
+        for path in (tmp_path / "node" / "var" / "archive").rglob("*.dcm"):
+            if path.stem in sops:
+                assert written[path.stem] == path.read_bytes()  # as archived, byte for byte
+    finally:
+        stop_process(node.process)
+        stop_process(pacs.process)
+        stop_process(modality.process)

@@ -4,6 +4,7 @@ that rejects ends in the dead-letter state with its answer shown; a manual retry
 from __future__ import annotations
 
 import json
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -211,3 +212,96 @@ def test_stow_rest_folder_and_return_to_sender_each_get_the_objects_once(tmp_pat
         stop_process(node.process)
         stop_process(pacs.process)
         stop_process(modality.process)
+
+
+def _self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_c_store_over_tls_to_orthanc_and_an_untrusted_server_is_refused(tmp_path: Path) -> None:
+    """Orthanc with DICOM TLS (mutual: it requires our certificate); a destination that does
+    not trust Orthanc's certificate never sends anything in clear."""
+    cert, key = _self_signed(tmp_path / "pki", "pacs")
+    other, _ = _self_signed(tmp_path / "pki", "other")
+    pacs = start_orthanc(
+        tmp_path / "pacs",
+        extra={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(cert),
+            "DicomTlsPrivateKey": str(key),
+            "DicomTlsTrustedCertificates": str(cert),
+            "DicomTlsRemoteCertificateRequired": True,
+        },
+    )
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "r.yaml").write_text(
+        "rules:\n  - name: tls\n    match: {Modality: CT}\n    models: [ct-body]\n"
+        "    outputs: [SEG]\n    destinations: [secure, untrusted]\n"
+    )
+    node_tls = {"ca_file": str(cert), "cert_file": str(cert), "key_file": str(key)}
+    node = start_node(
+        tmp_path / "node",
+        None,
+        rules_dir=str(tmp_path / "rules"),
+        dispatch_backoff_s=0.2,
+        dispatch_max_attempts=2,
+        destinations={
+            "secure": {
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": pacs.dicom_port,
+                "tls": node_tls,
+            },
+            "untrusted": {
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": pacs.dicom_port,
+                "tls": {**node_tls, "ca_file": str(other)},
+            },
+        },
+    )
+    try:
+        files = fresh_copy(head_ct_files()[55:85], tmp_path / "ct")
+        assert storescu(node.dimse_port, files).returncode == 0
+
+        def settled() -> list[dict] | None:
+            rows = node.get("/api/deliveries") or []
+            return (
+                rows
+                if len(rows) == 2 and all(d["state"] in ("sent", "dead") for d in rows)
+                else None
+            )
+
+        rows = {d["destination"]: d for d in wait_for(settled, 120, "both deliveries")}
+        assert rows["secure"]["state"] == "sent"
+        assert rows["secure"]["last_status"] == "C-STORE status 0x0000"
+        assert rows["untrusted"]["state"] == "dead"
+        assert "(TLS) failed" in rows["untrusted"]["last_status"]
+        assert len(pacs.get("/instances") or []) == 1  # the SEG, once
+    finally:
+        stop_process(node.process)
+        stop_process(pacs.process)

@@ -134,6 +134,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    # Per-rule encoding options (seg_type: binary | labelmap).
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -186,6 +188,7 @@ class Store:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -199,6 +202,23 @@ class Store:
         text = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True)
         with self.session() as s:
             s.add(Event(kind=kind, detail=text, **where))
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Additive schema changes for an existing database: columns added to the models since it
+    was created are added to its tables (nullable; the models give the defaults)."""
+    from sqlalchemy import inspect, text
+
+    inspector = inspect(engine)
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(
+                        text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+                    )
 
 
 def _connect_args(url: str) -> dict[str, Any]:

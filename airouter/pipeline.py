@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from airouter.db import Instance, Job, JobState, Output, Store, Study, utcnow
 from airouter.dispatch import add_deliveries, archive_output
-from airouter.settings import Settings
+from airouter.settings import Settings, default_output_series
 from encoders.common import (
     EncodeError,
     Provenance,
@@ -32,7 +32,7 @@ from encoders.common import (
     ensure_type2,
 )
 from encoders.rtstruct import build_rtstruct
-from encoders.seg import build_seg
+from encoders.seg import build_probability_seg, build_seg
 from encoders.sr import build_measurement_report
 from inference.cards import ModelCard, OutputKind
 from inference.runner import ModelOutput, run_model
@@ -121,7 +121,7 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
     volume = build_volume(paths)
     _timing(ctx.store, job_id, volume_s=time.perf_counter() - t0)
 
-    structures = _infer(ctx, job, volume)
+    structures, probabilities = _infer(ctx, job, volume)
     t0 = time.perf_counter()
     _save_masks(ctx.settings.jobs_dir / str(job_id), structures)
     _timing(ctx.store, job_id, masks_s=time.perf_counter() - t0)
@@ -142,7 +142,7 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
                 error="no structure found: nothing to encode",
             )
             return
-    objects = _encode(ctx, job, volume, found, absent)
+    objects = _encode(ctx, job, volume, found, absent, probabilities)
     _timing(ctx.store, job_id, encode_s=time.perf_counter() - t0)
 
     with ctx.store.session() as s:  # outputs and their deliveries appear together
@@ -185,7 +185,9 @@ def _forward(ctx: PipelineContext, job_id: int) -> None:
     ctx.on_outputs()
 
 
-def _infer(ctx: PipelineContext, job: Job, volume: Volume) -> list[Structure]:
+def _infer(
+    ctx: PipelineContext, job: Job, volume: Volume
+) -> tuple[list[Structure], dict[tuple[str, str], np.ndarray]]:
     """Run the job's models; while Triton is unavailable the job waits, visibly, and retries.
 
     A model that answers with an error fails the job with the server's message. A model the
@@ -253,7 +255,14 @@ def _infer(ctx: PipelineContext, job: Job, volume: Volume) -> list[Structure]:
         directory = ctx.settings.jobs_dir / str(job.id)
         directory.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(directory / "probabilities.npz", **probabilities)
-    return structures
+    by_structure = {
+        (card.name, label.name): results[card.name].probabilities[label.value]
+        for card in cards
+        if OutputKind.PROBABILITY_MAP in card.outputs
+        for label in card.labels
+        if label.value in results[card.name].probabilities
+    }
+    return structures, by_structure
 
 
 def _check_ready(client: InferenceClient, cards: list[ModelCard]) -> None:
@@ -317,6 +326,7 @@ def _encode(
     volume: Volume,
     found: list[Structure],
     absent: list[Structure],
+    probabilities: dict[tuple[str, str], np.ndarray],
 ) -> list[tuple[str, Dataset]]:
     settings = ctx.settings
     dev = settings.device
@@ -331,7 +341,7 @@ def _encode(
 
     def identity(kind: str) -> SeriesIdentity:
         """A new series per output kind and job; amended results say which version they are."""
-        spec = out[kind]
+        spec = out.get(kind) or default_output_series()[kind]
         description = spec.description if job.version == 1 else f"{spec.description} v{job.version}"
         return SeriesIdentity(hd.UID(), spec.number, description[:64], hd.UID())
 
@@ -346,6 +356,7 @@ def _encode(
             structures=found,
             provenance=provenance,
             series=identity("SEG"),
+            seg_type=str((job.options or {}).get("seg_type", "binary")),
         )
         if "SEG" in job.outputs or "SR" in job.outputs:
             objects.append(("SEG", seg))
@@ -376,4 +387,22 @@ def _encode(
             series=identity("RTSTRUCT"),
         )
         objects.append(("RTSTRUCT", rt))
+    if "PROBABILITY_MAP" in job.outputs:
+        # Every structure with a probability map (found or not: a low map explains an absence).
+        mapped = [s for s in (*found, *absent) if (s.card.name, s.label.name) in probabilities]
+        if mapped:
+            fractional = build_probability_seg(
+                source_images=volume.datasets,
+                structures=mapped,
+                probabilities=[probabilities[(s.card.name, s.label.name)] for s in mapped],
+                provenance=provenance,
+                series=identity("PROBABILITY_MAP"),
+            )
+            objects.append(("PROBABILITY_MAP", fractional))
+        else:
+            ctx.store.record(
+                "probability_map_unavailable",
+                "no model of this job gives a probability map",
+                job_id=job.id,
+            )
     return objects

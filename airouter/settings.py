@@ -128,11 +128,12 @@ class OutputSeries(_Strict):
     description: str = Field(max_length=64)
 
 
-def _default_output_series() -> dict[str, OutputSeries]:
+def default_output_series() -> dict[str, OutputSeries]:
     return {
         "SEG": OutputSeries(number=901, description="AI segmentation"),
         "SR": OutputSeries(number=902, description="AI measurements"),
         "RTSTRUCT": OutputSeries(number=903, description="AI structures"),
+        "PROBABILITY_MAP": OutputSeries(number=904, description="AI probability map"),
     }
 
 
@@ -208,7 +209,7 @@ class Settings(BaseSettings):
     dispatch_max_attempts: int = Field(default=5, ge=1)
     dispatch_backoff_s: float = Field(default=10.0, gt=0)
 
-    output_series: dict[str, OutputSeries] = Field(default_factory=_default_output_series)
+    output_series: dict[str, OutputSeries] = Field(default_factory=default_output_series)
     # Named destinations rules can send to (default: EMBEDDED_DEFAULTS): kind dicom (C-STORE,
     # optional TLS), dicomweb (STOW-RS), orthanc (REST API) or folder.
     destinations: dict[str, Destination] = Field(default_factory=dict)

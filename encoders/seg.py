@@ -1,4 +1,9 @@
-"""DICOM Segmentation (PS3.3 A.51) with highdicom: one segment per non-empty structure."""
+"""DICOM Segmentation (PS3.3 A.51) with highdicom: one segment per non-empty structure.
+
+BINARY (segments may overlap: the body contains the lungs), LABELMAP (the Label Map
+Segmentation SOP Class: one frame per source image, mutually exclusive labels) and FRACTIONAL
+(the models' probabilities, 0-255, for explainability).
+"""
 
 from __future__ import annotations
 
@@ -9,23 +14,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure
 
 
-def build_seg(
-    *,
-    source_images: Sequence[Dataset],
-    structures: Sequence[Structure],
-    provenance: Provenance,
-    series: SeriesIdentity,
-) -> hd.seg.Segmentation:
-    """A BINARY SEG of ``structures`` (segment n = structures[n-1]) on ``source_images``.
-
-    Structures must be non-empty: an empty result is reported by the SR, not as a segment.
-    """
-    if not structures:
-        raise ValueError("a SEG needs at least one non-empty structure")
-    descriptions = [
+def _descriptions(structures: Sequence[Structure]) -> list[hd.seg.SegmentDescription]:
+    return [
         hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=s.label.name,
@@ -42,12 +35,81 @@ def build_seg(
         )
         for number, s in enumerate(structures, start=1)
     ]
-    pixels = np.stack([s.mask.astype(bool) for s in structures], axis=-1)
+
+
+def build_seg(
+    *,
+    source_images: Sequence[Dataset],
+    structures: Sequence[Structure],
+    provenance: Provenance,
+    series: SeriesIdentity,
+    seg_type: str = "binary",
+) -> hd.seg.Segmentation:
+    """A BINARY or LABELMAP SEG of ``structures`` (segment n = structures[n-1]).
+
+    Structures must be non-empty: an empty result is reported by the SR, not as a segment. A
+    LABELMAP cannot hold overlapping structures (the body and the lungs in it): they are
+    refused with a reason rather than one silently cut out of the other.
+    """
+    if not structures:
+        raise ValueError("a SEG needs at least one non-empty structure")
+    pixels = np.stack([s.mask.astype(np.uint8) for s in structures], axis=-1)
+    if seg_type == "labelmap":
+        overlap = pixels.sum(axis=-1) > 1
+        if overlap.any():
+            names = [s.label.name for s in structures if (s.mask & overlap).any()]
+            raise EncodeError(
+                f"a LABELMAP SEG needs mutually exclusive structures; {', '.join(names)} "
+                f"overlap in {int(overlap.sum())} voxels (use seg_type: binary)"
+            )
+        kind = hd.seg.SegmentationTypeValues.LABELMAP
+    else:
+        kind = hd.seg.SegmentationTypeValues.BINARY
+    return _segmentation(source_images, pixels, kind, structures, provenance, series)
+
+
+def build_probability_seg(
+    *,
+    source_images: Sequence[Dataset],
+    structures: Sequence[Structure],
+    probabilities: Sequence[np.ndarray],
+    provenance: Provenance,
+    series: SeriesIdentity,
+) -> hd.seg.Segmentation:
+    """A FRACTIONAL SEG (PROBABILITY) of the models' per-label probabilities (uint8 0-255 on
+    the source grid, one per structure, in the same order)."""
+    if not structures or len(structures) != len(probabilities):
+        raise ValueError("one probability map per structure is needed")
+    pixels = np.stack([p.astype(np.float32) / 255.0 for p in probabilities], axis=-1)
+    return _segmentation(
+        source_images,
+        pixels,
+        hd.seg.SegmentationTypeValues.FRACTIONAL,
+        structures,
+        provenance,
+        series,
+    )
+
+
+def _segmentation(
+    source_images: Sequence[Dataset],
+    pixels: np.ndarray,
+    kind: hd.seg.SegmentationTypeValues,
+    structures: Sequence[Structure],
+    provenance: Provenance,
+    series: SeriesIdentity,
+) -> hd.seg.Segmentation:
+    extra: dict[str, object] = {}
+    if kind is hd.seg.SegmentationTypeValues.FRACTIONAL:
+        extra = {
+            "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            "max_fractional_value": 255,
+        }
     seg = hd.seg.Segmentation(
         source_images=list(source_images),
         pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
+        segmentation_type=kind,
+        segment_descriptions=_descriptions(structures),
         series_instance_uid=series.series_instance_uid,
         series_number=series.series_number,
         sop_instance_uid=series.sop_instance_uid,
@@ -56,9 +118,10 @@ def build_seg(
         manufacturer_model_name=provenance.model_name,
         software_versions=provenance.software_version,
         device_serial_number=provenance.device_serial_number,
-        content_label="SEGMENTATION",
+        content_label="PROBABILITY" if extra else "SEGMENTATION",
         content_description=series.series_description[:64],
         omit_empty_frames=True,
+        **extra,  # type: ignore[arg-type]
     )
     seg.SeriesDescription = series.series_description
     if provenance.institution_name:

@@ -92,6 +92,7 @@ def route_study(
             outputs=[o.value for o in d.rule.outputs] if d.rule.action is Action.RUN else [],
             destinations=list(d.rule.destinations),
             priority=d.rule.priority.rank,
+            options={"seg_type": d.rule.seg_type.value},
         )
         s.add(job)
         jobs.append(job)

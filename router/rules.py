@@ -40,6 +40,12 @@ class OutputKind(enum.StrEnum):
     SEG = "SEG"
     SR = "SR"
     RTSTRUCT = "RTSTRUCT"
+    PROBABILITY_MAP = "PROBABILITY_MAP"  # a FRACTIONAL SEG of the models' probabilities
+
+
+class SegType(enum.StrEnum):
+    BINARY = "binary"  # one frame set per segment; segments may overlap
+    LABELMAP = "labelmap"  # Label Map Segmentation: one frame set, labels mutually exclusive
 
 
 class Action(enum.StrEnum):
@@ -262,7 +268,10 @@ class Rule(_KeywordMatch):
     select: SeriesSelection = Field(default_factory=SeriesSelection)
     action: Action = Action.RUN
     models: list[str] = Field(default_factory=list)
-    outputs: list[OutputKind] = Field(default_factory=lambda: list(OutputKind))
+    outputs: list[OutputKind] = Field(
+        default_factory=lambda: [OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT]
+    )
+    seg_type: SegType = SegType.BINARY
     destinations: list[str] = Field(default_factory=list)
     # Once every required series is present (and the senders are done), the study completes
     # without waiting for the quiet period.

@@ -15,7 +15,7 @@ from pydicom.sr.codedict import codes
 
 from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure, ensure_type2
 from encoders.rtstruct import build_rtstruct
-from encoders.seg import build_seg
+from encoders.seg import build_probability_seg, build_seg
 from encoders.sr import build_measurement_report
 from inference.cards import load_cards
 from tests.objects import build_all
@@ -288,3 +288,103 @@ def test_sr_reports_structures_the_model_did_not_find(
     assert dump.returncode == 0 and dump.stdout.count("Absent") == 2
     report = hd.sr.srread(tmp_path / "sr.dcm")
     assert len(report.content.get_volumetric_roi_measurement_groups()) == len(found)
+
+
+# dicom3tools in Debian 12 (2022-06-18) predates the Label Map Segmentation IOD (2024): it
+# cannot find the IOD and reads Segment Number 0 (the label map's background) as a numbering
+# error. These two lines are all it may say about our LABELMAP SEG; any other error fails.
+LABELMAP_UNKNOWN_TO_DCIODVFY = {
+    "Error - Information Object Not found",
+    "Error - SegmentNumber not monotonically increasing from one by one - have SegmentSequence "
+    "item number 1 (from one) with SegmentNumber of 0",
+}
+
+
+def _dciodvfy_errors(path: Path) -> set[str]:
+    out = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
+    return {ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")}
+
+
+def test_labelmap_seg_round_trips_and_refuses_overlapping_structures(
+    ct: list[Dataset], tmp_path: Path
+) -> None:
+    structures = _structures(len(ct), ct[0].Rows, ct[0].Columns)
+    seg = build_seg(
+        source_images=ct,
+        structures=structures,
+        provenance=PROVENANCE,
+        series=SeriesIdentity(hd.UID(), 901, "AI segmentation", hd.UID()),
+        seg_type="labelmap",
+    )
+    seg.save_as(tmp_path / "labelmap.dcm")
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
+    assert _dciodvfy_errors(tmp_path / "labelmap.dcm") <= LABELMAP_UNKNOWN_TO_DCIODVFY
+    back = hd.seg.segread(tmp_path / "labelmap.dcm")
+    assert back.SegmentationType == "LABELMAP"
+    pixels = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in ct],
+        segment_numbers=[1, 2],
+        assert_missing_frames_are_empty=True,
+    )
+    for n, s in enumerate(structures):
+        assert np.array_equal(pixels[..., n].astype(bool), s.mask)
+    # the SR can reference the label map's segments
+    sr = build_measurement_report(
+        source_images=ct,
+        seg=seg,
+        structures=structures,
+        volumes_ml=[1.0, 2.0],
+        intensities_hu=[(0.0, 0.0, 0.0)] * 2,
+        provenance=PROVENANCE,
+        device_uid=hd.UID(),
+        series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
+    )
+    sr.save_as(tmp_path / "sr.dcm")
+    # the same gap: it does not count the Label Map SOP class among segmentations
+    assert _dciodvfy_errors(tmp_path / "sr.dcm") <= {
+        "Error - Shall not be present for Referenced SOP Class that is not segmentation - "
+        "attribute <ReferencedSegmentNumber>"
+    }
+    report = hd.sr.srread(tmp_path / "sr.dcm")
+    (group, _) = report.content.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment.referenced_sop_class_uid == seg.SOPClassUID  # type: ignore[union-attr]
+
+    body = Structure(structures[0].label, structures[0].card, structures[0].mask.copy())
+    inside = Structure(structures[1].label, structures[1].card, body.mask & ~np.roll(body.mask, 5))
+    with pytest.raises(EncodeError, match=r"mutually exclusive.*overlap"):
+        build_seg(
+            source_images=ct,
+            structures=[body, inside],
+            provenance=PROVENANCE,
+            series=SeriesIdentity(hd.UID(), 901, "x", hd.UID()),
+            seg_type="labelmap",
+        )
+
+
+def test_fractional_seg_carries_the_probability_map(ct: list[Dataset], tmp_path: Path) -> None:
+    structures = _structures(len(ct), ct[0].Rows, ct[0].Columns)
+    _, j, i = np.ogrid[: len(ct), : ct[0].Rows, : ct[0].Columns]
+    smooth = np.clip(255 - np.hypot(j - 200, i - 220) * 2, 0, 255).astype(np.uint8)
+    first = np.broadcast_to(smooth, structures[0].mask.shape).copy()
+    probabilities = [first, np.zeros_like(first)]
+    probabilities[1][4:7, 50:90, 50:90] = 255
+    seg = build_probability_seg(
+        source_images=ct,
+        structures=structures,
+        probabilities=probabilities,
+        provenance=PROVENANCE,
+        series=SeriesIdentity(hd.UID(), 904, "AI probability map", hd.UID()),
+    )
+    seg.save_as(tmp_path / "fractional.dcm")
+    _validate(tmp_path / "fractional.dcm")
+    back = hd.seg.segread(tmp_path / "fractional.dcm")
+    assert back.SegmentationType == "FRACTIONAL"
+    assert back.SegmentationFractionalType == "PROBABILITY" and back.MaximumFractionalValue == 255
+    pixels = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in ct],
+        segment_numbers=[1, 2],
+        assert_missing_frames_are_empty=True,
+        rescale_fractional=False,
+    )
+    for n, p in enumerate(probabilities):
+        assert np.array_equal(pixels[..., n], p)  # 0-255 exactly as the model gave them

@@ -27,23 +27,17 @@ from tests.raster import dice
 pytestmark = pytest.mark.integration
 
 
-def _rules(directory: Path, models: list[str]) -> Path:
+def _rules(directory: Path, models: list[str], **extra: Any) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "segment.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "rules": [
-                    {
-                        "name": "segment-ct",
-                        "match": {"Modality": "CT"},
-                        "select": {"orientation": "axial", "min_instances": 5},
-                        "models": models,
-                        "outputs": ["SEG"],
-                    }
-                ]
-            }
-        )
-    )
+    rule = {
+        "name": "segment-ct",
+        "match": {"Modality": "CT"},
+        "select": {"orientation": "axial", "min_instances": 5},
+        "models": models,
+        "outputs": ["SEG"],
+        **extra,
+    }
+    (directory / "segment.yaml").write_text(yaml.safe_dump({"rules": [rule]}))
     return directory
 
 
@@ -260,7 +254,14 @@ def test_monai_bundle_imported_and_run_end_to_end_to_a_seg(tmp_path: Path) -> No
     node = start_node(
         tmp_path / "node",
         None,
-        rules_dir=str(_rules(tmp_path / "rules", ["phantom-lung-segmentation"])),
+        rules_dir=str(
+            _rules(
+                tmp_path / "rules",
+                ["phantom-lung-segmentation"],
+                outputs=["SEG", "PROBABILITY_MAP"],
+                seg_type="labelmap",
+            )
+        ),
         quiet_period_s=0.5,
     )
     try:
@@ -288,7 +289,9 @@ def test_monai_bundle_imported_and_run_end_to_end_to_a_seg(tmp_path: Path) -> No
         (seg_output,) = [o for o in job["outputs"] if o["kind"] == "SEG"]
         (path,) = list((node.data_dir / "archive").rglob(f"{seg_output['sop_instance_uid']}*"))
         seg = hd.seg.segread(path)
-        (segment,) = seg.SegmentSequence
+        assert seg.SegmentationType == "LABELMAP"  # as the rule asks
+        segments = [x for x in seg.SegmentSequence if x.SegmentNumber > 0]  # 0: background
+        (segment,) = segments
         assert segment.SegmentLabel == "Lung"
         algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
         assert algorithm.AlgorithmName == "phantom-lung-segmentation"
@@ -297,6 +300,13 @@ def test_monai_bundle_imported_and_run_end_to_end_to_a_seg(tmp_path: Path) -> No
         lungs = masks["phantom-lung-segmentation/Lung"]
         assert dice(lungs, p.right_lung | p.left_lung) > 0.9
         assert (node.data_dir / "jobs" / str(job["id"]) / "probabilities.npz").exists()
+        (fractional_output,) = [o for o in job["outputs"] if o["kind"] == "PROBABILITY_MAP"]
+        (fpath,) = list(
+            (node.data_dir / "archive").rglob(f"{fractional_output['sop_instance_uid']}*")
+        )
+        fractional = hd.seg.segread(fpath)
+        assert fractional.SegmentationType == "FRACTIONAL"
+        assert fractional.SeriesNumber == 904
     finally:
         stop_process(node.process)
 

@@ -8,12 +8,14 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pynetdicom import AE
 
-from encoders.common import Provenance, Structure
+from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.seg import build_probability_seg, build_seg
 from inference.cards import load_cards
 from tests.objects import build_all, dataset_bytes
 from tests.peers import ROOT, head_ct_files, start_orthanc, stop_process
@@ -30,8 +32,22 @@ def _objects() -> list[pydicom.Dataset]:
     structures = [Structure(cards["ct-body"].labels[0], cards["ct-body"], mask)]
     prov = Provenance("Test Maker", "test-model", "1", "SN")
     seg, sr, rt = build_all(images, structures, prov)
+    labelmap = build_seg(
+        source_images=images,
+        structures=structures,
+        provenance=prov,
+        series=SeriesIdentity(hd.UID(), 905, "AI label map", hd.UID()),
+        seg_type="labelmap",
+    )
+    fractional = build_probability_seg(
+        source_images=images,
+        structures=structures,
+        probabilities=[(mask * 200).astype(np.uint8)],
+        provenance=prov,
+        series=SeriesIdentity(hd.UID(), 904, "AI probability map", hd.UID()),
+    )
     out = []
-    for ds in (seg, sr, rt):  # as the node archives them: a DICOM file
+    for ds in (seg, sr, rt, labelmap, fractional):  # as the node archives them: a DICOM file
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         out.append(pydicom.dcmread(io.BytesIO(buffer.getvalue())))
@@ -56,7 +72,9 @@ def _wado(url: str) -> bytes:
 
 @pytest.mark.parametrize("transport", ["C-STORE", "STOW-RS"])
 def test_orthanc_accepts_and_returns_our_objects_unchanged(tmp_path: Path, transport: str) -> None:
-    orthanc = start_orthanc(tmp_path / "orthanc")
+    # Orthanc 1.10 predates the Label Map Segmentation SOP Class (2024): like any PACS of that
+    # age it must be told to accept storage SOP classes it does not know.
+    orthanc = start_orthanc(tmp_path / "orthanc", extra={"UnknownSopClassAccepted": True})
     try:
         objects = _objects()
         if transport == "C-STORE":

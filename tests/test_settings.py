@@ -32,6 +32,7 @@ def test_embedded_defaults_match_the_contract() -> None:
         "SEG": 901,
         "SR": 902,
         "RTSTRUCT": 903,
+        "PROBABILITY_MAP": 904,
     }
 
 
@@ -73,3 +74,26 @@ def test_invalid_configuration_names_the_key_and_file(tmp_path: Path, text: str,
     with pytest.raises(ConfigError) as info:
         load_settings(config)
     assert key in str(info.value) and str(config) in str(info.value)
+
+
+def test_destination_kinds_are_validated_by_kind() -> None:
+    s = load_settings(
+        destinations={
+            "tps": {"ae_title": "TPS", "host": "tps", "port": 104, "tls": {"ca_file": "/ca.pem"}},
+            "web": {"kind": "dicomweb", "url": "https://pacs/dicom-web", "token": "t"},
+            "rest": {"kind": "orthanc", "url": "http://orthanc:8042"},
+            "out": {"kind": "folder", "path": "/srv/out"},
+        }
+    )
+    kinds = {name: type(node).__name__ for name, node in s.destinations.items()}
+    assert kinds == {
+        "pacs": "DicomNode",
+        "tps": "DicomNode",
+        "web": "DicomWebNode",
+        "rest": "OrthancNode",
+        "out": "FolderNode",
+    }
+    with pytest.raises(ConfigError, match=r"destinations\.web\.dicomweb\.url"):
+        load_settings(destinations={"web": {"kind": "dicomweb", "url": "ftp://x"}})
+    with pytest.raises(ConfigError, match="destinations.x"):
+        load_settings(destinations={"x": {"kind": "carrier-pigeon", "path": "/"}})

@@ -6,9 +6,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from inference.cards import Label, ModelCard
 
@@ -50,7 +52,27 @@ def ensure_type2(datasets: Sequence[Dataset]) -> list[str]:
         # rather than written into objects that validators would then reject.
         if "PatientAge" in ds and not _AGE_STRING.match(str(ds.PatientAge)):
             del ds.PatientAge
+        _normalise_charset(ds)
     return sorted(added)
+
+
+_HIGHDICOM_CHARSETS = {v.value for v in hd.SpecificCharacterSetValues}
+
+
+def _normalise_charset(ds: Dataset) -> None:
+    """An empty first value of a multi-valued Specific Character Set is the default repertoire
+    with code extensions (PS3.3 C.12.1.1.2): written explicitly as "ISO 2022 IR 6", which means
+    the same to every reader and which highdicom accepts. The names decode identically."""
+    value = ds.get("SpecificCharacterSet")
+    if isinstance(value, MultiValue | list) and len(value) > 1 and not str(value[0]).strip():
+        ds.SpecificCharacterSet = ["ISO 2022 IR 6", *[str(v) for v in value[1:]]]
+        value = ds.SpecificCharacterSet
+    values = [str(v) for v in (value if isinstance(value, MultiValue | list) else [value])]
+    if value is not None and not all(v in _HIGHDICOM_CHARSETS for v in values):
+        # A defined term highdicom does not list (e.g. ISO 2022 IR 149, Korean): decode every
+        # text value with the source's character set, then say UTF-8, which holds any name.
+        ds.decode()
+        ds.SpecificCharacterSet = "ISO_IR 192"
 
 
 @dataclass(frozen=True)

@@ -301,8 +301,9 @@ LABELMAP_UNKNOWN_TO_DCIODVFY = {
 
 
 def _dciodvfy_errors(path: Path) -> set[str]:
-    out = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False)
-    return {ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")}
+    out = subprocess.run([tool("dciodvfy"), str(path)], capture_output=True, check=False)
+    text = (out.stdout + out.stderr).decode("utf-8", errors="replace")  # it echoes raw values
+    return {ln for ln in text.splitlines() if ln.startswith("Error")}
 
 
 def test_labelmap_seg_round_trips_and_refuses_overlapping_structures(
@@ -388,3 +389,51 @@ def test_fractional_seg_carries_the_probability_map(ct: list[Dataset], tmp_path:
     )
     for n, p in enumerate(probabilities):
         assert np.array_equal(pixels[..., n], p)  # 0-255 exactly as the model gave them
+
+
+CHARSET_FILES = [
+    "chrGerm.dcm",  # ISO_IR 100
+    "chrRuss.dcm",  # ISO_IR 144
+    "chrGreek.dcm",  # ISO_IR 126
+    "chrHbrw.dcm",  # ISO_IR 138
+    "chrArab.dcm",  # ISO_IR 127
+    "chrX1.dcm",  # ISO_IR 192 (UTF-8)
+    "chrX2.dcm",  # GB18030
+    "chrH31.dcm",  # ISO 2022 IR 87 (Japanese, three component groups)
+    "chrI2.dcm",  # ISO 2022 IR 149 (Korean)
+]
+
+
+@pytest.mark.parametrize("name", CHARSET_FILES)
+def test_results_carry_the_sources_names_in_a_character_set_that_holds_them(
+    ct: list[Dataset], name: str, tmp_path: Path
+) -> None:
+    """pydicom's character-set test files give the patient's name and character set: the SEG,
+    SR and RTSTRUCT written for such a study decode to the same name."""
+    from pydicom.data import get_charset_files
+
+    (source,) = [pydicom.dcmread(f) for f in get_charset_files(name)]
+    images = []
+    for ds in ct[:4]:
+        d = copy.deepcopy(ds)
+        d.SpecificCharacterSet = source.SpecificCharacterSet
+        d.PatientName = source.PatientName
+        d.ReferringPhysicianName = source.PatientName
+        images.append(d)
+    ensure_type2(images)  # the pipeline's preparation of the source headers
+    structures = _structures(len(images), images[0].Rows, images[0].Columns)[:1]
+    objects = build_all(images, structures, PROVENANCE)
+    for kind, ds in zip(("SEG", "SR", "RTSTRUCT"), objects, strict=True):
+        path = tmp_path / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        back = pydicom.dcmread(path)
+        assert str(back.PatientName) == str(source.PatientName), kind
+        assert str(back.ReferringPhysicianName) == str(source.PatientName), kind
+        charset = back.SpecificCharacterSet
+        expected = source.SpecificCharacterSet
+        if not isinstance(expected, str) and not expected[0]:
+            expected = ["ISO 2022 IR 6", *expected[1:]]  # the same repertoire, said explicitly
+        if name == "chrI2.dcm":  # highdicom does not accept ISO 2022 IR 149: UTF-8 instead
+            expected = "ISO_IR 192"
+        assert charset == expected, kind
+        assert _dciodvfy_errors(path) == set(), kind

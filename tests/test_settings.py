@@ -95,5 +95,5 @@ def test_destination_kinds_are_validated_by_kind() -> None:
     }
     with pytest.raises(ConfigError, match=r"destinations\.web\.dicomweb\.url"):
         load_settings(destinations={"web": {"kind": "dicomweb", "url": "ftp://x"}})
-    with pytest.raises(ConfigError, match="destinations.x"):
+    with pytest.raises(ConfigError, match=r"destinations\.x"):
         load_settings(destinations={"x": {"kind": "carrier-pigeon", "path": "/"}})

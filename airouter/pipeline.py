@@ -121,7 +121,7 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
     volume = build_volume(paths)
     _timing(ctx.store, job_id, volume_s=time.perf_counter() - t0)
 
-    structures, probabilities = _infer(ctx, job, volume)
+    structures, probabilities, scores = _infer(ctx, job, volume)
     t0 = time.perf_counter()
     _save_masks(ctx.settings.jobs_dir / str(job_id), structures)
     _timing(ctx.store, job_id, masks_s=time.perf_counter() - t0)
@@ -142,7 +142,7 @@ def _run(ctx: PipelineContext, job_id: int) -> None:
                 error="no structure found: nothing to encode",
             )
             return
-    objects = _encode(ctx, job, volume, found, absent, probabilities)
+    objects = _encode(ctx, job, volume, found, absent, probabilities, scores)
     _timing(ctx.store, job_id, encode_s=time.perf_counter() - t0)
 
     with ctx.store.session() as s:  # outputs and their deliveries appear together
@@ -187,7 +187,11 @@ def _forward(ctx: PipelineContext, job_id: int) -> None:
 
 def _infer(
     ctx: PipelineContext, job: Job, volume: Volume
-) -> tuple[list[Structure], dict[tuple[str, str], np.ndarray]]:
+) -> tuple[
+    list[Structure],
+    dict[tuple[str, str], np.ndarray],
+    list[tuple[Structure, float, float]],
+]:
     """Run the job's models; while Triton is unavailable the job waits, visibly, and retries.
 
     A model that answers with an error fails the job with the server's message. A model the
@@ -262,7 +266,17 @@ def _infer(
         for label in card.labels
         if label.value in results[card.name].probabilities
     }
-    return structures, by_structure
+    classified = [
+        (
+            Structure(label, card, np.zeros((0,), dtype=bool)),
+            results[card.name].scores[label.name],
+            card.postprocessing.threshold,
+        )
+        for card in cards
+        for label in card.labels
+        if label.name in results[card.name].scores
+    ]
+    return structures, by_structure, classified
 
 
 def _check_ready(client: InferenceClient, cards: list[ModelCard]) -> None:
@@ -327,6 +341,7 @@ def _encode(
     found: list[Structure],
     absent: list[Structure],
     probabilities: dict[tuple[str, str], np.ndarray],
+    classified: list[tuple[Structure, float, float]],
 ) -> list[tuple[str, Dataset]]:
     settings = ctx.settings
     dev = settings.device
@@ -374,6 +389,7 @@ def _encode(
             volumes_ml=volumes_ml,
             intensities_hu=intensities,
             absent=absent,
+            classifications=classified,
             provenance=provenance,
             device_uid=device_uid,
             series=identity("SR"),

@@ -26,6 +26,34 @@ def _absent(s: Structure) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     )
 
 
+def _classified(s: Structure, score: float, threshold: float) -> Any:
+    """TID 1501 for a classification output: the finding Present or Absent, with the model's
+    score (a probability, unit "1")."""
+    present = score >= threshold
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"{s.card.name}:{s.label.name}"
+        ),
+        finding_type=s.type,
+        algorithm_id=hd.sr.AlgorithmIdentification(name=s.card.name, version=s.algorithm_version),
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=round(float(score), 4),
+                unit=codes.UCUM.NoUnits,
+                algorithm_id=hd.sr.AlgorithmIdentification(
+                    name=s.card.name, version=s.algorithm_version
+                ),
+            )
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=s.type, value=codes.SCT.Present if present else codes.SCT.Absent
+            )
+        ],
+    )
+
+
 def _attenuation(stats: tuple[float, float, float] | None) -> list[hd.sr.Measurement]:
     """Mean, minimum and maximum attenuation (HU) as TID 300 measurements with derivations."""
     if stats is None:
@@ -52,11 +80,14 @@ def build_measurement_report(
     provenance: Provenance,
     intensities_hu: Sequence[tuple[float, float, float]] | None = None,
     absent: Sequence[Structure] = (),
+    classifications: Sequence[tuple[Structure, float, float]] = (),
     device_uid: str,
     series: SeriesIdentity,
 ) -> hd.sr.Comprehensive3DSR:
     """One TID 1411 volumetric group per structure found, referencing its segment in ``seg``,
-    and one TID 1501 group per structure the model looked for and did not find ("Absent").
+    and one TID 1501 group per structure the model looked for and did not find ("Absent");
+    ``classifications`` (structure, score, threshold) of classification models become TID 1501
+    groups with the finding Present or Absent and the score.
 
     ``structures[n]`` is segment ``n + 1`` of ``seg``; ``volumes_ml[n]`` its volume;
     ``intensities_hu[n]``, when given, its (mean, min, max) attenuation in HU. With nothing
@@ -101,6 +132,7 @@ def build_measurement_report(
         for number, (s, volume) in enumerate(zip(structures, volumes_ml, strict=True), start=1)
     ]
     groups += [_absent(s) for s in absent]
+    groups += [_classified(s, score, threshold) for s, score, threshold in classifications]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,

@@ -437,3 +437,51 @@ def test_results_carry_the_sources_names_in_a_character_set_that_holds_them(
             expected = "ISO_IR 192"
         assert charset == expected, kind
         assert _dciodvfy_errors(path) == set(), kind
+
+
+def test_sr_reports_classification_findings_present_or_absent_with_the_score(
+    ct: list[Dataset], tmp_path: Path
+) -> None:
+    cards = load_cards(ROOT / "config" / "models")
+    empty = np.zeros((0,), dtype=bool)
+    right, left = (Structure(label, cards["ct-lungs"], empty) for label in cards["ct-lungs"].labels)
+    sr = build_measurement_report(
+        source_images=ct,
+        seg=None,
+        structures=[],
+        volumes_ml=[],
+        classifications=[(right, 0.8312, 0.5), (left, 0.12, 0.5)],
+        provenance=PROVENANCE,
+        device_uid=hd.UID(),
+        series=SeriesIdentity(hd.UID(), 902, "AI findings", hd.UID()),
+    )
+    sr.save_as(tmp_path / "sr.dcm")
+    _validate(tmp_path / "sr.dcm")
+    dump = subprocess.run(
+        [tool("dsrdump"), str(tmp_path / "sr.dcm")], capture_output=True, text=True, check=False
+    )
+    assert dump.returncode == 0 and "Probability" in dump.stdout
+    report = hd.sr.srread(tmp_path / "sr.dcm")  # highdicom reads it back
+    assert not report.content.get_volumetric_roi_measurement_groups()
+    evaluations = {}
+    for item in report.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == "126010":  # Imaging Measurements
+            for group in item.ContentSequence:
+                values = {
+                    c.ConceptNameCodeSequence[0].CodeMeaning: c
+                    for c in group.ContentSequence
+                    if "ConceptNameCodeSequence" in c
+                }
+                finding = values["Finding"].ConceptCodeSequence[0].CodeMeaning
+                probability = values["Probability"].MeasuredValueSequence[0].NumericValue
+                (qualitative,) = [
+                    c
+                    for c in group.ContentSequence
+                    if c.get("ValueType") == "CODE"
+                    and c.ConceptNameCodeSequence[0].CodeMeaning == finding
+                ]
+                evaluations[finding] = (
+                    qualitative.ConceptCodeSequence[0].CodeMeaning,
+                    float(probability),
+                )
+    assert evaluations == {"Right lung": ("Present", 0.8312), "Left lung": ("Absent", 0.12)}

@@ -364,6 +364,21 @@ def _encode(
     added = ensure_type2(volume.datasets)
     if added:
         ctx.store.record("type2_attributes_added", ", ".join(added), job_id=job.id)
+    for ds in volume.datasets:  # decode every header element now: the threads only read them
+        for _ in ds:
+            pass
+    # The RTSTRUCT needs nothing from the SEG: it is built on a second thread meanwhile.
+    rt_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"job{job.id}-rt")
+    rt_future = None
+    if "RTSTRUCT" in job.outputs and found:
+        rt_future = rt_pool.submit(
+            build_rtstruct,
+            source_images=volume.datasets,
+            structures=found,
+            provenance=provenance,
+            series=identity("RTSTRUCT"),
+        )
+    rt_pool.shutdown(wait=False)
     seg = None
     if found:
         seg = build_seg(
@@ -395,14 +410,8 @@ def _encode(
             series=identity("SR"),
         )
         objects.append(("SR", sr))
-    if "RTSTRUCT" in job.outputs and found:
-        rt = build_rtstruct(
-            source_images=volume.datasets,
-            structures=found,
-            provenance=provenance,
-            series=identity("RTSTRUCT"),
-        )
-        objects.append(("RTSTRUCT", rt))
+    if rt_future is not None:
+        objects.append(("RTSTRUCT", rt_future.result()))  # its exception, if any, is raised here
     if "PROBABILITY_MAP" in job.outputs:
         # Every structure with a probability map (found or not: a low map explains an absence).
         mapped = [s for s in (*found, *absent) if (s.card.name, s.label.name) in probabilities]

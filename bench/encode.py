@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import highdicom as hd
 import numpy as np
@@ -24,6 +25,15 @@ from inference.algorithms import segment_body
 from inference.cards import load_cards
 from inference.volume import build_volume
 from tests.peers import ROOT, head_ct_files
+
+NOTES = (
+    "Where the time goes (cProfile): SEG, highdicom's checks of the stacked "
+    "140x512x512x3 array (its max, the per-voxel sum over segments for overlap) and the "
+    "per-frame encoding; RTSTRUCT, scikit-image's find_contours (now on each mask's bounding "
+    "box, not the whole slice) and the formatting of the ContourData values. The pipeline "
+    "builds the RTSTRUCT on a second thread while SEG and SR are built (both mostly in "
+    "numpy, which releases the GIL)."
+)
 
 
 def main() -> None:
@@ -45,7 +55,40 @@ def main() -> None:
         Structure(lungs.labels[1], lungs, left),
     ]
     provenance = Provenance("bench", "airouter", "0", "0")
-    timings: dict[str, list[float]] = {"SEG": [], "SR": [], "RTSTRUCT": [], "all three": []}
+    timings: dict[str, list[float]] = {
+        "SEG": [],
+        "SR": [],
+        "RTSTRUCT": [],
+        "all three, one after another": [],
+        "all three as the pipeline builds them (RTSTRUCT on a second thread)": [],
+    }
+
+    def seg_and_sr() -> None:
+        seg = build_seg(
+            source_images=volume.datasets,
+            structures=structures,
+            provenance=provenance,
+            series=SeriesIdentity(hd.UID(), 1, "s", hd.UID()),
+        )
+        seg.save_as(io.BytesIO())
+        build_measurement_report(
+            source_images=volume.datasets,
+            seg=seg,
+            structures=structures,
+            volumes_ml=[1.0] * len(structures),
+            provenance=provenance,
+            device_uid=hd.UID(),
+            series=SeriesIdentity(hd.UID(), 2, "r", hd.UID()),
+        ).save_as(io.BytesIO())
+
+    def rtstruct() -> None:
+        build_rtstruct(
+            source_images=volume.datasets,
+            structures=structures,
+            provenance=provenance,
+            series=SeriesIdentity(hd.UID(), 3, "t", hd.UID()),
+        ).save_as(io.BytesIO(), enforce_file_format=True)
+
     for _ in range(args.rounds):
         t0 = time.perf_counter()
         seg = build_seg(
@@ -80,9 +123,17 @@ def main() -> None:
             ("SEG", t1 - t0),
             ("SR", t2 - t1),
             ("RTSTRUCT", t3 - t2),
-            ("all three", t3 - t0),
+            ("all three, one after another", t3 - t0),
         ):
             timings[key].append(value)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(rtstruct)
+            seg_and_sr()
+            future.result()
+        timings["all three as the pipeline builds them (RTSTRUCT on a second thread)"].append(
+            time.perf_counter() - t0
+        )
         print({k: round(v[-1], 3) for k, v in timings.items()}, flush=True)
     rows = "\n".join(
         f"| {k} | {median(v):.2f} | {', '.join(f'{x:.2f}' for x in v)} |"
@@ -97,13 +148,16 @@ one with a hole), each built and written to bytes; {args.rounds} rounds.
 |---|---|---|
 {rows}
 
-Goal: <= 1 s for all three: not met. Where the time goes (cProfile, one round): SEG, about
-1.45 s in highdicom's checks and casting of the 140x512x512x3 pixel array before bit-packing;
-RTSTRUCT, about 1.6 s in scikit-image's find_contours and its pure-Python contour assembly
-(330 slice-structures) and 0.36 s formatting ContourData values. Candidates: pass highdicom
-only the non-empty frames' bounding data, a C contour tracer (OpenCV) checked against the
-same Dice round trip, vectorised DS formatting.
+{{GOAL}}
 """
+    pipeline = median(
+        timings["all three as the pipeline builds them (RTSTRUCT on a second thread)"]
+    )
+    goal = (
+        f"Goal: <= 1 s for all three: {'met' if pipeline <= 1.0 else 'not met'} "
+        f"({pipeline:.2f} s as the pipeline builds them). {NOTES}"
+    )
+    body_text = body_text.replace("{{GOAL}}", goal)
     record("Encoding: SEG + SR + RTSTRUCT, 140 slices, 3 structures", body_text)
     print(body_text)
 

@@ -157,7 +157,7 @@ one with a hole), each built and written to bytes; {args.rounds} rounds.
         f"Goal: <= 1 s for all three: {'met' if pipeline <= 1.0 else 'not met'} "
         f"({pipeline:.2f} s as the pipeline builds them). {NOTES}"
     )
-    body_text = body_text.replace("{{GOAL}}", goal)
+    body_text = body_text.replace("{GOAL}", goal)
     record("Encoding: SEG + SR + RTSTRUCT, 140 slices, 3 structures", body_text)
     print(body_text)
 

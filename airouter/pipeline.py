@@ -362,6 +362,13 @@ def _encode(
 
     objects: list[tuple[str, Dataset]] = []
     added = ensure_type2(volume.datasets)
+    if volume.sources is not None:
+        ensure_type2(volume.sources)
+    # SEG and SR reference the source instances (a multi-frame image's frames in its own order).
+    sources = volume.source_images
+    found_in_source_order = [
+        Structure(s.label, s.card, volume.in_source_order(s.mask)) for s in found
+    ]
     if added:
         ctx.store.record("type2_attributes_added", ", ".join(added), job_id=job.id)
     for ds in volume.datasets:  # decode every header element now: the threads only read them
@@ -382,8 +389,8 @@ def _encode(
     seg = None
     if found:
         seg = build_seg(
-            source_images=volume.datasets,
-            structures=found,
+            source_images=sources,
+            structures=found_in_source_order,
             provenance=provenance,
             series=identity("SEG"),
             seg_type=str((job.options or {}).get("seg_type", "binary")),
@@ -398,7 +405,7 @@ def _encode(
         ]
         device_uid = generate_uid(entropy_srcs=[settings.ae_title, dev.device_serial_number])
         sr = build_measurement_report(
-            source_images=volume.datasets,
+            source_images=sources,
             seg=seg,
             structures=found,
             volumes_ml=volumes_ml,
@@ -417,9 +424,12 @@ def _encode(
         mapped = [s for s in (*found, *absent) if (s.card.name, s.label.name) in probabilities]
         if mapped:
             fractional = build_probability_seg(
-                source_images=volume.datasets,
+                source_images=sources,
                 structures=mapped,
-                probabilities=[probabilities[(s.card.name, s.label.name)] for s in mapped],
+                probabilities=[
+                    volume.in_source_order(probabilities[(s.card.name, s.label.name)])
+                    for s in mapped
+                ],
                 provenance=provenance,
                 series=identity("PROBABILITY_MAP"),
             )

@@ -98,9 +98,13 @@ def to_patient(points_rc: np.ndarray, image: Dataset) -> np.ndarray:
 
 
 def _image_ref(image: Dataset) -> Dataset:
+    """A reference to a slice: its instance, and its frame when it is one frame of a
+    multi-frame image (the volume's per-frame views carry ReferencedFrameNumber)."""
     ref = Dataset()
     ref.ReferencedSOPClassUID = image.SOPClassUID
     ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
+    if "ReferencedFrameNumber" in image:
+        ref.ReferencedFrameNumber = image.ReferencedFrameNumber
     return ref
 
 

@@ -24,7 +24,27 @@ class VolumeError(Exception):
 class Volume:
     hu: np.ndarray  # int16, shape (slices, rows, columns), modality units (HU for CT)
     affine: np.ndarray  # 4x4: (k, j, i, 1) -> (x, y, z, 1) in LPS mm
-    datasets: list[Dataset]  # source images, in the order of axis 0
+    # One header per slice, in the order of axis 0, with that slice's geometry. For a
+    # multi-frame (enhanced) image these are per-frame views of it carrying the frame's
+    # position, orientation and spacing and its ReferencedFrameNumber (never written).
+    datasets: list[Dataset]
+    # The instances to reference as sources (the slices' own datasets for a single-frame
+    # series; the multi-frame image itself otherwise), and for a multi-frame image the frame
+    # number (1-based) of each slice.
+    sources: list[Dataset] | None = None
+    frame_numbers: list[int] | None = None
+
+    @property
+    def source_images(self) -> list[Dataset]:
+        return self.sources if self.sources is not None else self.datasets
+
+    def in_source_order(self, mask: np.ndarray) -> np.ndarray:
+        """A (slices, rows, columns) array reordered to the source's frame order."""
+        if self.frame_numbers is None:
+            return mask
+        out = np.empty_like(mask)
+        out[np.asarray(self.frame_numbers) - 1] = mask
+        return out
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
@@ -52,7 +72,10 @@ def read_headers(paths: Iterable[Path | str]) -> list[Dataset]:
             if kw not in ds:
                 raise VolumeError(f"instance {ds.get('SOPInstanceUID', '?')} has no {kw}")
         if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise VolumeError("multi-frame images are not supported by this pipeline yet")
+            raise VolumeError(
+                "a series of several multi-frame images (one multi-frame image per series, or "
+                "single-frame images, can be processed)"
+            )
     normal = slice_normal(datasets[0])
     first_iop = np.asarray(datasets[0].ImageOrientationPatient, dtype=float)
     shape = (datasets[0].Rows, datasets[0].Columns)
@@ -89,8 +112,93 @@ def affine_of(datasets: list[Dataset]) -> np.ndarray:
     return affine
 
 
+def _functional(ds: Dataset, frame: Dataset, sequence: str) -> Dataset | None:
+    """A functional group macro of one frame: per-frame if there, else shared."""
+    if sequence in frame:
+        return frame[sequence].value[0]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and sequence in shared[0]:
+        return shared[0][sequence].value[0]
+    return None
+
+
+_NOT_COPIED = {"PixelData", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"}
+
+
+def _multiframe_volume(ds: Dataset) -> Volume:
+    """An enhanced (multi-frame) image: each frame's geometry from its functional groups."""
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    count = int(ds.NumberOfFrames)
+    if not frames or len(frames) != count:
+        raise VolumeError("a multi-frame image without per-frame functional groups")
+    header = Dataset()
+    for elem in ds:
+        if elem.keyword not in _NOT_COPIED and elem.tag.group != 0x7FE0:
+            header.add(elem)
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    views = []
+    rescale = []
+    for number, frame in enumerate(frames, start=1):
+        position = _functional(ds, frame, "PlanePositionSequence")
+        orientation = _functional(ds, frame, "PlaneOrientationSequence")
+        measures = _functional(ds, frame, "PixelMeasuresSequence")
+        if position is None or orientation is None or measures is None:
+            raise VolumeError(f"frame {number} has no plane position, orientation or spacing")
+        view = Dataset()
+        view.update(header)
+        view.ImagePositionPatient = position.ImagePositionPatient
+        view.ImageOrientationPatient = orientation.ImageOrientationPatient
+        view.PixelSpacing = measures.PixelSpacing
+        if "SliceThickness" in measures:
+            view.SliceThickness = measures.SliceThickness
+        view.ReferencedFrameNumber = number
+        views.append(view)
+        transform = _functional(ds, frame, "PixelValueTransformationSequence")
+        source = transform if transform is not None else ds
+        rescale.append(
+            (
+                float(source.get("RescaleSlope", 1) or 1),
+                float(source.get("RescaleIntercept", 0) or 0),
+            )
+        )
+    normal = slice_normal(views[0])
+    order = sorted(
+        range(count),
+        key=lambda n: float(np.dot(normal, np.asarray(views[n].ImagePositionPatient, float))),
+    )
+    positions = np.array(
+        [np.dot(normal, np.asarray(views[n].ImagePositionPatient, float)) for n in order]
+    )
+    if count > 1 and np.min(np.diff(positions)) < 1e-3:
+        raise VolumeError("the multi-frame image has two frames at the same position")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise VolumeError(f"cannot decode pixel data: {exc}") from exc
+    hu = np.empty((count, int(ds.Rows), int(ds.Columns)), dtype=np.int16)
+    for k, n in enumerate(order):
+        slope, intercept = rescale[n]
+        values = pixels[n].astype(np.float32) * slope + intercept
+        hu[k] = np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+    sorted_views = [views[n] for n in order]
+    return Volume(
+        hu=hu,
+        affine=affine_of(sorted_views),
+        datasets=sorted_views,
+        sources=[ds],
+        frame_numbers=[n + 1 for n in order],
+    )
+
+
 def build_volume(paths: Iterable[Path | str]) -> Volume:
-    """Read, sort, decode and rescale a series into a :class:`Volume`."""
+    """Read, sort, decode and rescale a series into a :class:`Volume` (single-frame images,
+    or one multi-frame image with per-frame functional groups)."""
+    paths = list(paths)
+    if len(paths) == 1:
+        single = pydicom.dcmread(paths[0])
+        if int(single.get("NumberOfFrames", 1) or 1) > 1:
+            return _multiframe_volume(single)
     datasets = read_headers(paths)
     hu = np.empty((len(datasets), datasets[0].Rows, datasets[0].Columns), dtype=np.int16)
     for index, ds in enumerate(datasets):

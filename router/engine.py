@@ -22,6 +22,12 @@ class SeriesInfo:
     tags: Mapping[str, Any] = field(default_factory=dict)
     instance_count: int = 0
 
+    @property
+    def image_count(self) -> int:
+        """Images: the instances, or the frames of a multi-frame (enhanced) image."""
+        frames = _number(self.tags.get("NumberOfFrames"), None)
+        return max(self.instance_count, int(frames) if frames else 0)
+
 
 @dataclass(frozen=True)
 class StudyContext:
@@ -205,8 +211,8 @@ def series_failure(rule: Rule, series: SeriesInfo) -> str | None:
     if failure:
         return failure
     sel = rule.select
-    if series.instance_count < sel.min_instances:
-        return f"{series.instance_count} instances, fewer than {sel.min_instances}"
+    if series.image_count < sel.min_instances:
+        return f"{series.image_count} images, fewer than {sel.min_instances}"
     image_type = [str(t) for t in _values(series.tags.get("ImageType"))]
     excluded = [t for t in sel.exclude_image_types if t in image_type]
     if excluded:
@@ -232,11 +238,11 @@ def series_failure(rule: Rule, series: SeriesInfo) -> str | None:
 def _preference_key(prefs: Sequence[Preference], s: SeriesInfo) -> tuple[float, ...]:
     thickness = _number(s.tags.get("SliceThickness"), None) or 0.0
     keys = {
-        Preference.MOST_INSTANCES: float(s.instance_count),
+        Preference.MOST_INSTANCES: float(s.image_count),
         Preference.THINNEST: -thickness,
         Preference.THICKEST: thickness,
     }
-    return (*(keys[p] for p in prefs), float(s.instance_count))
+    return (*(keys[p] for p in prefs), float(s.image_count))
 
 
 def select_series(rule: Rule, series: Sequence[SeriesInfo]) -> tuple[SeriesInfo | None, str]:

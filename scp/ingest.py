@@ -203,7 +203,36 @@ def series_tags(ds: Dataset) -> dict[str, Any]:
         value = _json_value(ds, keyword)
         if value is not None and len(str(value)) <= _MAX_VALUE_CHARS:
             tags[keyword] = value
+    _lift_shared_geometry(ds, tags)
     return tags
+
+
+# Enhanced (multi-frame) images keep their geometry in functional groups; rules see it under
+# the single-frame keywords.
+_SHARED_GEOMETRY = (
+    ("PlaneOrientationSequence", "ImageOrientationPatient"),
+    ("PixelMeasuresSequence", "PixelSpacing"),
+    ("PixelMeasuresSequence", "SliceThickness"),
+)
+
+
+def _lift_shared_geometry(ds: Dataset, tags: dict[str, Any]) -> None:
+    try:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        groups = shared[0] if shared else None
+        frames = ds.get("PerFrameFunctionalGroupsSequence")
+        first = frames[0] if frames else None
+        for sequence, keyword in _SHARED_GEOMETRY:
+            if keyword in tags:
+                continue
+            for group in (groups, first):
+                if group is not None and sequence in group and keyword in group[sequence][0]:
+                    value = _json_value(group[sequence][0], keyword)
+                    if value is not None:
+                        tags[keyword] = value
+                    break
+    except Exception:  # a malformed functional group never breaks indexing
+        return
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:

@@ -78,7 +78,8 @@ def slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
 
 def _contour_data(xyz: np.ndarray) -> RawDataElement:
     """ContourData, encoded once (DS, explicit VR little endian) instead of value by value."""
-    text = "\\".join(f"{v:.3f}" for v in xyz.ravel()).encode("ascii")
+    values = xyz.ravel().tolist()
+    text = ("\\".join(["%.3f"] * len(values)) % tuple(values)).encode("ascii")  # one C call
     if len(text) % 2:
         text += b" "
     return RawDataElement(CONTOUR_DATA, "DS", len(text), text, 0, False, True)

@@ -8,6 +8,7 @@ Segmentation SOP Class: one frame per source image, mutually exclusive labels) a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -15,6 +16,45 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure
+
+
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation with a faster overlap check for stacked binary masks.
+
+    highdicom finds overlapping segments by summing the (frames, rows, columns, segments) array
+    over its last axis: 1.3 s of the SEG's 2 s for 140x512x512x3 on this machine. For our
+    uint8 0/1 masks a pairwise AND of the segments gives the same answer in a few hundredths of
+    a second. Anything else goes through highdicom's own checks unchanged.
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(
+        cls,
+        pixel_array: Any,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[Any, hd.seg.SegmentsOverlapValues]:
+        count = len(segment_numbers)
+        if (
+            isinstance(pixel_array, np.ndarray)
+            and pixel_array.ndim == 4
+            and pixel_array.dtype == np.uint8
+            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
+            and pixel_array.shape[-1] == count > 1
+        ):
+            if pixel_array.max() > 1:
+                raise ValueError("stacked binary segments must hold 0 and 1 only")
+            overlap = any(
+                np.logical_and(pixel_array[..., a], pixel_array[..., b]).any()
+                for a in range(count)
+                for b in range(a + 1, count)
+            )
+            values = hd.seg.SegmentsOverlapValues
+            return pixel_array, values.YES if overlap else values.NO
+        return super()._check_and_cast_pixel_array(
+            pixel_array, segment_numbers, segmentation_type, dtype
+        )
 
 
 def _descriptions(structures: Sequence[Structure]) -> list[hd.seg.SegmentDescription]:
@@ -105,7 +145,7 @@ def _segmentation(
             "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
             "max_fractional_value": 255,
         }
-    seg = hd.seg.Segmentation(
+    seg = _Segmentation(
         source_images=list(source_images),
         pixel_array=pixels,
         segmentation_type=kind,

@@ -485,3 +485,41 @@ def test_sr_reports_classification_findings_present_or_absent_with_the_score(
                     float(probability),
                 )
     assert evaluations == {"Right lung": ("Present", 0.8312), "Left lung": ("Absent", 0.12)}
+
+
+@pytest.mark.parametrize("overlapping", [False, True])
+def test_fast_overlap_check_agrees_with_highdicom(ct: list[Dataset], overlapping: bool) -> None:
+    """Our SEG skips highdicom's slow overlap sum for stacked binary masks: the Segments
+    Overlap it writes must be what highdicom itself would have written."""
+    structures = _structures(len(ct), ct[0].Rows, ct[0].Columns)
+    if overlapping:
+        shifted = np.roll(structures[0].mask, 30, axis=2)
+        structures[1] = Structure(structures[1].label, structures[1].card, shifted)
+    series = SeriesIdentity(hd.UID(), 901, "x", hd.UID())
+    ours = build_seg(source_images=ct, structures=structures, provenance=PROVENANCE, series=series)
+    pixels = np.stack([s.mask.astype(np.uint8) for s in structures], axis=-1)
+    theirs = hd.seg.Segmentation(
+        source_images=ct,
+        pixel_array=pixels,
+        segmentation_type="BINARY",
+        segment_descriptions=[
+            hd.seg.SegmentDescription(
+                segment_number=n,
+                segment_label=s.label.name,
+                segmented_property_category=s.category,
+                segmented_property_type=s.type,
+                algorithm_type="MANUAL",
+            )
+            for n, s in enumerate(structures, start=1)
+        ],
+        series_instance_uid=hd.UID(),
+        series_number=1,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="x",
+        manufacturer_model_name="x",
+        software_versions="1",
+        device_serial_number="1",
+    )
+    assert ours.SegmentsOverlap == theirs.SegmentsOverlap == ("YES" if overlapping else "NO")
+    assert ours.PixelData == theirs.PixelData  # the same frames, bit for bit

@@ -165,6 +165,9 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_status: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Storage commitment (DICOM destinations that offer it): requested -> committed | failed.
+    commitment: Mapped[str | None] = mapped_column(String(16))
+    transaction_uid: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class Event(Base):

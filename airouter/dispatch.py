@@ -165,21 +165,31 @@ class Dispatcher:
                 for delivery_id, _ in items:
                     self._record(delivery_id, False, reason, final=True)
                 continue
+            commitments: dict[int, str] = {}
             try:
-                answers = send(node, items, self.settings)
+                answers = send(node, items, self.settings, commitments)
             except Exception as exc:  # a sender bug must not stop the other destinations
                 log.exception("sending to %s failed", destination)
                 answers = [(i, False, f"internal error: {exc}") for i, _ in items]
             for delivery_id, ok, answer in answers:
-                self._record(delivery_id, ok, answer)
+                self._record(delivery_id, ok, answer, transaction_uid=commitments.get(delivery_id))
         self._finish_jobs()
         return len(due)
 
-    def _record(self, delivery_id: int, ok: bool, answer: str, final: bool = False) -> None:
+    def _record(
+        self,
+        delivery_id: int,
+        ok: bool,
+        answer: str,
+        final: bool = False,
+        transaction_uid: str | None = None,
+    ) -> None:
         with self.store.session() as s:
             d = s.get(Delivery, delivery_id)
             if d is None:
                 return
+            if transaction_uid is not None:
+                d.commitment, d.transaction_uid = "requested", transaction_uid
             d.attempts += 1
             d.last_status = answer
             d.updated_at = utcnow()

@@ -13,9 +13,11 @@ import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
@@ -38,9 +40,17 @@ _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
-def send(node: object, items: Items, settings: Settings) -> Answers:
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP instance
+
+
+def send(
+    node: object, items: Items, settings: Settings, commitments: dict[int, str] | None = None
+) -> Answers:
+    """Send a batch; ``commitments`` receives delivery id -> storage commitment transaction
+    UID for the deliveries whose commitment was requested."""
     if isinstance(node, DicomNode):
-        return send_dicom(node, items, settings)
+        return send_dicom(node, items, settings, commitments)
     if isinstance(node, DicomWebNode):
         return send_dicomweb(node, items)
     if isinstance(node, OrthancNode):
@@ -63,9 +73,13 @@ def _tls_context(node: DicomNode) -> ssl.SSLContext:
     return context
 
 
-def send_dicom(node: DicomNode, items: Items, settings: Settings) -> Answers:
+def send_dicom(
+    node: DicomNode, items: Items, settings: Settings, commitments: dict[int, str] | None = None
+) -> Answers:
     """C-STORE on one association, negotiating each SOP class in the transfer syntaxes of the
-    files (as archived or received: nothing is transcoded) plus the uncompressed ones."""
+    files (as archived or received: nothing is transcoded) plus the uncompressed ones; then,
+    for a destination with ``storage_commitment``, an N-ACTION asking it to commit to the
+    instances it stored (its answer arrives later as an N-EVENT-REPORT)."""
     datasets: list[tuple[int, Dataset]] = [(i, dcmread(path)) for i, path in items]
     syntaxes: dict[str, list[str]] = {}
     for _, ds in datasets:
@@ -78,7 +92,9 @@ def send_dicom(node: DicomNode, items: Items, settings: Settings) -> Answers:
     ae.acse_timeout = settings.acse_timeout_s
     ae.dimse_timeout = settings.dimse_timeout_s
     ae.network_timeout = settings.network_timeout_s
-    contexts = [build_context(c, ts) for c, ts in sorted(syntaxes.items())][:128]
+    contexts = [build_context(c, ts) for c, ts in sorted(syntaxes.items())][:127]
+    if node.storage_commitment:
+        contexts.append(build_context(STORAGE_COMMITMENT_PUSH))
     where = f"{node.ae_title}@{node.host}:{node.port}" + (" (TLS)" if node.tls else "")
     try:
         tls_args = (_tls_context(node), node.host) if node.tls else None
@@ -106,9 +122,48 @@ def send_dicom(node: DicomNode, items: Items, settings: Settings) -> Answers:
             else:
                 comment = status.get("ErrorComment", "")
                 answers.append((delivery_id, False, f"C-STORE status 0x{code:04X} {comment}"))
+        if node.storage_commitment:
+            stored = {i for i, ok, _ in answers if ok}
+            refs = [(i, ds) for i, ds in datasets if i in stored]
+            if refs:
+                answers = _request_commitment(assoc, refs, answers, commitments)
     finally:
         assoc.release()
     return answers
+
+
+def _request_commitment(
+    assoc: Any,
+    refs: list[tuple[int, Dataset]],
+    answers: Answers,
+    commitments: dict[int, str] | None,
+) -> Answers:
+    request = Dataset()
+    request.TransactionUID = generate_uid()
+    items = []
+    for _, ds in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        items.append(item)
+    request.ReferencedSOPSequence = items
+    try:
+        status, _ = assoc.send_n_action(
+            request, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+        )
+        code = int(status.Status) if status and "Status" in status else None
+    except (ValueError, RuntimeError) as exc:
+        note = f"; storage commitment not requested: {exc}"
+        return [(i, ok, answer + note if ok else answer) for i, ok, answer in answers]
+    if code != 0x0000:
+        shown = f"0x{code:04X}" if code is not None else "no response"
+        note = f"; storage commitment refused ({shown})"
+        return [(i, ok, answer + note if ok else answer) for i, ok, answer in answers]
+    requested = {i for i, _ in refs}
+    if commitments is not None:
+        commitments.update({i: str(request.TransactionUID) for i in requested})
+    note = f"; storage commitment requested (transaction {request.TransactionUID})"
+    return [(i, ok, answer + note if i in requested else answer) for i, ok, answer in answers]
 
 
 def send_dicomweb(node: DicomWebNode, items: Items) -> Answers:

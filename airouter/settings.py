@@ -61,6 +61,9 @@ class DicomNode(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: TlsSettings | None = None
+    # Ask the destination to commit to keeping what we sent (Storage Commitment Push Model,
+    # N-ACTION); its N-EVENT-REPORT comes back to our AE (the destination must know it).
+    storage_commitment: bool = False
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

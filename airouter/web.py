@@ -112,6 +112,7 @@ def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> di
                 "state": d.state.value,
                 "attempts": d.attempts,
                 "last_status": d.last_status,
+                "commitment": d.commitment,
             }
         )
     return {
@@ -324,6 +325,7 @@ def create_app(
                     "state": d.state.value,
                     "attempts": d.attempts,
                     "last_status": d.last_status,
+                "commitment": d.commitment,
                     "next_attempt_at": d.next_attempt_at.isoformat() + "Z",
                 }
                 for d, o in s.execute(q.order_by(Delivery.id)).all()

@@ -16,6 +16,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from airouter.settings import Settings
+from scp.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
 from scp.ingest import Ingest, Received
 from scp.status import StoreStatus
 
@@ -127,6 +128,9 @@ def build_ae(settings: Settings) -> AE:
     ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
     ae.require_called_aet = settings.check_called_ae_title
     ae.add_supported_context(Verification)
+    # Storage commitment reports come from the destinations we asked (they act as the SCP of
+    # the SOP class on an association they start: role selection).
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -141,6 +145,7 @@ def start_dimse(
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ingest, tracker]),
+        (evt.EVT_N_EVENT_REPORT, handle_event_report, [ingest.store]),
         (evt.EVT_RELEASED, handle_end, [tracker]),
         (evt.EVT_ABORTED, handle_end, [tracker]),
         (evt.EVT_CONN_CLOSE, handle_end, [tracker]),

@@ -225,7 +225,9 @@ def start_node(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    node = NodeProcess(process, workdir / "var", dimse_port, http_port, "AIROUTER", log_path)
+    node = NodeProcess(
+        process, workdir / "var", int(config["dimse_port"]), http_port, "AIROUTER", log_path
+    )
 
     def ready() -> bool:
         if process.poll() is not None:

@@ -305,3 +305,49 @@ def test_c_store_over_tls_to_orthanc_and_an_untrusted_server_is_refused(tmp_path
     finally:
         stop_process(node.process)
         stop_process(pacs.process)
+
+
+def test_storage_commitment_is_requested_and_the_pacs_report_recorded(tmp_path: Path) -> None:
+    """Orthanc as a storage commitment SCP: after the C-STOREs, an N-ACTION asks it to commit;
+    its N-EVENT-REPORT comes back to the node's own AE and each delivery says "committed"."""
+    node_port = free_port()
+    pacs = start_orthanc(
+        tmp_path / "pacs",
+        extra={"DicomModalities": {"airouter": ["AIROUTER", "127.0.0.1", node_port]}},
+    )
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "r.yaml").write_text(
+        "rules:\n  - name: commit\n    match: {Modality: CT}\n    models: [ct-body]\n"
+        "    destinations: [pacs]\n"
+    )
+    node = start_node(
+        tmp_path / "node",
+        None,
+        dimse_port=node_port,
+        rules_dir=str(tmp_path / "rules"),
+        destinations={
+            "pacs": {
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": pacs.dicom_port,
+                "storage_commitment": True,
+            }
+        },
+    )
+    try:
+        files = fresh_copy(head_ct_files()[55:85], tmp_path / "ct")
+        assert storescu(node.dimse_port, files).returncode == 0
+
+        def committed() -> list[dict] | None:
+            rows = node.get("/api/deliveries") or []
+            done = len(rows) == 3 and all(d["commitment"] == "committed" for d in rows)
+            return rows if done else None
+
+        rows = wait_for(committed, 120, "the PACS to commit to the three objects")
+        assert all(d["state"] == "sent" for d in rows)
+        assert all("storage commitment requested" in d["last_status"] for d in rows)
+        (event,) = node.get("/api/events?kind=storage_commitment")
+        assert '"committed": 3' in event["detail"] and '"failed": 0' in event["detail"]
+    finally:
+        stop_process(node.process)
+        stop_process(pacs.process)

@@ -28,6 +28,7 @@ from airouter.settings import (
     OrthancNode,
     Settings,
 )
+from scp.commitment import STORAGE_COMMITMENT_PUSH
 from scp.spool import instance_path, write_durable
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 
 
-STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP instance
 
 

@@ -325,7 +325,7 @@ def create_app(
                     "state": d.state.value,
                     "attempts": d.attempts,
                     "last_status": d.last_status,
-                "commitment": d.commitment,
+                    "commitment": d.commitment,
                     "next_attempt_at": d.next_attempt_at.isoformat() + "Z",
                 }
                 for d, o in s.execute(q.order_by(Delivery.id)).all()

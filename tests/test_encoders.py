@@ -65,6 +65,15 @@ def _validate(path: Path) -> None:
     assert errors == [], errors
 
 
+def _valid_sr_dump(sr: Dataset, path: Path) -> str:
+    """Write the SR, check it with dciodvfy, and return what dsrdump makes of it."""
+    sr.save_as(path)
+    _validate(path)
+    dump = subprocess.run([tool("dsrdump"), str(path)], capture_output=True, text=True, check=False)
+    assert dump.returncode == 0, dump.stderr
+    return dump.stdout
+
+
 @pytest.mark.parametrize("geometry", ["as-acquired", "tilted-non-square"])
 def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: Path) -> None:
     images = ct
@@ -112,12 +121,7 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
     )
-    sr.save_as(tmp_path / "sr.dcm")
-    _validate(tmp_path / "sr.dcm")
-    dump = subprocess.run(
-        [tool("dsrdump"), str(tmp_path / "sr.dcm")], capture_output=True, text=True, check=False
-    )
-    assert dump.returncode == 0 and "Volume" in dump.stdout
+    assert "Volume" in _valid_sr_dump(sr, tmp_path / "sr.dcm")
     report = hd.sr.srread(tmp_path / "sr.dcm")
     groups = report.content.get_volumetric_roi_measurement_groups()
     got = [g.get_measurements(name=codes.SCT.Volume)[0].value for g in groups]
@@ -280,12 +284,7 @@ def test_sr_reports_structures_the_model_did_not_find(
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
     )
-    sr.save_as(tmp_path / "sr.dcm")
-    _validate(tmp_path / "sr.dcm")
-    dump = subprocess.run(
-        [tool("dsrdump"), str(tmp_path / "sr.dcm")], capture_output=True, text=True, check=False
-    )
-    assert dump.returncode == 0 and dump.stdout.count("Absent") == 2
+    assert _valid_sr_dump(sr, tmp_path / "sr.dcm").count("Absent") == 2
     report = hd.sr.srread(tmp_path / "sr.dcm")
     assert len(report.content.get_volumetric_roi_measurement_groups()) == len(found)
 
@@ -455,12 +454,7 @@ def test_sr_reports_classification_findings_present_or_absent_with_the_score(
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI findings", hd.UID()),
     )
-    sr.save_as(tmp_path / "sr.dcm")
-    _validate(tmp_path / "sr.dcm")
-    dump = subprocess.run(
-        [tool("dsrdump"), str(tmp_path / "sr.dcm")], capture_output=True, text=True, check=False
-    )
-    assert dump.returncode == 0 and "Probability" in dump.stdout
+    assert "Probability" in _valid_sr_dump(sr, tmp_path / "sr.dcm")
     report = hd.sr.srread(tmp_path / "sr.dcm")  # highdicom reads it back
     assert not report.content.get_volumetric_roi_measurement_groups()
     evaluations = {}

@@ -17,7 +17,8 @@ from collections import defaultdict
 from datetime import timedelta
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from airouter.db import (
@@ -166,8 +167,18 @@ class Dispatcher:
                     self._record(delivery_id, False, reason, final=True)
                 continue
             commitments: dict[int, str] = {}
+            transaction = None
+            if isinstance(node, DicomNode) and node.storage_commitment:
+                # Recorded before the N-ACTION: the destination's report may arrive at once.
+                transaction = generate_uid()
+                with self.store.session() as s:
+                    s.execute(
+                        update(Delivery)
+                        .where(Delivery.id.in_([i for i, _ in items]))
+                        .values(transaction_uid=transaction, commitment="pending")
+                    )
             try:
-                answers = send(node, items, self.settings, commitments)
+                answers = send(node, items, self.settings, commitments, transaction)
             except Exception as exc:  # a sender bug must not stop the other destinations
                 log.exception("sending to %s failed", destination)
                 answers = [(i, False, f"internal error: {exc}") for i, _ in items]
@@ -189,11 +200,19 @@ class Dispatcher:
             if d is None:
                 return
             if transaction_uid is not None:
-                d.commitment, d.transaction_uid = "requested", transaction_uid
+                d.transaction_uid = transaction_uid
+                if d.commitment not in ("committed", "failed"):  # the report may be here already
+                    d.commitment = "requested"
+            elif d.commitment == "pending":
+                d.commitment = None  # not requested after all (the C-STORE failed)
             d.attempts += 1
             d.last_status = answer
             d.updated_at = utcnow()
-            if ok:
+            if ok and d.commitment == "failed":
+                # the destination already reported it could not commit: send it again
+                d.state, d.next_attempt_at = DeliveryState.FAILED, utcnow()
+                d.last_status = f"{answer}; but storage commitment failed"
+            elif ok:
                 d.state = DeliveryState.SENT
             elif final or d.attempts >= self.settings.dispatch_max_attempts:
                 d.state = DeliveryState.DEAD

@@ -45,12 +45,17 @@ STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP ins
 
 
 def send(
-    node: object, items: Items, settings: Settings, commitments: dict[int, str] | None = None
+    node: object,
+    items: Items,
+    settings: Settings,
+    commitments: dict[int, str] | None = None,
+    transaction_uid: str | None = None,
 ) -> Answers:
     """Send a batch; ``commitments`` receives delivery id -> storage commitment transaction
-    UID for the deliveries whose commitment was requested."""
+    UID (``transaction_uid``, recorded by the caller beforehand: the report can come back
+    before this returns) for the deliveries whose commitment was requested."""
     if isinstance(node, DicomNode):
-        return send_dicom(node, items, settings, commitments)
+        return send_dicom(node, items, settings, commitments, transaction_uid)
     if isinstance(node, DicomWebNode):
         return send_dicomweb(node, items)
     if isinstance(node, OrthancNode):
@@ -74,7 +79,11 @@ def _tls_context(node: DicomNode) -> ssl.SSLContext:
 
 
 def send_dicom(
-    node: DicomNode, items: Items, settings: Settings, commitments: dict[int, str] | None = None
+    node: DicomNode,
+    items: Items,
+    settings: Settings,
+    commitments: dict[int, str] | None = None,
+    transaction_uid: str | None = None,
 ) -> Answers:
     """C-STORE on one association, negotiating each SOP class in the transfer syntaxes of the
     files (as archived or received: nothing is transcoded) plus the uncompressed ones; then,
@@ -126,7 +135,8 @@ def send_dicom(
             stored = {i for i, ok, _ in answers if ok}
             refs = [(i, ds) for i, ds in datasets if i in stored]
             if refs:
-                answers = _request_commitment(assoc, refs, answers, commitments)
+                transaction = transaction_uid or generate_uid()
+                answers = _request_commitment(assoc, refs, answers, commitments, transaction)
     finally:
         assoc.release()
     return answers
@@ -137,9 +147,10 @@ def _request_commitment(
     refs: list[tuple[int, Dataset]],
     answers: Answers,
     commitments: dict[int, str] | None,
+    transaction_uid: str,
 ) -> Answers:
     request = Dataset()
-    request.TransactionUID = generate_uid()
+    request.TransactionUID = transaction_uid
     items = []
     for _, ds in refs:
         item = Dataset()

@@ -27,12 +27,14 @@ from inference.volume import build_volume
 from tests.peers import ROOT, head_ct_files
 
 NOTES = (
-    "Where the time goes (cProfile): SEG, highdicom's checks of the stacked "
-    "140x512x512x3 array (its max, the per-voxel sum over segments for overlap) and the "
-    "per-frame encoding; RTSTRUCT, scikit-image's find_contours (now on each mask's bounding "
-    "box, not the whole slice) and the formatting of the ContourData values. The pipeline "
-    "builds the RTSTRUCT on a second thread while SEG and SR are built (both mostly in "
-    "numpy, which releases the GIL)."
+    "Where the time goes (cProfile): SEG, highdicom building 420 per-frame functional groups "
+    "and packing the frames (its own overlap check, a per-voxel sum over the stacked "
+    "140x512x512x3 array that took 1.3 s, is replaced by a pairwise AND of our binary masks, "
+    "tested to give the same Segments Overlap and the same frames); RTSTRUCT, scikit-image's "
+    "find_contours with its pure-Python contour assembly (now on each mask's bounding box, not "
+    "the whole slice) and writing ~240k ContourData values. The pipeline builds the RTSTRUCT "
+    "on a second thread while SEG and SR are built. At the start of this work all three took "
+    "4.6 s one after another."
 )
 
 

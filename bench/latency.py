@@ -82,7 +82,8 @@ def main() -> None:
     body = f"""
 From the last C-STORE response (storescu, 140 x 512x512 CT, one association) until the SEG, SR
 and RTSTRUCT are all queryable in Orthanc. Medians of {args.rounds} rounds;
-quiet period {quiet:.1f} s; local tritonserver (CPU) over HTTP.
+quiet period {quiet:.1f} s; local tritonserver (CPU) over HTTP with system shared memory
+(the default for a local server).
 
 | stage | median s |
 |---|---|
@@ -93,15 +94,16 @@ quiet period {quiet:.1f} s; local tritonserver (CPU) over HTTP.
 | not accounted below (reading the index, Orthanc indexing and polling) | {waiting:.2f} |
 | volume build (read, sort, rescale 140 slices) | {m("volume_s"):.2f} |
 | inference, both models concurrently (wall) | {m("inference_s"):.2f} |
-| of which ct-body (its own request) | {m("inference_ct-body_s"):.2f} |
-| of which ct-lungs (its own request) | {m("inference_ct-lungs_s"):.2f} |
+| of which ct-body (its own request) | {m("ct-body_infer_s"):.2f} |
+| of which ct-lungs (its own request) | {m("ct-lungs_infer_s"):.2f} |
 | saving the models' masks with the job | {m("masks_s"):.2f} |
 | encode SEG + SR + RTSTRUCT | {m("encode_s"):.2f} |
 | write the 3 objects to the archive (durable) and queue deliveries | {m("archive_s"):.2f} |
 | C-STORE of the 3 objects to Orthanc | {m("dispatch_s"):.2f} |
 
-Inference includes moving the 140x512x512 int16 volume to Triton and the labels back over
-HTTP (about 0.5 s each way here).
+Inference includes moving the 140x512x512 int16 volume to Triton and the labels back through
+shared memory (about 0.02 s; `bench/inference.py`). The two models share the 2 cores, and
+ct-body's table cut (an in-plane opening) runs in both (ct-lungs needs the body too).
 """
     record("End-to-end latency: CT in, SEG + SR + RTSTRUCT in the PACS", body)
     print(body)

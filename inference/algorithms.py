@@ -65,7 +65,7 @@ def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """
     body = fill_holes_per_slice(largest_component(hu > BODY_THRESHOLD_HU))
     if body.any():
-        body = largest_component(remove_thin_attachments(body, affine))
+        body = remove_thin_attachments(body, affine)
     return body.astype(np.uint8) * BODY
 
 
@@ -83,6 +83,7 @@ def remove_thin_attachments(
     core = ndimage.distance_transform_edt(coarse, sampling=sampling) > radius_mm
     if not core.any():
         return mask
+    core = largest_component(core)  # the patient's core; what the opening cut off stays off
     near = ndimage.distance_transform_edt(~core, sampling=sampling) <= radius_mm + pixel_mm * step
     full = np.repeat(np.repeat(near, step, axis=1), step, axis=2)
     return mask & full[:, : mask.shape[1], : mask.shape[2]]
@@ -109,7 +110,7 @@ def segment_lungs(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     lung_like = (sizes_ml >= MIN_LUNG_ML) & (enclosed < MAX_ENCLOSED_FRACTION * sizes)
     lung_like[0] = False
-    keep = np.isin(labels, np.flatnonzero(lung_like))
+    keep = lung_like[labels]  # a lookup per voxel (np.isin sorts: much slower)
     if not keep.any():
         return out
     x = _patient_x(affine, hu.shape)
@@ -128,10 +129,10 @@ def _inside_bone_ring(hu: np.ndarray) -> np.ndarray:
 
 def _patient_x(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Patient x (LPS) of every voxel, broadcastable to ``shape``."""
-    k = np.arange(shape[0])[:, None, None]
-    j = np.arange(shape[1])[None, :, None]
-    i = np.arange(shape[2])[None, None, :]
-    return affine[0, 0] * k + affine[0, 1] * j + affine[0, 2] * i + affine[0, 3]
+    k = np.arange(shape[0], dtype=np.float32)[:, None, None] * np.float32(affine[0, 0])
+    j = np.arange(shape[1], dtype=np.float32)[None, :, None] * np.float32(affine[0, 1])
+    i = np.arange(shape[2], dtype=np.float32)[None, None, :] * np.float32(affine[0, 2])
+    return k + j + i + np.float32(affine[0, 3])
 
 
 def _mean_x(mask: np.ndarray, affine: np.ndarray) -> float:

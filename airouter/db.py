@@ -23,6 +23,8 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
+    select,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -205,6 +207,16 @@ class Store:
         text = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True)
         with self.session() as s:
             s.add(Event(kind=kind, detail=text, **where))
+
+
+def instance_counts(s: Session, study_uid: str) -> dict[str, int]:
+    """Series Instance UID -> number of indexed instances, for one study."""
+    rows = s.execute(
+        select(Instance.series_uid, func.count(Instance.id))
+        .where(Instance.study_uid == study_uid)
+        .group_by(Instance.series_uid)
+    ).all()
+    return {str(uid): int(n) for uid, n in rows}
 
 
 def _add_missing_columns(engine: Engine) -> None:

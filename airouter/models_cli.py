@@ -13,15 +13,19 @@ from typing import Any
 import yaml
 
 from airouter.settings import Settings, load_settings
-from inference.cards import ModelCardError, load_cards
+from inference.cards import ModelCard, ModelCardError, load_cards
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, data_dir=args.data_dir)
 
 
-def _readiness(args: argparse.Namespace, settings: Settings, models: list[str]) -> dict[str, str]:
-    """Model -> state, from a Triton server (--triton-url) or else from the running node."""
+def _readiness(
+    args: argparse.Namespace, settings: Settings, cards: dict[str, ModelCard]
+) -> dict[str, str]:
+    """Card name -> state, from a Triton server (--triton-url, which knows Triton model
+    names) or else from the running node (which reports by card name)."""
+    models = list(cards)
     if args.triton_url:
         from inference.triton import InferenceClient
 
@@ -32,7 +36,7 @@ def _readiness(args: argparse.Namespace, settings: Settings, models: list[str]) 
             states = client.loaded_models()
         finally:
             client.close()
-        return {m: states.get(m, "not in repository") for m in models}
+        return {m: states.get(c.triton_model, "not in repository") for m, c in cards.items()}
     url = f"http://{settings.http_host}:{settings.http_port}/api/health"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -50,10 +54,7 @@ def list_models(args: argparse.Namespace) -> int:
     except ModelCardError as exc:
         print(f"airouter: {exc}", file=sys.stderr)
         return 1
-    states = _readiness(args, settings, list(cards))
-    if args.triton_url:  # the server knows Triton model names
-        states = _readiness(args, settings, [c.triton_model for c in cards.values()])
-        states = {name: states[c.triton_model] for name, c in cards.items()}
+    states = _readiness(args, settings, cards)
     rows: list[dict[str, Any]] = [
         {
             "name": c.name,

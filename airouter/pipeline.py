@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from airouter.db import Instance, Job, JobState, Output, Store, Study, utcnow
 from airouter.dispatch import add_deliveries, archive_output
-from airouter.settings import Settings, default_output_series
+from airouter.settings import Settings
 from encoders.common import (
     EncodeError,
     Provenance,
@@ -249,23 +249,19 @@ def _infer(
             Structure(label, card, output.labels == label.value) for label in card.labels
         )
     probabilities = {
-        f"{card.name}/{label.name}": results[card.name].probabilities[label.value]
-        for card in cards
-        if OutputKind.PROBABILITY_MAP in card.outputs
-        for label in card.labels
-        if label.value in results[card.name].probabilities
-    }
-    if probabilities:
-        directory = ctx.settings.jobs_dir / str(job.id)
-        directory.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(directory / "probabilities.npz", **probabilities)
-    by_structure = {
         (card.name, label.name): results[card.name].probabilities[label.value]
         for card in cards
         if OutputKind.PROBABILITY_MAP in card.outputs
         for label in card.labels
         if label.value in results[card.name].probabilities
     }
+    if probabilities:  # kept with the job, by "model/label", like the masks
+        directory = ctx.settings.jobs_dir / str(job.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            directory / "probabilities.npz",
+            **{f"{model}/{label}": p for (model, label), p in probabilities.items()},
+        )
     classified = [
         (
             Structure(label, card, np.zeros((0,), dtype=bool)),
@@ -276,7 +272,7 @@ def _infer(
         for label in card.labels
         if label.name in results[card.name].scores
     ]
-    return structures, by_structure, classified
+    return structures, probabilities, classified
 
 
 def _check_ready(client: InferenceClient, cards: list[ModelCard]) -> None:
@@ -356,7 +352,7 @@ def _encode(
 
     def identity(kind: str) -> SeriesIdentity:
         """A new series per output kind and job; amended results say which version they are."""
-        spec = out.get(kind) or default_output_series()[kind]
+        spec = out[kind]
         description = spec.description if job.version == 1 else f"{spec.description} v{job.version}"
         return SeriesIdentity(hd.UID(), spec.number, description[:64], hd.UID())
 

@@ -223,6 +223,12 @@ class Settings(BaseSettings):
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
+    @field_validator("output_series")
+    @classmethod
+    def _every_output_kind(cls, value: dict[str, OutputSeries]) -> dict[str, OutputSeries]:
+        """A configuration that names some kinds keeps the defaults for the others."""
+        return {**default_output_series(), **value}
+
     @field_validator("allowed_calling_ae_titles")
     @classmethod
     def _ae_list(cls, values: list[str]) -> list[str]:

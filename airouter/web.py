@@ -26,6 +26,7 @@ from airouter.db import (
     Series,
     Store,
     Study,
+    instance_counts,
     utcnow,
 )
 from router.engine import explain
@@ -216,13 +217,7 @@ def create_app(
         with store.session() as s:
             if s.get(Study, study) is None:
                 raise HTTPException(404, "study not found")
-            counts = dict(
-                s.execute(
-                    select(Instance.series_uid, func.count(Instance.id))
-                    .where(Instance.study_uid == study)
-                    .group_by(Instance.series_uid)
-                ).all()
-            )
+            counts = instance_counts(s, study)
             series = s.scalars(select(Series).where(Series.study_uid == study)).all()
             rows = [_series_json(se, counts.get(se.series_uid, 0)) for se in series]
         return JSONResponse(rows, media_type=DICOM_JSON)

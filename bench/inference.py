@@ -26,7 +26,7 @@ import numpy as np
 from bench.common import machine, median, record
 from inference.cards import ModelCard, load_cards
 from inference.phantoms import random_chest_phantom
-from inference.runner import run_model
+from inference.runner import run_model, timed_in_process
 from inference.triton import InferenceClient, LocalTriton
 from inference.volume import build_volume
 from tests.peers import ROOT, head_ct_files
@@ -78,24 +78,7 @@ def in_process(card: ModelCard, volume: Any, device: str) -> dict[str, float]:
 
     entry = ROOT / "inference" / "model_repository" / card.triton_model / "1" / "model.pt"
     module = torch.jit.load(str(entry), map_location=device).eval()
-    compute = 0.0
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        nonlocal compute
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            y = module(torch.from_numpy(batch).to(device)).cpu().numpy()
-        compute += time.perf_counter() - t0
-        return y
-
-    t0 = time.perf_counter()
-    out = run_model(card, volume.hu, volume.affine, predict=predict)
-    return {
-        "pre": out.timings["preprocess_s"],
-        "compute": compute,
-        "post": out.timings["postprocess_s"],
-        "total": time.perf_counter() - t0,
-    }
+    return timed_in_process(card, volume.hu, volume.affine, module, device)[1]
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def main() -> None:
 
     from inference.cards import load_card
     from inference.phantoms import random_chest_phantom
-    from inference.runner import run_model
+    from inference.runner import timed_in_process
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
@@ -47,26 +46,8 @@ def main() -> None:
         module = torch.jit.load(str(model_path), map_location=device).eval()
         rows = []
         for _ in range(args.rounds + 1):  # the first is a warm-up
-            compute = 0.0
-
-            def predict(batch: np.ndarray, module=module, device=device) -> np.ndarray:
-                nonlocal compute
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    y = module(torch.from_numpy(batch).to(device)).cpu().numpy()
-                compute += time.perf_counter() - t0
-                return y
-
-            t0 = time.perf_counter()
-            out = run_model(card, phantom.hu, phantom.affine, predict=predict)
-            rows.append(
-                {
-                    "pre": out.timings["preprocess_s"],
-                    "compute": compute,
-                    "post": out.timings["postprocess_s"],
-                    "total": time.perf_counter() - t0,
-                }
-            )
+            out, timings = timed_in_process(card, phantom.hu, phantom.affine, module, device)
+            rows.append(timings)
             labels[device] = out.labels
         results[device] = {k: statistics.median(r[k] for r in rows[1:]) for k in rows[0]}
     truth = phantom.right_lung | phantom.left_lung

@@ -93,6 +93,8 @@ class Preprocessing(BaseModel):
 
 
 class Postprocessing(BaseModel):
+    """Applied on the source grid, after the model's output is resampled back onto it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     activation: str = Field(default="softmax", pattern="^(softmax|sigmoid|none)$")
@@ -101,7 +103,6 @@ class Postprocessing(BaseModel):
     keep_largest_component: bool = False
     min_component_ml: float = Field(default=0.0, ge=0.0)
     fill_holes: bool = False  # per axial slice
-    resample_to_source: bool = True  # always true in practice; outputs live on the source grid
 
 
 class Task(enum.StrEnum):

@@ -66,6 +66,41 @@ def triton_predictor(client: InferenceClient, card: ModelCard) -> Predictor:
     return predict
 
 
+def torchscript_predictor(
+    module: Any, device: str = "cpu", seconds: list[float] | None = None
+) -> Predictor:
+    """The same network called in process (training, tests, the benchmarks' baseline);
+    ``seconds`` collects each call's compute time."""
+    import torch
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+            y: np.ndarray = module(x).cpu().numpy()
+        if seconds is not None:
+            seconds.append(time.perf_counter() - t0)
+        return y
+
+    return predict
+
+
+def timed_in_process(
+    card: ModelCard, hu: np.ndarray, affine: np.ndarray, module: Any, device: str = "cpu"
+) -> tuple[ModelOutput, dict[str, float]]:
+    """:func:`run_model` with an in-process predictor: its output and the seconds spent in
+    pre-processing, network compute, post-processing and in all."""
+    compute: list[float] = []
+    t0 = time.perf_counter()
+    out = run_model(card, hu, affine, predict=torchscript_predictor(module, device, compute))
+    return out, {
+        "pre": out.timings["preprocess_s"],
+        "compute": sum(compute),
+        "post": out.timings["postprocess_s"],
+        "total": time.perf_counter() - t0,
+    }
+
+
 def run_model(
     card: ModelCard,
     hu: np.ndarray,

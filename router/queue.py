@@ -5,10 +5,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from airouter.db import Event, Instance, Job, JobState, Series, Source, Store, Study, utcnow
+from airouter.db import (
+    Event,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Source,
+    Store,
+    Study,
+    instance_counts,
+    utcnow,
+)
 from router.engine import SeriesInfo, StudyContext, decide, required_series_present
 from router.rules import Action, Priority, Rule
 from router.schedule import OffHours, local_now
@@ -18,13 +29,7 @@ log = logging.getLogger(__name__)
 
 def study_series(s: Session, study_uid: str) -> list[SeriesInfo]:
     """The received (not produced) series of a study, with instance counts."""
-    counts = dict(
-        s.execute(
-            select(Instance.series_uid, func.count(Instance.id))
-            .where(Instance.study_uid == study_uid)
-            .group_by(Instance.series_uid)
-        ).all()
-    )
+    counts = instance_counts(s, study_uid)
     rows = s.scalars(
         select(Series).where(Series.study_uid == study_uid, Series.source != Source.PRODUCED)
     ).all()

@@ -21,10 +21,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from airouter.db import Event, Instance, Series, Source, Store, Study, StudyState, utcnow
+from airouter.db import (
+    Event,
+    Series,
+    Source,
+    Store,
+    Study,
+    StudyState,
+    instance_counts,
+    utcnow,
+)
 from scp.server import AssociationTracker
 
 log = logging.getLogger(__name__)
@@ -114,13 +123,7 @@ class CompletionMonitor:
                 Series.study_uid == study_uid, Series.source != Source.PRODUCED
             )
         ).all()
-        counts = dict(
-            s.execute(
-                select(Instance.series_uid, func.count(Instance.id))
-                .where(Instance.study_uid == study_uid)
-                .group_by(Instance.series_uid)
-            ).all()
-        )
+        counts = instance_counts(s, study_uid)
         if not series:
             return False
         for series_uid, tags in series:

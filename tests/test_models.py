@@ -68,8 +68,7 @@ def test_models_on_gantry_tilted_and_partially_covered_ct() -> None:
     import torch
 
     from inference.cards import load_card
-    from inference.lungnet.train import torchscript_predictor
-    from inference.runner import run_model
+    from inference.runner import run_model, torchscript_predictor
     from tests.peers import ROOT
     from tests.phantoms import random_chest_phantom
 
@@ -95,8 +94,7 @@ def test_real_gantry_tilted_series_runs_through_every_model() -> None:
     import torch
 
     from inference.cards import load_card
-    from inference.lungnet.train import torchscript_predictor
-    from inference.runner import run_model
+    from inference.runner import run_model, torchscript_predictor
     from tests.peers import ROOT, SHARED_DICOM
 
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -32,7 +32,7 @@ import yaml
 from inference.algorithms import segment_lungs
 from inference.cards import ModelCard
 from inference.phantoms import axial_affine, random_chest_phantom, skull_phantom
-from inference.runner import preprocess, run_model
+from inference.runner import preprocess, run_model, torchscript_predictor
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY_ENTRY = ROOT / "inference" / "model_repository" / "ct-lungs-unet"
@@ -184,16 +184,6 @@ def train(iterations: int, seed: int, batch: int = 4) -> tuple[Any, dict[str, An
         "train_seconds": round(time.perf_counter() - t0),
     }
     return net, info
-
-
-def torchscript_predictor(module: Any) -> Any:
-    import torch
-
-    def predict(batch: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return module(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
-
-    return predict
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

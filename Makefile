@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb openssl
-SOURCES := airouter scp router inference encoders tests bench
+SOURCES := airouter scp router inference encoders dispatch tests bench
 
 .PHONY: all install system-deps run test lint typecheck unit clean
 
@@ -38,6 +38,7 @@ lint: install
 	$(VENV)/bin/ruff check $(SOURCES)
 	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/hadolint docker/Dockerfile docker/triton/Dockerfile
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -86,8 +86,8 @@ def main() -> None:
         tmp / "node",
         None,
         wait_triton=False,
-        rules_dir=str(tmp / "rules"),
-        triton_url="127.0.0.1:9",
+        router={"rules_dir": str(tmp / "rules")},
+        inference={"triton_url": "127.0.0.1:9"},
     )
     targets = {
         "storescp": (scp_port, "STORESCP"),

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from airouter.settings import Settings
+from airouter.core.settings import RouterSettings
 from bench.common import fresh_copy, median, record
 from tests.peers import head_ct_files, start_node, start_orthanc, stop_process, storescu
 
@@ -35,9 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     orthanc = start_orthanc(tmp / "orthanc")
-    overrides = {} if args.quiet_period_s is None else {"quiet_period_s": args.quiet_period_s}
-    node = start_node(tmp / "node", orthanc, **overrides)
-    quiet = args.quiet_period_s if args.quiet_period_s is not None else Settings().quiet_period_s
+    quiet = RouterSettings().quiet_period_s if args.quiet_period_s is None else args.quiet_period_s
+    node = start_node(tmp / "node", orthanc, router={"quiet_period_s": quiet})
     rows: list[dict[str, float]] = []
     try:
         for r in range(args.rounds):

@@ -27,8 +27,8 @@ def main() -> None:
     import torch
 
     from inference.cards import load_card
-    from inference.phantoms import random_chest_phantom
     from inference.runner import timed_in_process
+    from inference.training.phantoms import random_chest_phantom
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)

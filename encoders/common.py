@@ -1,4 +1,9 @@
-"""What every encoder needs: provenance, the structures to encode, series identity."""
+"""What every encoder needs: provenance, the structures to encode, series identity.
+
+The encoders know nothing of models: a structure arrives as a :class:`SegmentSpec` (the codes,
+name, colour, RT type and algorithm the objects write about it) and its mask, with the
+measurements the SR reports. The job layer builds these from model cards.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from inference.cards import Label, ModelCard
+from airouter.core.vocab import RTROIType
 
 _AGE_STRING = re.compile(r"^\d{3}[DWMY]$")
 
@@ -87,31 +92,50 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class SegmentSpec:
+    """How the objects describe one structure: SEG segment, SR finding, RTSTRUCT ROI."""
+
+    name: str  # segment label, ROI name
+    category: CodedConcept  # Segmented Property Category
+    type: CodedConcept  # Segmented Property Type; the SR's finding type
+    color: tuple[int, int, int]  # RGB, the ROI display colour
+    rt_roi_type: RTROIType
+    algorithm_name: str  # the model's name
+    algorithm_version: str  # its version (and the card's checksum)
+    tracking_id: str  # stable across versions of the results: "model:label"
+
+
+@dataclass(frozen=True)
 class Structure:
-    """One segmented structure: a label of a model card and its mask on the source grid."""
+    """One structure of a job's result: its spec, its mask on the source grid and what the SR
+    reports of it (volume, attenuation), each computed once by the caller."""
 
-    label: Label
-    card: ModelCard
-    mask: np.ndarray  # bool, (slices, rows, columns) in the order of the source images
-
-    @property
-    def category(self) -> CodedConcept:
-        c = self.label.category
-        return CodedConcept(value=c.value, scheme_designator=c.scheme, meaning=c.meaning)
+    spec: SegmentSpec
+    mask: np.ndarray  # bool, (slices, rows, columns) in the order of the images given
+    volume_ml: float | None = None
+    intensities_hu: tuple[float, float, float] | None = None  # mean, min, max
+    probability: np.ndarray | None = None  # uint8 0-255 on the same grid (FRACTIONAL SEG)
 
     @property
-    def type(self) -> CodedConcept:
-        c = self.label.type
-        return CodedConcept(value=c.value, scheme_designator=c.scheme, meaning=c.meaning)
+    def found(self) -> bool:
+        """Whether the model found the structure at all."""
+        return bool(self.mask.any())
 
-    @property
-    def algorithm_version(self) -> str:
-        """Model version and the first 12 hex digits of its card's checksum."""
-        return f"{self.card.version} card:{self.card.checksum[:12]}"
+
+@dataclass(frozen=True)
+class Classification:
+    """A classification model's answer on one finding: its score and the threshold above
+    which the finding is Present."""
+
+    spec: SegmentSpec
+    score: float
+    threshold: float
 
 
 @dataclass(frozen=True)
 class SeriesIdentity:
+    """The new series (and instance) an output is written as."""
+
     series_instance_uid: str
     series_number: int
     series_description: str

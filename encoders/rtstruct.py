@@ -195,19 +195,19 @@ def build_rtstruct(
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = frame_uid
-        roi.ROIName = s.label.name
+        roi.ROIName = s.spec.name
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        roi.ROIGenerationDescription = f"{s.card.name} {s.algorithm_version}"[:64]
+        roi.ROIGenerationDescription = f"{s.spec.algorithm_name} {s.spec.algorithm_version}"[:64]
         rois.append(roi)
         contour = Dataset()
         contour.ReferencedROINumber = number
-        contour.ROIDisplayColor = list(s.label.color)
+        contour.ROIDisplayColor = list(s.spec.color)
         contour.ContourSequence = _contour_sequence(s, source_images)
         contours.append(contour)
         obs = Dataset()
         obs.ObservationNumber = number
         obs.ReferencedROINumber = number
-        obs.RTROIInterpretedType = s.label.rt_roi_type.value
+        obs.RTROIInterpretedType = s.spec.rt_roi_type.value
         obs.ROIInterpreter = ""
         observations.append(obs)
     ds.StructureSetROISequence = DicomSequence(rois)

@@ -15,6 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from airouter.core.vocab import SegType
 from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure
 
 
@@ -61,17 +62,17 @@ def _descriptions(structures: Sequence[Structure]) -> list[hd.seg.SegmentDescrip
     return [
         hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=s.label.name,
-            segmented_property_category=s.category,
-            segmented_property_type=s.type,
+            segment_label=s.spec.name,
+            segmented_property_category=s.spec.category,
+            segmented_property_type=s.spec.type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name=s.card.name,
+                name=s.spec.algorithm_name,
                 family=codes.cid7162.ArtificialIntelligence,
-                version=s.algorithm_version,
+                version=s.spec.algorithm_version,
             ),
             tracking_uid=hd.UID(),
-            tracking_id=f"{s.card.name}:{s.label.name}",
+            tracking_id=s.spec.tracking_id,
         )
         for number, s in enumerate(structures, start=1)
     ]
@@ -83,7 +84,7 @@ def build_seg(
     structures: Sequence[Structure],
     provenance: Provenance,
     series: SeriesIdentity,
-    seg_type: str = "binary",
+    seg_type: SegType | str = SegType.BINARY,
 ) -> hd.seg.Segmentation:
     """A BINARY or LABELMAP SEG of ``structures`` (segment n = structures[n-1]).
 
@@ -94,10 +95,10 @@ def build_seg(
     if not structures:
         raise ValueError("a SEG needs at least one non-empty structure")
     pixels = np.stack([s.mask.astype(np.uint8) for s in structures], axis=-1)
-    if seg_type == "labelmap":
+    if SegType(seg_type) is SegType.LABELMAP:
         overlap = pixels.sum(axis=-1) > 1
         if overlap.any():
-            names = [s.label.name for s in structures if (s.mask & overlap).any()]
+            names = [s.spec.name for s in structures if (s.mask & overlap).any()]
             raise EncodeError(
                 f"a LABELMAP SEG needs mutually exclusive structures; {', '.join(names)} "
                 f"overlap in {int(overlap.sum())} voxels (use seg_type: binary)"
@@ -112,15 +113,15 @@ def build_probability_seg(
     *,
     source_images: Sequence[Dataset],
     structures: Sequence[Structure],
-    probabilities: Sequence[np.ndarray],
     provenance: Provenance,
     series: SeriesIdentity,
 ) -> hd.seg.Segmentation:
-    """A FRACTIONAL SEG (PROBABILITY) of the models' per-label probabilities (uint8 0-255 on
-    the source grid, one per structure, in the same order)."""
-    if not structures or len(structures) != len(probabilities):
+    """A FRACTIONAL SEG (PROBABILITY) of the models' per-label probabilities: each structure's
+    ``probability`` (uint8 0-255 on the source grid), one segment each, in order."""
+    maps = [s.probability for s in structures]
+    if not structures or any(p is None for p in maps):
         raise ValueError("one probability map per structure is needed")
-    pixels = np.stack([p.astype(np.float32) / 255.0 for p in probabilities], axis=-1)
+    pixels = np.stack([p.astype(np.float32) / 255.0 for p in maps if p is not None], axis=-1)
     return _segmentation(
         source_images,
         pixels,

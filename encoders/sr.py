@@ -9,46 +9,57 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.common import (
+    Classification,
+    EncodeError,
+    Provenance,
+    SegmentSpec,
+    SeriesIdentity,
+    Structure,
+)
 
 MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
 
 
-def _absent(s: Structure) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _algorithm(spec: SegmentSpec) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=spec.algorithm_name, version=spec.algorithm_version)
+
+
+def _tracking(spec: SegmentSpec) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=spec.tracking_id)
+
+
+def _absent(spec: SegmentSpec) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501: the model looked for this structure and found none."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"{s.card.name}:{s.label.name}"
-        ),
-        finding_type=s.type,
-        algorithm_id=hd.sr.AlgorithmIdentification(name=s.card.name, version=s.algorithm_version),
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=s.type, value=codes.SCT.Absent)],
+        tracking_identifier=_tracking(spec),
+        finding_type=spec.type,
+        algorithm_id=_algorithm(spec),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=spec.type, value=codes.SCT.Absent)
+        ],
     )
 
 
-def _classified(s: Structure, score: float, threshold: float) -> Any:
+def _classified(c: Classification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 for a classification output: the finding Present or Absent, with the model's
     score (a probability, unit "1")."""
-    present = score >= threshold
+    present = c.score >= c.threshold
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"{s.card.name}:{s.label.name}"
-        ),
-        finding_type=s.type,
-        algorithm_id=hd.sr.AlgorithmIdentification(name=s.card.name, version=s.algorithm_version),
+        tracking_identifier=_tracking(c.spec),
+        finding_type=c.spec.type,
+        algorithm_id=_algorithm(c.spec),
         measurements=[
             hd.sr.Measurement(
                 name=codes.DCM.Probability,
-                value=round(float(score), 4),
+                value=round(float(c.score), 4),
                 unit=codes.UCUM.NoUnits,
-                algorithm_id=hd.sr.AlgorithmIdentification(
-                    name=s.card.name, version=s.algorithm_version
-                ),
+                algorithm_id=_algorithm(c.spec),
             )
         ],
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
-                name=s.type, value=codes.SCT.Present if present else codes.SCT.Absent
+                name=c.spec.type, value=codes.SCT.Present if present else codes.SCT.Absent
             )
         ],
     )
@@ -71,26 +82,46 @@ def _attenuation(stats: tuple[float, float, float] | None) -> list[hd.sr.Measure
     ]
 
 
+def _volumetric(
+    s: Structure, number: int, seg: Dataset, source_series: hd.sr.SourceSeriesForSegmentation
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 for segment ``number`` of ``seg``: its volume and attenuation."""
+    if s.volume_ml is None:
+        raise EncodeError(f"{s.spec.tracking_id}: a found structure needs its volume")
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(s.spec),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_series=source_series,
+        ),
+        finding_type=s.spec.type,
+        algorithm_id=_algorithm(s.spec),
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.SCT.Volume, value=round(float(s.volume_ml), 3), unit=MILLILITER
+            ),
+            *_attenuation(s.intensities_hu),
+        ],
+    )
+
+
 def build_measurement_report(
     *,
     source_images: Sequence[Dataset],
     seg: Dataset | None,
     structures: Sequence[Structure],
-    volumes_ml: Sequence[float],
     provenance: Provenance,
-    intensities_hu: Sequence[tuple[float, float, float]] | None = None,
-    absent: Sequence[Structure] = (),
-    classifications: Sequence[tuple[Structure, float, float]] = (),
+    absent: Sequence[SegmentSpec] = (),
+    classifications: Sequence[Classification] = (),
     device_uid: str,
     series: SeriesIdentity,
 ) -> hd.sr.Comprehensive3DSR:
-    """One TID 1411 volumetric group per structure found, referencing its segment in ``seg``,
-    and one TID 1501 group per structure the model looked for and did not find ("Absent");
-    ``classifications`` (structure, score, threshold) of classification models become TID 1501
-    groups with the finding Present or Absent and the score.
-
-    ``structures[n]`` is segment ``n + 1`` of ``seg``; ``volumes_ml[n]`` its volume;
-    ``intensities_hu[n]``, when given, its (mean, min, max) attenuation in HU. With nothing
+    """One TID 1411 volumetric group per structure found (``structures[n]`` is segment
+    ``n + 1`` of ``seg``; its ``volume_ml`` and ``intensities_hu`` are reported), one TID 1501
+    group per structure the model looked for and did not find ("Absent"), and one TID 1501
+    group per classification (the finding Present or Absent, with the score). With nothing
     found there is no SEG (``seg`` None, ``structures`` empty): the report says so.
     """
     if seg is None and structures:
@@ -106,33 +137,13 @@ def build_measurement_report(
         ),
     )
     source_series = hd.sr.SourceSeriesForSegmentation(source_images[0].SeriesInstanceUID)
-    seg_class, seg_instance = (seg.SOPClassUID, seg.SOPInstanceUID) if seg is not None else ("", "")
     groups: list[Any] = [
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=hd.UID(), identifier=f"{s.card.name}:{s.label.name}"
-            ),
-            referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=seg_class,
-                sop_instance_uid=seg_instance,
-                segment_number=number,
-                source_series=source_series,
-            ),
-            finding_type=s.type,
-            algorithm_id=hd.sr.AlgorithmIdentification(
-                name=s.card.name, version=s.algorithm_version
-            ),
-            measurements=[
-                hd.sr.Measurement(
-                    name=codes.SCT.Volume, value=round(float(volume), 3), unit=MILLILITER
-                ),
-                *_attenuation(intensities_hu[number - 1] if intensities_hu else None),
-            ],
-        )
-        for number, (s, volume) in enumerate(zip(structures, volumes_ml, strict=True), start=1)
+        _volumetric(s, number, seg, source_series)
+        for number, s in enumerate(structures, start=1)
+        if seg is not None
     ]
-    groups += [_absent(s) for s in absent]
-    groups += [_classified(s, score, threshold) for s, score, threshold in classifications]
+    groups += [_absent(spec) for spec in absent]
+    groups += [_classified(c) for c in classifications]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,

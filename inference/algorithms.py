@@ -23,6 +23,7 @@ LEFT_LUNG = 2
 
 
 def voxel_ml(affine: np.ndarray) -> float:
+    """The volume of one voxel of ``affine`` in mL."""
     return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 

@@ -22,8 +22,9 @@ from typing import Any
 
 import yaml
 
+from airouter.core.vocab import Activation
 from inference.cards import ModelCard, ModelCardError
-from inference.triton_torch import MODEL_PY, config_pbtxt
+from inference.serving.torchscript import MODEL_PY, config_pbtxt
 
 ANATOMY = {"scheme": "SCT", "value": "91723000", "meaning": "Anatomical Structure"}
 ALTERED = {"scheme": "SCT", "value": "49755003", "meaning": "Morphologically Altered Structure"}
@@ -99,65 +100,47 @@ def _literal(component: dict[str, Any], key: str, default: Any = None) -> Any:
     return value
 
 
-def card_from_bundle(
-    bundle: Path, name: str | None = None, codes: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The model card (as a mapping) for a bundle."""
-    meta_path = bundle / "configs" / "metadata.json"
-    if not meta_path.exists():
-        raise BundleError(f"{bundle}: no configs/metadata.json")
-    meta = json.loads(meta_path.read_text())
-    config = _read_config(bundle)
-    fmt = meta.get("network_data_format", {})
-    inputs, outputs = fmt.get("inputs", {}), fmt.get("outputs", {})
-    if len(inputs) != 1 or len(outputs) != 1:
-        raise BundleError("network_data_format: one input and one output are supported")
-    (in_fmt,) = inputs.values()
-    (out_fmt,) = outputs.values()
-    model_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "-", str(meta.get("name", bundle.name)))
-    model_name = model_name.strip("-").lower()[:64] or bundle.name
-
-    components = _targets(config)
+def _transforms(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], Activation]:
+    """From the inference config: the pre-processing a card states, the inferer, the
+    activation (``none`` when the config names none)."""
     pre: dict[str, Any] = {}
     inferer: dict[str, Any] | None = None
-    activation = "none"
-    for c in components:
+    activation = Activation.NONE
+    for c in _targets(config):
         kind = _short(c["_target_"])
         if kind in ("Orientationd", "Orientation"):
             pre["orientation"] = _literal(c, "axcodes")
         elif kind in ("Spacingd", "Spacing"):
             pre["spacing"] = [float(v) for v in _literal(c, "pixdim")]
         elif kind in ("ScaleIntensityRanged", "ScaleIntensityRange"):
-            pre["intensity"] = {
-                k: _literal(c, k, d)
-                for k, d in (
-                    ("a_min", None),
-                    ("a_max", None),
-                    ("b_min", 0.0),
-                    ("b_max", 1.0),
-                    ("clip", False),
-                )
-            }
+            defaults = (("a_min", None), ("a_max", None), ("b_min", 0.0), ("b_max", 1.0))
+            pre["intensity"] = {k: _literal(c, k, d) for k, d in (*defaults, ("clip", False))}
         elif kind in ("SlidingWindowInferer", "SimpleInferer"):
             inferer = c
         elif kind in ("Activationsd", "Activations"):
             if _literal(c, "softmax", False):
-                activation = "softmax"
+                activation = Activation.SOFTMAX
             elif _literal(c, "sigmoid", False):
-                activation = "sigmoid"
+                activation = Activation.SIGMOID
     if inferer is None:
         raise BundleError("inference config: no SlidingWindowInferer or SimpleInferer")
+    return pre, inferer, activation
+
+
+def _model_input(
+    in_fmt: dict[str, Any], out_fmt: dict[str, Any], inferer: dict[str, Any]
+) -> dict[str, Any]:
+    """The card's ``input``: tensor names, channels, and patch or whole-volume mode."""
     spatial = len(in_fmt.get("spatial_shape", [0, 0, 0]))
     if spatial != 3:
         raise BundleError(f"only 3D networks are imported ({spatial} spatial dimensions)")
-    out_channels = int(out_fmt.get("num_channels", 1))
     model_input: dict[str, Any] = {
         "kind": "tensor",
         "tensor": "INPUT__0",
         "output_tensor": "OUTPUT__0",
         "channels": int(in_fmt.get("num_channels", 1)),
         "dtype": "FP32",
-        "output_channels": out_channels,
+        "output_channels": int(out_fmt.get("num_channels", 1)),
     }
     if _short(inferer["_target_"]) == "SlidingWindowInferer":
         model_input.update(
@@ -170,20 +153,25 @@ def card_from_bundle(
         model_input.update(mode="volume", divisible_by=16)
     if model_input["channels"] != 1:
         raise BundleError("only single-channel inputs are imported")
-    if activation == "none":
-        activation = "softmax" if out_channels > 1 else "sigmoid"
+    return model_input
 
+
+def _labels(
+    out_fmt: dict[str, Any], activation: Activation, codes: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The card's labels from the output's ``channel_def``: codes from ``codes`` or the
+    known ones; a label with neither is refused, naming it."""
     channel_def = {int(k): str(v) for k, v in out_fmt.get("channel_def", {}).items()}
     labels = []
-    codes = {k.lower(): v for k, v in (codes or {}).items()}
+    known = {k.lower(): v for k, v in (codes or {}).items()}
     unknown = []
     for channel, label_name in sorted(channel_def.items()):
-        if activation == "softmax" and channel == 0:
+        if activation is Activation.SOFTMAX and channel == 0:
             continue  # background
-        value = channel if activation == "softmax" else channel + 1
+        value = channel if activation is Activation.SOFTMAX else channel + 1
         key = label_name.lower().replace("_", " ")
-        if key in codes:
-            entry = dict(codes[key])
+        if key in known:
+            entry = dict(known[key])
         elif key in KNOWN_LABELS:
             category, code, meaning, rt_type = KNOWN_LABELS[key]
             entry = {
@@ -203,6 +191,30 @@ def card_from_bundle(
         )
     if not labels:
         raise BundleError("metadata.json: the output's channel_def names no label")
+    return labels
+
+
+def card_from_bundle(
+    bundle: Path, name: str | None = None, codes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The model card (as a mapping) for a bundle."""
+    meta_path = bundle / "configs" / "metadata.json"
+    if not meta_path.exists():
+        raise BundleError(f"{bundle}: no configs/metadata.json")
+    meta = json.loads(meta_path.read_text())
+    fmt = meta.get("network_data_format", {})
+    inputs, outputs = fmt.get("inputs", {}), fmt.get("outputs", {})
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise BundleError("network_data_format: one input and one output are supported")
+    (in_fmt,) = inputs.values()
+    (out_fmt,) = outputs.values()
+    model_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "-", str(meta.get("name", bundle.name)))
+    model_name = model_name.strip("-").lower()[:64] or bundle.name
+    pre, inferer, activation = _transforms(_read_config(bundle))
+    model_input = _model_input(in_fmt, out_fmt, inferer)
+    if activation is Activation.NONE:
+        multi = model_input["output_channels"] > 1
+        activation = Activation.SOFTMAX if multi else Activation.SIGMOID
     card: dict[str, Any] = {
         "name": model_name,
         "version": str(meta.get("version", "0")),
@@ -212,8 +224,8 @@ def card_from_bundle(
         "description": str(meta.get("description", ""))[:1000],
         "input": model_input,
         "preprocessing": pre,
-        "postprocessing": {"activation": activation, "min_component_ml": 1.0},
-        "labels": labels,
+        "postprocessing": {"activation": activation.value, "min_component_ml": 1.0},
+        "labels": _labels(out_fmt, activation, codes),
         "outputs": ["SEG", "SR", "RTSTRUCT", "PROBABILITY_MAP"],
         "training": {
             "source": f"MONAI bundle {meta.get('name', bundle.name)} {meta.get('version', '')}",

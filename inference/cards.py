@@ -10,19 +10,12 @@ from typing import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class RTROIType(enum.StrEnum):
-    """RT ROI Interpreted Type (PS3.3 C.8.8.8), the ones a model may declare."""
-
-    EXTERNAL = "EXTERNAL"
-    ORGAN = "ORGAN"
-    AVOIDANCE = "AVOIDANCE"
-    PTV = "PTV"
-    CTV = "CTV"
-    GTV = "GTV"
+from airouter.core.vocab import Activation, OutputKind, RTROIType
 
 
 class CodedConcept(BaseModel):
+    """A code (scheme, value, meaning), as SEG and SR write it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scheme: str
@@ -31,6 +24,8 @@ class CodedConcept(BaseModel):
 
 
 class Label(BaseModel):
+    """One label value of a model's output: its name, codes, colour and RT ROI type."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     value: int = Field(ge=1, le=255)
@@ -44,18 +39,24 @@ class Label(BaseModel):
 class InputKind(enum.StrEnum):
     # The raw volume in modality units (INT16 "CT") and its 4x4 index->patient affine
     # ("AFFINE"); the model does its own pre/post-processing on the server (classic models).
+    """What the model takes: the raw volume and its affine, or a pre-processed tensor."""
+
     HU_AFFINE = "hu_affine"
     # A pre-processed float tensor (channel first); the node runs MONAI pre/post-processing.
     TENSOR = "tensor"
 
 
 class InputMode(enum.StrEnum):
+    """How a tensor model sees the volume: whole, in 3D patches or slice by slice."""
+
     VOLUME = "volume"  # the whole (pre-processed) volume in one request
     PATCH = "patch"  # 3D patches, MONAI sliding_window_inference, batched per request
     SLICE = "slice"  # a 2D model applied to each axial slice, batched per request
 
 
 class ModelInput(BaseModel):
+    """The model's tensors on the server and how the volume is cut into requests."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     kind: InputKind = InputKind.HU_AFFINE
@@ -84,6 +85,8 @@ class IntensityScaling(BaseModel):
 
 
 class Preprocessing(BaseModel):
+    """MONAI pre-processing of a tensor model's input, as the card states it."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     orientation: str | None = Field(default=None, pattern="^[LRAPSI]{3}$")
@@ -97,7 +100,7 @@ class Postprocessing(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    activation: str = Field(default="softmax", pattern="^(softmax|sigmoid|none)$")
+    activation: Activation = Activation.SOFTMAX
     # softmax outputs: argmax over channels (channel = label value); sigmoid: threshold each.
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     keep_largest_component: bool = False
@@ -106,18 +109,15 @@ class Postprocessing(BaseModel):
 
 
 class Task(enum.StrEnum):
+    """What a model answers: a label volume or scores."""
+
     SEGMENTATION = "segmentation"
     CLASSIFICATION = "classification"
 
 
-class OutputKind(enum.StrEnum):
-    SEG = "SEG"
-    SR = "SR"
-    RTSTRUCT = "RTSTRUCT"
-    PROBABILITY_MAP = "PROBABILITY_MAP"
-
-
 class ModelCard(BaseModel):
+    """A model the node can run: what it is, what it takes, what it answers, how it was trained."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -146,7 +146,10 @@ class ModelCard(BaseModel):
             if self.input.mode is InputMode.PATCH and not self.input.patch_size:
                 raise ValueError("input.patch_size is required for mode: patch")
             top = max(values)
-            if self.postprocessing.activation == "softmax" and self.input.output_channels <= top:
+            if (
+                self.postprocessing.activation is Activation.SOFTMAX
+                and self.input.output_channels <= top
+            ):
                 raise ValueError(
                     f"input.output_channels: {self.input.output_channels} channels cannot "
                     f"hold label {top} after softmax (channel 0 is background)"
@@ -157,10 +160,13 @@ class ModelCard(BaseModel):
 
 
 class ModelCardError(Exception):
+    """A card that cannot be loaded; the message names the file and the field."""
+
     pass
 
 
 def load_card(path: Path) -> ModelCard:
+    """Load and validate one card; its checksum is the file's SHA-256."""
     raw = path.read_bytes()
     try:
         card = ModelCard.model_validate(yaml.safe_load(raw))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from airouter.core.vocab import Activation
 from inference.algorithms import fill_holes_per_slice, largest_component, voxel_ml
 from inference.cards import InputKind, InputMode, ModelCard, Task
 from inference.triton import InferenceClient
@@ -222,11 +223,11 @@ def _infer_dense(card: ModelCard, image: np.ndarray, predict: Predictor) -> np.n
 
 def _activate(card: ModelCard, logits: np.ndarray) -> np.ndarray:
     act = card.postprocessing.activation
-    if act == "softmax":
+    if act is Activation.SOFTMAX:
         shifted = logits - logits.max(axis=0, keepdims=True)
         e = np.exp(shifted)
         return e / e.sum(axis=0, keepdims=True)
-    if act == "sigmoid":
+    if act is Activation.SIGMOID:
         return 1.0 / (1.0 + np.exp(-logits))
     return logits
 
@@ -246,13 +247,13 @@ def postprocess(
     """
     post = card.postprocessing
     values = [label.value for label in card.labels]
-    channel_of = {v: (v if post.activation == "softmax" else v - 1) for v in values}
+    channel_of = {v: (v if post.activation is Activation.SOFTMAX else v - 1) for v in values}
     src_ras = LPS_TO_RAS @ src_affine
     on_source = {
         v: resample_to_source(probs[channel_of[v]], pre_affine, src_ras, shape) for v in values
     }
     labels = np.zeros(shape, dtype=np.uint8)
-    if post.activation == "softmax":
+    if post.activation is Activation.SOFTMAX:
         # Linear interpolation keeps the channels summing to one: the background is what the
         # labels leave, unless some channel is not a label of the card.
         if len(values) == probs.shape[0] - 1:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from airouter.core.vocab import TritonProtocol
+
 log = logging.getLogger(__name__)
 
 MODEL_REPOSITORY = Path(__file__).parent / "model_repository"
@@ -38,6 +40,7 @@ class InferenceError(Exception):
 
 
 def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -92,6 +95,7 @@ class LocalTriton:
         return env
 
     def start(self) -> None:
+        """Start tritonserver on the configured ports; returns once the process runs."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         server = self._prepare()
         cmd = [
@@ -117,12 +121,16 @@ class LocalTriton:
             )
 
     def alive(self) -> bool:
+        """Whether the server process is running."""
         return self.process is not None and self.process.poll() is None
 
-    def url(self, protocol: str) -> str:
-        return f"127.0.0.1:{self.http_port if protocol == 'http' else self.grpc_port}"
+    def url(self, protocol: TritonProtocol | str) -> str:
+        """host:port of the local server for ``protocol``."""
+        http = TritonProtocol(protocol) is TritonProtocol.HTTP
+        return f"127.0.0.1:{self.http_port if http else self.grpc_port}"
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``)."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.terminate()
@@ -157,6 +165,7 @@ _NP_TO_TRITON = {
 
 
 def is_local(url: str) -> bool:
+    """Whether ``host:port`` is on this host (shared memory can only be used then)."""
     host = url.rsplit(":", 1)[0]
     return host in ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -173,17 +182,17 @@ class InferenceClient:
     def __init__(
         self,
         url: str,
-        protocol: str = "http",
+        protocol: TritonProtocol | str = TritonProtocol.HTTP,
         request_timeout_s: float = 300.0,
         shared_memory: bool = False,
     ) -> None:
         self.url = url
-        self.protocol = protocol
+        self.protocol = TritonProtocol(protocol)
         self.request_timeout_s = request_timeout_s
         self.shared_memory = shared_memory
         self._regions: dict[str, tuple[Any, int]] = {}  # role -> (handle, byte size)
         self._registered: set[str] = set()
-        if protocol == "grpc":
+        if self.protocol is TritonProtocol.GRPC:
             import tritonclient.grpc as grpcclient
 
             self._mod: Any = grpcclient
@@ -221,14 +230,20 @@ class InferenceClient:
 
     # -- state -----------------------------------------------------------------------------
     def is_ready(self, model: str | None = None) -> bool:
+        """Whether the server (or ``model`` on it) is ready. A server that cannot be reached
+        or answers an error is not ready; any other exception is a bug and is raised."""
+        from tritonclient.utils import InferenceServerException
+
         try:
             if model is None:
                 return bool(self._client.is_server_ready())
             return bool(self._client.is_model_ready(model))
-        except Exception:
+        except (InferenceServerException, OSError) as exc:
+            log.debug("Triton at %s not ready: %s", self.url, exc)
             return False
 
     def wait_ready(self, models: list[str], timeout_s: float) -> None:
+        """Wait until the server and ``models`` are ready, or raise InferenceUnavailable."""
         deadline = time.monotonic() + timeout_s
         while True:
             if self.is_ready() and all(self.is_ready(m) for m in models):
@@ -241,14 +256,14 @@ class InferenceClient:
     def loaded_models(self) -> dict[str, str]:
         """Model name -> state as the server reports it (READY, UNAVAILABLE, ...)."""
         index = self._client.get_model_repository_index()
-        if self.protocol == "grpc":
+        if self.protocol is TritonProtocol.GRPC:
             return {m.name: m.state or "UNKNOWN" for m in index.models}
         return {m["name"]: m.get("state", "UNKNOWN") or "UNKNOWN" for m in index}
 
     def statistics(self, model: str) -> dict[str, float]:
         """Cumulative server-side seconds for ``model``: request, queue, compute_input,
         compute_infer, compute_output, and the count of successful requests."""
-        if self.protocol == "grpc":
+        if self.protocol is TritonProtocol.GRPC:
             from google.protobuf.json_format import MessageToDict
 
             raw = MessageToDict(
@@ -326,14 +341,14 @@ class InferenceClient:
                 handle = self._region(f"in_{name}", array.nbytes)
                 shm.set_shared_memory_region(handle, [array])
                 tensor.set_shared_memory(self._region_name(f"in_{name}"), array.nbytes)
-            elif self.protocol == "grpc":
+            elif self.protocol is TritonProtocol.GRPC:
                 tensor.set_data_from_numpy(array)
             else:
                 tensor.set_data_from_numpy(array, binary_data=True)
             request_inputs.append(tensor)
         requested = []
         for name, (dtype, shape) in outputs.items():
-            if self.protocol == "grpc":
+            if self.protocol is TritonProtocol.GRPC:
                 out = self._mod.InferRequestedOutput(name)
             else:
                 out = self._mod.InferRequestedOutput(name, binary_data=True)
@@ -342,9 +357,9 @@ class InferenceClient:
                 self._region(f"out_{name}", size)
                 out.set_shared_memory(self._region_name(f"out_{name}"), size)
             requested.append(out)
-        kwargs: dict[str, object] = (
-            {"client_timeout": self.request_timeout_s} if self.protocol == "grpc" else {}
-        )  # over HTTP the client's network_timeout bounds the request
+        grpc = self.protocol is TritonProtocol.GRPC
+        # over HTTP the client's network_timeout bounds the request
+        kwargs: dict[str, object] = {"client_timeout": self.request_timeout_s} if grpc else {}
         result = self._client.infer(model, request_inputs, outputs=requested, **kwargs)
         arrays: dict[str, np.ndarray] = {}
         for name, (dtype, shape) in outputs.items():

@@ -22,6 +22,8 @@ class VolumeError(Exception):
 
 @dataclass
 class Volume:
+    """A series as one volume in modality units, with its geometry and the headers it came from."""
+
     hu: np.ndarray  # int16, shape (slices, rows, columns), modality units (HU for CT)
     affine: np.ndarray  # 4x4: (k, j, i, 1) -> (x, y, z, 1) in LPS mm
     # One header per slice, in the order of axis 0, with that slice's geometry. For a
@@ -36,6 +38,7 @@ class Volume:
 
     @property
     def source_images(self) -> list[Dataset]:
+        """The instances the outputs reference."""
         return self.sources if self.sources is not None else self.datasets
 
     def in_source_order(self, mask: np.ndarray) -> np.ndarray:
@@ -58,6 +61,7 @@ class Volume:
 
 
 def slice_normal(ds: Dataset) -> np.ndarray:
+    """The unit normal of an image's plane (row x column direction)."""
     iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
     return np.cross(iop[:3], iop[3:])
 

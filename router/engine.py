@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from router.rules import Action, Condition, Orientation, Preference, Rule, When
+from airouter.core.phi import is_identifying
+from airouter.core.vocab import Action
+from router.rules import Condition, Orientation, Preference, Rule, When
 
 
 @dataclass(frozen=True)
@@ -126,14 +128,22 @@ def age_from_dates(tags: Mapping[str, Any]) -> float | None:
     return (study - birth).days / 365.25 if study >= birth else None
 
 
-def _failing(conditions: Mapping[str, Condition], tags: Mapping[str, Any]) -> str | None:
-    """The first condition that does not hold, with the value seen (None: all hold)."""
+def _failing(
+    conditions: Mapping[str, Condition], tags: Mapping[str, Any], show: bool = False
+) -> str | None:
+    """The first condition that does not hold, with the value seen (None: all hold); an
+    identifying attribute's value (PatientAge, PatientSex ...) is withheld unless ``show``."""
     for keyword, cond in conditions.items():
         value = tags.get(keyword)
         if keyword == "PatientAge" and not _values(value):
             value = age_from_dates(tags)  # PatientAge is type 3: fall back to the dates
         if not condition_holds(cond, value, keyword):
-            seen = "missing" if not _values(value) else repr(value)
+            if not _values(value):
+                seen = "missing"
+            elif is_identifying(keyword) and not show:
+                seen = "withheld"
+            else:
+                seen = repr(value)
             return f"{keyword} {cond.describe()} (seen: {seen})"
     return None
 
@@ -159,16 +169,16 @@ def _study_tags(ctx: StudyContext) -> Mapping[str, Any]:
     return max(ctx.series, key=lambda s: s.instance_count).tags
 
 
-def when_failure(node: When, ctx: StudyContext) -> str | None:
+def when_failure(node: When, ctx: StudyContext, show: bool = False) -> str | None:
     """Why a condition tree does not hold for a study (None when it holds)."""
     if node.all_of is not None:
         for child in node.all_of:
-            reason = when_failure(child, ctx)
+            reason = when_failure(child, ctx, show)
             if reason:
                 return reason
         return None
     if node.any_of is not None:
-        reasons = [when_failure(child, ctx) for child in node.any_of]
+        reasons = [when_failure(child, ctx, show) for child in node.any_of]
         return (
             None
             if any(r is None for r in reasons)
@@ -178,14 +188,14 @@ def when_failure(node: When, ctx: StudyContext) -> str | None:
         return "the negated condition holds" if when_failure(node.not_, ctx) is None else None
     if node.any_series is not None:
         conds = node.any_series.conditions
-        failures = [_failing(conds, s.tags) for s in ctx.series]
+        failures = [_failing(conds, s.tags, show) for s in ctx.series]
         if any(f is None for f in failures):
             return None
         first = next((f for f in failures if f), "a series at all")
         return f"no series satisfies it (first: {first})"
     if node.all_series is not None:
         for s in ctx.series:
-            failure = _failing(node.all_series.conditions, s.tags)
+            failure = _failing(node.all_series.conditions, s.tags, show)
             if failure:
                 return f"series {s.series_uid}: {failure}"
         return None
@@ -201,13 +211,13 @@ def when_failure(node: When, ctx: StudyContext) -> str | None:
                 if condition_holds(cond, value)
                 else f"{name} {cond.describe()} (seen: {value!r})"
             )
-    return _failing(node.keywords or {}, _study_tags(ctx))
+    return _failing(node.keywords or {}, _study_tags(ctx), show)
 
 
 # -- series level ----------------------------------------------------------------------------
-def series_failure(rule: Rule, series: SeriesInfo) -> str | None:
+def series_failure(rule: Rule, series: SeriesInfo, show: bool = False) -> str | None:
     """Why the rule would not process this series (None when it would)."""
-    failure = _failing(rule.match, series.tags)
+    failure = _failing(rule.match, series.tags, show)
     if failure:
         return failure
     sel = rule.select
@@ -245,11 +255,13 @@ def _preference_key(prefs: Sequence[Preference], s: SeriesInfo) -> tuple[float, 
     return (*(keys[p] for p in prefs), float(s.image_count))
 
 
-def select_series(rule: Rule, series: Sequence[SeriesInfo]) -> tuple[SeriesInfo | None, str]:
+def select_series(
+    rule: Rule, series: Sequence[SeriesInfo], show: bool = False
+) -> tuple[SeriesInfo | None, str]:
     """The series the rule processes, or None with the reason none qualifies."""
     candidates, reasons = [], []
     for s in series:
-        failure = series_failure(rule, s)
+        failure = series_failure(rule, s, show)
         if failure is None:
             candidates.append(s)
         else:
@@ -274,21 +286,28 @@ def required_series_present(rule: Rule, series: Sequence[SeriesInfo]) -> bool:
 
 
 # -- rules -------------------------------------------------------------------------------------
-def _verdict(rule: Rule, ctx: StudyContext) -> Verdict:
+def _verdict(rule: Rule, ctx: StudyContext, show: bool) -> Verdict:
     if not rule.enabled:
         return Verdict(rule, False, "disabled")
     if rule.when is not None:
-        failure = when_failure(rule.when, ctx)
+        failure = when_failure(rule.when, ctx, show)
         if failure:
             return Verdict(rule, False, failure)
     if rule.action is Action.DISCARD:
         return Verdict(rule, True, "discards the study")
-    chosen, reason = select_series(rule, ctx.series)
+    chosen, reason = select_series(rule, ctx.series, show)
     return Verdict(rule, chosen is not None, reason, chosen.series_uid if chosen else None)
 
 
-def explain(ctx: StudyContext, rules: Sequence[Rule]) -> list[Verdict]:
-    """Every rule's verdict in evaluation order, honouring ``stop`` and ``fallback``."""
+def explain(
+    ctx: StudyContext, rules: Sequence[Rule], show_identifying: bool = False
+) -> list[Verdict]:
+    """Every rule's verdict in evaluation order, honouring ``stop`` and ``fallback``.
+
+    Reasons quote the values seen, except those of identifying attributes, which are
+    withheld unless ``show_identifying`` (the rules CLI, run on the author's own files).
+    """
+    show = show_identifying
     verdicts: list[Verdict] = []
     stopped = False
     rules = sorted(rules, key=lambda r: r.order)  # stable: equal orders keep file order
@@ -296,7 +315,7 @@ def explain(ctx: StudyContext, rules: Sequence[Rule]) -> list[Verdict]:
         if stopped:
             verdicts.append(Verdict(rule, False, "not evaluated: an earlier rule stopped"))
             continue
-        verdict = _verdict(rule, ctx)
+        verdict = _verdict(rule, ctx, show)
         verdicts.append(verdict)
         stopped = verdict.matched and rule.stop
     any_matched = any(v.matched for v in verdicts)
@@ -304,7 +323,7 @@ def explain(ctx: StudyContext, rules: Sequence[Rule]) -> list[Verdict]:
         verdicts.append(
             Verdict(rule, False, "fallback: another rule matched")
             if any_matched
-            else _verdict(rule, ctx)
+            else _verdict(rule, ctx, show)
         )
     return verdicts
 

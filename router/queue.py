@@ -8,20 +8,10 @@ from collections.abc import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from airouter.db import (
-    Event,
-    Instance,
-    Job,
-    JobState,
-    Series,
-    Source,
-    Store,
-    Study,
-    instance_counts,
-    utcnow,
-)
+from airouter.core.db import Event, Instance, Job, Series, Store, Study, instance_counts, utcnow
+from airouter.core.vocab import Action, JobState, Priority, Source
 from router.engine import SeriesInfo, StudyContext, decide, required_series_present
-from router.rules import Action, Priority, Rule
+from router.rules import Rule
 from router.schedule import OffHours, local_now
 
 log = logging.getLogger(__name__)
@@ -81,13 +71,19 @@ def route_study(
             select(Job).where(Job.study_uid == study_uid, Job.rule == d.rule.name)
         ).all()
         count = counts[d.series_uid]
-        if any(p.series_uid == d.series_uid and p.instance_count == count for p in previous):
+        # A failed or cancelled run does not count: the study sent again runs the rule again.
+        if any(
+            p.series_uid == d.series_uid
+            and p.instance_count == count
+            and p.state not in (JobState.FAILED, JobState.CANCELLED)
+            for p in previous
+        ):
             s.add(Event(kind="rule_unchanged", study_uid=study_uid, detail=d.rule.name))
             continue
         waits = off_hours is not None and d.rule.off_hours and d.rule.priority is Priority.ROUTINE
         job = Job(
             not_before=off_hours.not_before(local_now()) if waits and off_hours else None,
-            action=d.rule.action.value,
+            action=d.rule.action,
             instance_count=count,
             version=len(previous) + 1,
             study_uid=study_uid,
@@ -95,9 +91,9 @@ def route_study(
             rule=d.rule.name,
             models=list(d.rule.models),
             outputs=[o.value for o in d.rule.outputs] if d.rule.action is Action.RUN else [],
+            seg_type=d.rule.seg_type if d.rule.action is Action.RUN else None,
             destinations=list(d.rule.destinations),
             priority=d.rule.priority.rank,
-            options={"seg_type": d.rule.seg_type.value},
         )
         s.add(job)
         jobs.append(job)

@@ -21,6 +21,8 @@ Validator = Callable[[Sequence[Rule]], None]  # raises RuleError for rules the n
 
 
 class RuleSet:
+    """The rules of a directory, validated, swapped whole when an edit is valid."""
+
     def __init__(self, directory: Path, validate: Validator | None = None) -> None:
         self.directory = directory
         self.validate = validate
@@ -33,6 +35,7 @@ class RuleSet:
 
     @property
     def rules(self) -> tuple[Rule, ...]:
+        """The rules in force (an immutable tuple; a reload replaces it)."""
         return self._rules
 
     def _current_signature(self) -> tuple[tuple[str, int, int], ...]:
@@ -71,6 +74,7 @@ class RuleSet:
             return True
 
     def status(self) -> dict[str, Any]:
+        """The rules in force, when they were loaded and the last rejected edit (for the API)."""
         return {
             "directory": str(self.directory),
             "loaded_at": self.loaded_at.isoformat() if self.loaded_at else None,

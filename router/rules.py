@@ -24,37 +24,12 @@ from pydantic import (
 )
 from pydicom.datadict import tag_for_keyword
 
-
-class Priority(enum.StrEnum):
-    STAT = "stat"
-    URGENT = "urgent"
-    ROUTINE = "routine"
-
-    @property
-    def rank(self) -> int:
-        """Higher runs first."""
-        return {"stat": 300, "urgent": 200, "routine": 100}[self.value]
-
-
-class OutputKind(enum.StrEnum):
-    SEG = "SEG"
-    SR = "SR"
-    RTSTRUCT = "RTSTRUCT"
-    PROBABILITY_MAP = "PROBABILITY_MAP"  # a FRACTIONAL SEG of the models' probabilities
-
-
-class SegType(enum.StrEnum):
-    BINARY = "binary"  # one frame set per segment; segments may overlap
-    LABELMAP = "labelmap"  # Label Map Segmentation: one frame set, labels mutually exclusive
-
-
-class Action(enum.StrEnum):
-    RUN = "run"  # run the models, send their results
-    FORWARD = "forward"  # send the selected series as received
-    DISCARD = "discard"  # do nothing with the study (recorded)
+from airouter.core.vocab import Action, OutputKind, Priority, SegType
 
 
 class Orientation(enum.StrEnum):
+    """A series' orientation, from the slice normal's main axis."""
+
     AXIAL = "axial"
     CORONAL = "coronal"
     SAGITTAL = "sagittal"
@@ -62,6 +37,8 @@ class Orientation(enum.StrEnum):
 
 
 class Preference(enum.StrEnum):
+    """How to choose among the series that qualify."""
+
     MOST_INSTANCES = "most_instances"
     THINNEST = "thinnest"
     THICKEST = "thickest"
@@ -72,6 +49,8 @@ class _Strict(BaseModel):
 
 
 class Range(_Strict):
+    """A numeric range with an inclusive minimum, maximum or both."""
+
     min: float | None = None
     max: float | None = None
 
@@ -121,6 +100,7 @@ class Condition(_Strict):
         return self
 
     def describe(self) -> str:
+        """The condition as the explanations print it (``range [18, None]``)."""
         op = next(k for k in OPERATORS if getattr(self, k) is not None)
         value = getattr(self, op)
         if isinstance(value, Range):
@@ -256,6 +236,8 @@ class RequiredSeries(_KeywordMatch):
 
 
 class Rule(_KeywordMatch):
+    """One rule: when it applies, which series it takes, what it does and where results go."""
+
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
     description: str = ""
     enabled: bool = True
@@ -277,6 +259,14 @@ class Rule(_KeywordMatch):
     # without waiting for the quiet period.
     require_series: list[RequiredSeries] = Field(default_factory=list)
 
+    @field_validator("outputs")
+    @classmethod
+    def _produced(cls, value: list[OutputKind]) -> list[OutputKind]:
+        wrong = [o.value for o in value if o not in OutputKind.produced()]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)}: not an output a model run writes")
+        return value
+
     @model_validator(mode="after")
     def _action_needs(self) -> Rule:
         if self.action is Action.RUN and not self.models:
@@ -287,6 +277,8 @@ class Rule(_KeywordMatch):
 
 
 class RuleFile(_Strict):
+    """A rule file: ``rules: [...]``."""
+
     rules: list[Rule]
 
 

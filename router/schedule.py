@@ -15,9 +15,11 @@ class OffHours:
 
     @classmethod
     def parse(cls, start: str, end: str) -> OffHours:
+        """The window from two ``HH:MM`` strings (validated by the settings)."""
         return cls(time.fromisoformat(start), time.fromisoformat(end))
 
     def contains(self, moment: time) -> bool:
+        """Whether a local time of day lies in the window."""
         if self.start <= self.end:
             return self.start <= moment < self.end
         return moment >= self.start or moment < self.end
@@ -35,4 +37,5 @@ class OffHours:
 
 
 def local_now() -> datetime:
+    """Now, in the node's local time zone."""
     return datetime.now().astimezone()

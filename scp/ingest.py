@@ -13,20 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from airouter.db import Event, Instance, Series, Source, Store, Study, StudyState, utcnow
-from scp.spool import InvalidUID, check_uid, instance_path, move_durable, write_durable
-from scp.status import StoreStatus
+from airouter.core.db import Event, Instance, Series, Store, Study, utcnow
+from airouter.core.phi import REGISTRY
+from airouter.core.spool import InvalidUID, check_uid, instance_path, move_durable, write_durable
+from airouter.core.tags import int_value, series_tags, text_value
+from airouter.core.vocab import Source, StoreStatus, StudyState
 
 log = logging.getLogger(__name__)
-
-# Attributes denormalised for the rules (first instance of a series wins): every top-level,
-# public attribute with a short, textual or numeric value, so a rule can test any keyword.
-_SKIPPED_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "UT", "LT"}
-_MAX_VALUE_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -48,6 +44,8 @@ class Received:
 
 @dataclass(frozen=True)
 class Outcome:
+    """What the ingest answers for one instance: the status to send and why."""
+
     status: StoreStatus
     reason: str = ""
     study_uid: str | None = None
@@ -70,6 +68,7 @@ class Ingest:
         except InvalidUID as exc:
             return Outcome(StoreStatus.CANNOT_UNDERSTAND, str(exc))
         study_uid, series_uid, sop_uid, sop_class = ids
+        REGISTRY.remember_dataset(ds)  # kept out of logs and events unless log_phi is on
         try:
             with self.store.session() as s:
                 if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)):
@@ -95,7 +94,7 @@ class Ingest:
                         sop_class_uid=sop_class,
                         series_uid=series_uid,
                         study_uid=study_uid,
-                        instance_number=_int(ds.get("InstanceNumber")),
+                        instance_number=int_value(ds.get("InstanceNumber")),
                         transfer_syntax=received.transfer_syntax,
                         path=str(path),
                         size=size,
@@ -152,12 +151,12 @@ def _upsert_study(s: Any, ds: Dataset, study_uid: str, calling_ae: str | None) -
         s.add(
             Study(
                 study_uid=study_uid,
-                patient_id=_text(ds, "PatientID"),
-                patient_name=_text(ds, "PatientName"),
-                study_date=_text(ds, "StudyDate"),
-                study_time=_text(ds, "StudyTime"),
-                accession_number=_text(ds, "AccessionNumber"),
-                study_description=_text(ds, "StudyDescription"),
+                patient_id=text_value(ds, "PatientID"),
+                patient_name=text_value(ds, "PatientName"),
+                study_date=text_value(ds, "StudyDate"),
+                study_time=text_value(ds, "StudyTime"),
+                accession_number=text_value(ds, "AccessionNumber"),
+                study_description=text_value(ds, "StudyDescription"),
                 calling_ae=calling_ae,
                 last_received_at=now,
             )
@@ -180,90 +179,12 @@ def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str, source:
         Series(
             series_uid=series_uid,
             study_uid=study_uid,
-            modality=_text(ds, "Modality"),
-            series_number=_int(ds.get("SeriesNumber")),
-            series_description=_text(ds, "SeriesDescription"),
-            body_part_examined=_text(ds, "BodyPartExamined"),
+            modality=text_value(ds, "Modality"),
+            series_number=int_value(ds.get("SeriesNumber")),
+            series_description=text_value(ds, "SeriesDescription"),
+            body_part_examined=text_value(ds, "BodyPartExamined"),
             tags=tags,
             source=source,
         )
     )
     s.flush()
-
-
-def series_tags(ds: Dataset) -> dict[str, Any]:
-    """The attributes rules match on, by keyword, as JSON-able values."""
-    tags: dict[str, Any] = {}
-    for element in ds:
-        keyword = element.keyword
-        if not keyword or element.tag.is_private or element.VR in _SKIPPED_VRS:
-            continue
-        if element.tag.group in (0x0002, 0x7FE0):
-            continue
-        value = _json_value(ds, keyword)
-        if value is not None and len(str(value)) <= _MAX_VALUE_CHARS:
-            tags[keyword] = value
-    _lift_shared_geometry(ds, tags)
-    return tags
-
-
-# Enhanced (multi-frame) images keep their geometry in functional groups; rules see it under
-# the single-frame keywords.
-_SHARED_GEOMETRY = (
-    ("PlaneOrientationSequence", "ImageOrientationPatient"),
-    ("PixelMeasuresSequence", "PixelSpacing"),
-    ("PixelMeasuresSequence", "SliceThickness"),
-)
-
-
-def _lift_shared_geometry(ds: Dataset, tags: dict[str, Any]) -> None:
-    try:
-        shared = ds.get("SharedFunctionalGroupsSequence")
-        groups = shared[0] if shared else None
-        frames = ds.get("PerFrameFunctionalGroupsSequence")
-        first = frames[0] if frames else None
-        for sequence, keyword in _SHARED_GEOMETRY:
-            if keyword in tags:
-                continue
-            for group in (groups, first):
-                if group is not None and sequence in group and keyword in group[sequence][0]:
-                    value = _json_value(group[sequence][0], keyword)
-                    if value is not None:
-                        tags[keyword] = value
-                    break
-    except Exception:  # a malformed functional group never breaks indexing
-        return
-
-
-def _text(ds: Dataset, keyword: str) -> str | None:
-    """A tag as text; a value in an odd character set never breaks indexing."""
-    try:
-        value = ds.get(keyword)
-        return None if value is None or value == "" else str(value)
-    except Exception:
-        return None
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _json_value(ds: Dataset, keyword: str) -> Any:
-    try:
-        value = ds.get(keyword)
-        if isinstance(value, MultiValue | list | tuple):
-            return [_scalar(v) for v in value]
-        return None if value is None else _scalar(value)
-    except Exception:
-        return None
-
-
-def _scalar(v: Any) -> Any:
-    if isinstance(v, float):  # DS
-        return float(v)
-    if isinstance(v, int):  # IS, US
-        return int(v)
-    return str(v)

@@ -1,46 +1,40 @@
-"""The DIMSE side of the node: a pynetdicom AE accepting C-ECHO and C-STORE (PS3.4 B)."""
+"""The DIMSE side of the node: a pynetdicom AE accepting C-ECHO and C-STORE (PS3.4 B).
+
+Services other stages answer on the same port (the storage commitment reports that dispatch
+waits for) are bound by the composition root as extra :class:`ExtraService` entries: the
+receiver does not know what they do.
+"""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import tempfile
-import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    dimse_messages,
+    evt,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from airouter.settings import Settings
-from scp.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
+from airouter.core.settings import ScpSettings
+from airouter.core.tracker import AssociationTracker
+from airouter.core.vocab import StoreStatus
 from scp.ingest import Ingest, Received
-from scp.status import StoreStatus
 
 log = logging.getLogger(__name__)
-
-
-class AssociationTracker:
-    """Which studies each open association has touched; a study is busy while one is open."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[int, set[str]] = {}
-
-    def touch(self, assoc_id: int, study_uid: str) -> None:
-        with self._lock:
-            self._open.setdefault(assoc_id, set()).add(study_uid)
-
-    def end(self, assoc_id: int) -> None:
-        with self._lock:
-            self._open.pop(assoc_id, None)
-
-    def busy_studies(self) -> set[str]:
-        with self._lock:
-            return set().union(*self._open.values()) if self._open else set()
 
 
 def handle_store(event: Any, ingest: Ingest, tracker: AssociationTracker) -> Dataset:
@@ -112,25 +106,43 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     incoming_dir.mkdir(parents=True, exist_ok=True)
     for stale in incoming_dir.glob("*.dcm"):  # never acknowledged: a crash cut them off
         stale.unlink(missing_ok=True)
-    tempfile.tempdir = str(incoming_dir)
+    # pynetdicom names no folder for the file: its temporary files (and only its) go to ours.
+    dimse_messages.NamedTemporaryFile = functools.partial(  # type: ignore[assignment]
+        tempfile.NamedTemporaryFile, dir=str(incoming_dir)
+    )
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.STORE_RECV_CHUNKED_DATASET = True
 
 
-def build_ae(settings: Settings) -> AE:
-    """An AE that accepts Verification and every storage SOP class in every transfer syntax."""
+@dataclass(frozen=True)
+class ExtraService:
+    """A DIMSE service another stage answers on our AE: the SOP class accepted (with the
+    roles it is offered in) and the event handler bound to it."""
+
+    sop_class: str
+    event: Any  # a pynetdicom intervention or notification event
+    handler: Callable[..., Any]
+    args: Sequence[Any] = field(default_factory=tuple)
+    scu_role: bool | None = None
+    scp_role: bool | None = None
+
+
+def build_ae(settings: ScpSettings, extra: Sequence[ExtraService] = ()) -> AE:
+    """An AE that accepts Verification and every storage SOP class in every transfer syntax,
+    plus the SOP classes of ``extra``."""
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
-    ae.acse_timeout = settings.acse_timeout_s
-    ae.dimse_timeout = settings.dimse_timeout_s
-    ae.network_timeout = settings.network_timeout_s
+    ae.acse_timeout = settings.timeouts.acse_timeout_s
+    ae.dimse_timeout = settings.timeouts.dimse_timeout_s
+    ae.network_timeout = settings.timeouts.network_timeout_s
     ae.maximum_pdu_size = settings.maximum_pdu_size
     ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
     ae.require_called_aet = settings.check_called_ae_title
     ae.add_supported_context(Verification)
-    # Storage commitment reports come from the destinations we asked (they act as the SCP of
-    # the SOP class on an association they start: role selection).
-    ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
+    for service in extra:
+        ae.add_supported_context(
+            service.sop_class, scu_role=service.scu_role, scp_role=service.scp_role
+        )
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -138,14 +150,22 @@ def build_ae(settings: Settings) -> AE:
 
 
 def start_dimse(
-    settings: Settings, ingest: Ingest, tracker: AssociationTracker
+    settings: ScpSettings,
+    ingest: Ingest,
+    tracker: AssociationTracker,
+    incoming_dir: Path,
+    extra: Sequence[ExtraService] = (),
 ) -> ThreadedAssociationServer:
-    """Start listening (non-blocking); returns the server so the caller can shut it down."""
-    configure_pynetdicom(settings.data_dir / "incoming")
-    ae = build_ae(settings)
+    """Start listening (non-blocking); returns the server so the caller can shut it down.
+
+    ``incoming_dir`` receives data sets while they arrive; it must lie on the spool's
+    filesystem so that storing one is a rename.
+    """
+    configure_pynetdicom(incoming_dir)
+    ae = build_ae(settings, extra)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ingest, tracker]),
-        (evt.EVT_N_EVENT_REPORT, handle_event_report, [ingest.store]),
+        *[(x.event, x.handler, list(x.args)) for x in extra],
         (evt.EVT_RELEASED, handle_end, [tracker]),
         (evt.EVT_ABORTED, handle_end, [tracker]),
         (evt.EVT_CONN_CLOSE, handle_end, [tracker]),

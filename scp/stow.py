@@ -19,21 +19,18 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from airouter.db import Source
+from airouter.core.tracker import AssociationTracker
+from airouter.core.vocab import FailureReason, Source, StoreStatus
 from scp.ingest import Ingest, Received
-from scp.server import AssociationTracker
-from scp.status import StoreStatus
 
 log = logging.getLogger(__name__)
 
-# PS3.18 Failure Reason values (Table 10.5.3-2 and PS3.4 C-STORE statuses)
-FAILURE_CANNOT_UNDERSTAND = 0xC000
-FAILURE_PROCESSING = 0x0110
+# The Failure Reason a STOW-RS response gives for what the ingest answered.
 _STATUS_TO_REASON = {
-    StoreStatus.OUT_OF_RESOURCES: 0xA700,
-    StoreStatus.DATASET_MISMATCH: 0xA900,
-    StoreStatus.CANNOT_UNDERSTAND: FAILURE_CANNOT_UNDERSTAND,
-    StoreStatus.PROCESSING_FAILURE: FAILURE_PROCESSING,
+    StoreStatus.OUT_OF_RESOURCES: FailureReason.OUT_OF_RESOURCES,
+    StoreStatus.DATASET_MISMATCH: FailureReason.DATASET_MISMATCH,
+    StoreStatus.CANNOT_UNDERSTAND: FailureReason.CANNOT_UNDERSTAND,
+    StoreStatus.PROCESSING_FAILURE: FailureReason.PROCESSING_FAILURE,
 }
 _request_ids = itertools.count(1)
 
@@ -48,6 +45,8 @@ class StowError(Exception):
 
 @dataclass
 class StoreResponse:
+    """The Store Instances Response of one STOW-RS request, built part by part."""
+
     referenced: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
 
@@ -59,6 +58,7 @@ class StoreResponse:
         return 202 if self.referenced else 409
 
     def dicom_json(self, retrieve_url: str | None) -> dict[str, Any]:
+        """The response in DICOM JSON (PS3.18 Table 10.5.3-1)."""
         body: dict[str, Any] = {}
         if retrieve_url:
             body["00081190"] = {"vr": "UR", "Value": [retrieve_url]}
@@ -155,30 +155,30 @@ def _store_one(
 ) -> None:
     def fail(reason: int, text: str, sop_class: str | None = None, sop: str | None = None) -> None:
         item = _ref(sop_class, sop)
-        item["00081197"] = {"vr": "US", "Value": [reason]}
+        item["00081197"] = {"vr": "US", "Value": [int(reason)]}
         item["00000902"] = {"vr": "LO", "Value": [text[:64]]}  # Error Comment, for people
         response.failed.append(item)
         log.warning("STOW part refused (0x%04X): %s", reason, text)
 
     part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
     if part_type != "application/dicom":
-        fail(FAILURE_CANNOT_UNDERSTAND, f"part is {part_type}, not application/dicom")
+        fail(FailureReason.CANNOT_UNDERSTAND, f"part is {part_type}, not application/dicom")
         return
     try:
         ds = dcmread(io.BytesIO(content), stop_before_pixels=True)
         meta = ds.file_meta
         transfer_syntax = str(meta.TransferSyntaxUID)
     except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as exc:
-        fail(FAILURE_CANNOT_UNDERSTAND, f"not a DICOM file with meta information: {exc}")
+        fail(FailureReason.CANNOT_UNDERSTAND, f"not a DICOM file with meta information: {exc}")
         return
     except Exception as exc:
-        fail(FAILURE_CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
+        fail(FailureReason.CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
         return
     sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
     sop_uid = str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", ""))
     if study_uid is not None and str(ds.get("StudyInstanceUID", "")) != study_uid:
         fail(
-            FAILURE_CANNOT_UNDERSTAND,
+            FailureReason.CANNOT_UNDERSTAND,
             "StudyInstanceUID differs from the request URL",
             sop_class,
             sop_uid,
@@ -196,7 +196,7 @@ def _store_one(
     outcome = ingest.store_instance(ds, received)
     if outcome.status != StoreStatus.SUCCESS:
         fail(
-            _STATUS_TO_REASON.get(outcome.status, FAILURE_PROCESSING),
+            _STATUS_TO_REASON.get(outcome.status, FailureReason.PROCESSING_FAILURE),
             outcome.reason,
             sop_class,
             sop_uid,

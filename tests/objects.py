@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
+from airouter.jobs.specs import segment_spec
 from encoders.common import Provenance, SeriesIdentity, Structure
 from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_seg
 from encoders.sr import build_measurement_report
+from inference.cards import Label, ModelCard
+
+
+def structure(card: ModelCard, label: Label, mask: np.ndarray, **measured: Any) -> Structure:
+    """A structure of ``label`` of ``card``, described as the pipeline describes it."""
+    return Structure(segment_spec(card, label), mask, **measured)
 
 
 def build_all(
@@ -27,8 +37,7 @@ def build_all(
     sr = build_measurement_report(
         source_images=images,
         seg=seg,
-        structures=structures,
-        volumes_ml=[1.0] * len(structures),
+        structures=[replace(s, volume_ml=1.0) for s in structures],
         provenance=provenance,
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),

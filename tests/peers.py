@@ -192,41 +192,52 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace")
 
 
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` deep-merged into it (a settings sub-tree changes key by key)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def start_node(
     workdir: Path, orthanc: Orthanc | None, wait_triton: bool = True, **settings: Any
 ) -> NodeProcess:
-    """Run ``airouter serve`` with a temporary config; wait until it answers (and Triton)."""
+    """Run ``airouter serve`` with a temporary config; wait until it answers (and Triton).
+
+    ``settings`` are sections of the settings tree (``router={"quiet_period_s": 0.5}``),
+    merged key by key into the test defaults."""
     workdir.mkdir(parents=True, exist_ok=True)
     dimse_port, http_port = free_port(), free_port()
     config: dict[str, Any] = {
-        "ae_title": "AIROUTER",
-        "dimse_port": dimse_port,
-        "http_port": http_port,
+        "scp": {"ae_title": "AIROUTER", "dimse_port": dimse_port},
+        "http": {"port": http_port},
         "data_dir": str(workdir / "var"),
-        "rules_dir": str(ROOT / "rules"),
-        "models_dir": str(ROOT / "config" / "models"),
-        "dispatch_backoff_s": 1.0,
-        **settings,
+        "router": {"rules_dir": str(ROOT / "rules")},
+        "inference": {"models_dir": str(ROOT / "config" / "models")},
+        "dispatch": {"backoff_s": 1.0},
     }
     if orthanc is not None:
-        config["destinations"] = {
-            **config.get("destinations", {}),
-            "pacs": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port},
-        }
+        pacs = {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+        config["dispatch"]["destinations"] = {"pacs": pacs}
+    config = merged(config, settings)
     config_path = workdir / "airouter.yaml"
     config_path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIROUTER_")}
     log_path = workdir / "node.log"
     log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the process
     process = subprocess.Popen(
-        [sys.executable, "-m", "airouter.cli", "serve", "--config", str(config_path)],
+        [sys.executable, "-m", "airouter.app.cli", "serve", "--config", str(config_path)],
         cwd=ROOT,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     node = NodeProcess(
-        process, workdir / "var", int(config["dimse_port"]), http_port, "AIROUTER", log_path
+        process, workdir / "var", int(config["scp"]["dimse_port"]), http_port, "AIROUTER", log_path
     )
 
     def ready() -> bool:

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
-from airouter.web import create_app
+from airouter.app.web import create_app
 from tests.objects import dataset_bytes
 from tests.peers import SHARED_DICOM, tool
 from tests.test_scp import Node, _send

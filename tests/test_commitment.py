@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 from pydicom.dataset import Dataset
 
-from airouter.db import Delivery, DeliveryState, Job, Output, Store
-from airouter.dispatch import Dispatcher
-from airouter.settings import load_settings
-from scp.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
+from airouter.core.db import Delivery, Job, Output, Store
+from airouter.core.settings import load_settings
+from airouter.core.vocab import DeliveryState
+from dispatch.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
+from dispatch.outbox import Dispatcher
 
 
 def _outbox(tmp_path: Path, count: int) -> tuple[Store, list[int]]:
@@ -65,7 +66,7 @@ def _ref(uid: str, reason: int | None = None) -> Dataset:
 @pytest.mark.parametrize("report_first", [True, False])
 def test_report_before_or_after_the_c_store_is_recorded(tmp_path: Path, report_first: bool) -> None:
     store, (ok_id, bad_id) = _outbox(tmp_path, 2)
-    dispatcher = Dispatcher(store, load_settings(data_dir=tmp_path))
+    dispatcher = Dispatcher(store, load_settings(data_dir=tmp_path).dispatch)
 
     def record() -> None:
         for delivery_id in (ok_id, bad_id):

@@ -67,10 +67,14 @@ def test_pacs_down_then_back_gets_everything_once_and_rejections_end_dead(tmp_pa
     node = start_node(
         tmp_path / "node",
         orthanc,
-        rules_dir=str(tmp_path / "rules"),
-        dispatch_backoff_s=0.5,
-        dispatch_max_attempts=6,
-        destinations={"reject": {"ae_title": "REJECT", "host": "127.0.0.1", "port": reject_port}},
+        router={"rules_dir": str(tmp_path / "rules")},
+        dispatch={
+            "backoff_s": 0.5,
+            "max_attempts": 6,
+            "destinations": {
+                "reject": {"ae_title": "REJECT", "host": "127.0.0.1", "port": reject_port}
+            },
+        },
     )
     try:
         stop_process(orthanc.process)  # the PACS goes down
@@ -152,25 +156,36 @@ def test_stow_rest_folder_and_return_to_sender_each_get_the_objects_once(tmp_pat
     node = start_node(
         tmp_path / "node",
         None,
-        rules_dir=str(tmp_path / "rules"),
-        dispatch_backoff_s=0.2,
-        dispatch_max_attempts=2,
-        destinations={
-            "web": {
-                "kind": "dicomweb",
-                "url": f"{pacs.url}/dicom-web",
-                "username": user[0],
-                "password": user[1],
+        router={"rules_dir": str(tmp_path / "rules")},
+        dispatch={
+            "backoff_s": 0.2,
+            "max_attempts": 2,
+            "destinations": {
+                "web": {
+                    "kind": "dicomweb",
+                    "url": f"{pacs.url}/dicom-web",
+                    "username": user[0],
+                    "password": user[1],
+                },
+                "web-bad": {
+                    "kind": "dicomweb",
+                    "url": f"{pacs.url}/dicom-web",
+                    "username": user[0],
+                    "password": "wrong",
+                },
+                "rest": {
+                    "kind": "orthanc",
+                    "url": pacs.url,
+                    "username": user[0],
+                    "password": user[1],
+                },
+                "folder": {"kind": "folder", "path": str(folder)},
+                "modality": {
+                    "ae_title": "MODALITY",
+                    "host": "127.0.0.1",
+                    "port": modality.dicom_port,
+                },
             },
-            "web-bad": {
-                "kind": "dicomweb",
-                "url": f"{pacs.url}/dicom-web",
-                "username": user[0],
-                "password": "wrong",
-            },
-            "rest": {"kind": "orthanc", "url": pacs.url, "username": user[0], "password": user[1]},
-            "folder": {"kind": "folder", "path": str(folder)},
-            "modality": {"ae_title": "MODALITY", "host": "127.0.0.1", "port": modality.dicom_port},
         },
     )
     try:
@@ -266,21 +281,23 @@ def test_c_store_over_tls_to_orthanc_and_an_untrusted_server_is_refused(tmp_path
     node = start_node(
         tmp_path / "node",
         None,
-        rules_dir=str(tmp_path / "rules"),
-        dispatch_backoff_s=0.2,
-        dispatch_max_attempts=2,
-        destinations={
-            "secure": {
-                "ae_title": "ORTHANC",
-                "host": "127.0.0.1",
-                "port": pacs.dicom_port,
-                "tls": node_tls,
-            },
-            "untrusted": {
-                "ae_title": "ORTHANC",
-                "host": "127.0.0.1",
-                "port": pacs.dicom_port,
-                "tls": {**node_tls, "ca_file": str(other)},
+        router={"rules_dir": str(tmp_path / "rules")},
+        dispatch={
+            "backoff_s": 0.2,
+            "max_attempts": 2,
+            "destinations": {
+                "secure": {
+                    "ae_title": "ORTHANC",
+                    "host": "127.0.0.1",
+                    "port": pacs.dicom_port,
+                    "tls": node_tls,
+                },
+                "untrusted": {
+                    "ae_title": "ORTHANC",
+                    "host": "127.0.0.1",
+                    "port": pacs.dicom_port,
+                    "tls": {**node_tls, "ca_file": str(other)},
+                },
             },
         },
     )
@@ -323,14 +340,16 @@ def test_storage_commitment_is_requested_and_the_pacs_report_recorded(tmp_path: 
     node = start_node(
         tmp_path / "node",
         None,
-        dimse_port=node_port,
-        rules_dir=str(tmp_path / "rules"),
-        destinations={
-            "pacs": {
-                "ae_title": "ORTHANC",
-                "host": "127.0.0.1",
-                "port": pacs.dicom_port,
-                "storage_commitment": True,
+        scp={"dimse_port": node_port},
+        router={"rules_dir": str(tmp_path / "rules")},
+        dispatch={
+            "destinations": {
+                "pacs": {
+                    "ae_title": "ORTHANC",
+                    "host": "127.0.0.1",
+                    "port": pacs.dicom_port,
+                    "storage_commitment": True,
+                }
             }
         },
     )

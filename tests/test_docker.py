@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
+import pytest
 import yaml
 
 from tests.peers import ROOT
@@ -19,9 +21,23 @@ def test_compose_services_and_build_files_exist() -> None:
         build = compose["services"][name]["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve().is_file()
     router_env = compose["services"]["router"]["environment"]
-    assert router_env["AIROUTER_TRITON_URL"].startswith("triton:")
-    assert router_env["AIROUTER_DESTINATIONS__PACS__HOST"] == "orthanc"
+    assert router_env["AIROUTER_INFERENCE__TRITON_URL"].startswith("triton:")
+    assert router_env["AIROUTER_DISPATCH__DESTINATIONS__PACS__HOST"] == "orthanc"
     json.loads((DOCKER / "orthanc" / "orthanc.json").read_text())
+
+
+def test_compose_environment_is_a_valid_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's environment in docker-compose.yml loads (a renamed key would stop it)."""
+    from airouter.core.settings import load_settings
+
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    for key in [k for k in os.environ if k.startswith("AIROUTER_")]:
+        monkeypatch.delenv(key)
+    for key, value in compose["services"]["router"]["environment"].items():
+        monkeypatch.setenv(key, str(value))
+    settings = load_settings()
+    assert settings.inference.triton_url == "triton:8000"
+    assert settings.dispatch.destinations["pacs"].host == "orthanc"  # type: ignore[union-attr]
 
 
 def test_dockerfiles_copy_only_what_exists_and_run_the_console_script() -> None:
@@ -31,7 +47,12 @@ def test_dockerfiles_copy_only_what_exists_and_run_the_console_script() -> None:
     text = (DOCKER / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["airouter", "serve"]' in text
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'airouter = "airouter.cli:main"' in pyproject
+    assert 'airouter = "airouter.app.cli:main"' in pyproject
+    # every package the wheel holds is copied into the image before `pip install .`
+    packages = re.search(r"include = \[([^\]]*)\]", pyproject)
+    assert packages is not None
+    for name in re.findall(r'"(\w+)\*"', packages.group(1)):
+        assert f"COPY {name} ./{name}" in text, name
 
 
 def test_triton_image_serves_the_bundled_model_repository() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -13,12 +14,19 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure, ensure_type2
+from encoders.common import (
+    Classification,
+    EncodeError,
+    Provenance,
+    SeriesIdentity,
+    Structure,
+    ensure_type2,
+)
 from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_probability_seg, build_seg
 from encoders.sr import build_measurement_report
 from inference.cards import load_cards
-from tests.objects import build_all
+from tests.objects import build_all, structure
 from tests.peers import ROOT, head_ct_files, tool
 from tests.raster import dice, rasterize_rtstruct
 
@@ -54,8 +62,8 @@ def _structures(n: int, rows: int, cols: int) -> list[Structure]:
     islands[4:7, 50:90, 50:90] = True
     islands[4:7, 400:460, 380:470] = True  # two islands on each slice
     return [
-        Structure(cards["ct-body"].labels[0], cards["ct-body"], ring),
-        Structure(cards["ct-lungs"].labels[0], cards["ct-lungs"], islands),
+        structure(cards["ct-body"], cards["ct-body"].labels[0], ring),
+        structure(cards["ct-lungs"], cards["ct-lungs"].labels[0], islands),
     ]
 
 
@@ -111,12 +119,14 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
         voxel_ml *= np.cos(np.radians(15.0))  # slice spacing along the normal
     volumes = [float(s.mask.sum()) * voxel_ml for s in structures]
     intensities = [(40.5, -120.0, 300.0), (-850.25, -1000.0, -400.0)]
+    measured = [
+        replace(s, volume_ml=v, intensities_hu=i)
+        for s, v, i in zip(structures, volumes, intensities, strict=True)
+    ]
     sr = build_measurement_report(
         source_images=images,
         seg=seg,
-        structures=structures,
-        volumes_ml=volumes,
-        intensities_hu=intensities,
+        structures=measured,
         provenance=PROVENANCE,
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
@@ -145,7 +155,7 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
     rt_back = pydicom.dcmread(tmp_path / "rt.dcm")
     masks = rasterize_rtstruct(rt_back, images)  # asserts every point lies on its image plane
     for s in structures:
-        assert dice(masks[s.label.name], s.mask) >= 0.98, s.label.name
+        assert dice(masks[s.spec.name], s.mask) >= 0.98, s.spec.name
     types = [o.RTROIInterpretedType for o in rt_back.RTROIObservationsSequence]
     assert types == ["EXTERNAL", "ORGAN"]
     contour_images = (
@@ -191,7 +201,7 @@ def test_images_without_type2_attributes_still_give_valid_results(
                 delattr(ds, keyword)
     assert set(ensure_type2(images)) == set(TYPE2_PATIENT_STUDY)
     structures = _structures(len(images), images[0].Rows, images[0].Columns)
-    structures = [Structure(s.label, s.card, s.mask[:4] | True) for s in structures[:1]]
+    structures = [replace(s, mask=s.mask[:4] | True) for s in structures[:1]]
     seg, sr, rt = build_all(images, structures, PROVENANCE)
     for name, ds in (("seg", seg), ("sr", sr), ("rt", rt)):
         path = tmp_path / f"{name}.dcm"
@@ -228,10 +238,9 @@ def test_rtstruct_on_real_gantry_tilted_ct_keeps_points_on_their_planes(tmp_path
     assert not segment_body(volume.hu, volume.affine).any()  # its pixels hold no tissue
     rows, cols = np.ogrid[:512, :512]
     body = np.broadcast_to((rows - 250) ** 2 + (cols - 260) ** 2 < 150**2, volume.hu.shape).copy()
-    structure = Structure(cards["ct-body"].labels[0], cards["ct-body"], body)
     rt = build_rtstruct(
         source_images=volume.datasets,
-        structures=[structure],
+        structures=[structure(cards["ct-body"], cards["ct-body"].labels[0], body)],
         provenance=PROVENANCE,
         series=SeriesIdentity(hd.UID(), 903, "AI structures", hd.UID()),
     )
@@ -259,10 +268,10 @@ def test_sr_reports_structures_the_model_did_not_find(
     nothing found at all there is no SEG and the SR stands alone."""
     images = ct[:4]
     structures = _structures(len(images), images[0].Rows, images[0].Columns)
-    body = Structure(structures[0].label, structures[0].card, structures[0].mask[:4])
+    body = replace(structures[0], mask=structures[0].mask[:4])
     cards = load_cards(ROOT / "config" / "models")
     lungs = [
-        Structure(lab, cards["ct-lungs"], np.zeros_like(body.mask))
+        structure(cards["ct-lungs"], lab, np.zeros_like(body.mask))
         for lab in cards["ct-lungs"].labels
     ]
     found = [body] if with_found else []
@@ -277,9 +286,8 @@ def test_sr_reports_structures_the_model_did_not_find(
     sr = build_measurement_report(
         source_images=images,
         seg=seg,
-        structures=found,
-        volumes_ml=[1.0] * len(found),
-        absent=lungs,
+        structures=[replace(s, volume_ml=1.0) for s in found],
+        absent=[s.spec for s in lungs],
         provenance=PROVENANCE,
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
@@ -332,9 +340,10 @@ def test_labelmap_seg_round_trips_and_refuses_overlapping_structures(
     sr = build_measurement_report(
         source_images=ct,
         seg=seg,
-        structures=structures,
-        volumes_ml=[1.0, 2.0],
-        intensities_hu=[(0.0, 0.0, 0.0)] * 2,
+        structures=[
+            replace(s, volume_ml=v, intensities_hu=(0.0, 0.0, 0.0))
+            for s, v in zip(structures, [1.0, 2.0], strict=True)
+        ],
         provenance=PROVENANCE,
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
@@ -349,8 +358,8 @@ def test_labelmap_seg_round_trips_and_refuses_overlapping_structures(
     (group, _) = report.content.get_volumetric_roi_measurement_groups()
     assert group.referenced_segment.referenced_sop_class_uid == seg.SOPClassUID  # type: ignore[union-attr]
 
-    body = Structure(structures[0].label, structures[0].card, structures[0].mask.copy())
-    inside = Structure(structures[1].label, structures[1].card, body.mask & ~np.roll(body.mask, 5))
+    body = replace(structures[0], mask=structures[0].mask.copy())
+    inside = replace(structures[1], mask=body.mask & ~np.roll(body.mask, 5))
     with pytest.raises(EncodeError, match=r"mutually exclusive.*overlap"):
         build_seg(
             source_images=ct,
@@ -370,8 +379,9 @@ def test_fractional_seg_carries_the_probability_map(ct: list[Dataset], tmp_path:
     probabilities[1][4:7, 50:90, 50:90] = 255
     seg = build_probability_seg(
         source_images=ct,
-        structures=structures,
-        probabilities=probabilities,
+        structures=[
+            replace(s, probability=p) for s, p in zip(structures, probabilities, strict=True)
+        ],
         provenance=PROVENANCE,
         series=SeriesIdentity(hd.UID(), 904, "AI probability map", hd.UID()),
     )
@@ -443,13 +453,15 @@ def test_sr_reports_classification_findings_present_or_absent_with_the_score(
 ) -> None:
     cards = load_cards(ROOT / "config" / "models")
     empty = np.zeros((0,), dtype=bool)
-    right, left = (Structure(label, cards["ct-lungs"], empty) for label in cards["ct-lungs"].labels)
+    right, left = (structure(cards["ct-lungs"], label, empty) for label in cards["ct-lungs"].labels)
     sr = build_measurement_report(
         source_images=ct,
         seg=None,
         structures=[],
-        volumes_ml=[],
-        classifications=[(right, 0.8312, 0.5), (left, 0.12, 0.5)],
+        classifications=[
+            Classification(right.spec, 0.8312, 0.5),
+            Classification(left.spec, 0.12, 0.5),
+        ],
         provenance=PROVENANCE,
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI findings", hd.UID()),
@@ -488,7 +500,7 @@ def test_fast_overlap_check_agrees_with_highdicom(ct: list[Dataset], overlapping
     structures = _structures(len(ct), ct[0].Rows, ct[0].Columns)
     if overlapping:
         shifted = np.roll(structures[0].mask, 30, axis=2)
-        structures[1] = Structure(structures[1].label, structures[1].card, shifted)
+        structures[1] = replace(structures[1], mask=shifted)
     series = SeriesIdentity(hd.UID(), 901, "x", hd.UID())
     ours = build_seg(source_images=ct, structures=structures, provenance=PROVENANCE, series=series)
     pixels = np.stack([s.mask.astype(np.uint8) for s in structures], axis=-1)
@@ -499,9 +511,9 @@ def test_fast_overlap_check_agrees_with_highdicom(ct: list[Dataset], overlapping
         segment_descriptions=[
             hd.seg.SegmentDescription(
                 segment_number=n,
-                segment_label=s.label.name,
-                segmented_property_category=s.category,
-                segmented_property_type=s.type,
+                segment_label=s.spec.name,
+                segmented_property_category=s.spec.category,
+                segmented_property_type=s.spec.type,
                 algorithm_type="MANUAL",
             )
             for n, s in enumerate(structures, start=1)

@@ -24,7 +24,7 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from airouter.pipeline import load_masks
+from airouter.jobs.artefacts import load_masks
 from tests.peers import (
     BODY_J2K,
     MR_EPI,
@@ -220,7 +220,15 @@ def test_head_ct_folder_with_non_image_dirfile_is_refused_clearly(node: NodeProc
 
 def _airouter_send(node: NodeProcess, folder: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "airouter.cli", "send", str(folder), "--port", str(node.dimse_port)],
+        [
+            sys.executable,
+            "-m",
+            "airouter.app.cli",
+            "send",
+            str(folder),
+            "--port",
+            str(node.dimse_port),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -63,7 +63,11 @@ def test_editing_rules_while_the_node_runs(tmp_path: Path) -> None:
     rules = tmp_path / "rules"
     shutil.copytree(ROOT / "rules", rules)
     node = start_node(
-        tmp_path / "node", None, wait_triton=False, rules_dir=str(rules), triton_url="127.0.0.1:9"
+        tmp_path / "node",
+        None,
+        wait_triton=False,
+        router={"rules_dir": str(rules)},
+        inference={"triton_url": "127.0.0.1:9"},
     )
     try:
         files = sorted(MR_EPI.glob("*.dcm"))

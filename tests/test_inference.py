@@ -13,8 +13,8 @@ import yaml
 
 from inference.algorithms import segment_lungs
 from inference.cards import ModelCard, ModelCardError, load_card, load_cards
-from inference.lungnet.train import HELD_OUT_SEEDS, held_out_phantom
 from inference.runner import LPS_TO_RAS, preprocess, resample_to_source, run_model
+from inference.training.lungnet import HELD_OUT_SEEDS, held_out_phantom
 from inference.triton import InferenceClient, InferenceError, LocalTriton
 from inference.volume import build_volume
 from tests.peers import ROOT, head_ct_files
@@ -235,3 +235,23 @@ def test_card_checksum_follows_the_file(tmp_path: Path) -> None:
     data["version"] = "1.0.1"
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(data))
     assert load_card(tmp_path / "a.yaml").checksum != load_card(tmp_path / "b.yaml").checksum
+
+
+def test_readiness_is_false_for_a_server_down_and_a_bug_is_raised() -> None:
+    """A server that cannot be reached is "not ready" (jobs wait); anything else is a bug the
+    job must fail with, not wait on."""
+    from tests.peers import free_port
+
+    for protocol in ("http", "grpc"):
+        client = InferenceClient(f"127.0.0.1:{free_port()}", protocol, request_timeout_s=2.0)
+        assert client.is_ready() is False
+        assert client.is_ready("ct-body") is False
+
+    class Broken:
+        def is_server_ready(self) -> bool:
+            raise TypeError("a bug in the client code")
+
+    client = InferenceClient(f"127.0.0.1:{free_port()}")
+    client._client = Broken()
+    with pytest.raises(TypeError, match="a bug"):
+        client.is_ready()

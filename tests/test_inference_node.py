@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from airouter.pipeline import load_masks
+from airouter.jobs.artefacts import load_masks
 from inference.triton import InferenceClient, LocalTriton
 from tests.peers import ROOT, NodeProcess, start_node, stop_process, storescu, wait_for
 from tests.phantoms import chest_phantom, random_chest_phantom, write_ct_series
@@ -63,10 +63,11 @@ def test_triton_stopped_in_the_middle_of_a_queue_every_job_completes(tmp_path: P
         node = start_node(
             tmp_path / "node",
             None,
-            triton_url=triton.url("http"),
-            rules_dir=str(_rules(tmp_path / "rules", ["ct-body"])),
-            triton_retry_max_s=1.0,
-            quiet_period_s=0.5,
+            inference={"triton_url": triton.url("http"), "retry_max_s": 1.0},
+            router={
+                "rules_dir": str(_rules(tmp_path / "rules", ["ct-body"])),
+                "quiet_period_s": 0.5,
+            },
         )
         first = _send_phantom(node, tmp_path / "s0", 0)
         wait_for(
@@ -108,8 +109,7 @@ def test_the_node_restarts_its_own_triton_when_it_dies(tmp_path: Path) -> None:
     node = start_node(
         tmp_path / "node",
         None,
-        rules_dir=str(_rules(tmp_path / "rules", ["ct-body"])),
-        quiet_period_s=0.5,
+        router={"rules_dir": str(_rules(tmp_path / "rules", ["ct-body"])), "quiet_period_s": 0.5},
     )
     try:
         pid = node.get("/api/health")["triton_pid"]
@@ -140,7 +140,7 @@ def make_bundle(directory: Path) -> Path:
     """A MONAI bundle as the Model Zoo ships them: metadata.json, inference.json with
     network_def, pre-processing, inferer and post-processing, and a state dict. The network is
     a MONAI UNet carrying the weights of the shipped ct-lungs-unet (trained in this repo)."""
-    from inference.lungnet.train import NETWORK, network
+    from inference.training.lungnet import NETWORK, network
 
     (directory / "configs").mkdir(parents=True)
     (directory / "models").mkdir()
@@ -228,7 +228,7 @@ def make_bundle(directory: Path) -> Path:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "airouter.cli", *args],
+        [sys.executable, "-m", "airouter.app.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -254,15 +254,17 @@ def test_monai_bundle_imported_and_run_end_to_end_to_a_seg(tmp_path: Path) -> No
     node = start_node(
         tmp_path / "node",
         None,
-        rules_dir=str(
-            _rules(
-                tmp_path / "rules",
-                ["phantom-lung-segmentation"],
-                outputs=["SEG", "PROBABILITY_MAP"],
-                seg_type="labelmap",
-            )
-        ),
-        quiet_period_s=0.5,
+        router={
+            "rules_dir": str(
+                _rules(
+                    tmp_path / "rules",
+                    ["phantom-lung-segmentation"],
+                    outputs=["SEG", "PROBABILITY_MAP"],
+                    seg_type="labelmap",
+                )
+            ),
+            "quiet_period_s": 0.5,
+        },
     )
     try:
         config = str(tmp_path / "node" / "airouter.yaml")
@@ -367,7 +369,7 @@ def test_a_failing_model_fails_its_job_with_the_servers_message_others_continue(
 ) -> None:
     """Two rules match one study: the job of the broken model fails with what Triton said;
     the other job is unaffected."""
-    from inference.triton_torch import MODEL_PY, config_pbtxt
+    from inference.serving.torchscript import MODEL_PY, config_pbtxt
 
     models = tmp_path / "node" / "var" / "models"
     entry = models / "repository" / "broken-net" / "1"
@@ -387,7 +389,9 @@ def test_a_failing_model_fails_its_job_with_the_servers_message_others_continue(
                 {"rules": [{"name": name, "match": {"Modality": "CT"}, "models": [model]}]}
             )
         )
-    node = start_node(tmp_path / "node", None, rules_dir=str(rules), quiet_period_s=0.5)
+    node = start_node(
+        tmp_path / "node", None, router={"rules_dir": str(rules), "quiet_period_s": 0.5}
+    )
     try:
         study = _send_phantom(node, tmp_path / "s", 2)
 

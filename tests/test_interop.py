@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -14,10 +15,10 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
-from encoders.common import Provenance, SeriesIdentity, Structure
+from encoders.common import Provenance, SeriesIdentity
 from encoders.seg import build_probability_seg, build_seg
 from inference.cards import load_cards
-from tests.objects import build_all, dataset_bytes
+from tests.objects import build_all, dataset_bytes, structure
 from tests.peers import ROOT, head_ct_files, start_orthanc, stop_process
 
 pytestmark = pytest.mark.integration
@@ -29,7 +30,7 @@ def _objects() -> list[pydicom.Dataset]:
     mask = np.zeros((6, 512, 512), dtype=bool)
     mask[1:5, 150:350, 150:350] = True
     mask[1:5, 220:280, 220:280] = False
-    structures = [Structure(cards["ct-body"].labels[0], cards["ct-body"], mask)]
+    structures = [structure(cards["ct-body"], cards["ct-body"].labels[0], mask)]
     prov = Provenance("Test Maker", "test-model", "1", "SN")
     seg, sr, rt = build_all(images, structures, prov)
     labelmap = build_seg(
@@ -41,8 +42,7 @@ def _objects() -> list[pydicom.Dataset]:
     )
     fractional = build_probability_seg(
         source_images=images,
-        structures=structures,
-        probabilities=[(mask * 200).astype(np.uint8)],
+        structures=[replace(structures[0], probability=(mask * 200).astype(np.uint8))],
         provenance=prov,
         series=SeriesIdentity(hd.UID(), 904, "AI probability map", hd.UID()),
     )

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import yaml
 
-from airouter.pipeline import load_masks
+from airouter.jobs.artefacts import load_masks
 from inference.volume import build_volume
 from tests.peers import head_ct_files, start_node, stop_process, storescu, tool, wait_for
 
@@ -84,7 +84,9 @@ def test_enhanced_ct_through_the_node_to_seg_sr_rtstruct(
             }
         )
     )
-    node = start_node(tmp_path / "node", None, rules_dir=str(rules), quiet_period_s=0.5)
+    node = start_node(
+        tmp_path / "node", None, router={"rules_dir": str(rules), "quiet_period_s": 0.5}
+    )
     try:
         # -R: propose the files' own SOP class (storescu's default list lacks this one)
         assert storescu(node.dimse_port, [path], "AIROUTER", "-R").returncode == 0

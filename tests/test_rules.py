@@ -7,6 +7,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from airouter.core.tags import series_tags
+from airouter.core.vocab import Priority
 from router.engine import (
     SeriesInfo,
     StudyContext,
@@ -15,8 +17,7 @@ from router.engine import (
     explain,
     orientation_of,
 )
-from router.rules import Condition, Orientation, Priority, RuleError, load_rule_file, load_rules
-from scp.ingest import series_tags
+from router.rules import Condition, Orientation, RuleError, load_rule_file, load_rules
 from tests.peers import HEAD_CT, HEAD_SCOUT, MR_EPI, ROOT
 
 RULES_DIR = ROOT / "rules"

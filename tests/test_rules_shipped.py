@@ -6,11 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from airouter.db import Job, JobState, Store
-from router.cli import read_studies
+from airouter.app.rules_cli import read_studies
+from airouter.core.db import Job, Store
+from airouter.core.vocab import Action, JobState, Priority
 from router.engine import StudyContext, decide, explain
 from router.queue import claim_next_job
-from router.rules import Action, Priority, load_rules
+from router.rules import load_rules
 from tests.peers import HEAD_CT, MR_EPI, ROOT, SHARED_DICOM
 
 RULES = load_rules(ROOT / "rules")
@@ -51,7 +52,7 @@ def test_rt_plans_are_forwarded_and_mr_matches_nothing() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "airouter.cli", "rules", *args],
+        [sys.executable, "-m", "airouter.app.cli", "rules", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -14,12 +14,13 @@ from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 from sqlalchemy import func, select
 
-from airouter.db import Instance, Store, Study
-from airouter.settings import Settings
-from scp.completion import CompletionMonitor, CompletionPolicy
+from airouter.core.db import Instance, Store, Study
+from airouter.core.settings import ScpSettings, Settings
+from airouter.core.tracker import AssociationTracker
+from airouter.core.vocab import StoreStatus
+from router.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
-from scp.server import AssociationTracker, start_dimse
-from scp.status import StoreStatus
+from scp.server import start_dimse
 from tests.peers import free_port, head_ct_files, storescu, tool
 
 
@@ -27,14 +28,13 @@ class Node:
     def __init__(
         self, tmp: Path, spool: Path | None = None, reserve_bytes: int = 0, **settings: Any
     ) -> None:
-        self.settings = Settings(
-            dimse_host="127.0.0.1", dimse_port=free_port(), data_dir=tmp, **settings
-        )
+        scp = ScpSettings(dimse_host="127.0.0.1", dimse_port=free_port(), **settings)
+        self.settings = Settings(data_dir=tmp, scp=scp)
         self.store = Store(self.settings.db_url)
         self.tracker = AssociationTracker()
         self.ingest = Ingest(self.store, spool or self.settings.spool_dir, reserve_bytes)
-        self.server = start_dimse(self.settings, self.ingest, self.tracker)
-        self.port = self.settings.dimse_port
+        self.server = start_dimse(scp, self.ingest, self.tracker, self.settings.incoming_dir)
+        self.port = scp.dimse_port
 
     def count(self) -> int:
         with self.store.session() as s:
@@ -441,7 +441,7 @@ def test_specific_character_sets_index_and_serve_names(node: Node) -> None:
     from fastapi.testclient import TestClient
     from pydicom.data import get_charset_files
 
-    from airouter.web import create_app
+    from airouter.app.web import create_app
 
     wado = TestClient(create_app(node.store, dict))
     files = sorted(get_charset_files("chr*.dcm"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scp.spool import InvalidUID, check_uid, instance_path, is_valid_uid, write_durable
+from airouter.core.spool import InvalidUID, check_uid, instance_path, is_valid_uid, write_durable
 
 
 @pytest.mark.parametrize(

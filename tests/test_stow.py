@@ -10,11 +10,11 @@ import pydicom
 import pytest
 from fastapi.testclient import TestClient
 
-from airouter.db import Store
-from airouter.web import create_app
-from scp.completion import CompletionMonitor, CompletionPolicy
+from airouter.app.web import create_app
+from airouter.core.db import Store
+from airouter.core.tracker import AssociationTracker
+from router.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
-from scp.server import AssociationTracker
 from tests.peers import SHARED_DICOM, head_ct_files
 
 

@@ -1,6 +1,6 @@
 """Triton Python-backend entry point of ct-body."""
 
 from inference.algorithms import segment_body
-from inference.triton_model import python_model
+from inference.serving.python_model import python_model
 
 TritonPythonModel = python_model(segment_body)

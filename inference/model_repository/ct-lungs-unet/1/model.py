@@ -1,5 +1,5 @@
-"""Triton Python-backend entry point: serves model.pt (see inference/triton_torch.py)."""
+"""Triton Python-backend entry point: model.pt (inference.serving.torchscript)."""
 
-from inference.triton_torch import TorchScriptModel as TritonPythonModel
+from inference.serving.torchscript import TorchScriptModel as TritonPythonModel
 
 __all__ = ["TritonPythonModel"]

@@ -29,44 +29,37 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from airouter.core.phi import REGISTRY
+from airouter.core.vocab import (
+    Action,
+    CommitmentState,
+    DeliveryState,
+    JobState,
+    OutputKind,
+    SegType,
+    Source,
+    StudyState,
+)
+
 
 def utcnow() -> datetime:
+    """Now in UTC, naive (what the columns hold)."""
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-class StudyState(enum.StrEnum):
-    RECEIVING = "receiving"
-    COMPLETE = "complete"  # completion declared, routed
-
-
-class JobState(enum.StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    WAITING_INFERENCE = "waiting_inference"  # Triton unavailable: retried, never failed for it
-    ENCODING = "encoding"
-    DISPATCHING = "dispatching"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class DeliveryState(enum.StrEnum):
-    PENDING = "pending"
-    SENT = "sent"
-    FAILED = "failed"  # will be retried
-    DEAD = "dead"  # gave up after the configured attempts
-
-
-class Source(enum.StrEnum):
-    DIMSE = "dimse"
-    STOW = "stow"
-    PRODUCED = "produced"  # written by this node
+def _by_value(kind: type[enum.Enum], length: int = 32) -> Enum:
+    """An enum column that stores the members' values (what these columns held as text
+    before they became enums, so existing rows read back unchanged)."""
+    return Enum(kind, values_callable=lambda e: [m.value for m in e], length=length)
 
 
 class Base(DeclarativeBase):
-    pass
+    """The tables of the state store."""
 
 
 class Study(Base):
+    """A study: the tags QIDO-RS answers with, where it came from, and its completion timers."""
+
     __tablename__ = "studies"
 
     study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -85,6 +78,8 @@ class Study(Base):
 
 
 class Series(Base):
+    """A series of a study, received or produced, with the tags the rules match on."""
+
     __tablename__ = "series"
 
     series_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -99,6 +94,8 @@ class Series(Base):
 
 
 class Instance(Base):
+    """One stored instance: where its file lies and how it arrived."""
+
     __tablename__ = "instances"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -118,13 +115,15 @@ class Instance(Base):
 
 
 class Job(Base):
+    """One rule applied to one series of a study: state, attempts, timings, results version."""
+
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     series_uid: Mapped[str] = mapped_column(String(64))
     rule: Mapped[str] = mapped_column(String(128))
-    action: Mapped[str] = mapped_column(String(16), default="run")  # run | forward
+    action: Mapped[Action] = mapped_column(_by_value(Action, 16), default=Action.RUN)
     models: Mapped[list[str]] = mapped_column(JSON)
     outputs: Mapped[list[str]] = mapped_column(JSON)
     destinations: Mapped[list[str]] = mapped_column(JSON)
@@ -136,25 +135,29 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
-    # Per-rule encoding options (seg_type: binary | labelmap).
-    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    seg_type: Mapped[SegType | None] = mapped_column(_by_value(SegType, 16))  # the rule's SEG
+    retry_of: Mapped[int | None] = mapped_column(Integer)  # the failed job this one retries
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Output(Base):
+    """An object a job sends: one it produced (SEG, SR ...) or a received instance it forwards."""
+
     __tablename__ = "outputs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[OutputKind] = mapped_column(_by_value(OutputKind, 16))
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     series_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
 
 
 class Delivery(Base):
+    """One (output, destination) of the outbox, with the destination's last answer."""
+
     __tablename__ = "deliveries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -168,7 +171,7 @@ class Delivery(Base):
     last_status: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # Storage commitment (DICOM destinations that offer it): requested -> committed | failed.
-    commitment: Mapped[str | None] = mapped_column(String(16))
+    commitment: Mapped[CommitmentState | None] = mapped_column(_by_value(CommitmentState, 16))
     transaction_uid: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
@@ -203,8 +206,10 @@ class Store:
             yield session
 
     def record(self, kind: str, detail: dict[str, Any] | str = "", **where: Any) -> None:
-        """Append an audit event (no PHI: UIDs, states and reasons only)."""
+        """Append an audit event (no PHI: UIDs, states and reasons only; a value that slips
+        into a reason is redacted unless ``log_phi`` is on)."""
         text = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True)
+        text = REGISTRY.redact(text)
         with self.session() as s:
             s.add(Event(kind=kind, detail=text, **where))
 

@@ -12,12 +12,14 @@ from typing import Any
 
 import yaml
 
-from airouter.settings import Settings, load_settings
+from airouter.core.settings import Settings, load_settings
+from airouter.core.vocab import TritonProtocol
 from inference.cards import ModelCard, ModelCardError, load_cards
+from inference.triton import MODEL_REPOSITORY
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config, data_dir=args.data_dir)
+    return load_settings(args.config, **({"data_dir": args.data_dir} if args.data_dir else {}))
 
 
 def _readiness(
@@ -29,7 +31,7 @@ def _readiness(
     if args.triton_url:
         from inference.triton import InferenceClient
 
-        client = InferenceClient(args.triton_url, args.protocol, 10.0)
+        client = InferenceClient(args.triton_url, TritonProtocol(args.protocol), 10.0)
         if not client.is_ready():
             return {m: "server not ready" for m in models}
         try:
@@ -37,7 +39,7 @@ def _readiness(
         finally:
             client.close()
         return {m: states.get(c.triton_model, "not in repository") for m, c in cards.items()}
-    url = f"http://{settings.http_host}:{settings.http_port}/api/health"
+    url = f"http://{settings.http.host}:{settings.http.port}/api/health"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             health = json.load(response)
@@ -48,9 +50,10 @@ def _readiness(
 
 
 def list_models(args: argparse.Namespace) -> int:
+    """``airouter models list``: each card, its version, checksum and readiness on Triton."""
     settings = _settings(args)
     try:
-        cards = load_cards(*settings.card_dirs)
+        cards = load_cards(*settings.inference.card_dirs(settings.data_dir))
     except ModelCardError as exc:
         print(f"airouter: {exc}", file=sys.stderr)
         return 1
@@ -81,6 +84,7 @@ def list_models(args: argparse.Namespace) -> int:
 
 
 def import_model(args: argparse.Namespace) -> int:
+    """``airouter models import``: a MONAI bundle becomes a model card and a Triton entry."""
     from inference.bundles import BundleError, import_bundle
 
     settings = _settings(args)
@@ -88,8 +92,8 @@ def import_model(args: argparse.Namespace) -> int:
     try:
         card, entry = import_bundle(
             args.bundle,
-            settings.imported_models / "cards",
-            settings.imported_models / "repository",
+            settings.inference.imported_models(settings.data_dir) / "cards",
+            settings.inference.imported_models(settings.data_dir) / "repository",
             name=args.name,
             codes=codes,
             replace=args.replace,
@@ -102,12 +106,15 @@ def import_model(args: argparse.Namespace) -> int:
 
 
 def export_repository(args: argparse.Namespace) -> int:
+    """``airouter models export-repository``: the Triton repository an NGC Triton serves."""
     from inference.bundles import BundleError, export_repository
 
     settings = _settings(args)
     try:
-        cards = load_cards(*settings.card_dirs)
-        written = export_repository(cards, settings.model_repositories, args.dir, args.backend)
+        cards = load_cards(*settings.inference.card_dirs(settings.data_dir))
+        imported = settings.inference.imported_models(settings.data_dir) / "repository"
+        repositories = [MODEL_REPOSITORY, imported]
+        written = export_repository(cards, repositories, args.dir, args.backend)
     except (BundleError, ModelCardError) as exc:
         print(f"airouter: {exc}", file=sys.stderr)
         return 1
@@ -116,6 +123,7 @@ def export_repository(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
+    """Add ``airouter models ...`` to the command's sub-parsers."""
     models = sub.add_parser("models", help="model cards and the Triton model repository")
     msub = models.add_subparsers(dest="models_command", required=True)
 
@@ -126,7 +134,7 @@ def add_parser(sub: Any) -> None:
     ls = msub.add_parser("list", help="each model, its version, and whether Triton has it ready")
     common(ls)
     ls.add_argument("--triton-url", help="ask this Triton (host:port) instead of the node")
-    ls.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    ls.add_argument("--protocol", choices=[p.value for p in TritonProtocol], default="http")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=list_models)
 

@@ -1,7 +1,10 @@
 """The node in one process: DIMSE AE, HTTP server, scheduler, workers and the local Triton.
 
-Every stage talks through the state store, so a crash at any point resumes on restart: jobs
-caught mid-run are queued again, pending deliveries are retried, quiet studies complete.
+The composition root: it builds each stage from its own settings sub-tree, binds them together
+(completion routes through the router, the receiver answers storage commitment reports for the
+outbox) and runs them. Every stage talks through the state store, so a crash at any point
+resumes on restart: jobs caught mid-run are queued again (or failed, when they were in flight
+at too many crashes), pending deliveries are retried, quiet studies complete.
 """
 
 from __future__ import annotations
@@ -15,24 +18,30 @@ from typing import Any
 
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom.uid import generate_uid
+from pynetdicom import evt
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from airouter.db import Job, JobState, Store, Study, StudyState, utcnow
-from airouter.dispatch import Dispatcher
-from airouter.pipeline import PipelineContext, run_job
-from airouter.settings import RETURN_TO_SENDER, ConfigError, Settings
-from airouter.web import create_app
+from airouter.app.web import create_app
+from airouter.core.db import Job, Store, Study, utcnow
+from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
+from airouter.core.tracker import AssociationTracker
+from airouter.core.vocab import SharedMemoryMode, StudyState
+from airouter.jobs.lifecycle import recover_jobs
+from airouter.jobs.pipeline import PipelineContext, run_job
+from dispatch.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
+from dispatch.outbox import Dispatcher, Outbox
 from inference.cards import InputKind, ModelCardError, load_cards
 from inference.runner import warm_up
-from inference.triton import InferenceClient, LocalTriton, is_local
+from inference.triton import MODEL_REPOSITORY, InferenceClient, LocalTriton, is_local
+from router.completion import CompletionMonitor, CompletionPolicy
 from router.queue import claim_next_job, required_series_ready, route_study
 from router.registry import RuleSet
 from router.rules import Rule, RuleError
 from router.schedule import OffHours
-from scp.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
-from scp.server import AssociationTracker, start_dimse
+from scp.server import ExtraService, start_dimse
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,8 @@ def _exit_on_sigterm(signum: int, _frame: Any) -> None:
 
 
 class Node:
+    """The whole node: builds the stages from the settings tree and runs them together."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         for directory in (
@@ -52,16 +63,19 @@ class Node:
         ):
             directory.mkdir(parents=True, exist_ok=True)
         try:
-            self.cards = load_cards(*settings.card_dirs)
-            self.ruleset = RuleSet(settings.rules_dir, self._validate_rules)
-            self.off_hours = OffHours.parse(settings.off_hours_start, settings.off_hours_end)
+            self.cards = load_cards(*settings.inference.card_dirs(settings.data_dir))
+            self.ruleset = RuleSet(settings.router.rules_dir, self._validate_rules)
+            self.off_hours = OffHours.parse(
+                settings.router.off_hours_start, settings.router.off_hours_end
+            )
         except (RuleError, ModelCardError) as exc:
             raise ConfigError(str(exc)) from exc
         self.store = Store(settings.db_url)
         self.tracker = AssociationTracker()
-        reserve = int(settings.min_free_space_mb * 1024 * 1024)
+        reserve = int(settings.scp.min_free_space_mb * 1024 * 1024)
         self.ingest = Ingest(self.store, settings.spool_dir, reserve)
-        self.dispatcher = Dispatcher(self.store, settings)
+        self.outbox = Outbox(settings.archive_dir, settings.dispatch)
+        self.dispatcher = Dispatcher(self.store, settings.dispatch)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.triton: LocalTriton | None = None
         self._client: InferenceClient | None = None
@@ -74,18 +88,18 @@ class Node:
 
     @property
     def rules(self) -> tuple[Rule, ...]:
+        """The rules in force (reloaded when their files change)."""
         return self.ruleset.rules
 
     def _validate_rules(self, rules: Sequence[Rule]) -> None:
         """Rules must name models with a card and configured destinations."""
+        destinations = self.settings.dispatch.destinations
         for rule in rules:
             missing = [m for m in rule.models if m not in self.cards]
             if missing:
                 raise RuleError(f"rule {rule.name}: no model card for {', '.join(missing)}")
             unknown = [
-                d
-                for d in rule.destinations
-                if d not in self.settings.destinations and d != RETURN_TO_SENDER
+                d for d in rule.destinations if d not in destinations and d != RETURN_TO_SENDER
             ]
             if unknown:
                 raise RuleError(
@@ -99,23 +113,24 @@ class Node:
 
     # -- inference -------------------------------------------------------------------------
     def _start_triton(self) -> None:
-        s = self.settings
+        s = self.settings.inference
         if s.triton_url == "local":
+            imported = s.imported_models(self.settings.data_dir) / "repository"
             self.triton = LocalTriton(
-                s.data_dir / "triton",
-                s.triton_http_port,
-                s.triton_grpc_port,
-                model_repositories=s.model_repositories,
+                self.settings.data_dir / "triton",
+                s.http_port,
+                s.grpc_port,
+                model_repositories=[MODEL_REPOSITORY, imported],
             )
             self.triton.start()
-            url = self.triton.url(s.triton_protocol)
+            url = self.triton.url(s.protocol)
         else:
             url = s.triton_url
-        shm = s.triton_shared_memory == "on" or (s.triton_shared_memory == "auto" and is_local(url))
-        self._client = InferenceClient(
-            url, s.triton_protocol, s.triton_request_timeout_s, shared_memory=shm
+        shm = s.shared_memory is SharedMemoryMode.ON or (
+            s.shared_memory is SharedMemoryMode.AUTO and is_local(url)
         )
-        log.info("inference: %s over %s%s", url, s.triton_protocol, " + shared memory" * shm)
+        self._client = InferenceClient(url, s.protocol, s.request_timeout_s, shared_memory=shm)
+        log.info("inference: %s over %s%s", url, s.protocol.value, " + shared memory" * shm)
 
     def client(self) -> InferenceClient:
         """The inference client (jobs check readiness and wait while the server is down)."""
@@ -140,6 +155,10 @@ class Node:
         if monitor.check():
             self._wake.set()
 
+    def wake_workers(self) -> None:
+        """A job was queued outside completion (a retry): workers look now."""
+        self._wake.set()
+
     def _worker(self, ctx: PipelineContext) -> None:
         while not self._stop.is_set():
             job_id = claim_next_job(self.store)
@@ -157,27 +176,21 @@ class Node:
             job.modify(next_run_time=datetime.now(UTC))
 
     def _recover(self) -> None:
-        """After a restart: jobs interrupted mid-run are queued again, and studies that were
-        still receiving wait ``restart_grace_s`` for their senders to resend before they may
+        """After a restart: jobs interrupted mid-run are queued again (or failed, when they
+        were in flight at ``jobs.max_attempts`` crashes), and studies that were still
+        receiving wait ``restart_grace_s`` for their senders to resend before they may
         complete (a crash is not the end of a transfer)."""
-        grace_until = utcnow() + timedelta(seconds=self.settings.restart_grace_s)
+        grace_until = utcnow() + timedelta(seconds=self.settings.router.restart_grace_s)
         with self.store.session() as s:
             s.execute(
                 update(Study)
                 .where(Study.state == StudyState.RECEIVING)
                 .values(last_received_at=grace_until)
             )
-            result = s.execute(
-                update(Job)
-                .where(
-                    Job.state.in_([JobState.RUNNING, JobState.WAITING_INFERENCE, JobState.ENCODING])
-                )
-                .values(state=JobState.QUEUED)
-            )
-            if result.rowcount:  # type: ignore[attr-defined]
-                log.info("requeued %d interrupted job(s)", result.rowcount)  # type: ignore[attr-defined]
+        recover_jobs(self.store, self.settings.jobs.max_attempts)
 
     def health(self) -> dict[str, Any]:
+        """What /api/health answers: DIMSE, Triton and each model ready, jobs per state."""
         with self.store.session() as s:
             counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         with self._client_lock:  # the health checks share one client (not thread-safe)
@@ -191,7 +204,7 @@ class Node:
             }
         return {
             "status": "ok",
-            "ae_title": self.settings.ae_title,
+            "ae_title": self.settings.scp.ae_title,
             "dimse_port": self.dimse.server_address[1] if self.dimse else None,
             "triton_ready": ready,
             "models_ready": models,
@@ -200,12 +213,24 @@ class Node:
         }
 
     # -- life cycle ------------------------------------------------------------------------
-    def start(self) -> None:
-        s = self.settings
-        self._recover()
-        self._start_triton()
-        self.dimse = start_dimse(s, self.ingest, self.tracker)
-        policy = CompletionPolicy(s.quiet_period_s, s.study_deadline_s, s.deadline_action)
+    def _start_dimse(self) -> None:
+        commitment = ExtraService(
+            # Storage commitment reports come from the destinations we asked (they act as the
+            # SCP of the SOP class on an association they start: role selection).
+            STORAGE_COMMITMENT_PUSH,
+            evt.EVT_N_EVENT_REPORT,
+            handle_event_report,
+            [self.store],
+            scu_role=True,
+            scp_role=True,
+        )
+        self.dimse = start_dimse(
+            self.settings.scp, self.ingest, self.tracker, self.settings.incoming_dir, [commitment]
+        )
+
+    def _schedule(self) -> None:
+        r = self.settings.router
+        policy = CompletionPolicy(r.quiet_period_s, r.study_deadline_s, r.deadline_action)
         monitor = CompletionMonitor(
             self.store,
             self.tracker,
@@ -213,36 +238,53 @@ class Node:
             self._route,
             lambda session, uid: required_series_ready(session, uid, self.rules),
         )
+        every = {"max_instances": 1, "coalesce": True}
         self.scheduler.add_job(
             self._complete_studies,
             "interval",
             args=[monitor],
-            seconds=s.completion_poll_s,
+            seconds=r.completion_poll_s,
             id="completion",
-            max_instances=1,
-            coalesce=True,
+            **every,
         )
         self.scheduler.add_job(
             self.dispatcher.run_due,
             "interval",
-            seconds=min(s.dispatch_backoff_s, 5.0),
+            seconds=min(self.settings.dispatch.backoff_s, 5.0),
             id="dispatch",
-            max_instances=1,
-            coalesce=True,
+            **every,
         )
-        self.scheduler.add_job(
-            self._watch_triton, "interval", seconds=2.0, id="triton", max_instances=1
-        )
-        self.scheduler.add_job(
-            self._reload_rules, "interval", seconds=1.0, id="rules", max_instances=1, coalesce=True
-        )
+        self.scheduler.add_job(self._watch_triton, "interval", seconds=2.0, id="triton", **every)
+        self.scheduler.add_job(self._reload_rules, "interval", seconds=1.0, id="rules", **every)
         self.scheduler.start()
+
+    def _pipeline(self) -> PipelineContext:
+        s = self.settings
+        return PipelineContext(
+            store=self.store,
+            cards=self.cards,
+            client=self.client,
+            outbox=self.outbox,
+            on_outputs=self.wake_dispatch,
+            jobs_dir=s.jobs_dir,
+            inference=s.inference,
+            encoders=s.encoders,
+            device_uid=generate_uid(
+                entropy_srcs=[s.scp.ae_title, s.encoders.device.device_serial_number]
+            ),
+            stopping=self._stop,
+        )
+
+    def start(self) -> None:
+        """Recover, then start Triton, DIMSE, the scheduler and the workers (not HTTP)."""
+        self._recover()
+        self._start_triton()
+        self._start_dimse()
+        self._schedule()
         if any(c.input.kind is InputKind.TENSOR for c in self.cards.values()):
             threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
-        ctx = PipelineContext(
-            self.store, s, self.cards, self.client, self.wake_dispatch, stopping=self._stop
-        )
-        for n in range(s.workers):
+        ctx = self._pipeline()
+        for n in range(self.settings.jobs.workers):
             t = threading.Thread(target=self._worker, args=(ctx,), name=f"worker-{n}", daemon=True)
             t.start()
             self._workers.append(t)
@@ -250,26 +292,31 @@ class Node:
     def serve_forever(self) -> None:
         """Run the HTTP server in the foreground until Ctrl-C / SIGTERM, then stop everything."""
         app = create_app(
-            self.store, self.health, self.ingest, self.tracker, self.ruleset, self.wake_dispatch
+            self.store,
+            self.health,
+            self.ingest,
+            self.tracker,
+            self.ruleset,
+            on_retry=self.wake_dispatch,
+            on_job_queued=self.wake_workers,
+            log_phi=self.settings.log_phi,
         )
+        http = self.settings.http
         config = uvicorn.Config(
-            app,
-            host=self.settings.http_host,
-            port=self.settings.http_port,
-            log_level="warning",
-            lifespan="off",
+            app, host=http.host, port=http.port, log_level="warning", lifespan="off"
         )
         # uvicorn re-raises SIGTERM after its own shutdown; make that an exception so the
         # ``finally`` below stops DIMSE, the workers and Triton.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             self.start()
-            log.info("HTTP on http://%s:%s", self.settings.http_host, self.settings.http_port)
+            log.info("HTTP on http://%s:%s", http.host, http.port)
             uvicorn.Server(config).run()
         finally:
             self.stop()
 
     def stop(self) -> None:
+        """Stop DIMSE, the scheduler, the workers and the local Triton."""
         self._stop.set()
         self._wake.set()
         if self.dimse is not None:

@@ -1,7 +1,7 @@
 """Results go out: the node's archive, then a durable outbox per (object, destination).
 
 Every object a job writes is stored in the archive (indexed, served by DICOMweb) and gets one
-delivery row per destination. Deliveries are sent per destination kind (``airouter/senders.py``:
+delivery row per destination. Deliveries are sent per destination kind (:mod:`dispatch.senders`:
 C-STORE on one association, STOW-RS, Orthanc REST, a folder); the state recorded is the
 destination's real answer, and failures are retried with exponential backoff until
 ``dispatch_max_attempts``, then marked dead.
@@ -15,114 +15,130 @@ import threading
 import time
 from collections import defaultdict
 from datetime import timedelta
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from airouter.db import (
-    Delivery,
-    DeliveryState,
-    Instance,
-    Job,
-    JobState,
-    Output,
-    Series,
-    Source,
-    Store,
-    Study,
-    utcnow,
-)
-from airouter.senders import send
-from airouter.settings import RETURN_TO_SENDER, DicomNode, Settings
-from scp.spool import instance_path, write_durable
+from airouter.core.db import Delivery, Instance, Job, Output, Series, Store, Study, utcnow
+from airouter.core.settings import RETURN_TO_SENDER, DicomNode, DispatchSettings
+from airouter.core.spool import instance_path, write_durable
+from airouter.core.vocab import CommitmentState, DeliveryState, JobState, OutputKind, Source
+from dispatch.senders import send
 
 log = logging.getLogger(__name__)
 
 
-def archive_output(s: Session, settings: Settings, job: Job, kind: str, ds: Dataset) -> Output:
-    """Write a produced object to the archive; index it and queue its deliveries in ``s``."""
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
-    path = instance_path(
-        settings.archive_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-    )
-    write_durable(path, data)
-    if s.get(Series, ds.SeriesInstanceUID) is None:
+class Outbox:
+    """The node's archive and the outbox: what a job produced is stored, indexed and queued
+    for each of its destinations, in the caller's transaction."""
+
+    def __init__(self, archive_dir: Path, settings: DispatchSettings) -> None:
+        self.archive_dir = archive_dir
+        self.settings = settings
+
+    def archive(self, s: Session, job: Job, kind: OutputKind, ds: Dataset) -> Output:
+        """Write a produced object to the archive; index it and queue its deliveries in ``s``."""
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        data = buffer.getvalue()
+        path = instance_path(
+            self.archive_dir, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        )
+        write_durable(path, data)
+        if s.get(Series, ds.SeriesInstanceUID) is None:
+            s.add(
+                Series(
+                    series_uid=ds.SeriesInstanceUID,
+                    study_uid=ds.StudyInstanceUID,
+                    modality=ds.Modality,
+                    series_number=int(ds.SeriesNumber),
+                    series_description=str(ds.get("SeriesDescription", "")),
+                    tags={"Modality": ds.Modality},
+                    source=Source.PRODUCED,
+                )
+            )
+            s.flush()
         s.add(
-            Series(
+            Instance(
+                sop_instance_uid=ds.SOPInstanceUID,
+                sop_class_uid=ds.SOPClassUID,
                 series_uid=ds.SeriesInstanceUID,
                 study_uid=ds.StudyInstanceUID,
-                modality=ds.Modality,
-                series_number=int(ds.SeriesNumber),
-                series_description=str(ds.get("SeriesDescription", "")),
-                tags={"Modality": ds.Modality},
+                instance_number=int(ds.get("InstanceNumber", 1) or 1),
+                transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                path=str(path),
+                size=len(data),
                 source=Source.PRODUCED,
             )
         )
-        s.flush()
-    s.add(
-        Instance(
+        output = Output(
+            job_id=job.id,
+            kind=kind,
             sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
             series_uid=ds.SeriesInstanceUID,
-            study_uid=ds.StudyInstanceUID,
-            instance_number=int(ds.get("InstanceNumber", 1) or 1),
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
             path=str(path),
-            size=len(data),
-            source=Source.PRODUCED,
         )
-    )
-    output = Output(
-        job_id=job.id,
-        kind=kind,
-        sop_instance_uid=ds.SOPInstanceUID,
-        series_uid=ds.SeriesInstanceUID,
-        path=str(path),
-    )
-    s.add(output)
-    s.flush()
-    add_deliveries(s, settings, job, output)
-    return output
+        s.add(output)
+        s.flush()
+        self.add_deliveries(s, job, output)
+        return output
 
-
-def add_deliveries(s: Session, settings: Settings, job: Job, output: Output) -> None:
-    """One outbox entry per destination of the job; "@sender" becomes the configured DICOM
-    destination whose AE title is the study's calling AE, or a dead entry saying why not."""
-    for destination in job.destinations:
-        if destination != RETURN_TO_SENDER:
-            s.add(Delivery(output_id=output.id, destination=destination))
-            continue
-        study = s.get(Study, job.study_uid)
-        calling = study.calling_ae if study is not None else None
-        names = [
-            name
-            for name, node in settings.destinations.items()
-            if isinstance(node, DicomNode) and calling and node.ae_title == calling.strip()
-        ]
-        if names:
-            s.add(Delivery(output_id=output.id, destination=names[0]))
-        else:
-            s.add(
-                Delivery(
-                    output_id=output.id,
-                    destination=f"{RETURN_TO_SENDER}:{calling or '?'}",
-                    state=DeliveryState.DEAD,
-                    last_status=(
-                        f"return to sender: calling AE {calling!r} is not a configured "
-                        "DICOM destination"
-                    ),
-                )
+    def forward(self, s: Session, job: Job) -> int:
+        """Queue the job's series as received (its instances become the job's outputs);
+        returns how many instances."""
+        instances = s.scalars(
+            select(Instance).where(Instance.series_uid == job.series_uid).order_by(Instance.id)
+        ).all()
+        for inst in instances:
+            output = Output(
+                job_id=job.id,
+                kind=OutputKind.ORIGINAL,
+                sop_instance_uid=inst.sop_instance_uid,
+                series_uid=inst.series_uid,
+                path=inst.path,
             )
+            s.add(output)
+            s.flush()
+            self.add_deliveries(s, job, output)
+        return len(instances)
+
+    def add_deliveries(self, s: Session, job: Job, output: Output) -> None:
+        """One outbox entry per destination of the job; "@sender" becomes the configured DICOM
+        destination whose AE title is the study's calling AE, or a dead entry saying why not."""
+        for destination in job.destinations:
+            if destination != RETURN_TO_SENDER:
+                s.add(Delivery(output_id=output.id, destination=destination))
+                continue
+            study = s.get(Study, job.study_uid)
+            calling = study.calling_ae if study is not None else None
+            names = [
+                name
+                for name, node in self.settings.destinations.items()
+                if isinstance(node, DicomNode) and calling and node.ae_title == calling.strip()
+            ]
+            if names:
+                s.add(Delivery(output_id=output.id, destination=names[0]))
+            else:
+                s.add(
+                    Delivery(
+                        output_id=output.id,
+                        destination=f"{RETURN_TO_SENDER}:{calling or '?'}",
+                        state=DeliveryState.DEAD,
+                        last_status=(
+                            f"return to sender: calling AE {calling!r} is not a configured "
+                            "DICOM destination"
+                        ),
+                    )
+                )
 
 
 class Dispatcher:
     """Sends due deliveries; one run at a time (the scheduler calls :meth:`run_due`)."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: DispatchSettings) -> None:
         self.store = store
         self.settings = settings
         self._lock = threading.Lock()
@@ -175,7 +191,7 @@ class Dispatcher:
                     s.execute(
                         update(Delivery)
                         .where(Delivery.id.in_([i for i, _ in items]))
-                        .values(transaction_uid=transaction, commitment="pending")
+                        .values(transaction_uid=transaction, commitment=CommitmentState.PENDING)
                     )
             try:
                 answers = send(node, items, self.settings, commitments, transaction)
@@ -196,29 +212,40 @@ class Dispatcher:
         transaction_uid: str | None = None,
     ) -> None:
         with self.store.session() as s:
+            # The destination's report may arrive at any moment (dispatch.commitment): the
+            # commitment moves in one conditional UPDATE, which also takes the write lock, so
+            # the row read next is the latest and no report is overwritten.
+            row, pending = Delivery.id == delivery_id, CommitmentState.PENDING
+            if transaction_uid is not None:
+                s.execute(update(Delivery).where(row).values(transaction_uid=transaction_uid))
+                s.execute(
+                    update(Delivery)
+                    .where(row, Delivery.commitment.is_(None) | (Delivery.commitment == pending))
+                    .values(commitment=CommitmentState.REQUESTED)
+                )
+            else:  # not requested after all (the C-STORE failed)
+                s.execute(
+                    update(Delivery)
+                    .where(row, Delivery.commitment == pending)
+                    .values(commitment=None)
+                )
             d = s.get(Delivery, delivery_id)
             if d is None:
                 return
-            if transaction_uid is not None:
-                d.transaction_uid = transaction_uid
-                if d.commitment not in ("committed", "failed"):  # the report may be here already
-                    d.commitment = "requested"
-            elif d.commitment == "pending":
-                d.commitment = None  # not requested after all (the C-STORE failed)
             d.attempts += 1
             d.last_status = answer
             d.updated_at = utcnow()
-            if ok and d.commitment == "failed":
+            if ok and d.commitment is CommitmentState.FAILED:
                 # the destination already reported it could not commit: send it again
                 d.state, d.next_attempt_at = DeliveryState.FAILED, utcnow()
                 d.last_status = f"{answer}; but storage commitment failed"
             elif ok:
                 d.state = DeliveryState.SENT
-            elif final or d.attempts >= self.settings.dispatch_max_attempts:
+            elif final or d.attempts >= self.settings.max_attempts:
                 d.state = DeliveryState.DEAD
             else:
                 d.state = DeliveryState.FAILED
-                delay = self.settings.dispatch_backoff_s * 2 ** (d.attempts - 1)
+                delay = self.settings.backoff_s * 2 ** (d.attempts - 1)
                 d.next_attempt_at = utcnow() + timedelta(seconds=delay)
         level = logging.INFO if ok else logging.WARNING
         log.log(level, "delivery %s: %s", delivery_id, answer)

@@ -1,4 +1,4 @@
-"""``airouter``: run the node, send DICOM to a node, look at jobs."""
+"""``airouter``: run the node, send DICOM to a node, look at and act on jobs and deliveries."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from airouter.settings import ConfigError, Settings, load_settings
+from airouter.core.phi import guard
+from airouter.core.settings import ConfigError, Settings, load_settings
+from airouter.core.vocab import DeliveryState, StoreStatus, status_text
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from airouter.node import Node
-
-    settings = _settings(args)
+def configure_logging(settings: Settings) -> None:
+    """One line per record with the thread (a job's worker, an association); PHI redacted
+    unless ``log_phi``."""
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
@@ -24,21 +25,38 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # "skipped: maximum number of running instances" is by design (max_instances=1, coalesce)
     logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+    guard(settings.log_phi)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from airouter.app.node import Node
+
+    settings = _settings(args)
+    configure_logging(settings)
     Node(settings).serve_forever()
     return 0
 
 
+def _pruned(tree: dict[str, Any]) -> dict[str, Any]:
+    """Flags not given (None) removed, and sections left empty."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _pruned(value)
+        if value not in (None, {}):
+            out[key] = value
+    return out
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(
-        args.config,
-        ae_title=args.ae_title,
-        dimse_port=args.dimse_port,
-        http_host=args.http_host,
-        http_port=args.http_port,
-        data_dir=args.data_dir,
-        triton_url=args.triton_url,
-        rules_dir=args.rules_dir,
-    )
+    flags = {
+        "scp": {"ae_title": args.ae_title, "dimse_port": args.dimse_port},
+        "http": {"host": args.http_host, "port": args.http_port},
+        "data_dir": args.data_dir,
+        "inference": {"triton_url": args.triton_url},
+        "router": {"rules_dir": args.rules_dir},
+    }
+    return load_settings(args.config, **_pruned(flags))
 
 
 def _files(paths: list[Path]) -> list[Path]:
@@ -80,21 +98,43 @@ def _send(args: argparse.Namespace) -> int:
         for f, _, _ in items:
             status = assoc.send_c_store(f)
             code = int(status.Status) if status and "Status" in status else None
-            if code != 0x0000:
+            if code != StoreStatus.SUCCESS:
                 failed += 1
                 comment = status.get("ErrorComment", "") if status else "no response"
-                code_text = f"0x{code:04X}" if code is not None else "none"
-                print(f"{f}: status {code_text} {comment}", file=sys.stderr)
+                print(f"{f}: status {status_text(code)} {comment}", file=sys.stderr)
     finally:
         assoc.release()
     print(f"sent {len(items) - failed} of {len(items)}")
     return 0 if failed == 0 else 3
 
 
-def _jobs(args: argparse.Namespace) -> int:
+def _post(url: str) -> int:
+    """POST to the node's API; print its answer, or its error on stderr (exit status 1)."""
+    import urllib.error
     import urllib.request
 
-    url = f"http://{args.http_host}:{args.http_port}/api/jobs"
+    request = urllib.request.Request(url, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(json.dumps(json.load(response), indent=2))
+    except urllib.error.HTTPError as exc:
+        print(f"airouter: {json.load(exc).get('error')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import getpass
+    import urllib.parse
+    import urllib.request
+
+    base = f"http://{args.http_host}:{args.http_port}/api/jobs"
+    actor = urllib.parse.quote(f"{getpass.getuser()} (CLI)")
+    if args.retry is not None:
+        return _post(f"{base}/{args.retry}/retry?actor={actor}")
+    if args.cancel is not None:
+        return _post(f"{base}/{args.cancel}/cancel?actor={actor}")
+    url = base
     with urllib.request.urlopen(url, timeout=10) as response:
         jobs: list[dict[str, Any]] = json.load(response)
     for job in jobs:
@@ -106,19 +146,11 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _deliveries(args: argparse.Namespace) -> int:
-    import urllib.error
     import urllib.request
 
     base = f"http://{args.http_host}:{args.http_port}/api/deliveries"
     if args.retry is not None:
-        request = urllib.request.Request(f"{base}/{args.retry}/retry", method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                print(json.load(response))
-        except urllib.error.HTTPError as exc:
-            print(f"airouter: {json.load(exc).get('error')}", file=sys.stderr)
-            return 1
-        return 0
+        return _post(f"{base}/{args.retry}/retry")
     query = f"?state={args.state}" if args.state else ""
     with urllib.request.urlopen(base + query, timeout=10) as response:
         for d in json.load(response):
@@ -130,18 +162,21 @@ def _deliveries(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``airouter`` command: run the sub-command; exit status 2 for invalid settings."""
     parser = argparse.ArgumentParser(prog="airouter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the node in the foreground (Ctrl-C stops it)")
     serve.add_argument("--config", type=Path, help="YAML settings file (AIROUTER_CONFIG)")
-    serve.add_argument("--ae-title", help="our AE title (AIROUTER_AE_TITLE, default AIROUTER)")
-    serve.add_argument("--dimse-port", type=int, help="DIMSE port (AIROUTER_DIMSE_PORT, 11112)")
-    serve.add_argument("--http-host", help="HTTP address (AIROUTER_HTTP_HOST, 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, help="HTTP port (AIROUTER_HTTP_PORT, 8080)")
+    serve.add_argument("--ae-title", help="our AE title (AIROUTER_SCP__AE_TITLE, AIROUTER)")
+    serve.add_argument("--dimse-port", type=int, help="DIMSE port (AIROUTER_SCP__DIMSE_PORT)")
+    serve.add_argument("--http-host", help="HTTP address (AIROUTER_HTTP__HOST, 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (AIROUTER_HTTP__PORT, 8080)")
     serve.add_argument("--data-dir", type=Path, help="state and spool (AIROUTER_DATA_DIR, ./var)")
-    serve.add_argument("--triton-url", help="'local' or host:port (AIROUTER_TRITON_URL)")
-    serve.add_argument("--rules-dir", type=Path, help="rule files (AIROUTER_RULES_DIR, ./rules)")
+    serve.add_argument("--triton-url", help="'local' or host:port (AIROUTER_INFERENCE__TRITON_URL)")
+    serve.add_argument(
+        "--rules-dir", type=Path, help="rule files (AIROUTER_ROUTER__RULES_DIR, ./rules)"
+    )
     serve.set_defaults(func=_serve)
 
     send = sub.add_parser("send", help="C-STORE files or folders to a DICOM node")
@@ -152,22 +187,24 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("--calling-ae", default="AIROUTER-SCU")
     send.set_defaults(func=_send)
 
-    jobs = sub.add_parser("jobs", help="list the node's jobs (from its HTTP API)")
+    jobs = sub.add_parser("jobs", help="list the node's jobs; retry a failed one, cancel one")
+    jobs.add_argument("--retry", type=int, metavar="ID", help="run failed job ID again")
+    jobs.add_argument("--cancel", type=int, metavar="ID", help="cancel queued job ID")
     jobs.add_argument("--http-host", default="127.0.0.1")
     jobs.add_argument("--http-port", type=int, default=8080)
     jobs.set_defaults(func=_jobs)
 
     deliveries = sub.add_parser("deliveries", help="the outbox; retry a failed or dead delivery")
-    deliveries.add_argument("--state", choices=["pending", "sent", "failed", "dead"])
+    deliveries.add_argument("--state", choices=[s.value for s in DeliveryState])
     deliveries.add_argument("--retry", type=int, metavar="ID", help="send delivery ID again")
     deliveries.add_argument("--http-host", default="127.0.0.1")
     deliveries.add_argument("--http-port", type=int, default=8080)
     deliveries.set_defaults(func=_deliveries)
 
-    from airouter.models_cli import add_parser as add_models_parser
-    from router.cli import add_parser
+    from airouter.app.models_cli import add_parser as add_models_parser
+    from airouter.app.rules_cli import add_parser as add_rules_parser
 
-    add_parser(sub, Path("rules"))
+    add_rules_parser(sub, Path("rules"))
     add_models_parser(sub)
 
     args = parser.parse_args(argv)

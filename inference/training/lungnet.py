@@ -1,8 +1,8 @@
 """Train ct-lungs-unet, the bundled MONAI network model, on synthetic CT (no downloaded data).
 
-    python -m inference.lungnet.train [--iterations N] [--seed S]
+    python -m inference.training.lungnet [--iterations N] [--seed S]
 
-Training data: randomised chest phantoms (``inference.phantoms.random_chest_phantom``) and
+Training data: randomised chest phantoms (``inference.training.phantoms.random_chest_phantom``) and
 skull phantoms (air inside a closed bone shell, no lungs), labelled by the classic ``ct-lungs``
 model (both lungs as one label: the network learns "lung", the classic model's right/left split
 is a rule about the midline, not something worth learning). The inputs go through exactly the
@@ -31,8 +31,8 @@ import yaml
 
 from inference.algorithms import segment_lungs
 from inference.cards import ModelCard
-from inference.phantoms import axial_affine, random_chest_phantom, skull_phantom
 from inference.runner import preprocess, run_model, torchscript_predictor
+from inference.training.phantoms import axial_affine, random_chest_phantom, skull_phantom
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY_ENTRY = ROOT / "inference" / "model_repository" / "ct-lungs-unet"
@@ -56,7 +56,7 @@ CARD: dict[str, Any] = {
     "task": "segmentation",
     "description": (
         "Lungs (both, one label) on CT by a small MONAI 3D UNet on 4 mm voxels, sliding window "
-        "of 64^3 patches. Trained by inference/lungnet/train.py on synthetic phantoms only; "
+        "of 64^3 patches. Trained by inference/training/lungnet.py on synthetic phantoms only; "
         "not validated on patient data."
     ),
     "input": {
@@ -96,10 +96,12 @@ CARD: dict[str, Any] = {
 
 
 def card_model() -> ModelCard:
+    """The card of ct-lungs-unet as the training writes it (without training figures)."""
     return ModelCard.model_validate(CARD)
 
 
 def network() -> Any:
+    """A fresh MONAI UNet of the shape ct-lungs-unet uses."""
     from monai.networks.nets import UNet
 
     return UNet(**NETWORK)
@@ -119,6 +121,7 @@ def _on_grid(
 def training_set(
     card: ModelCard, rng: np.random.Generator, chests: int, skulls: int
 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Phantoms and their labels (from ct-lungs), pre-processed as the card says."""
     data = []
     for _ in range(chests):
         p = random_chest_phantom(rng, slices=int(rng.integers(48, 80)))
@@ -150,6 +153,7 @@ def _crop(
 
 
 def train(iterations: int, seed: int, batch: int = 4) -> tuple[Any, dict[str, Any]]:
+    """Train the network from ``seed`` for ``iterations`` steps; returns it and its record."""
     import torch
     from monai.losses import DiceCELoss
 
@@ -187,6 +191,7 @@ def train(iterations: int, seed: int, batch: int = 4) -> tuple[Any, dict[str, An
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice coefficient of two boolean masks."""
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
@@ -199,6 +204,7 @@ def held_out_phantom(seed: int) -> Any:
 
 
 def evaluate(module: Any, seeds: list[int]) -> list[float]:
+    """Dice against ct-lungs on the held-out phantoms of ``seeds``, through the node's runner."""
     card = card_model()
     predict = torchscript_predictor(module)
     scores = []
@@ -216,6 +222,7 @@ HELD_OUT_SEEDS = [90001, 90002, 90003]
 
 
 def main() -> None:
+    """``python -m inference.training.lungnet``: train, evaluate, write the weights and the card."""
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -232,10 +239,10 @@ def main() -> None:
     scores = evaluate(module, HELD_OUT_SEEDS)
     card = dict(CARD)
     card["training"] = {
-        "script": "inference/lungnet/train.py",
+        "script": "inference/training/lungnet.py",
         "data": (
-            "32 randomised chest phantoms and 8 skull phantoms (inference/phantoms.py), labels "
-            "from the classic ct-lungs model (right and left merged); no patient data"
+            "32 randomised chest phantoms and 8 skull phantoms (inference/training/phantoms.py), "
+            "labels from the classic ct-lungs model (right and left merged); no patient data"
         ),
         "network": f"monai.networks.nets.UNet {NETWORK}",
         **info,
@@ -248,7 +255,7 @@ def main() -> None:
         "dice_vs_ct_lungs_min": round(min(scores), 4),
     }
     header = (
-        "# Model card: written by inference/lungnet/train.py (edit the script, not this file).\n"
+        "# Model card: written by inference/training/lungnet.py (edit the script, not this file).\n"
     )
     CARD_PATH.write_text(header + yaml.safe_dump(card, sort_keys=False, width=100))
     print(f"wrote {target} ({target.stat().st_size} bytes) and {CARD_PATH}")

@@ -13,41 +13,35 @@ import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
-from airouter.settings import (
+from airouter.core.settings import (
     DicomNode,
     DicomWebNode,
+    DispatchSettings,
     FolderNode,
     OrthancNode,
-    Settings,
 )
-from scp.commitment import STORAGE_COMMITMENT_PUSH
-from scp.spool import instance_path, write_durable
+from airouter.core.spool import instance_path, write_durable
+from airouter.core.vocab import StoreStatus, status_text
+from dispatch.commitment import STORAGE_COMMITMENT_PUSH, Answers, request_commitment
 
 log = logging.getLogger(__name__)
 
 Items = Sequence[tuple[int, str]]  # (delivery id, path of the archived file)
-Answers = list[tuple[int, bool, str]]
 
-_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
-# C-STORE statuses that mean stored (warnings: coercion, elements discarded, not validated).
-_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
-
-
-STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP instance
+_UNCOMPRESSED = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
 
 
 def send(
     node: object,
     items: Items,
-    settings: Settings,
+    settings: DispatchSettings,
     commitments: dict[int, str] | None = None,
     transaction_uid: str | None = None,
 ) -> Answers:
@@ -81,7 +75,7 @@ def _tls_context(node: DicomNode) -> ssl.SSLContext:
 def send_dicom(
     node: DicomNode,
     items: Items,
-    settings: Settings,
+    settings: DispatchSettings,
     commitments: dict[int, str] | None = None,
     transaction_uid: str | None = None,
 ) -> Answers:
@@ -97,10 +91,10 @@ def send_dicom(
         for uid in (ts, *_UNCOMPRESSED):
             if uid not in listed:
                 listed.append(uid)
-    ae = AE(ae_title=settings.ae_title)
-    ae.acse_timeout = settings.acse_timeout_s
-    ae.dimse_timeout = settings.dimse_timeout_s
-    ae.network_timeout = settings.network_timeout_s
+    ae = AE(ae_title=settings.calling_ae_title or "AIROUTER")
+    ae.acse_timeout = settings.timeouts.acse_timeout_s
+    ae.dimse_timeout = settings.timeouts.dimse_timeout_s
+    ae.network_timeout = settings.timeouts.network_timeout_s
     contexts = [build_context(c, ts) for c, ts in sorted(syntaxes.items())][:127]
     if node.storage_commitment:
         contexts.append(build_context(STORAGE_COMMITMENT_PUSH))
@@ -126,55 +120,22 @@ def send_dicom(
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
                 answers.append((delivery_id, False, "no C-STORE response"))
-            elif code in _STORED:
-                answers.append((delivery_id, True, f"C-STORE status 0x{code:04X}"))
+            elif code in StoreStatus.stored():
+                answers.append((delivery_id, True, f"C-STORE status {status_text(code)}"))
             else:
                 comment = status.get("ErrorComment", "")
-                answers.append((delivery_id, False, f"C-STORE status 0x{code:04X} {comment}"))
+                answers.append(
+                    (delivery_id, False, f"C-STORE status {status_text(code)} {comment}")
+                )
         if node.storage_commitment:
             stored = {i for i, ok, _ in answers if ok}
             refs = [(i, ds) for i, ds in datasets if i in stored]
             if refs:
                 transaction = transaction_uid or generate_uid()
-                answers = _request_commitment(assoc, refs, answers, commitments, transaction)
+                answers = request_commitment(assoc, refs, answers, commitments, transaction)
     finally:
         assoc.release()
     return answers
-
-
-def _request_commitment(
-    assoc: Any,
-    refs: list[tuple[int, Dataset]],
-    answers: Answers,
-    commitments: dict[int, str] | None,
-    transaction_uid: str,
-) -> Answers:
-    request = Dataset()
-    request.TransactionUID = transaction_uid
-    items = []
-    for _, ds in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = ds.SOPClassUID
-        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        items.append(item)
-    request.ReferencedSOPSequence = items
-    try:
-        status, _ = assoc.send_n_action(
-            request, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
-        )
-        code = int(status.Status) if status and "Status" in status else None
-    except (ValueError, RuntimeError) as exc:
-        note = f"; storage commitment not requested: {exc}"
-        return [(i, ok, answer + note if ok else answer) for i, ok, answer in answers]
-    if code != 0x0000:
-        shown = f"0x{code:04X}" if code is not None else "no response"
-        note = f"; storage commitment refused ({shown})"
-        return [(i, ok, answer + note if ok else answer) for i, ok, answer in answers]
-    requested = {i for i, _ in refs}
-    if commitments is not None:
-        commitments.update({i: str(request.TransactionUID) for i in requested})
-    note = f"; storage commitment requested (transaction {request.TransactionUID})"
-    return [(i, ok, answer + note if i in requested else answer) for i, ok, answer in answers]
 
 
 def send_dicomweb(node: DicomWebNode, items: Items) -> Answers:
@@ -235,6 +196,7 @@ def send_orthanc(node: OrthancNode, items: Items) -> Answers:
 
 
 def send_folder(node: FolderNode, items: Items) -> Answers:
+    """Write each file durably as ``<path>/<study>/<series>/<sop>.dcm``."""
     answers: Answers = []
     for delivery_id, path in items:
         try:

@@ -17,7 +17,10 @@ import numpy as np
 
 
 class TorchScriptModel:
+    """A Triton Python-backend model that runs a TorchScript file on CPU or GPU."""
+
     def initialize(self, args: dict[str, str]) -> None:
+        """Load ``model.pt`` beside the entry point, on the instance's device."""
         import torch
 
         config = json.loads(args["model_config"])
@@ -32,6 +35,7 @@ class TorchScriptModel:
         self.module.eval()
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        """One response per request: the network's output for the input tensor, or the error."""
         import torch
         import triton_python_backend_utils as pb_utils
 
@@ -76,9 +80,9 @@ def config_pbtxt(
     return "\n".join(lines) + "\n"
 
 
-MODEL_PY = '''"""Triton Python-backend entry point: serves model.pt (inference/triton_torch.py)."""
+MODEL_PY = '''"""Triton Python-backend entry point: model.pt (inference.serving.torchscript)."""
 
-from inference.triton_torch import TorchScriptModel as TritonPythonModel
+from inference.serving.torchscript import TorchScriptModel as TritonPythonModel
 
 __all__ = ["TritonPythonModel"]
 '''

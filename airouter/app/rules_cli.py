@@ -10,9 +10,10 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from airouter.core.tags import series_tags
+from airouter.core.vocab import Action
 from router.engine import SeriesInfo, StudyContext, explain, orientation_of
-from router.rules import Action, Rule, RuleError, load_rule_file, load_rules
-from scp.ingest import series_tags
+from router.rules import Rule, RuleError, load_rule_file, load_rules
 
 
 def _load(path: Path) -> list[Rule]:
@@ -82,7 +83,8 @@ def test(args: argparse.Namespace) -> int:
         print(f"study {study}: {len(series)} series")
         for s in series:
             print(_series_line(s))
-        for v in explain(ctx, rules):
+        verdicts = explain(ctx, rules, show_identifying=True)  # the author's own files
+        for v in verdicts:
             r = v.rule
             if v.matched:
                 what = {
@@ -95,12 +97,13 @@ def test(args: argparse.Namespace) -> int:
                 print(f"  MATCH {r.name} [{r.priority.value}]: {what}{chosen}{target}")
             elif args.explain:
                 print(f"  no    {r.name}: {v.reason}")
-        if not any(v.matched for v in explain(ctx, rules)):
+        if not any(v.matched for v in verdicts):
             print("  no rule matches: nothing will run")
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction, default_rules: Path) -> None:
+    """Add ``airouter rules check|test`` to the command's sub-parsers."""
     rules = sub.add_parser("rules", help="check rule files, dry-run them on DICOM files")
     verbs = rules.add_subparsers(dest="verb", required=True)
     c = verbs.add_parser("check", help="validate rule files (exit status 0/1)")

@@ -24,17 +24,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from airouter.db import (
-    Event,
-    Series,
-    Source,
-    Store,
-    Study,
-    StudyState,
-    instance_counts,
-    utcnow,
-)
-from scp.server import AssociationTracker
+from airouter.core.db import Event, Series, Store, Study, instance_counts, utcnow
+from airouter.core.tracker import AssociationTracker
+from airouter.core.vocab import DeadlineAction, Source, StudyState
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +37,14 @@ Ready = Callable[[Session, str], bool]
 
 @dataclass(frozen=True)
 class CompletionPolicy:
+    """When a study is complete: the router's settings that say so."""
+
     quiet_period_s: float = 2.0
     study_deadline_s: float = 1800.0
-    deadline_action: str = "route"  # or "discard"
+    deadline_action: DeadlineAction | str = DeadlineAction.ROUTE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "deadline_action", DeadlineAction(self.deadline_action))
 
 
 def announced_count(tags: dict[str, object]) -> int | None:
@@ -61,6 +58,9 @@ def announced_count(tags: dict[str, object]) -> int | None:
 
 
 class CompletionMonitor:
+    """Decides, on each :meth:`check`, which receiving studies are complete, and routes them
+    (``on_complete``) in the transaction that marks them complete."""
+
     def __init__(
         self,
         store: Store,
@@ -89,7 +89,7 @@ class CompletionMonitor:
                 study.state = StudyState.COMPLETE
                 study.completed_at = now
                 s.add(Event(kind="study_complete", study_uid=study.study_uid, detail=reason))
-                if reason == "deadline" and self.policy.deadline_action == "discard":
+                if reason == "deadline" and self.policy.deadline_action is DeadlineAction.DISCARD:
                     s.add(
                         Event(
                             kind="study_discarded",

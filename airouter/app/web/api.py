@@ -1,0 +1,261 @@
+"""The REST API under ``/api``: jobs (retry, cancel), the outbox, the audit trail, the rules
+in force and their dry run on a stored study, health. Errors are JSON with a status.
+
+No answer here exists to show patient data: job errors and event details are redacted when
+they are written, and rule explanations withhold identifying values unless ``log_phi``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from airouter.app.web.dicomweb import check_uids
+from airouter.core.db import Delivery, Event, Job, Output, Store, Study, utcnow
+from airouter.core.vocab import DeliveryState, JobState
+from airouter.jobs.lifecycle import JobActionError, cancel_job, retry_job
+from router.engine import explain
+from router.queue import study_context
+from router.registry import RuleSet
+
+
+def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> dict[str, Any]:
+    by_output: dict[int, list[dict[str, Any]]] = {}
+    for d in deliveries:
+        by_output.setdefault(d.output_id, []).append(
+            {
+                "destination": d.destination,
+                "state": d.state.value,
+                "attempts": d.attempts,
+                "last_status": d.last_status,
+                "commitment": d.commitment,
+            }
+        )
+    return {
+        "id": job.id,
+        "study_uid": job.study_uid,
+        "series_uid": job.series_uid,
+        "rule": job.rule,
+        "version": job.version,
+        "instance_count": job.instance_count,
+        "models": job.models,
+        "priority": job.priority,
+        "state": job.state.value,
+        "attempts": job.attempts,
+        "error": job.error,
+        "timings": {k: v for k, v in job.timings.items() if not k.endswith("_at")},
+        "created_at": job.created_at.isoformat() + "Z",
+        "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
+        "outputs": [
+            {
+                "kind": o.kind,
+                "sop_instance_uid": o.sop_instance_uid,
+                "series_uid": o.series_uid,
+                "deliveries": by_output.get(o.id, []),
+            }
+            for o in outputs
+        ],
+    }
+
+
+def _job_details(s: Session, job: Job) -> dict[str, Any]:
+    outputs = list(s.scalars(select(Output).where(Output.job_id == job.id)).all())
+    deliveries = (
+        list(
+            s.scalars(select(Delivery).where(Delivery.output_id.in_([o.id for o in outputs]))).all()
+        )
+        if outputs
+        else []
+    )
+    return _job_json(job, outputs, deliveries)
+
+
+def rules_router(store: Store, ruleset: RuleSet | None, log_phi: bool) -> APIRouter:
+    """The rules in force and the dry run of them on a stored study."""
+    app = APIRouter(prefix="/api")
+
+    @app.get("/rules")
+    def get_rules() -> dict[str, Any]:
+        """The rules in force and the last rejected edit, if any."""
+        if ruleset is None:
+            raise HTTPException(404, "no rules loaded")
+        return ruleset.status()
+
+    @app.get("/studies/{study}/rules")
+    def dry_run(study: str) -> dict[str, Any]:
+        """Which rules would match this stored study, what they would select, and why not."""
+        check_uids(study)
+        if ruleset is None:
+            raise HTTPException(404, "no rules loaded")
+        with store.session() as s:
+            if s.get(Study, study) is None:
+                raise HTTPException(404, "study not found")
+            ctx = study_context(s, study)
+        verdicts = explain(ctx, ruleset.rules, show_identifying=log_phi)
+        return {
+            "study": study,
+            "series": [
+                {
+                    "series_uid": x.series_uid,
+                    "instances": x.instance_count,
+                    "modality": x.tags.get("Modality"),
+                }
+                for x in ctx.series
+            ],
+            "rules": [
+                {
+                    "rule": v.rule.name,
+                    "matched": v.matched,
+                    "series_uid": v.series_uid,
+                    "action": v.rule.action.value,
+                    "reason": v.reason,
+                }
+                for v in verdicts
+            ],
+        }
+
+    return app
+
+
+def outbox_router(store: Store, on_retry: Callable[[], None] | None) -> APIRouter:
+    """The outbox: deliveries, their state and the destination's answer; retry."""
+    app = APIRouter(prefix="/api")
+
+    @app.get("/deliveries")
+    def list_deliveries(
+        state: DeliveryState | None = None, job: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The outbox: each (object, destination) with its state and the destination's answer."""
+        with store.session() as s:
+            q = select(Delivery, Output).join(Output, Output.id == Delivery.output_id)
+            if state:
+                q = q.where(Delivery.state == state)
+            if job is not None:
+                q = q.where(Output.job_id == job)
+            return [
+                {
+                    "id": d.id,
+                    "job_id": o.job_id,
+                    "kind": o.kind,
+                    "sop_instance_uid": o.sop_instance_uid,
+                    "destination": d.destination,
+                    "state": d.state.value,
+                    "attempts": d.attempts,
+                    "last_status": d.last_status,
+                    "commitment": d.commitment,
+                    "next_attempt_at": d.next_attempt_at.isoformat() + "Z",
+                }
+                for d, o in s.execute(q.order_by(Delivery.id)).all()
+            ]
+
+    @app.post("/deliveries/{delivery_id}/retry")
+    def retry_delivery(delivery_id: int) -> dict[str, Any]:
+        """Send a failed or dead delivery again now, with a fresh round of attempts."""
+        with store.session() as s:
+            d = s.get(Delivery, delivery_id)
+            if d is None:
+                raise HTTPException(404, f"delivery {delivery_id} not found")
+            if d.state not in (DeliveryState.DEAD, DeliveryState.FAILED):
+                raise HTTPException(409, f"delivery {delivery_id} is {d.state.value}")
+            d.state, d.attempts, d.next_attempt_at = DeliveryState.PENDING, 0, utcnow()
+            output = s.get(Output, d.output_id)
+            job_row = s.get(Job, output.job_id) if output else None
+            if job_row is not None and job_row.state is JobState.FAILED:
+                job_row.state, job_row.error = JobState.DISPATCHING, None
+            s.add(
+                Event(
+                    kind="delivery_retry",
+                    job_id=output.job_id if output else None,
+                    detail=f"delivery {delivery_id} to {d.destination}",
+                )
+            )
+        if on_retry is not None:
+            on_retry()
+        return {"id": delivery_id, "state": DeliveryState.PENDING.value}
+
+    return app
+
+
+def status_router(store: Store, health: Callable[[], dict[str, Any]]) -> APIRouter:
+    """Health and the audit trail."""
+    app = APIRouter(prefix="/api")
+
+    @app.get("/health")
+    def get_health() -> dict[str, Any]:
+        return health()
+
+    @app.get("/events")
+    def list_events(study: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """The audit trail: refusals, routing decisions, failures (no PHI)."""
+        with store.session() as s:
+            q = select(Event).order_by(Event.id)
+            if study:
+                q = q.where(Event.study_uid == study)
+            if kind:
+                q = q.where(Event.kind == kind)
+            return [
+                {
+                    "id": e.id,
+                    "at": e.at.isoformat() + "Z",
+                    "kind": e.kind,
+                    "study_uid": e.study_uid,
+                    "job_id": e.job_id,
+                    "detail": e.detail,
+                }
+                for e in s.scalars(q).all()
+            ]
+
+    return app
+
+
+def jobs_router(store: Store, on_job_queued: Callable[[], None] | None) -> APIRouter:
+    """Jobs: list, one, retry a failed one (a new version), cancel a queued one."""
+    app = APIRouter(prefix="/api")
+
+    @app.get("/jobs")
+    def list_jobs(study: str | None = None) -> list[dict[str, Any]]:
+        with store.session() as s:
+            q = select(Job).order_by(Job.id)
+            if study:
+                q = q.where(Job.study_uid == study)
+            return [_job_details(s, job) for job in s.scalars(q).all()]
+
+    @app.get("/jobs/{job_id}")
+    def get_job(job_id: int) -> dict[str, Any]:
+        with store.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise HTTPException(404, f"job {job_id} not found")
+            return _job_details(s, job)
+
+    @app.post("/jobs/{job_id}/retry")
+    def retry(job_id: int, actor: str = "api") -> dict[str, Any]:
+        """Run a failed or cancelled job again, as the next version of its results."""
+        try:
+            new_id = retry_job(store, job_id, actor=f"{actor[:32]} (HTTP API)")
+        except JobActionError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        if on_job_queued is not None:
+            on_job_queued()
+        with store.session() as s:
+            job = s.get(Job, new_id)
+            assert job is not None
+            return _job_details(s, job)
+
+    @app.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: int, actor: str = "api") -> dict[str, Any]:
+        """Cancel a queued job (or one waiting for inference): it never runs."""
+        try:
+            cancel_job(store, job_id, actor=f"{actor[:32]} (HTTP API)")
+        except JobActionError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        with store.session() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            return _job_details(s, job)
+
+    return app

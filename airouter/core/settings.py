@@ -1,0 +1,486 @@
+"""One typed settings tree for the node.
+
+Sources, highest precedence first: command-line flags (passed as keyword arguments),
+environment variables (``AIROUTER_...``, nested keys joined by ``__``), the YAML file named by
+``AIROUTER_CONFIG`` or ``--config``, then the defaults embedded here (which
+``config/airouter.yaml`` documents). Invalid configuration stops start-up with a message that
+names the key and the source.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from airouter.core.vocab import DeadlineAction, OutputKind, SharedMemoryMode, TritonProtocol
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: default repertoire, no '\'
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"not a valid AE title: {value!r} (1-16 characters, no backslash)")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsSettings(_Strict):
+    """DICOM TLS (PS3.15 B.1, the "secure transport connection profile") for a C-STORE
+    destination: the server is verified against ``ca_file``; ``cert_file``/``key_file`` give
+    our certificate when the peer asks for one."""
+
+    ca_file: Path | None = None  # None: the system's trusted CAs
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify_hostname: bool = True
+
+
+class DicomNode(_Strict):
+    """A remote DICOM application entity we send to by C-STORE (PACS, TPS)."""
+
+    kind: Literal["dicom"] = "dicom"
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TlsSettings | None = None
+    # Ask the destination to commit to keeping what we sent (Storage Commitment Push Model,
+    # N-ACTION); its N-EVENT-REPORT comes back to our AE (the destination must know it).
+    storage_commitment: bool = False
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class DicomWebNode(_Strict):
+    """A DICOMweb server we send to by STOW-RS (``url`` is the service root)."""
+
+    kind: Literal["dicomweb"]
+    url: str = Field(pattern=r"^https?://")
+    token: str | None = None  # bearer token (AIROUTER_DESTINATIONS__<NAME>__TOKEN)
+    username: str | None = None  # basic authentication
+    password: str | None = None
+    ca_file: Path | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class OrthancNode(_Strict):
+    """An Orthanc server we upload to through its REST API (orthanc-api-client)."""
+
+    kind: Literal["orthanc"]
+    url: str = Field(pattern=r"^https?://")
+    username: str | None = None
+    password: str | None = None
+
+
+class FolderNode(_Strict):
+    """A folder we write to (``<path>/<study>/<series>/<sop>.dcm``, durable before "sent")."""
+
+    kind: Literal["folder"]
+    path: Path
+
+
+def _destination_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "dicom"))
+    return str(getattr(value, "kind", "dicom"))
+
+
+Destination = Annotated[
+    Annotated[DicomNode, Tag("dicom")]
+    | Annotated[DicomWebNode, Tag("dicomweb")]
+    | Annotated[OrthancNode, Tag("orthanc")]
+    | Annotated[FolderNode, Tag("folder")],
+    Discriminator(_destination_kind),
+]
+# A rule's destination that means "the AE that sent the study", looked up among the
+# configured DICOM destinations by its AE title.
+RETURN_TO_SENDER = "@sender"
+
+
+class DeviceSettings(_Strict):
+    """Provenance written into every object the node creates (General Equipment module)."""
+
+    manufacturer: str = "airouter project"
+    model_name: str = "airouter"
+    software_version: str = "0.1.0"
+    device_serial_number: str = "0"
+    institution_name: str | None = None
+
+
+class OutputSeries(_Strict):
+    """Series number and description of one kind of output (stable, not random)."""
+
+    number: int = Field(ge=1, le=2**31 - 1)
+    description: str = Field(max_length=64)
+
+
+def default_output_series() -> dict[OutputKind, OutputSeries]:
+    """Series number and description of each kind of output, unless configured."""
+    return {
+        OutputKind.SEG: OutputSeries(number=901, description="AI segmentation"),
+        OutputKind.SR: OutputSeries(number=902, description="AI measurements"),
+        OutputKind.RTSTRUCT: OutputSeries(number=903, description="AI structures"),
+        OutputKind.PROBABILITY_MAP: OutputSeries(number=904, description="AI probability map"),
+    }
+
+
+class DimseTimeouts(_Strict):
+    """pynetdicom's timeouts, in seconds (``None`` waits forever), for one direction."""
+
+    acse_timeout_s: float | None = 30.0
+    dimse_timeout_s: float | None = 60.0
+    network_timeout_s: float | None = 60.0
+
+
+class ScpSettings(_Strict):
+    """The receivers: DIMSE (C-ECHO, C-STORE, storage commitment reports) and STOW-RS."""
+
+    ae_title: str = "AIROUTER"
+    dimse_host: str = "0.0.0.0"
+    dimse_port: int = Field(default=11112, ge=0, le=65535)
+    max_associations: int = Field(default=16, ge=1)
+    # Access control, off by default: empty lists allow everyone.
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)  # else A-ASSOCIATE-RJ
+    allowed_source_networks: list[str] = Field(default_factory=list)  # CIDR; else TCP closed
+    check_called_ae_title: bool = False  # reject associations not addressed to ae_title
+    timeouts: DimseTimeouts = Field(default_factory=DimseTimeouts)
+    maximum_pdu_size: int = Field(default=0, ge=0)  # 0 = unlimited
+    # Refuse new instances (0xA700) while the data directory's filesystem has less free space.
+    min_free_space_mb: float = Field(default=256.0, ge=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _ae_list(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+    @field_validator("allowed_source_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)  # raises ValueError naming the value
+        return values
+
+
+class HttpSettings(_Strict):
+    """The HTTP server: DICOMweb of the archive (QIDO-RS, WADO-RS, STOW-RS) and the REST API."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class RouterSettings(_Strict):
+    """Completion, rules and the queue.
+
+    A study whose senders are all done completes at once when every series holds the
+    instance count it announces, else after ``quiet_period_s`` without new instances;
+    ``study_deadline_s`` after its first instance it completes whatever its state
+    (``deadline_action: route``) or is failed without routing (``discard``).
+    """
+
+    rules_dir: Path = Path("rules")
+    quiet_period_s: float = Field(default=2.0, ge=0)
+    completion_poll_s: float = Field(default=0.25, gt=0)
+    study_deadline_s: float = Field(default=1800.0, gt=0)
+    deadline_action: DeadlineAction = DeadlineAction.ROUTE
+    # After a restart, studies still receiving wait this long for their senders to resend.
+    restart_grace_s: float = Field(default=30.0, ge=0)
+    # Routine rules marked off_hours run only inside this daily window (node's local time).
+    off_hours_start: str = Field(default="19:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    off_hours_end: str = Field(default="07:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+
+
+class InferenceSettings(_Strict):
+    """The models and the Triton server that runs them."""
+
+    models_dir: Path = Path("config/models")
+    # Imported models (``airouter models import``): cards and Triton repository entries.
+    imported_models_dir: Path | None = None  # default: <data_dir>/models
+    # "local" starts the bundled tritonserver; otherwise host:port of a server.
+    triton_url: str = "local"
+    protocol: TritonProtocol = TritonProtocol.HTTP
+    http_port: int = Field(default=0, ge=0, le=65535)  # local server; 0 = a free port
+    grpc_port: int = Field(default=0, ge=0, le=65535)
+    start_timeout_s: float = 120.0
+    request_timeout_s: float = 300.0
+    # Jobs wait while Triton is unavailable, retrying with backoff up to this interval.
+    retry_max_s: float = Field(default=10.0, gt=0)
+    shared_memory: SharedMemoryMode = SharedMemoryMode.AUTO
+
+    def imported_models(self, data_dir: Path) -> Path:
+        """Where ``airouter models import`` puts cards (``cards/``) and Triton entries
+        (``repository/``)."""
+        return self.imported_models_dir or data_dir / "models"
+
+    def card_dirs(self, data_dir: Path) -> list[Path]:
+        """The folders model cards are loaded from: the bundled ones, then the imported."""
+        return [self.models_dir, self.imported_models(data_dir) / "cards"]
+
+
+class EncoderSettings(_Strict):
+    """What the objects the node writes say about themselves."""
+
+    output_series: dict[OutputKind, OutputSeries] = Field(default_factory=default_output_series)
+    device: DeviceSettings = Field(default_factory=DeviceSettings)
+
+    @field_validator("output_series")
+    @classmethod
+    def _every_output_kind(
+        cls, value: dict[OutputKind, OutputSeries]
+    ) -> dict[OutputKind, OutputSeries]:
+        """A configuration that names some kinds keeps the defaults for the others."""
+        return {**default_output_series(), **value}
+
+
+class DispatchSettings(_Strict):
+    """The outbox: named destinations, retries, and our side of outbound associations."""
+
+    # Named destinations rules can send to (default: EMBEDDED_DEFAULTS): kind dicom (C-STORE,
+    # optional TLS), dicomweb (STOW-RS), orthanc (REST API) or folder.
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    max_attempts: int = Field(default=5, ge=1)
+    backoff_s: float = Field(default=10.0, gt=0)  # first retry delay; doubles each attempt
+    # Our AE title on outbound associations; None: the node's (scp.ae_title).
+    calling_ae_title: str | None = None
+    timeouts: DimseTimeouts = Field(default_factory=DimseTimeouts)
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+
+class JobSettings(_Strict):
+    """The workers that run jobs."""
+
+    workers: int = Field(default=1, ge=1)
+    # A job that was in flight when the node died this many times ends failed (it may be the
+    # cause); a clean shutdown does not count.
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class Settings(BaseSettings):
+    """The node's configuration: a sub-tree per stage, units in the field names.
+
+    The node hands each stage its own sub-tree (``settings.scp`` to the receivers,
+    ``settings.dispatch`` to the outbox ...); paths under ``data_dir`` are given to them as
+    arguments.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="AIROUTER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    # State and spool
+    data_dir: Path = Path("var")
+    database_url: str | None = None  # default: SQLite in data_dir
+
+    scp: ScpSettings = Field(default_factory=ScpSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    encoders: EncoderSettings = Field(default_factory=EncoderSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+
+    # Patient names, IDs and birth dates in log lines and API answers only when true.
+    log_phi: bool = False
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _dispatch_calls_as_the_node(self) -> Settings:
+        if self.dispatch.calling_ae_title is None:
+            self.dispatch.calling_ae_title = self.scp.ae_title
+        return self
+
+    @property
+    def spool_dir(self) -> Path:
+        """Received instances."""
+        return self.data_dir / "spool"
+
+    @property
+    def incoming_dir(self) -> Path:
+        """DIMSE data sets being received (on the spool's filesystem: a rename moves them)."""
+        return self.data_dir / "incoming"
+
+    @property
+    def archive_dir(self) -> Path:
+        """Objects the node produced; indexed with the received ones and served by DICOMweb."""
+        return self.data_dir / "archive"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Each job's artefacts: masks, probabilities, scores."""
+        return self.data_dir / "jobs"
+
+    @property
+    def db_url(self) -> str:
+        """The state store's SQLAlchemy URL."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'airouter.db').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags, then the environment, then the YAML file, then the embedded defaults."""
+        return (init_settings, env_settings, _YamlSource(settings_cls), _Defaults(settings_cls))
+
+
+# Keys of the flat layout of release 0.1, and where they live now: a file or an environment
+# that still uses one is refused with the new name.
+MOVED_KEYS: dict[str, str] = {
+    **{
+        k: f"scp.{k}"
+        for k in (
+            "ae_title",
+            "dimse_host",
+            "dimse_port",
+            "max_associations",
+            "allowed_calling_ae_titles",
+            "allowed_source_networks",
+            "check_called_ae_title",
+            "maximum_pdu_size",
+            "min_free_space_mb",
+        )
+    },
+    **{k: f"scp.timeouts.{k}" for k in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s")},
+    "http_host": "http.host",
+    "http_port": "http.port",
+    **{
+        k: f"router.{k}"
+        for k in (
+            "rules_dir",
+            "quiet_period_s",
+            "completion_poll_s",
+            "study_deadline_s",
+            "deadline_action",
+            "restart_grace_s",
+            "off_hours_start",
+            "off_hours_end",
+        )
+    },
+    "models_dir": "inference.models_dir",
+    "imported_models_dir": "inference.imported_models_dir",
+    "triton_url": "inference.triton_url",
+    **{
+        f"triton_{k}": f"inference.{k}"
+        for k in (
+            "protocol",
+            "http_port",
+            "grpc_port",
+            "start_timeout_s",
+            "request_timeout_s",
+            "retry_max_s",
+            "shared_memory",
+        )
+    },
+    "workers": "jobs.workers",
+    "dispatch_max_attempts": "dispatch.max_attempts",
+    "dispatch_backoff_s": "dispatch.backoff_s",
+    "destinations": "dispatch.destinations",
+    "output_series": "encoders.output_series",
+    "device": "encoders.device",
+}
+
+
+# Defaults that other sources deep-merge into (so AIROUTER_DESTINATIONS__PACS__PORT=104 changes
+# only the port). "pacs" is Orthanc's Debian default node.
+EMBEDDED_DEFAULTS: dict[str, Any] = {
+    "dispatch": {
+        "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}}
+    },
+}
+
+
+class _Defaults(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        return copy.deepcopy(EMBEDDED_DEFAULTS)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Values from the YAML file named by ``AIROUTER_CONFIG`` (lowest precedence)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is used instead
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get() or os.environ.get("AIROUTER_CONFIG")
+        if not path:
+            return {}
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        moved = [f"{k} (now {MOVED_KEYS[k]})" for k in data if k in MOVED_KEYS]
+        if moved:
+            raise ConfigError(f"{path}: keys moved in the settings tree: {', '.join(moved)}")
+        return data
+
+
+_config_file: ContextVar[str | None] = ContextVar("airouter_config_file", default=None)
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the message names the key and the source."""
+
+
+def _refuse_moved_environment() -> None:
+    moved = [
+        f"AIROUTER_{key.upper()} (now AIROUTER_{new.upper().replace('.', '__')})"
+        for key, new in MOVED_KEYS.items()
+        if f"AIROUTER_{key.upper()}" in os.environ
+        or any(v.startswith(f"AIROUTER_{key.upper()}__") for v in os.environ)
+    ]
+    if moved:
+        raise ConfigError(f"environment variables moved in the settings tree: {', '.join(moved)}")
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings tree once at start-up; flags are given as ``overrides``, a
+    sub-tree as a mapping (``scp={"dimse_port": 104}``), merged into the other sources."""
+    _refuse_moved_environment()
+    token = _config_file.set(str(config_file) if config_file is not None else None)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    source = _config_file.get() or os.environ.get("AIROUTER_CONFIG") or "defaults/environment"
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration ({source}): {problems}") from exc
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read configuration: {exc}") from exc
+    finally:
+        _config_file.reset(token)

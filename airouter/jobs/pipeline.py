@@ -1,0 +1,309 @@
+"""One job, start to finish: volume -> Triton -> encoders -> archive and outbox.
+
+The job layer calls the stages through their public functions, in order: ``inference`` builds
+the volume and runs the models, ``encoders`` writes the objects, ``dispatch`` archives them and
+queues their deliveries. A job is caught in exactly one place (:func:`run_job`): any failure
+marks it failed with a reason that names the stage; the log line carries the job id and UIDs,
+never PHI, and an unexpected exception's text stays in the log (it may quote a header value).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+
+from airouter.core.db import Instance, Job, Store, Study
+from airouter.core.phi import REGISTRY
+from airouter.core.settings import EncoderSettings, InferenceSettings
+from airouter.core.vocab import Action, JobState, OutputKind, SegType
+from airouter.jobs.artefacts import save_masks, save_probabilities, save_scores
+from airouter.jobs.recorder import JobCancelled, JobRecorder
+from airouter.jobs.specs import classifications_of, structures_of
+from dispatch.outbox import Outbox
+from encoders.common import Classification, EncodeError, Structure
+from encoders.outputs import OutputRequest, SourceSeries, encode_outputs
+from inference.cards import ModelCard
+from inference.runner import ModelOutput, run_model
+from inference.triton import InferenceClient, InferenceError, InferenceUnavailable
+from inference.volume import Volume, VolumeError, build_volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineContext:
+    """What every job needs from the node: the store, the models, the stages' settings."""
+
+    store: Store
+    cards: dict[str, ModelCard]
+    client: Callable[[], InferenceClient]  # the inference client (the server may be down)
+    outbox: Outbox
+    on_outputs: Callable[[], None]  # wake the dispatcher
+    jobs_dir: Path
+    inference: InferenceSettings
+    encoders: EncoderSettings
+    device_uid: str  # the SR's observer device
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+class JobError(Exception):
+    """A job cannot proceed; the message is the reason recorded in the job."""
+
+
+class JobInterrupted(Exception):
+    """The node is stopping while the job waits; it is queued again and resumes on restart."""
+
+
+@dataclass
+class _Run:
+    """One job being run: its row as claimed, its recorder, the stage it is in."""
+
+    job: Job
+    recorder: JobRecorder
+    stage: str = "start"
+
+
+def run_job(ctx: PipelineContext, job_id: int) -> None:
+    """Run a claimed job; never raises."""
+    run = _Run(_claimed(ctx.store, job_id), JobRecorder(ctx.store, job_id))
+    try:
+        try:
+            _run(ctx, run)
+        except JobInterrupted:
+            log.info("job %s: interrupted by shutdown, queued again", job_id)
+            # A clean stop is not the job's fault: the attempt is given back.
+            run.recorder.transition(JobState.QUEUED, attempts=max(run.job.attempts - 1, 0))
+        except (JobError, VolumeError, InferenceError, InferenceUnavailable, EncodeError) as exc:
+            run.recorder.fail(str(exc))
+        except JobCancelled:
+            raise
+        except Exception as exc:
+            log.exception("job %s: unexpected error in stage %s", job_id, run.stage)
+            run.recorder.fail(
+                f"internal error in stage {run.stage}: {type(exc).__name__} "
+                f"(the node's log has the details of job {job_id})"
+            )
+    except JobCancelled:
+        log.info("job %s: cancelled while it ran (stage %s)", job_id, run.stage)
+
+
+def _claimed(store: Store, job_id: int) -> Job:
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} is gone")
+        return job
+
+
+def _run(ctx: PipelineContext, run: _Run) -> None:
+    job = run.job
+    with ctx.store.session() as s:
+        paths = s.scalars(select(Instance.path).where(Instance.series_uid == job.series_uid)).all()
+        study = s.get(Study, job.study_uid)
+        assert study is not None and job.started_at is not None
+        run.recorder.time(
+            completion_wait_s=(job.created_at - study.last_received_at).total_seconds(),
+            queue_wait_s=(job.started_at - job.created_at).total_seconds(),
+        )
+    if job.action is Action.FORWARD:
+        _forward(ctx, run)
+        return
+    log.info(
+        "job %s: series %s, %d instances, models %s",
+        job.id,
+        job.series_uid,
+        len(paths),
+        ",".join(job.models),
+    )
+    run.stage = "volume"
+    t0 = time.perf_counter()
+    volume = build_volume(paths)
+    REGISTRY.remember_dataset(volume.datasets[0])  # what the encoders' libraries may quote
+    run.recorder.time(volume_s=time.perf_counter() - t0)
+    run.stage = "inference"
+    structures, classified = _infer(ctx, run, volume)
+    run.stage = "encoding"
+    run.recorder.transition(JobState.ENCODING)
+    if not any(s.found for s in structures):
+        # An empty result is a result: the SR says so; there is no SEG or RTSTRUCT to write.
+        run.recorder.event("job_empty_result", "no structure found")
+        if OutputKind.SR not in job.outputs:
+            run.recorder.transition(JobState.DONE, error="no structure found: nothing to encode")
+            return
+    _encode_and_archive(ctx, run, volume, structures, classified)
+
+
+def _forward(ctx: PipelineContext, run: _Run) -> None:
+    """Send the selected series as received: its instances become the job's outputs."""
+    run.stage = "forward"
+    with ctx.store.session() as s:
+        job = s.get(Job, run.job.id)
+        assert job is not None
+        count = ctx.outbox.forward(s, job)
+        run.recorder.time(dispatch_started_at=time.time())
+        run.recorder.apply(job, JobState.DISPATCHING)
+        run.recorder.flush_events(s, job.study_uid)
+    log.info("job %s: forwarding %d instances", run.job.id, count)
+    ctx.on_outputs()
+
+
+def _infer(
+    ctx: PipelineContext, run: _Run, volume: Volume
+) -> tuple[list[Structure], list[Classification]]:
+    """Run the job's models and keep their raw output with the job."""
+    job = run.job
+    missing = [name for name in job.models if name not in ctx.cards]
+    if missing:
+        raise JobError(f"no model card for {', '.join(missing)}")
+    cards = [ctx.cards[name] for name in job.models]
+    results = _wait_and_run(ctx, run, volume, cards)
+    structures = [
+        s
+        for card in cards
+        for s in structures_of(card, results[card.name], volume.hu, volume.voxel_volume_ml)
+    ]
+    classified = [c for card in cards for c in classifications_of(card, results[card.name])]
+    t0 = time.perf_counter()
+    _keep_artefacts(ctx, run, structures, results)
+    run.recorder.time(masks_s=time.perf_counter() - t0)
+    return structures, classified
+
+
+def _keep_artefacts(
+    ctx: PipelineContext, run: _Run, structures: list[Structure], results: dict[str, ModelOutput]
+) -> None:
+    directory = ctx.jobs_dir / str(run.job.id)
+    save_masks(directory, {_key(s): s.mask for s in structures})
+    maps = {_key(s): s.probability for s in structures if s.probability is not None}
+    if maps:  # kept with the job, by "model/label", like the masks
+        save_probabilities(directory, maps)
+    scores = {name: out.scores for name, out in results.items() if out.scores}
+    if scores:  # classification models: one score per label, kept with the job and in events
+        save_scores(directory, scores)
+        run.recorder.event("job_scores", scores)
+
+
+def _key(s: Structure) -> str:
+    return f"{s.spec.algorithm_name}/{s.spec.name}"
+
+
+def _wait_and_run(
+    ctx: PipelineContext, run: _Run, volume: Volume, cards: list[ModelCard]
+) -> dict[str, ModelOutput]:
+    """The models' outputs; while Triton is unavailable the job waits, visibly, and retries.
+
+    A model that answers with an error fails the job with the server's message. A model the
+    server does not load within ``start_timeout_s`` (while the server itself is up) fails it
+    too, rather than waiting forever.
+    """
+    waiting_since: float | None = None
+    attempt = 0
+    while True:
+        client = ctx.client().clone()  # its own connection: clients are not thread-safe
+        try:
+            _check_ready(client, cards)
+            results = _run_models(run, volume, client, cards)
+            break
+        except InferenceUnavailable as exc:
+            now = time.monotonic()
+            if waiting_since is None:
+                waiting_since = now
+                log.warning("job %s: waiting for inference: %s", run.job.id, exc)
+                run.recorder.event("job_waiting_inference", str(exc))
+                run.recorder.transition(JobState.WAITING_INFERENCE, error=str(exc))
+            if client.is_ready() and now - waiting_since > ctx.inference.start_timeout_s:
+                raise InferenceError(
+                    f"Triton is up but did not make it ready within "
+                    f"{ctx.inference.start_timeout_s:.0f} s: {exc}"
+                ) from exc
+            delay = min(ctx.inference.retry_max_s, 0.5 * 2**attempt)
+            attempt += 1
+            if ctx.stopping.wait(delay):
+                raise JobInterrupted() from exc
+            run.recorder.transition()  # raises JobCancelled if someone cancelled the job
+        finally:
+            client.close()
+    if waiting_since is not None:
+        waited = time.monotonic() - waiting_since
+        run.recorder.time(waiting_inference_s=waited)
+        run.recorder.event("job_inference_resumed", f"after {waited:.1f} s")
+        run.recorder.transition(JobState.RUNNING, error=None)
+    return results
+
+
+def _check_ready(client: InferenceClient, cards: list[ModelCard]) -> None:
+    if not client.is_ready():
+        raise InferenceUnavailable(f"Triton at {client.url} is not ready")
+    for card in cards:
+        if not client.is_ready(card.triton_model):
+            raise InferenceUnavailable(f"model {card.triton_model} is not ready on {client.url}")
+
+
+def _run_models(
+    run: _Run, volume: Volume, client: InferenceClient, cards: list[ModelCard]
+) -> dict[str, ModelOutput]:
+    """The job's models concurrently (each Triton model instance is its own process)."""
+
+    def call(card: ModelCard) -> ModelOutput:
+        own = client.clone()
+        try:
+            return run_model(card, volume.hu, volume.affine, client=own)
+        finally:
+            own.close()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=len(cards), thread_name_prefix=f"job{run.job.id}") as pool:
+        outputs = dict(zip([c.name for c in cards], pool.map(call, cards), strict=True))
+    timings = {"inference_s": time.perf_counter() - t0}
+    for name, out in outputs.items():
+        for key, seconds in out.timings.items():
+            timings[f"{name}_{key}"] = seconds
+    run.recorder.time(**timings)
+    return outputs
+
+
+def _encode_and_archive(
+    ctx: PipelineContext,
+    run: _Run,
+    volume: Volume,
+    structures: list[Structure],
+    classified: list[Classification],
+) -> None:
+    """The encoders build the output set; the outbox archives it and queues its deliveries,
+    all in one transaction with the job's move to ``dispatching`` (or ``done``)."""
+    job = run.job
+    t0 = time.perf_counter()
+    encoded = encode_outputs(
+        request=OutputRequest(
+            kinds=frozenset(OutputKind(k) for k in job.outputs),
+            seg_type=job.seg_type or SegType.BINARY,
+            version=job.version,
+        ),
+        source=SourceSeries(volume.datasets, volume.sources, volume.in_source_order),
+        structures=structures,
+        classifications=classified,
+        settings=ctx.encoders,
+        device_uid=ctx.device_uid,
+    )
+    run.recorder.time(encode_s=time.perf_counter() - t0)
+    for kind, detail in encoded.notes:
+        run.recorder.event(kind, detail)
+    run.stage = "archive"
+    with ctx.store.session() as s:  # outputs and their deliveries appear together
+        row = s.get(Job, job.id)
+        assert row is not None
+        t0 = time.perf_counter()
+        for kind, ds in encoded.objects:
+            ctx.outbox.archive(s, row, kind, ds)
+        run.recorder.time(archive_s=time.perf_counter() - t0, dispatch_started_at=time.time())
+        run.recorder.apply(row, JobState.DISPATCHING if row.destinations else JobState.DONE)
+        run.recorder.flush_events(s, row.study_uid)
+    log.info("job %s: %d objects archived", job.id, len(encoded.objects))
+    ctx.on_outputs()

@@ -1,0 +1,77 @@
+"""From model cards to what the encoders take: a segment spec per label, a structure per mask.
+
+The one place that knows both a model card and the encoders' vocabulary; the encoders never see
+a card.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from highdicom.sr import CodedConcept
+
+from airouter.core.vocab import OutputKind
+from encoders.common import Classification, SegmentSpec, Structure
+from inference.cards import CodedConcept as CardConcept
+from inference.cards import Label, ModelCard
+from inference.runner import ModelOutput
+
+
+def _concept(c: CardConcept) -> CodedConcept:
+    return CodedConcept(value=c.value, scheme_designator=c.scheme, meaning=c.meaning)
+
+
+def segment_spec(card: ModelCard, label: Label) -> SegmentSpec:
+    """How the objects describe ``label`` of ``card``; the algorithm version carries the
+    first 12 hex digits of the card's checksum, so a changed card shows in every object."""
+    return SegmentSpec(
+        name=label.name,
+        category=_concept(label.category),
+        type=_concept(label.type),
+        color=label.color,
+        rt_roi_type=label.rt_roi_type,
+        algorithm_name=card.name,
+        algorithm_version=f"{card.version} card:{card.checksum[:12]}",
+        tracking_id=f"{card.name}:{label.name}",
+    )
+
+
+def structures_of(
+    card: ModelCard, output: ModelOutput, hu: np.ndarray, voxel_ml: float
+) -> list[Structure]:
+    """One structure per label of a segmentation model's output: its mask, and for a found
+    one its volume, attenuation (mean, min, max in the modality's units) and probability."""
+    if output.labels is None:
+        return []
+    maps = output.probabilities if OutputKind.PROBABILITY_MAP in card.outputs else {}
+    structures = []
+    for label in card.labels:
+        mask = output.labels == label.value
+        found = bool(mask.any())
+        values = hu[mask] if found else None
+        structures.append(
+            Structure(
+                spec=segment_spec(card, label),
+                mask=mask,
+                volume_ml=float(mask.sum()) * voxel_ml if found else None,
+                intensities_hu=(
+                    (float(values.mean()), float(values.min()), float(values.max()))
+                    if values is not None
+                    else None
+                ),
+                probability=maps.get(label.value),
+            )
+        )
+    return structures
+
+
+def classifications_of(card: ModelCard, output: ModelOutput) -> list[Classification]:
+    """One classification per label a classification model scored."""
+    return [
+        Classification(
+            segment_spec(card, label),
+            output.scores[label.name],
+            card.postprocessing.threshold,
+        )
+        for label in card.labels
+        if label.name in output.scores
+    ]

@@ -1,0 +1,213 @@
+"""The encoders' one entry point: the output set a job asks for, from its structures.
+
+:func:`encode_outputs` writes, as the request asks, a SEG (BINARY or LABELMAP) of the structures
+found, a TID 1500 SR of their measurements (and of what was looked for and not found, and of
+classifications), an RTSTRUCT of their contours and a FRACTIONAL SEG of their probabilities.
+Provenance and the series identity of every object come from the encoder settings, once; the
+RTSTRUCT is built on a second thread while the SEG is built (it needs nothing from it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+
+from airouter.core.settings import EncoderSettings
+from airouter.core.vocab import OutputKind, SegType
+from encoders.common import (
+    Classification,
+    Provenance,
+    SeriesIdentity,
+    Structure,
+    ensure_type2,
+)
+from encoders.rtstruct import build_rtstruct
+from encoders.seg import build_probability_seg, build_seg
+from encoders.sr import build_measurement_report
+
+
+def _same_order(array: np.ndarray) -> np.ndarray:
+    return array
+
+
+@dataclass(frozen=True)
+class SourceSeries:
+    """The images the outputs describe and reference.
+
+    ``slices`` holds one header per slice of the structures' masks, in their order, each with
+    its own geometry (the RTSTRUCT places contours with them). ``instances`` are what the SEG
+    and the SR reference: the same headers for a single-frame series, the multi-frame image
+    itself otherwise, whose frame order ``to_instance_order`` maps a mask to.
+    """
+
+    slices: Sequence[Dataset]
+    instances: Sequence[Dataset] | None = None
+    to_instance_order: Callable[[np.ndarray], np.ndarray] = _same_order
+
+    @property
+    def referenced(self) -> Sequence[Dataset]:
+        """The instances the SEG and the SR reference."""
+        return self.instances if self.instances is not None else self.slices
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """What a job asks for: which objects, which kind of SEG, which version of its results."""
+
+    kinds: frozenset[OutputKind]
+    seg_type: SegType = SegType.BINARY
+    version: int = 1  # 2, 3 ...: amended results say so in their series description
+
+
+@dataclass
+class EncodedOutputs:
+    """The objects written, in the order they go out, and notes for the job's audit trail
+    (event kind, detail: no PHI)."""
+
+    objects: list[tuple[OutputKind, Dataset]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+
+
+def provenance_of(settings: EncoderSettings) -> Provenance:
+    """General Equipment of the objects, from the configured device."""
+    dev = settings.device
+    return Provenance(
+        manufacturer=dev.manufacturer,
+        model_name=dev.model_name,
+        software_version=dev.software_version,
+        device_serial_number=dev.device_serial_number,
+        institution_name=dev.institution_name,
+    )
+
+
+def _identity(settings: EncoderSettings, kind: OutputKind, version: int) -> SeriesIdentity:
+    """A new series per output kind and job; amended results say which version they are."""
+    spec = settings.output_series[kind]
+    description = spec.description if version == 1 else f"{spec.description} v{version}"
+    return SeriesIdentity(hd.UID(), spec.number, description[:64], hd.UID())
+
+
+def _prepare(source: SourceSeries) -> list[str]:
+    """Type 2 attributes the headers lack, added empty; every element decoded now, so that
+    the RTSTRUCT thread and this one only read them."""
+    added = set(ensure_type2(source.slices))
+    if source.instances is not None:
+        added.update(ensure_type2(source.instances))
+    for ds in source.slices:
+        for _ in ds:
+            pass
+    return sorted(added)
+
+
+def encode_outputs(
+    *,
+    request: OutputRequest,
+    source: SourceSeries,
+    structures: Sequence[Structure],
+    classifications: Sequence[Classification] = (),
+    settings: EncoderSettings,
+    device_uid: str,
+) -> EncodedOutputs:
+    """Build the objects ``request`` asks for.
+
+    ``structures`` are every structure the models looked for, found or not; each found one
+    carries its volume and attenuation for the SR (and its probability map, if the model
+    gives one). With nothing found there is no SEG or RTSTRUCT; the SR, if asked for, says
+    what was looked for.
+    """
+    result = EncodedOutputs()
+    added = _prepare(source)
+    if added:
+        result.notes.append(("type2_attributes_added", ", ".join(added)))
+    provenance = provenance_of(settings)
+    found = [s for s in structures if s.found]
+    absent = [s.spec for s in structures if not s.found]
+    kinds = request.kinds
+    rt_future = _start_rtstruct(source, found, provenance, settings, request) if found else None
+    seg = None
+    if found:
+        seg = build_seg(
+            source_images=source.referenced,
+            structures=[replace(s, mask=source.to_instance_order(s.mask)) for s in found],
+            provenance=provenance,
+            series=_identity(settings, OutputKind.SEG, request.version),
+            seg_type=request.seg_type,
+        )
+        if OutputKind.SEG in kinds or OutputKind.SR in kinds:
+            result.objects.append((OutputKind.SEG, seg))
+    if OutputKind.SR in kinds:
+        sr = build_measurement_report(
+            source_images=source.referenced,
+            seg=seg,
+            structures=found,
+            absent=absent,
+            classifications=classifications,
+            provenance=provenance,
+            device_uid=device_uid,
+            series=_identity(settings, OutputKind.SR, request.version),
+        )
+        result.objects.append((OutputKind.SR, sr))
+    if rt_future is not None:
+        result.objects.append((OutputKind.RTSTRUCT, rt_future.result()))  # raises its error
+    if OutputKind.PROBABILITY_MAP in kinds:
+        _probability_map(result, source, structures, provenance, settings, request)
+    return result
+
+
+def _start_rtstruct(
+    source: SourceSeries,
+    found: list[Structure],
+    provenance: Provenance,
+    settings: EncoderSettings,
+    request: OutputRequest,
+) -> Future[Dataset] | None:
+    if OutputKind.RTSTRUCT not in request.kinds:
+        return None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtstruct")
+    try:
+        return pool.submit(
+            build_rtstruct,
+            source_images=source.slices,
+            structures=found,
+            provenance=provenance,
+            series=_identity(settings, OutputKind.RTSTRUCT, request.version),
+        )
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _probability_map(
+    result: EncodedOutputs,
+    source: SourceSeries,
+    structures: Sequence[Structure],
+    provenance: Provenance,
+    settings: EncoderSettings,
+    request: OutputRequest,
+) -> None:
+    """Every structure with a probability map, found or not: a low map explains an absence."""
+    mapped = [s for s in structures if s.probability is not None]
+    if not mapped:
+        result.notes.append(
+            ("probability_map_unavailable", "no model of this job gives a probability map")
+        )
+        return
+    fractional = build_probability_seg(
+        source_images=source.referenced,
+        structures=[
+            replace(
+                s,
+                mask=source.to_instance_order(s.mask),
+                probability=source.to_instance_order(s.probability),
+            )
+            for s in mapped
+            if s.probability is not None
+        ],
+        provenance=provenance,
+        series=_identity(settings, OutputKind.PROBABILITY_MAP, request.version),
+    )
+    result.objects.append((OutputKind.PROBABILITY_MAP, fractional))

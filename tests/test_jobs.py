@@ -1,0 +1,156 @@
+"""A job's life in the store: the recorder, recovery after crashes, retry and cancel (in
+process, no peers; the node-level test is tests/test_lifecycle_and_phi.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from airouter.app.web import create_app
+from airouter.core.db import Event, Job, Store, Study
+from airouter.core.vocab import Action, JobState, SegType
+from airouter.jobs.lifecycle import JobActionError, cancel_job, recover_jobs, retry_job
+from airouter.jobs.recorder import JobCancelled, JobRecorder
+from router.queue import claim_next_job
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+def _job(store: Store, state: JobState = JobState.QUEUED, attempts: int = 0) -> int:
+    with store.session() as s:
+        if s.get(Study, "1.2.3") is None:
+            s.add(Study(study_uid="1.2.3"))
+        job = Job(
+            study_uid="1.2.3",
+            series_uid="1.2.3.4",
+            rule="segment-ct",
+            action=Action.RUN,
+            models=["ct-body"],
+            outputs=["SEG"],
+            destinations=[],
+            seg_type=SegType.LABELMAP,
+            state=state,
+            attempts=attempts,
+        )
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def _get(store: Store, job_id: int) -> Job:
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def _commits(store: Store) -> list[int]:
+    """Counts each transaction the engine commits."""
+    from sqlalchemy import event
+
+    counted: list[int] = []
+    event.listen(store.engine, "commit", lambda _conn: counted.append(1))
+    return counted
+
+
+def test_the_recorder_writes_timings_and_events_with_the_transition(store: Store) -> None:
+    job_id = _job(store, JobState.RUNNING)
+    commits = _commits(store)
+    recorder = JobRecorder(store, job_id)
+    recorder.time(volume_s=0.5, inference_s=1.25)
+    recorder.event("job_scores", {"m": {"x": 0.5}})
+    assert commits == []  # nothing written yet
+    recorder.transition(JobState.ENCODING)
+    assert len(commits) == 1
+    job = _get(store, job_id)
+    assert job.state is JobState.ENCODING
+    assert job.timings == {"volume_s": 0.5, "inference_s": 1.25}
+    with store.session() as s:
+        kinds = s.scalars(select(Event.kind).where(Event.job_id == job_id)).all()
+    assert kinds == ["job_scores"]
+    recorder.time(encode_s=2.0)
+    recorder.transition(JobState.DONE)
+    job = _get(store, job_id)
+    assert job.timings["encode_s"] == 2.0 and job.timings["volume_s"] == 0.5
+    assert job.finished_at is not None  # an ended state stamps the end
+
+
+def test_a_cancelled_job_refuses_every_later_transition(store: Store) -> None:
+    job_id = _job(store, JobState.WAITING_INFERENCE)
+    recorder = JobRecorder(store, job_id)
+    cancel_job(store, job_id, actor="tester")
+    with pytest.raises(JobCancelled):
+        recorder.transition(JobState.RUNNING)
+    assert _get(store, job_id).state is JobState.CANCELLED
+
+
+def test_recovery_requeues_interrupted_jobs_and_fails_those_at_the_cap(store: Store) -> None:
+    fresh = _job(store, JobState.RUNNING, attempts=1)
+    waiting = _job(store, JobState.WAITING_INFERENCE, attempts=2)
+    crasher = _job(store, JobState.ENCODING, attempts=3)
+    finished = _job(store, JobState.DONE, attempts=3)
+    result = recover_jobs(store, max_attempts=3)
+    assert sorted(result.requeued) == [fresh, waiting] and result.failed == [crasher]
+    assert _get(store, fresh).state is JobState.QUEUED
+    failed = _get(store, crasher)
+    assert failed.state is JobState.FAILED
+    assert failed.error and "stopped 3 times" in failed.error and "encoding" in failed.error
+    assert _get(store, finished).state is JobState.DONE
+    with store.session() as s:
+        assert s.scalar(select(Event.detail).where(Event.job_id == crasher)) == failed.error
+
+
+def test_claiming_counts_an_attempt_and_claims_once(store: Store) -> None:
+    job_id = _job(store)
+    assert claim_next_job(store) == job_id
+    assert _get(store, job_id).attempts == 1
+    assert claim_next_job(store) is None  # running: not claimed twice
+
+
+def test_retry_makes_the_next_version_and_cancel_only_what_waits(store: Store) -> None:
+    done = _job(store, JobState.DONE)
+    with pytest.raises(JobActionError) as info:
+        retry_job(store, done, actor="tester")
+    assert info.value.status == 409
+    failed = _job(store, JobState.FAILED)
+    again = retry_job(store, failed, actor="tester")
+    job = _get(store, again)
+    assert (job.state, job.retry_of, job.seg_type, job.attempts) == (
+        JobState.QUEUED,
+        failed,
+        SegType.LABELMAP,
+        0,
+    )
+    with store.session() as s:
+        latest = s.scalar(select(func.max(Job.version)))
+    assert job.version == latest and job.version > _get(store, failed).version
+    with pytest.raises(JobActionError) as info:
+        cancel_job(store, _job(store, JobState.RUNNING), actor="tester")
+    assert info.value.status == 409
+    with pytest.raises(JobActionError) as info:
+        retry_job(store, 999, actor="tester")
+    assert info.value.status == 404
+
+
+def test_retry_and_cancel_over_the_api_are_audited(store: Store) -> None:
+    woken: list[int] = []
+    client = TestClient(create_app(store, lambda: {}, on_job_queued=lambda: woken.append(1)))
+    queued = _job(store)
+    answer = client.post(f"/api/jobs/{queued}/cancel?actor=alice")
+    assert answer.status_code == 200 and answer.json()["state"] == "cancelled"
+    assert client.post(f"/api/jobs/{queued}/cancel").status_code == 409
+    assert claim_next_job(store) is None  # a cancelled job is never claimed
+    retried = client.post(f"/api/jobs/{queued}/retry?actor=bob")
+    assert retried.status_code == 200, retried.text
+    body = retried.json()
+    assert body["state"] == "queued" and body["version"] == 2 and woken == [1]
+    assert client.post("/api/jobs/12345/retry").status_code == 404
+    assert client.post("/api/jobs/12345/retry").json()["status"] == 404
+    events = {e["kind"]: e["detail"] for e in client.get("/api/events").json()}
+    assert "alice" in events["job_cancelled"] and "bob" in events["job_retried"]

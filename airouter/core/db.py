@@ -136,6 +136,8 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
     seg_type: Mapped[SegType | None] = mapped_column(_by_value(SegType, 16))  # the rule's SEG
+    # Release 0.1 kept seg_type here (a NOT NULL column in its databases); read for its jobs.
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     retry_of: Mapped[int | None] = mapped_column(Integer)  # the failed job this one retries
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)

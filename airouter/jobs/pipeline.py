@@ -283,7 +283,7 @@ def _encode_and_archive(
     encoded = encode_outputs(
         request=OutputRequest(
             kinds=frozenset(OutputKind(k) for k in job.outputs),
-            seg_type=job.seg_type or SegType.BINARY,
+            seg_type=job.seg_type or SegType((job.options or {}).get("seg_type", "binary")),
             version=job.version,
         ),
         source=SourceSeries(volume.datasets, volume.sources, volume.in_source_order),

@@ -90,6 +90,7 @@ def test_with_log_phi_on_nothing_is_redacted(tmp_path: Path) -> None:
     finally:
         root.removeHandler(handler)
         guard(True, registry)
+        logging.captureWarnings(False)
 
 
 def test_short_values_are_not_remembered(registry: PhiRegistry) -> None:

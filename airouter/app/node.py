@@ -302,8 +302,15 @@ class Node:
             log_phi=self.settings.log_phi,
         )
         http = self.settings.http
+        # log_config=None: uvicorn's records go through the root handlers (one format, and
+        # the PHI filter), not handlers of its own.
         config = uvicorn.Config(
-            app, host=http.host, port=http.port, log_level="warning", lifespan="off"
+            app,
+            host=http.host,
+            port=http.port,
+            log_level="warning",
+            log_config=None,
+            lifespan="off",
         )
         # uvicorn re-raises SIGTERM after its own shutdown; make that an exception so the
         # ``finally`` below stops DIMSE, the workers and Triton.

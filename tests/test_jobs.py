@@ -154,3 +154,46 @@ def test_retry_and_cancel_over_the_api_are_audited(store: Store) -> None:
     assert client.post("/api/jobs/12345/retry").json()["status"] == 404
     events = {e["kind"]: e["detail"] for e in client.get("/api/events").json()}
     assert "alice" in events["job_cancelled"] and "bob" in events["job_retried"]
+
+
+def test_a_database_of_release_0_1_opens_in_place(tmp_path: Path) -> None:
+    """The enum columns read the text the 0.1 columns held; new columns are added; a new job
+    (with a state 0.1 did not know) is written next to the old ones."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.executescript((Path(__file__).parent / "data" / "schema-0.1.sql").read_text())
+        db.execute(
+            "INSERT INTO studies VALUES ('1.2', 'COMPLETE', NULL, NULL, NULL, NULL, NULL, NULL,"
+            " NULL, '2026-11-26', '2026-11-26', '2026-11-26', NULL)"
+        )
+        db.execute(
+            "INSERT INTO jobs (id, study_uid, series_uid, rule, action, models, outputs,"
+            " destinations, instance_count, version, priority, state, attempts, timings,"
+            " options, created_at) VALUES (1, '1.2', '1.2.3', 'r', 'forward', '[]', '[]',"
+            " '[\"pacs\"]', 3, 1, 100, 'QUEUED', 0, '{}', '{\"seg_type\": \"labelmap\"}',"
+            " '2026-11-26')"
+        )
+        db.execute("INSERT INTO outputs VALUES (1, 1, 'ORIGINAL', '1.2.3.4', '1.2.3', '/x')")
+        db.execute(
+            "INSERT INTO deliveries VALUES (1, 1, 'pacs', 'SENT', 1, '2026-11-26', 'ok',"
+            " '2026-11-26', 'requested', '9.9')"
+        )
+    store = Store(f"sqlite:///{path}")
+    from airouter.core.db import Delivery, Output
+    from airouter.core.vocab import CommitmentState, OutputKind
+
+    old = _get(store, 1)
+    assert (old.action, old.state, old.seg_type, old.options) == (
+        Action.FORWARD,
+        JobState.QUEUED,
+        None,
+        {"seg_type": "labelmap"},
+    )
+    with store.session() as s:
+        assert s.get(Output, 1).kind is OutputKind.ORIGINAL  # type: ignore[union-attr]
+        assert s.get(Delivery, 1).commitment is CommitmentState.REQUESTED  # type: ignore[union-attr]
+    new = _job(store, JobState.CANCELLED)
+    assert _get(store, new).seg_type is SegType.LABELMAP
+    assert claim_next_job(store) == 1  # the old queued job runs

@@ -129,7 +129,11 @@ def _jobs(args: argparse.Namespace) -> int:
     import urllib.request
 
     base = f"http://{args.http_host}:{args.http_port}/api/jobs"
-    actor = urllib.parse.quote(f"{getpass.getuser()} (CLI)")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    actor = urllib.parse.quote(f"{user} (CLI)")
     if args.retry is not None:
         return _post(f"{base}/{args.retry}/retry?actor={actor}")
     if args.cancel is not None:

@@ -105,6 +105,10 @@ class LocalTriton:
             f"--cache-directory={server / 'caches'}",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
+            # Only the node talks to its own server: nothing else on the network may load
+            # models, read the repository index or register shared memory with it.
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
             "--allow-metrics=false",
             "--exit-timeout-secs=3",
             "--log-verbose=0",

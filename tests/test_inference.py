@@ -255,3 +255,66 @@ def test_readiness_is_false_for_a_server_down_and_a_bug_is_raised() -> None:
     client._client = Broken()
     with pytest.raises(TypeError, match="a bug"):
         client.is_ready()
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    """The TCP addresses process ``pid`` listens on, read from the kernel (/proc)."""
+    import ipaddress
+    import os
+
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table, size in (("tcp", 4), ("tcp6", 16)):
+        with open(f"/proc/net/{table}") as fh:
+            next(fh)
+            for line in fh:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                host, port = local.split(":")
+                raw = bytes.fromhex(host)
+                # /proc prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                address = ipaddress.ip_address(raw if size == 16 else raw[:4])
+                found.add((str(address), int(port, 16)))
+    return found
+
+
+def test_the_local_triton_listens_on_loopback_only(triton: LocalTriton) -> None:
+    """Its HTTP and gRPC ports (model control, repository index, shared-memory registration)
+    are reachable from this host only."""
+    import ipaddress
+
+    assert triton.process is not None
+    listening = _listening(triton.process.pid)
+    ports = {port for _, port in listening}
+    assert {triton.http_port, triton.grpc_port} <= ports, listening
+    def loopback(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        mapped = getattr(ip, "ipv4_mapped", None)  # gRPC listens on ::ffff:127.0.0.1
+        return (mapped or ip).is_loopback
+
+    assert all(loopback(a) for a, _ in listening), listening
+
+
+def test_shared_memory_regions_are_private_to_the_node(triton: LocalTriton) -> None:
+    """The tensors' POSIX shared-memory regions can be read and written by our user only."""
+    import os
+    import stat
+
+    client = InferenceClient(triton.url("http"), shared_memory=True)
+    try:
+        client._region("input", 4096)
+        path = f"/dev/shm/{client._region_name('input')}"
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        client.close()
+    assert not os.path.exists(path)  # closed: gone

@@ -38,6 +38,7 @@ def test_compose_environment_is_a_valid_configuration(monkeypatch: pytest.Monkey
     settings = load_settings()
     assert settings.inference.triton_url == "triton:8000"
     assert settings.dispatch.destinations["pacs"].host == "orthanc"  # type: ignore[union-attr]
+    assert "router" in (settings.http.served_hosts() or ())
 
 
 def test_dockerfiles_copy_only_what_exists_and_run_the_console_script() -> None:

@@ -297,6 +297,7 @@ def test_the_local_triton_listens_on_loopback_only(triton: LocalTriton) -> None:
     listening = _listening(triton.process.pid)
     ports = {port for _, port in listening}
     assert {triton.http_port, triton.grpc_port} <= ports, listening
+
     def loopback(address: str) -> bool:
         ip = ipaddress.ip_address(address)
         mapped = getattr(ip, "ipv4_mapped", None)  # gRPC listens on ::ffff:127.0.0.1

@@ -5,6 +5,7 @@ so the test can see them when they leak)."""
 
 from __future__ import annotations
 
+import http.client
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -182,8 +183,14 @@ def test_patient_identity_stays_out_of_logs_and_answers(
             node, tmp_path / "s", 3, patient_name=NAME, patient_id=PATIENT_ID, birth_date=BIRTH_DATE
         )
         wait_for(lambda: (_job(node, study) or {}).get("state") == "done", 120, "the job")
-        # QIDO-RS exists to show patient data: it does (the node did receive them)
+        # QIDO-RS exists to show patient data: it does (the node did receive them) ...
         assert PATIENT_ID in str(node.get("/dicomweb/studies"))
+        # ... but not to a page of another site whose name resolves to us (DNS rebinding)
+        connection = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=10)
+        connection.request("GET", "/dicomweb/studies", headers={"Host": "attacker.example"})
+        answer = connection.getresponse()
+        body = answer.read().decode()
+        assert answer.status == 400 and PATIENT_ID not in body
         leaks = _leaks(node, study)
         if log_phi:  # the same run with log_phi on shows what the filter keeps out
             assert NAME in leaks["log"], leaks

@@ -128,3 +128,33 @@ def test_a_stow_request_is_one_unit_for_completion(api: Api) -> None:
     )
     api.stow([("application/dicom", f.read_bytes()) for f in head_ct_files()[:2]])
     assert monitor.check() == [pydicom.dcmread(head_ct_files()[0]).StudyInstanceUID]
+
+
+def test_foreign_hosts_and_cross_origin_writes_are_refused(tmp_path: Path) -> None:
+    """DNS rebinding (a page whose name resolves to us) and CSRF (another site's page posting
+    to us): the Host must be one we serve; a browser's state-changing request must come from
+    our own origin. Scripts and PACS send no Origin and pass."""
+    from fastapi.testclient import TestClient
+
+    from airouter.app.web import create_app
+    from airouter.core.settings import HttpSettings
+
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    hosts = HttpSettings(allowed_hosts=["airouter.hospital"]).served_hosts()
+    assert hosts is not None and {"localhost", "127.0.0.1", "airouter.hospital"} <= hosts
+    client = TestClient(create_app(store, lambda: {"status": "ok"}, hosts=hosts))
+    ours = {"host": "127.0.0.1:8080"}
+    assert client.get("/api/health", headers=ours).status_code == 200
+    assert client.get("/api/health", headers={"host": "AIROUTER.hospital"}).status_code == 200
+    for path in ("/api/health", "/dicomweb/studies", "/docs", "/openapi.json"):
+        refused = client.get(path, headers={"host": "attacker.example:8080"})
+        assert refused.status_code == 400 and "attacker.example" in refused.json()["error"]
+    cross = client.post(
+        "/api/deliveries/1/retry", headers={**ours, "origin": "http://attacker.example"}
+    )
+    assert cross.status_code == 403 and cross.json()["status"] == 403
+    assert client.post("/api/jobs/1/cancel", headers={**ours, "origin": "null"}).status_code == 403
+    same = client.post("/api/jobs/1/cancel", headers={**ours, "origin": "http://127.0.0.1:8080"})
+    assert same.status_code == 404  # reached the API: there is no job 1
+    assert client.post("/api/jobs/1/cancel", headers=ours).status_code == 404  # no Origin
+    assert HttpSettings(allowed_hosts=["*"]).served_hosts() is None

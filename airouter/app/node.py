@@ -300,6 +300,7 @@ class Node:
             on_retry=self.wake_dispatch,
             on_job_queued=self.wake_workers,
             log_phi=self.settings.log_phi,
+            hosts=self.settings.http.served_hosts(),
         )
         http = self.settings.http
         # log_config=None: uvicorn's records go through the root handlers (one format, and

@@ -188,6 +188,19 @@ class HttpSettings(_Strict):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Names and addresses clients may reach us by (the Host header), besides the loopback
+    # ones and ``host`` itself; others get 400, so a DNS-rebinding page cannot read the
+    # archive. "*" answers any Host (behind a proxy that checks it).
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    def served_hosts(self) -> frozenset[str] | None:
+        """Every Host the server answers to (None: any)."""
+        if "*" in self.allowed_hosts:
+            return None
+        hosts = {"localhost", "127.0.0.1", "::1", *(h.lower() for h in self.allowed_hosts)}
+        if self.host not in ("0.0.0.0", "::", ""):
+            hosts.add(self.host.lower())
+        return frozenset(hosts)
 
 
 class RouterSettings(_Strict):

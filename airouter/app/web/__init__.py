@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from airouter.app.web.api import jobs_router, outbox_router, rules_router, status_router
 from airouter.app.web.dicomweb import dicomweb_router
@@ -15,6 +15,33 @@ from airouter.core.db import Store
 from airouter.core.tracker import AssociationTracker
 from router.registry import RuleSet
 from scp.ingest import Ingest
+
+_STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _host_of(netloc: str) -> str:
+    """``host`` of ``host:port`` / ``[v6]:port``, lower-cased."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1 : netloc.find("]")] if "]" in netloc else netloc
+    return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
+
+
+def _refusal(request: Request, hosts: frozenset[str]) -> JSONResponse | None:
+    """400 for a Host we do not serve; 403 for a state-changing request from another origin
+    (a browser page of another site: CSRF). Clients that send no Origin (PACS, scripts,
+    curl) are not browsers and pass."""
+    host = request.headers.get("host", "")
+    if _host_of(host) not in hosts:
+        error = f"this server does not answer to host {host[:100]!r} (see http.allowed_hosts)"
+        return JSONResponse({"error": error, "status": 400}, 400)
+    origin = request.headers.get("origin")
+    if request.method in _STATE_CHANGING and origin is not None:
+        netloc = origin.split("://", 1)[-1].rstrip("/").lower()
+        if origin == "null" or netloc != host.strip().lower():
+            error = f"cross-origin {request.method} refused (origin {origin[:100]!r})"
+            return JSONResponse({"error": error, "status": 403}, 403)
+    return None
 
 
 def create_app(
@@ -26,9 +53,22 @@ def create_app(
     on_retry: Callable[[], None] | None = None,
     on_job_queued: Callable[[], None] | None = None,
     log_phi: bool = False,
+    hosts: frozenset[str] | None = None,
 ) -> FastAPI:
-    """The node's HTTP application (STOW-RS when an ingest is given)."""
+    """The node's HTTP application (STOW-RS when an ingest is given). With ``hosts``, every
+    request (the API docs included) must name one of them as its Host, and a state-changing
+    one from a browser must come from the same origin."""
     app = FastAPI(title="airouter", version="0.1.0")
+
+    if hosts is not None:
+        served = hosts
+
+        @app.middleware("http")
+        async def _same_site(
+            request: Request, call_next: Callable[[Request], Awaitable[Response]]
+        ) -> Response:
+            refusal = _refusal(request, served)
+            return refusal if refusal is not None else await call_next(request)
 
     @app.exception_handler(HTTPException)
     async def _json_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -7,6 +7,7 @@ measurements the SR reports. The job layer builds these from model cards.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,59 @@ def ensure_type2(datasets: Sequence[Dataset]) -> list[str]:
             del ds.PatientAge
         _normalise_charset(ds)
     return sorted(added)
+
+
+# Dates and times the objects copy from the source (Patient, General Study modules).
+_COPIED_DATES = ("PatientBirthDate", "StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate")
+_COPIED_TIMES = ("StudyTime", "SeriesTime", "ContentTime", "AcquisitionTime", "PatientBirthTime")
+_DA = re.compile(r"^\d{8}$")
+_LEGACY_DA = re.compile(r"^(\d{4})[-./](\d{2})[-./](\d{2})$")  # ACR-NEMA and hand-typed dates
+_TM = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_LEGACY_TM = re.compile(r"^(\d{2}):(\d{2})(?::(\d{2}(\.\d{1,6})?))?$")
+
+
+def normalise_values(datasets: Sequence[Dataset]) -> list[str]:
+    """Repair, in the in-memory source headers, dates and times the objects copy and that a
+    library would refuse (a legacy ``1970-03-03``, ``12:30:00``): rewritten in DICOM form when
+    the meaning is clear, emptied otherwise (they are type 2 or 3 where we copy them). Returns
+    the keywords changed, never their values (they may identify the patient)."""
+    changed: set[str] = set()
+    for ds in datasets:
+        for keywords, strict, legacy, join in (
+            (_COPIED_DATES, _DA, _LEGACY_DA, lambda m: "".join(m.groups()[:3])),
+            (_COPIED_TIMES, _TM, _LEGACY_TM, lambda m: "".join(g or "" for g in m.groups()[:3])),
+        ):
+            for keyword in keywords:
+                if keyword not in ds:
+                    continue
+                text = _raw_text(ds, keyword)
+                dates = keywords is _COPIED_DATES
+                if not text or (strict.match(text) and (not dates or _valid_date(text))):
+                    continue
+                match = legacy.match(text)
+                repaired = join(match) if match else ""
+                if repaired and dates and not _valid_date(repaired):
+                    repaired = ""
+                setattr(ds, keyword, repaired)
+                changed.add(keyword)
+    return sorted(changed)
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str:
+    """An element's value as text without pydicom's conversion (which refuses bad values)."""
+    raw = ds.get_item(keyword)
+    value = getattr(raw, "value", raw)
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip(" \x00")
+    return str(value if value is not None else "").strip(" \x00")
+
+
+def _valid_date(text: str) -> bool:
+    try:
+        dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return False
+    return True
 
 
 _HIGHDICOM_CHARSETS = {v.value for v in hd.SpecificCharacterSetValues}

@@ -25,6 +25,7 @@ from encoders.common import (
     SeriesIdentity,
     Structure,
     ensure_type2,
+    normalise_values,
 )
 from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_probability_seg, build_seg
@@ -92,16 +93,19 @@ def _identity(settings: EncoderSettings, kind: OutputKind, version: int) -> Seri
     return SeriesIdentity(hd.UID(), spec.number, description[:64], hd.UID())
 
 
-def _prepare(source: SourceSeries) -> list[str]:
-    """Type 2 attributes the headers lack, added empty; every element decoded now, so that
-    the RTSTRUCT thread and this one only read them."""
-    added = set(ensure_type2(source.slices))
+def _prepare(source: SourceSeries) -> tuple[list[str], list[str]]:
+    """Malformed dates and times the objects copy, repaired or emptied; type 2 attributes the
+    headers lack, added empty; every element decoded now, so that the RTSTRUCT thread and
+    this one only read them. Returns the keywords repaired and the keywords added."""
+    headers = [*source.slices, *(source.instances or ())]
+    repaired = normalise_values(headers)
+    added = ensure_type2(source.slices)
     if source.instances is not None:
-        added.update(ensure_type2(source.instances))
+        added = sorted({*added, *ensure_type2(source.instances)})
     for ds in source.slices:
         for _ in ds:
             pass
-    return sorted(added)
+    return repaired, added
 
 
 def encode_outputs(
@@ -121,7 +125,9 @@ def encode_outputs(
     what was looked for.
     """
     result = EncodedOutputs()
-    added = _prepare(source)
+    repaired, added = _prepare(source)
+    if repaired:  # the keywords only: the values may identify the patient
+        result.notes.append(("source_values_repaired", ", ".join(repaired)))
     if added:
         result.notes.append(("type2_attributes_added", ", ".join(added)))
     provenance = provenance_of(settings)

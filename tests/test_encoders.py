@@ -529,3 +529,45 @@ def test_fast_overlap_check_agrees_with_highdicom(ct: list[Dataset], overlapping
     )
     assert ours.SegmentsOverlap == theirs.SegmentsOverlap == ("YES" if overlapping else "NO")
     assert ours.PixelData == theirs.PixelData  # the same frames, bit for bit
+
+
+def test_legacy_dates_and_times_in_the_source_are_repaired_not_fatal(
+    ct: list[Dataset], tmp_path: Path
+) -> None:
+    """A hand-typed ``1970-03-03`` birth date used to fail the whole job in the SEG build; now
+    the encoders write it in DICOM form, empty a date that means nothing, and say which
+    attributes they changed (never the values)."""
+    from airouter.core.settings import EncoderSettings
+    from airouter.core.vocab import OutputKind
+    from encoders.outputs import OutputRequest, SourceSeries, encode_outputs
+
+    images = [copy.deepcopy(ds) for ds in ct[:4]]
+    for ds in images:
+        ds.PatientBirthDate = "1970-03-03"
+        ds.StudyDate = "2020.01.02"
+        ds.StudyTime = "12:30:05"
+        ds.SeriesDate = "19700230"  # no such day
+    (body, _) = _structures(len(images), images[0].Rows, images[0].Columns)
+    body = replace(body, volume_ml=1.0, intensities_hu=(0.0, 0.0, 0.0))
+    kinds = frozenset({OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT})
+    encoded = encode_outputs(
+        request=OutputRequest(kinds),
+        source=SourceSeries(images),
+        structures=[body],
+        settings=EncoderSettings(),
+        device_uid=hd.UID(),
+    )
+    assert [k for k, _ in encoded.objects] == ["SEG", "SR", "RTSTRUCT"]
+    notes = dict(encoded.notes)
+    assert notes["source_values_repaired"] == "PatientBirthDate, SeriesDate, StudyDate, StudyTime"
+    assert "1970" not in str(encoded.notes)
+    for kind, ds in encoded.objects:
+        path = tmp_path / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        _validate(path)
+        back = pydicom.dcmread(path)
+        assert (back.PatientBirthDate, back.StudyDate, back.StudyTime) == (
+            "19700303",
+            "20200102",
+            "123005",
+        ), kind

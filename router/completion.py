@@ -113,6 +113,8 @@ class CompletionMonitor:
             return "announced counts reached"
         if self.ready is not None and self.ready(s, study.study_uid):
             return "required series present"
+        if study.interrupted_at is not None:
+            return None  # cut off by a crash: a quiet study may be a partial one
         if study.last_received_at <= now - timedelta(seconds=self.policy.quiet_period_s):
             return "quiet period"
         return None

@@ -73,6 +73,10 @@ class Ingest:
             with self.store.session() as s:
                 if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)):
                     log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
+                    study = s.get(Study, study_uid)
+                    if study is not None and study.interrupted_at is not None:
+                        _resumed(study)  # a resend after a crash
+                        study.last_received_at = utcnow()
                     return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
             path = instance_path(self.spool_root, study_uid, series_uid, sop_uid)
             pending = 0 if received.path is not None else len(received.data or b"")
@@ -163,12 +167,20 @@ def _upsert_study(s: Any, ds: Dataset, study_uid: str, calling_ae: str | None) -
         )
         s.flush()
         return
+    _resumed(study)
     study.last_received_at = now
     if study.state is not StudyState.RECEIVING:
         # Late arrival after routing: the study re-opens and will be routed again.
         study.state = StudyState.RECEIVING
         study.opened_at = now
         s.add(Event(kind="study_reopened", study_uid=study_uid))
+
+
+def _resumed(study: Study) -> None:
+    """An instance arrived for a study a crash cut off: its sender is sending again, and the
+    quiet period after it completes the study as usual."""
+    if study.interrupted_at is not None:
+        study.interrupted_at = None
 
 
 def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str, source: Source) -> None:

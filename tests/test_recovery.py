@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -71,7 +72,10 @@ def test_sigkill_mid_transfer_then_restart_and_resend(tmp_path: Path) -> None:
         acked = acknowledged(log_path.read_text())
         assert 100 <= len(acked) < 300
 
-        node = start_node(tmp_path / "node", orthanc)  # same data directory
+        # same data directory; a short grace, then no resend for a while
+        node = start_node(
+            tmp_path / "node", orthanc, router={"restart_grace_s": 1.0, "quiet_period_s": 1.0}
+        )
         stored = {
             row["00080018"]["Value"][0]
             for row in node.get(f"/dicomweb/studies/{study}/series/{series}/instances") or []
@@ -79,6 +83,15 @@ def test_sigkill_mid_transfer_then_restart_and_resend(tmp_path: Path) -> None:
         acked_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in acked}
         assert acked_uids <= stored, "an acknowledged instance was lost"
         assert not node.get(f"/api/jobs?study={study}"), "a partial study was routed"
+        (held,) = node.get(f"/api/events?study={study}&kind=study_interrupted")
+        assert "deadline" in held["detail"]
+        # Well past the grace and the quiet period, the partial series is still not routed:
+        # the modality may be slow to resend, and 100 of 300 slices is not the study.
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            assert not node.get(f"/api/jobs?study={study}"), "a partial study was routed"
+            time.sleep(0.25)
+        assert not node.get(f"/api/events?study={study}&kind=study_complete")
 
         resent = storescu(node.dimse_port, files)  # the sender retries the whole transfer
         assert resent.returncode == 0, resent.stderr

@@ -24,7 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from airouter.app.web import create_app
-from airouter.core.db import Job, Store, Study, utcnow
+from airouter.core.db import Event, Job, Store, Study, utcnow
 from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import SharedMemoryMode, StudyState
@@ -178,14 +178,26 @@ class Node:
     def _recover(self) -> None:
         """After a restart: jobs interrupted mid-run are queued again (or failed, when they
         were in flight at ``jobs.max_attempts`` crashes), and studies that were still
-        receiving wait ``restart_grace_s`` for their senders to resend before they may
-        complete (a crash is not the end of a transfer)."""
-        grace_until = utcnow() + timedelta(seconds=self.settings.router.restart_grace_s)
+        receiving are marked interrupted: a crash is not the end of a transfer, so the quiet
+        period no longer completes them (no job runs on a partial series); their announced
+        counts, required series, a resend (after ``restart_grace_s``) or the deadline do."""
+        now = utcnow()
+        grace_until = now + timedelta(seconds=self.settings.router.restart_grace_s)
         with self.store.session() as s:
+            cut = s.scalars(select(Study.study_uid).where(Study.state == StudyState.RECEIVING))
+            for uid in cut.all():
+                s.add(
+                    Event(
+                        kind="study_interrupted",
+                        study_uid=uid,
+                        detail="still receiving when the node stopped: completes at its "
+                        "announced counts, its rules' required series, a resend or the deadline",
+                    )
+                )
             s.execute(
                 update(Study)
                 .where(Study.state == StudyState.RECEIVING)
-                .values(last_received_at=grace_until)
+                .values(last_received_at=grace_until, interrupted_at=now)
             )
         recover_jobs(self.store, self.settings.jobs.max_attempts)
 

@@ -75,6 +75,9 @@ class Study(Base):
     opened_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # (re-)opened
     last_received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Still receiving when the node stopped: the quiet period does not complete it (its sender
+    # may be slow to resend); its announced counts, required series or deadline do.
+    interrupted_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Series(Base):

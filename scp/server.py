@@ -7,6 +7,7 @@ receiver does not know what they do.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -91,8 +92,28 @@ def _status(status: StoreStatus, reason: str) -> Dataset:
 
 
 def handle_end(event: Any, tracker: AssociationTracker) -> None:
-    """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: the association's studies may complete."""
+    """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: the association's studies may complete,
+    and the temporary file of a data set cut off mid-transfer is removed (never
+    acknowledged, it would stay in the incoming folder until the next start)."""
     tracker.end(id(event.assoc))
+    _discard_partial(event.assoc)
+
+
+def _discard_partial(assoc: Any) -> None:
+    # pynetdicom keeps the message being received on its DIMSE provider (``dimse.message``,
+    # reset once a message is complete) with the file it streams the data set to.
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    path = getattr(message, "_data_set_path", None)
+    if isinstance(path, tuple):
+        path = path[0]
+    if path is None:
+        return
+    handle = getattr(message, "_data_set_file", None)
+    with contextlib.suppress(OSError):
+        if handle is not None:
+            handle.close()
+        Path(path).unlink(missing_ok=True)
+        log.info("assoc %s ended mid-transfer: partial data set discarded", assoc.name)
 
 
 def configure_pynetdicom(incoming_dir: Path) -> None:

@@ -21,7 +21,7 @@ from airouter.core.vocab import StoreStatus
 from router.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
 from scp.server import start_dimse
-from tests.peers import free_port, head_ct_files, storescu, tool
+from tests.peers import free_port, head_ct_files, storescu, tool, wait_for
 
 
 class Node:
@@ -460,3 +460,37 @@ def test_specific_character_sets_index_and_serve_names(node: Node) -> None:
         (row,) = wado.get(f"/dicomweb/studies?StudyInstanceUID={study}").json()
         served = row["00100010"].get("Value", [{"Alphabetic": ""}])[0]["Alphabetic"]
         assert served == name, (study, served, name)
+
+
+def test_a_data_set_cut_off_mid_transfer_leaves_no_file(node: Node) -> None:
+    """A C-STORE whose association aborts halfway: nothing is stored or acknowledged, and the
+    partial temporary file is gone when the association ends (not at the next start)."""
+    import io
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    source = head_ct_files()[0]
+    ds = pydicom.dcmread(source)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    ae.maximum_pdu_size = 16384
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="AIROUTER")
+    assert assoc.is_established
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.DataSet = io.BytesIO(source.read_bytes())  # bytes enough for several PDUs
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context = assoc.accepted_contexts[0].context_id
+    pdata = list(message.encode_msg(context, 16384))
+    assert len(pdata) > 10
+    for p in pdata[:8]:  # the command and a few fragments of the data set
+        assoc.dul.send_pdu(p)
+    incoming = node.settings.incoming_dir
+    wait_for(lambda: list(incoming.glob("*.dcm")), 10, "the partial data set on disk")
+    assoc.abort()
+    wait_for(lambda: not list(incoming.glob("*.dcm")), 10, "the partial file removed")
+    assert node.count() == 0

@@ -13,6 +13,7 @@ import logging
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -59,6 +60,20 @@ def send(
     raise TypeError(f"unknown destination kind: {type(node).__name__}")
 
 
+def _read(path: str, **kwargs: Any) -> Dataset:
+    """An archived file, with SOP Class / Instance UIDs the data set lacked taken from its
+    file meta (which holds the C-STORE request's: the ingest records when it relied on it)."""
+    ds = dcmread(path, **kwargs)
+    meta = getattr(ds, "file_meta", None)
+    for keyword, source in (
+        ("SOPClassUID", "MediaStorageSOPClassUID"),
+        ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+    ):
+        if not str(ds.get(keyword, "") or "").strip() and meta is not None and source in meta:
+            setattr(ds, keyword, meta[source].value)
+    return ds
+
+
 def _tls_context(node: DicomNode) -> ssl.SSLContext:
     assert node.tls is not None
     context = ssl.create_default_context(
@@ -83,7 +98,7 @@ def send_dicom(
     files (as archived or received: nothing is transcoded) plus the uncompressed ones; then,
     for a destination with ``storage_commitment``, an N-ACTION asking it to commit to the
     instances it stored (its answer arrives later as an N-EVENT-REPORT)."""
-    datasets: list[tuple[int, Dataset]] = [(i, dcmread(path)) for i, path in items]
+    datasets: list[tuple[int, Dataset]] = [(i, _read(path)) for i, path in items]
     syntaxes: dict[str, list[str]] = {}
     for _, ds in datasets:
         ts = str(ds.file_meta.TransferSyntaxUID)
@@ -153,7 +168,7 @@ def send_dicomweb(node: DicomWebNode, items: Items) -> Answers:
     client = DICOMwebClient(node.url, session=session, timeout=node.timeout_s)
     answers: Answers = []
     for delivery_id, path in items:
-        ds = dcmread(path)
+        ds = _read(path)
         try:
             response = client.store_instances([ds])
         except requests.HTTPError as exc:
@@ -200,7 +215,7 @@ def send_folder(node: FolderNode, items: Items) -> Answers:
     answers: Answers = []
     for delivery_id, path in items:
         try:
-            ds = dcmread(path, stop_before_pixels=True)
+            ds = _read(path, stop_before_pixels=True)
             target = instance_path(
                 node.path, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
             )

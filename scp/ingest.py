@@ -108,6 +108,16 @@ class Ingest:
                         source=received.source,
                     )
                 )
+                filled = _filled_from_command(ds)
+                if filled:
+                    s.add(
+                        Event(
+                            kind="identifiers_from_command",
+                            study_uid=study_uid,
+                            detail=f"{sop_uid}: the data set has no {' or '.join(filled)}; "
+                            "the C-STORE request's (or the file meta's) is used",
+                        )
+                    )
         except IntegrityError:
             # A concurrent association stored the same SOP Instance UID first: it is stored once.
             return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
@@ -115,6 +125,20 @@ class Ingest:
             log.error("cannot persist %s: %s", sop_uid, exc)
             return Outcome(StoreStatus.OUT_OF_RESOURCES, f"cannot persist: {exc.strerror}")
         return Outcome(StoreStatus.SUCCESS, "", study_uid, sop_uid)
+
+
+def _filled_from_command(ds: Dataset) -> list[str]:
+    """The SOP identifiers the data set lacks (the index holds the request's: the senders
+    put them back into what they send)."""
+    missing = []
+    for keyword in ("SOPClassUID", "SOPInstanceUID"):
+        try:
+            present = bool(str(ds.get(keyword, "") or "").strip())
+        except Exception:  # unreadable: as good as absent
+            present = False
+        if not present:
+            missing.append(keyword)
+    return missing
 
 
 def free_bytes(path: Path) -> int:

@@ -106,6 +106,40 @@ def test_empty_sop_instance_uid_falls_back_to_the_request(node: Node, tmp_path: 
         assert s.scalar(select(Instance.sop_instance_uid)) == sop
 
 
+def test_a_data_set_without_its_sop_class_is_stored_said_and_sent_whole(
+    node: Node, tmp_path: Path
+) -> None:
+    """The request carries the SOP Class UID the data set lacks: the node stores the instance,
+    records that it relied on the request, and what it forwards carries the UID again (every
+    forward of such an instance used to fail)."""
+    from airouter.core.db import Event
+    from airouter.core.settings import DicomNode, DispatchSettings
+    from dispatch.senders import send_dicom
+
+    ds = pydicom.dcmread(head_ct_files()[0])
+    sop_class = ds.SOPClassUID
+    del ds.SOPClassUID
+    ds.save_as(tmp_path / "noclass.dcm")  # file meta keeps it: the request carries it
+    assert _send(node.port, tmp_path / "noclass.dcm").Status == StoreStatus.SUCCESS
+    with node.store.session() as s:
+        inst = s.scalars(select(Instance)).one()
+        detail = s.scalar(select(Event.detail).where(Event.kind == "identifiers_from_command"))
+    assert inst.sop_class_uid == sop_class
+    assert detail is not None and "SOPClassUID" in detail and inst.sop_instance_uid in detail
+    (tmp_path / "pacs").mkdir()
+    pacs = Node(tmp_path / "pacs")
+    try:
+        destination = DicomNode(ae_title="AIROUTER", host="127.0.0.1", port=pacs.port)
+        ((_, ok, answer),) = send_dicom(destination, [(1, inst.path)], DispatchSettings())
+        assert ok, answer
+        with pacs.store.session() as s:
+            received = s.scalars(select(Instance)).one()
+        assert received.sop_class_uid == sop_class
+        assert pydicom.dcmread(received.path).SOPClassUID == sop_class  # in the data set
+    finally:
+        pacs.server.shutdown()
+
+
 def test_missing_study_uid_is_refused_with_a_reason(node: Node, tmp_path: Path) -> None:
     ds = pydicom.dcmread(head_ct_files()[0])
     ds.StudyInstanceUID = ""

@@ -21,6 +21,7 @@ from airouter.core.phi import REGISTRY
 from airouter.core.spool import InvalidUID, check_uid, instance_path, move_durable, write_durable
 from airouter.core.tags import int_value, series_tags, text_value
 from airouter.core.vocab import Source, StoreStatus, StudyState
+from scp.limits import check_inflation
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,23 @@ class Outcome:
 class Ingest:
     """Spool + index; thread-safe (pynetdicom runs one handler thread per association)."""
 
-    def __init__(self, store: Store, spool_root: Path, reserve_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        spool_root: Path,
+        reserve_bytes: int = 0,
+        max_inflated_bytes: int = 1 << 30,
+    ) -> None:
         self.store = store
         self.spool_root = spool_root
         self.reserve_bytes = reserve_bytes
+        self.max_inflated_bytes = max_inflated_bytes
         self._lock = threading.Lock()  # serialises index writes of one process (SQLite)
+
+    def check_limits(self, source: Path | bytes) -> None:
+        """Raise :class:`scp.limits.TooLarge` for an instance that would exceed the limits
+        (a deflated data set inflating beyond ``max_inflated_bytes``); call it before parsing."""
+        check_inflation(source, self.max_inflated_bytes)
 
     def store_instance(self, ds: Dataset, received: Received) -> Outcome:
         """Persist and index one instance. Never raises: every failure is a status."""

@@ -34,6 +34,7 @@ from airouter.core.settings import ScpSettings
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import StoreStatus
 from scp.ingest import Ingest, Received
+from scp.limits import TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,37 @@ def handle_store(event: Any, ingest: Ingest, tracker: AssociationTracker) -> Dat
     """EVT_C_STORE: acknowledge only once the instance is durable and indexed.
 
     pynetdicom has already written the data set as received to a temporary file (chunked
-    receive); only the header is parsed here, and the file is renamed into the spool.
+    receive); only the header is parsed here, and the file is renamed into the spool. A
+    deflated data set is measured before it is parsed (``Ingest.check_limits``).
     """
+    path = Path(event.dataset_path)
+    try:
+        return _store(event, path, ingest, tracker)
+    finally:
+        path.unlink(missing_ok=True)  # refused (stored ones were moved into the spool)
+
+
+def _store(event: Any, path: Path, ingest: Ingest, tracker: AssociationTracker) -> Dataset:
     assoc = event.assoc
     try:
-        path = Path(event.dataset_path)
+        ingest.check_limits(path)
+    except TooLarge as exc:
+        reason = str(exc)
+        log.warning("assoc %s: C-STORE refused: %s", assoc.name, reason)
+        ingest.store.record(
+            "store_refused",
+            {
+                "sop_instance_uid": str(event.request.AffectedSOPInstanceUID or ""),
+                "status": int(StoreStatus.OUT_OF_RESOURCES),
+                "reason": reason,
+                "calling_ae": assoc.requestor.ae_title,
+            },
+        )
+        return _status(StoreStatus.OUT_OF_RESOURCES, reason)
+    except Exception as exc:
+        log.warning("assoc %s: cannot read the file meta of a data set: %s", assoc.name, exc)
+        return _status(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
+    try:
         ds = dcmread(path, stop_before_pixels=True)
         received = Received(
             path=path,

@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import FailureReason, Source, StoreStatus
 from scp.ingest import Ingest, Received
+from scp.limits import TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,14 @@ def _store_one(
     part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
     if part_type != "application/dicom":
         fail(FailureReason.CANNOT_UNDERSTAND, f"part is {part_type}, not application/dicom")
+        return
+    try:
+        ingest.check_limits(content)
+    except TooLarge as exc:
+        fail(FailureReason.OUT_OF_RESOURCES, str(exc))
+        return
+    except Exception as exc:
+        fail(FailureReason.CANNOT_UNDERSTAND, f"not a DICOM file with meta information: {exc}")
         return
     try:
         ds = dcmread(io.BytesIO(content), stop_before_pixels=True)

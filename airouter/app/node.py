@@ -73,7 +73,8 @@ class Node:
         self.store = Store(settings.db_url)
         self.tracker = AssociationTracker()
         reserve = int(settings.scp.min_free_space_mb * 1024 * 1024)
-        self.ingest = Ingest(self.store, settings.spool_dir, reserve)
+        inflated = int(settings.scp.max_inflated_mb * 1024 * 1024)
+        self.ingest = Ingest(self.store, settings.spool_dir, reserve, inflated)
         self.outbox = Outbox(settings.archive_dir, settings.dispatch)
         self.dispatcher = Dispatcher(self.store, settings.dispatch)
         self.scheduler = BackgroundScheduler(timezone=UTC)
@@ -313,6 +314,7 @@ class Node:
             on_job_queued=self.wake_workers,
             log_phi=self.settings.log_phi,
             hosts=self.settings.http.served_hosts(),
+            max_request_bytes=int(self.settings.http.max_request_mb * 1024 * 1024),
         )
         http = self.settings.http
         # log_config=None: uvicorn's records go through the root handlers (one format, and

@@ -167,6 +167,8 @@ class ScpSettings(_Strict):
     maximum_pdu_size: int = Field(default=0, ge=0)  # 0 = unlimited
     # Refuse new instances (0xA700) while the data directory's filesystem has less free space.
     min_free_space_mb: float = Field(default=256.0, ge=0)
+    # A deflated data set that inflates beyond this is refused (0xA700): no decompression bomb.
+    max_inflated_mb: float = Field(default=1024.0, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -192,6 +194,8 @@ class HttpSettings(_Strict):
     # ones and ``host`` itself; others get 400, so a DNS-rebinding page cannot read the
     # archive. "*" answers any Host (behind a proxy that checks it).
     allowed_hosts: list[str] = Field(default_factory=list)
+    # A request body (a STOW-RS request, all its parts) larger than this is refused with 413.
+    max_request_mb: float = Field(default=1024.0, gt=0)
 
     def served_hosts(self) -> frozenset[str] | None:
         """Every Host the server answers to (None: any)."""

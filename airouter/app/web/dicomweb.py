@@ -87,8 +87,26 @@ def _multipart(paths: list[str]) -> StreamingResponse:
     return StreamingResponse(body(), media_type=media)
 
 
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 beyond ``limit`` bytes: by its Content-Length before
+    reading anything, or as it streams in."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body larger than {limit >> 20} MB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"request body larger than {limit >> 20} MB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def dicomweb_router(
-    store: Store, ingest: Ingest | None = None, tracker: AssociationTracker | None = None
+    store: Store,
+    ingest: Ingest | None = None,
+    tracker: AssociationTracker | None = None,
+    max_request_bytes: int = 1 << 30,
 ) -> APIRouter:
     """QIDO-RS and WADO-RS of the archive; STOW-RS when an ingest is given."""
     app = APIRouter(prefix="/dicomweb")
@@ -98,7 +116,7 @@ def dicomweb_router(
             raise HTTPException(405, "this node does not accept STOW-RS")
         try:
             boundary = boundary_of(request.headers.get("content-type", ""))
-            parts = split_parts(await request.body(), boundary)
+            parts = split_parts(await _body(request, max_request_bytes), boundary)
         except StowError as exc:
             raise HTTPException(exc.status, str(exc)) from exc
         base = str(request.base_url).rstrip("/") + "/dicomweb"

@@ -19,7 +19,14 @@ from sqlalchemy.exc import IntegrityError
 from airouter.core.db import Event, Instance, Series, Store, Study, utcnow
 from airouter.core.phi import REGISTRY
 from airouter.core.spool import InvalidUID, check_uid, instance_path, move_durable, write_durable
-from airouter.core.tags import int_value, series_tags, text_value
+from airouter.core.tags import (
+    Unreadable,
+    int_value,
+    read,
+    read_or_none,
+    series_tags,
+    text_value,
+)
 from airouter.core.vocab import Source, StoreStatus, StudyState
 from scp.limits import check_inflation
 
@@ -81,6 +88,7 @@ class Ingest:
         except InvalidUID as exc:
             return Outcome(StoreStatus.CANNOT_UNDERSTAND, str(exc))
         study_uid, series_uid, sop_uid, sop_class = ids
+        moved: Path | None = None
         REGISTRY.remember_dataset(ds)  # kept out of logs and events unless log_phi is on
         try:
             with self.store.session() as s:
@@ -102,6 +110,7 @@ class Ingest:
                 assert received.data is not None
                 write_durable(path, received.data)
                 size = len(received.data)
+            moved = path  # from here on the spool holds it: an index failure removes it
             with self._lock, self.store.session() as s:
                 _upsert_study(s, ds, study_uid, received.calling_ae)
                 _upsert_series(s, ds, study_uid, series_uid, received.source)
@@ -111,7 +120,7 @@ class Ingest:
                         sop_class_uid=sop_class,
                         series_uid=series_uid,
                         study_uid=study_uid,
-                        instance_number=int_value(ds.get("InstanceNumber")),
+                        instance_number=int_value(read_or_none(ds, "InstanceNumber")),
                         transfer_syntax=received.transfer_syntax,
                         path=str(path),
                         size=size,
@@ -137,6 +146,13 @@ class Ingest:
         except OSError as exc:
             log.error("cannot persist %s: %s", sop_uid, exc)
             return Outcome(StoreStatus.OUT_OF_RESOURCES, f"cannot persist: {exc.strerror}")
+        except Exception as exc:  # a header the index cannot hold: refused, nothing left behind
+            if moved is not None:
+                moved.unlink(missing_ok=True)
+            log.warning("refusing %s: cannot index it (%s)", sop_uid, type(exc).__name__)
+            return Outcome(
+                StoreStatus.CANNOT_UNDERSTAND, f"cannot index the data set ({type(exc).__name__})"
+            )
         return Outcome(StoreStatus.SUCCESS, "", study_uid, sop_uid)
 
 
@@ -146,7 +162,7 @@ def _filled_from_command(ds: Dataset) -> list[str]:
     missing = []
     for keyword in ("SOPClassUID", "SOPInstanceUID"):
         try:
-            present = bool(str(ds.get(keyword, "") or "").strip())
+            present = bool(str(read(ds, keyword, "") or "").strip())
         except Exception:  # unreadable: as good as absent
             present = False
         if not present:
@@ -171,18 +187,27 @@ def _identifiers(ds: Dataset, received: Received) -> tuple[str, str, str, str]:
     data set name different instances is refused; a STOW part's file meta that disagrees with
     its data set is common and harmless (the data set wins).
     """
-    sop_uid = str(ds.get("SOPInstanceUID", "") or received.command_sop_instance_uid or "")
-    sop_class = str(ds.get("SOPClassUID", "") or received.command_sop_class_uid or "")
+    own_sop = _uid_text(ds, "SOPInstanceUID")
+    sop_uid = own_sop or received.command_sop_instance_uid or ""
+    sop_class = _uid_text(ds, "SOPClassUID") or received.command_sop_class_uid or ""
     cmd_uid = received.command_sop_instance_uid
-    mismatch = cmd_uid and ds.get("SOPInstanceUID") and str(ds.SOPInstanceUID) != cmd_uid
-    if mismatch and received.source is Source.DIMSE:
+    if cmd_uid and own_sop and own_sop != cmd_uid and received.source is Source.DIMSE:
         raise InvalidUID("SOPInstanceUID in the data set differs from the C-STORE request")
     return (
-        check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-        check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        check_uid(_uid_text(ds, "StudyInstanceUID"), "StudyInstanceUID"),
+        check_uid(_uid_text(ds, "SeriesInstanceUID"), "SeriesInstanceUID"),
         check_uid(sop_uid, "SOPInstanceUID"),
         check_uid(sop_class, "SOPClassUID"),
     )
+
+
+def _uid_text(ds: Dataset, keyword: str) -> str:
+    """A UID attribute as text ("" when absent); unreadable is refused naming the keyword."""
+    try:
+        value = read(ds, keyword, "")
+    except Unreadable as exc:
+        raise InvalidUID(str(exc)) from exc
+    return str(value or "")
 
 
 def _upsert_study(s: Any, ds: Dataset, study_uid: str, calling_ae: str | None) -> None:
@@ -229,7 +254,7 @@ def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str, source:
             series_uid=series_uid,
             study_uid=study_uid,
             modality=text_value(ds, "Modality"),
-            series_number=int_value(ds.get("SeriesNumber")),
+            series_number=int_value(read_or_none(ds, "SeriesNumber")),
             series_description=text_value(ds, "SeriesDescription"),
             body_part_examined=text_value(ds, "BodyPartExamined"),
             tags=tags,

@@ -24,6 +24,7 @@ from pynetdicom import (
     ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     _config,
+    dimse,
     dimse_messages,
     evt,
 )
@@ -160,6 +161,34 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
     )
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     _config.STORE_RECV_CHUNKED_DATASET = True
+    _guard_dimse_decoding()
+
+
+def _guard_dimse_decoding() -> None:
+    """A DIMSE message pynetdicom cannot decode (a C-STORE-RQ command without its Affected SOP
+    Class UID, seen in fuzzing) raised inside its reactor thread, which died with the
+    association still holding its slot until the sender gave up. Such a message now aborts
+    the association (as pynetdicom does for a message it recognises as invalid) and its
+    partial data set is removed. A small wrapper of one method, upstreamable as a try/except."""
+    provider = dimse.DIMSEServiceProvider
+    if getattr(provider.receive_primitive, "_airouter_guarded", False):
+        return
+    original = provider.receive_primitive
+
+    def receive_primitive(self: Any, primitive: Any) -> None:
+        try:
+            original(self, primitive)
+        except Exception as exc:
+            name = getattr(self.assoc, "name", "?")
+            log.warning(
+                "assoc %s: undecodable DIMSE message (%s): aborted", name, type(exc).__name__
+            )
+            _discard_partial(self.assoc)
+            self.message = None
+            self.dul.event_queue.put("Evt19")
+
+    receive_primitive._airouter_guarded = True  # type: ignore[attr-defined]
+    provider.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)

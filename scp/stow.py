@@ -19,6 +19,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from airouter.core.tags import read_or_none
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import FailureReason, Source, StoreStatus
 from scp.ingest import Ingest, Received
@@ -183,9 +184,9 @@ def _store_one(
     except Exception as exc:
         fail(FailureReason.CANNOT_UNDERSTAND, f"cannot parse data set: {exc}")
         return
-    sop_class = str(ds.get("SOPClassUID", "") or meta.get("MediaStorageSOPClassUID", ""))
-    sop_uid = str(ds.get("SOPInstanceUID", "") or meta.get("MediaStorageSOPInstanceUID", ""))
-    if study_uid is not None and str(ds.get("StudyInstanceUID", "")) != study_uid:
+    sop_class = str(read_or_none(ds, "SOPClassUID") or meta.get("MediaStorageSOPClassUID", ""))
+    sop_uid = str(read_or_none(ds, "SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID", ""))
+    if study_uid is not None and str(read_or_none(ds, "StudyInstanceUID") or "") != study_uid:
         fail(
             FailureReason.CANNOT_UNDERSTAND,
             "StudyInstanceUID differs from the request URL",
@@ -214,7 +215,7 @@ def _store_one(
     assert outcome.study_uid is not None
     tracker.touch(request_id, outcome.study_uid)
     item = _ref(sop_class, outcome.sop_instance_uid)
-    series = str(ds.SeriesInstanceUID)
+    series = str(read_or_none(ds, "SeriesInstanceUID") or "")
     item["00081190"] = {
         "vr": "UR",
         "Value": [

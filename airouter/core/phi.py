@@ -48,7 +48,7 @@ _IDENTIFYING = frozenset(
 _REMEMBERED = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs")
 _MIN_CHARS = 3  # shorter values identify nobody and would blank out ordinary words
 _QUOTED = re.compile(r"""(["'])(?:(?!\1).){1,128}\1""")
-_LIBRARIES = ("highdicom", "pydicom", "pynetdicom", "py.warnings")
+_LIBRARIES = ("highdicom", "pydicom", "py.warnings")  # they quote attribute values
 
 
 def is_identifying(keyword: str) -> bool:

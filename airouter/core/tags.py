@@ -18,10 +18,37 @@ _SKIPPED_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "UT", "LT"}
 _MAX_VALUE_CHARS = 256
 
 
+class Unreadable(ValueError):
+    """An attribute is present but its value cannot be read (an unknown VR, a bad length)."""
+
+
+def read(ds: Dataset, keyword: str, default: Any = None) -> Any:
+    """The one guarded accessor: ``keyword``'s value, ``default`` when absent, and
+    :class:`Unreadable` (naming the keyword, never the value) when pydicom cannot convert it.
+    pydicom converts values lazily, on first access; any of its errors surfaces here."""
+    try:
+        return ds.get(keyword, default)
+    except Exception as exc:
+        raise Unreadable(f"{keyword} is unreadable ({type(exc).__name__})") from exc
+
+
+def read_or_none(ds: Dataset, keyword: str) -> Any:
+    """Like :func:`read`, with None for an unreadable value (for what indexing may lack)."""
+    try:
+        return read(ds, keyword)
+    except Unreadable:
+        return None
+
+
 def series_tags(ds: Dataset) -> dict[str, Any]:
-    """The attributes rules match on, by keyword, as JSON-able values."""
+    """The attributes rules match on, by keyword, as JSON-able values (an unreadable element
+    is skipped)."""
     tags: dict[str, Any] = {}
-    for element in ds:
+    for tag in list(ds.keys()):
+        try:
+            element = ds[tag]
+        except Exception:
+            continue
         keyword = element.keyword
         if not keyword or element.tag.is_private or element.VR in _SKIPPED_VRS:
             continue

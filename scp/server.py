@@ -11,7 +11,12 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import select
+import socket
+import ssl
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +231,88 @@ def build_ae(settings: ScpSettings, extra: Sequence[ExtraService] = ()) -> AE:
     return ae
 
 
+class AssociationGate:
+    """Admits a connection to pynetdicom only once its whole A-ASSOCIATE-RQ has arrived.
+
+    pynetdicom gives every connection an association thread and a slot at once, and reads the
+    rest of a PDU with no deadline: 17 sockets that send the first 10 bytes of an
+    A-ASSOCIATE-RQ, or nothing, held every slot. Here a connection waits in a gate thread of
+    its own, without a slot, until the request is complete in the kernel's buffer (peeked,
+    not consumed: pynetdicom then reads it at once), for at most ``deadline_s``; at most
+    ``per_source`` connections of one address and ``total`` in all wait at a time, and any
+    more are closed unanswered.
+    """
+
+    _POLL_S = 0.05
+    _LARGEST_RQ = 64 * 1024  # an A-ASSOCIATE-RQ is a few kB; more is not one
+
+    def __init__(self, deadline_s: float, per_source: int, total: int) -> None:
+        self.deadline_s = deadline_s
+        self.per_source = per_source
+        self.total = total
+        self._lock = threading.Lock()
+        self._waiting: dict[str, int] = {}
+
+    def admit(self, sock: Any, address: str) -> bool:
+        """Whether ``sock`` holds a complete A-ASSOCIATE-RQ (or another PDU pynetdicom will
+        answer at once) within the deadline; False closes it unanswered."""
+        with self._lock:
+            if (
+                self._waiting.get(address, 0) >= self.per_source
+                or sum(self._waiting.values()) >= self.total
+            ):
+                return False
+            self._waiting[address] = self._waiting.get(address, 0) + 1
+        try:
+            return self._complete_request(sock)
+        except OSError:
+            return False
+        finally:
+            with self._lock:
+                self._waiting[address] -= 1
+                if not self._waiting[address]:
+                    del self._waiting[address]
+
+    def _complete_request(self, sock: Any) -> bool:
+        deadline = time.monotonic() + self.deadline_s
+        needed = 6  # the PDU header: type, reserved, 4-byte length
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            readable, _, _ = select.select([sock], [], [], left)
+            if not readable:
+                return False
+            data = sock.recv(self._LARGEST_RQ + 6, socket.MSG_PEEK)
+            if not data:
+                return False  # closed by the peer
+            if len(data) >= 6 and needed == 6:
+                needed = 6 + int.from_bytes(data[2:6], "big")
+                if needed > self._LARGEST_RQ + 6:
+                    return False
+            if len(data) >= needed:
+                return True
+            time.sleep(self._POLL_S)  # part of it is here: wait for the rest
+
+
+def _gated(server: ThreadedAssociationServer, gate: AssociationGate) -> None:
+    """Put ``gate`` in front of the server's per-connection work (run in its own thread)."""
+    finish = server.finish_request
+
+    def finish_request(request: Any, client_address: Any) -> None:
+        address = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        if not isinstance(request, socket.socket) or isinstance(request, ssl.SSLSocket):
+            finish(request, client_address)  # TLS: its handshake has its own timeout
+            return
+        if not gate.admit(request, address):
+            log.info("connection from %s closed: no A-ASSOCIATE-RQ in time", address)
+            server.shutdown_request(request)
+            return
+        finish(request, client_address)
+
+    server.finish_request = finish_request  # type: ignore[method-assign]
+
+
 def start_dimse(
     settings: ScpSettings,
     ingest: Ingest,
@@ -240,6 +327,8 @@ def start_dimse(
     """
     configure_pynetdicom(incoming_dir)
     ae = build_ae(settings, extra)
+    # socketserver's default listen backlog is 5: 100 connects took 15 s
+    ThreadedAssociationServer.request_queue_size = settings.listen_backlog
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ingest, tracker]),
         *[(x.event, x.handler, list(x.args)) for x in extra],
@@ -251,6 +340,10 @@ def start_dimse(
         (settings.dimse_host, settings.dimse_port), block=False, evt_handlers=handlers
     )
     assert server is not None  # block=False returns the server
+    gate = AssociationGate(
+        settings.association_deadline_s, settings.max_pending_per_source, settings.max_pending
+    )
+    _gated(server, gate)
     if settings.allowed_source_networks:
         networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_source_networks]
 

@@ -528,3 +528,38 @@ def test_a_data_set_cut_off_mid_transfer_leaves_no_file(node: Node) -> None:
     assoc.abort()
     wait_for(lambda: not list(incoming.glob("*.dcm")), 10, "the partial file removed")
     assert node.count() == 0
+
+
+def test_half_sent_and_idle_connections_take_no_association_slot(tmp_path: Path) -> None:
+    """50 sockets that send the first 10 bytes of an A-ASSOCIATE-RQ (announcing 172) and 200
+    that send nothing, from another loopback address, held open: a modality still echoes and
+    stores a 10-instance study, each within seconds, while they are held and after. Four
+    association slots: without the gate, four such sockets were enough."""
+    import socket
+    import time
+
+    n = Node(tmp_path, max_associations=4, association_deadline_s=3.0)
+    held: list[socket.socket] = []
+    try:
+        partial = b"\x01\x00" + (166).to_bytes(4, "big") + b"\x00\x01\x00\x00"
+        for k in range(250):
+            s = socket.create_connection(
+                ("127.0.0.1", n.port), timeout=5, source_address=("127.0.0.2", 0)
+            )
+            if k < 50:
+                s.sendall(partial)
+            held.append(s)
+        files = head_ct_files()[:10]
+        for _ in range(2):  # while they are held, and once the gate has closed them
+            t0 = time.monotonic()
+            assert "accepted" in _echo(n.port, "MODALITY", "AIROUTER")
+            assert time.monotonic() - t0 < 5
+            t0 = time.monotonic()
+            result = storescu(n.port, files)
+            assert result.returncode == 0, result.stderr
+            assert time.monotonic() - t0 < 10
+        assert n.count() == 10
+    finally:
+        for s in held:
+            s.close()
+        n.server.shutdown()

@@ -165,6 +165,12 @@ class ScpSettings(_Strict):
     check_called_ae_title: bool = False  # reject associations not addressed to ae_title
     timeouts: DimseTimeouts = Field(default_factory=DimseTimeouts)
     maximum_pdu_size: int = Field(default=0, ge=0)  # 0 = unlimited
+    # A connection must send its whole A-ASSOCIATE-RQ within this; until then it takes no
+    # association slot, and only so many connections wait (of one address, in all).
+    association_deadline_s: float = Field(default=5.0, gt=0)
+    max_pending_per_source: int = Field(default=16, ge=1)
+    max_pending: int = Field(default=256, ge=1)
+    listen_backlog: int = Field(default=128, ge=1)
     # Refuse new instances (0xA700) while the data directory's filesystem has less free space.
     min_free_space_mb: float = Field(default=256.0, ge=0)
     # A deflated data set that inflates beyond this is refused (0xA700): no decompression bomb.

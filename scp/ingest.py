@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -76,10 +77,12 @@ class Ingest:
         self.max_inflated_bytes = max_inflated_bytes
         self._lock = threading.Lock()  # serialises index writes of one process (SQLite)
 
-    def check_limits(self, source: Path | bytes) -> None:
+    def check_limits(self, source: Path | bytes, transfer_syntax: str | None = None) -> None:
         """Raise :class:`scp.limits.TooLarge` for an instance that would exceed the limits
-        (a deflated data set inflating beyond ``max_inflated_bytes``); call it before parsing."""
-        check_inflation(source, self.max_inflated_bytes)
+        (a deflated data set inflating beyond ``max_inflated_bytes``); call it before parsing.
+        A known transfer syntax other than deflated costs nothing (no file is read)."""
+        if transfer_syntax is None or transfer_syntax == DeflatedExplicitVRLittleEndian:
+            check_inflation(source, self.max_inflated_bytes)
 
     def store_instance(self, ds: Dataset, received: Received) -> Outcome:
         """Persist and index one instance. Never raises: every failure is a status."""
@@ -87,7 +90,7 @@ class Ingest:
             ids = _identifiers(ds, received)
         except InvalidUID as exc:
             return Outcome(StoreStatus.CANNOT_UNDERSTAND, str(exc))
-        study_uid, series_uid, sop_uid, sop_class = ids
+        study_uid, series_uid, sop_uid, sop_class, filled = ids
         moved: Path | None = None
         REGISTRY.remember_dataset(ds)  # kept out of logs and events unless log_phi is on
         try:
@@ -96,7 +99,7 @@ class Ingest:
                     log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
                     study = s.get(Study, study_uid)
                     if study is not None and study.interrupted_at is not None:
-                        _resumed(study)  # a resend after a crash
+                        study.interrupted_at = None  # a resend after a crash: see _upsert_study
                         study.last_received_at = utcnow()
                     return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
             path = instance_path(self.spool_root, study_uid, series_uid, sop_uid)
@@ -130,7 +133,6 @@ class Ingest:
                         source=received.source,
                     )
                 )
-                filled = _filled_from_command(ds)
                 if filled:
                     s.add(
                         Event(
@@ -156,20 +158,6 @@ class Ingest:
         return Outcome(StoreStatus.SUCCESS, "", study_uid, sop_uid)
 
 
-def _filled_from_command(ds: Dataset) -> list[str]:
-    """The SOP identifiers the data set lacks (the index holds the request's: the senders
-    put them back into what they send)."""
-    missing = []
-    for keyword in ("SOPClassUID", "SOPInstanceUID"):
-        try:
-            present = bool(str(read(ds, keyword, "") or "").strip())
-        except Exception:  # unreadable: as good as absent
-            present = False
-        if not present:
-            missing.append(keyword)
-    return missing
-
-
 def free_bytes(path: Path) -> int:
     """Free space for unprivileged writers on the filesystem holding ``path``."""
     while not path.exists() and path != path.parent:
@@ -178,8 +166,9 @@ def free_bytes(path: Path) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def _identifiers(ds: Dataset, received: Received) -> tuple[str, str, str, str]:
-    """Study, series, SOP instance and SOP class UIDs.
+def _identifiers(ds: Dataset, received: Received) -> tuple[str, str, str, str, list[str]]:
+    """Study, series, SOP instance and SOP class UIDs, and which of the last two the data set
+    lacked (the index holds the request's: the senders put them back into what they send).
 
     The SOP Instance / Class UID fall back to the C-STORE command (the Affected SOP Instance
     UID identifies the instance, PS3.7 9.1.1), or for STOW to the file meta, when the data set
@@ -188,8 +177,10 @@ def _identifiers(ds: Dataset, received: Received) -> tuple[str, str, str, str]:
     its data set is common and harmless (the data set wins).
     """
     own_sop = _uid_text(ds, "SOPInstanceUID")
+    own_class = _uid_text(ds, "SOPClassUID")
     sop_uid = own_sop or received.command_sop_instance_uid or ""
-    sop_class = _uid_text(ds, "SOPClassUID") or received.command_sop_class_uid or ""
+    sop_class = own_class or received.command_sop_class_uid or ""
+    filled = [k for k, own in (("SOPClassUID", own_class), ("SOPInstanceUID", own_sop)) if not own]
     cmd_uid = received.command_sop_instance_uid
     if cmd_uid and own_sop and own_sop != cmd_uid and received.source is Source.DIMSE:
         raise InvalidUID("SOPInstanceUID in the data set differs from the C-STORE request")
@@ -198,6 +189,7 @@ def _identifiers(ds: Dataset, received: Received) -> tuple[str, str, str, str]:
         check_uid(_uid_text(ds, "SeriesInstanceUID"), "SeriesInstanceUID"),
         check_uid(sop_uid, "SOPInstanceUID"),
         check_uid(sop_class, "SOPClassUID"),
+        filled,
     )
 
 
@@ -229,20 +221,15 @@ def _upsert_study(s: Any, ds: Dataset, study_uid: str, calling_ae: str | None) -
         )
         s.flush()
         return
-    _resumed(study)
+    # An instance for a study a crash cut off: its sender is sending again, and the quiet
+    # period after it completes the study as usual.
+    study.interrupted_at = None
     study.last_received_at = now
     if study.state is not StudyState.RECEIVING:
         # Late arrival after routing: the study re-opens and will be routed again.
         study.state = StudyState.RECEIVING
         study.opened_at = now
         s.add(Event(kind="study_reopened", study_uid=study_uid))
-
-
-def _resumed(study: Study) -> None:
-    """An instance arrived for a study a crash cut off: its sender is sending again, and the
-    quiet period after it completes the study as usual."""
-    if study.interrupted_at is not None:
-        study.interrupted_at = None
 
 
 def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str, source: Source) -> None:

@@ -39,7 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from airouter.core.settings import ScpSettings
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import StoreStatus
-from scp.ingest import Ingest, Received
+from scp.ingest import Ingest, Outcome, Received
 from scp.limits import TooLarge
 
 log = logging.getLogger(__name__)
@@ -61,56 +61,44 @@ def handle_store(event: Any, ingest: Ingest, tracker: AssociationTracker) -> Dat
 
 def _store(event: Any, path: Path, ingest: Ingest, tracker: AssociationTracker) -> Dataset:
     assoc = event.assoc
+    transfer_syntax = str(event.context.transfer_syntax)
+    command_sop = str(event.request.AffectedSOPInstanceUID or "") or None
     try:
-        ingest.check_limits(path)
-    except TooLarge as exc:
-        reason = str(exc)
-        log.warning("assoc %s: C-STORE refused: %s", assoc.name, reason)
-        ingest.store.record(
-            "store_refused",
-            {
-                "sop_instance_uid": str(event.request.AffectedSOPInstanceUID or ""),
-                "status": int(StoreStatus.OUT_OF_RESOURCES),
-                "reason": reason,
-                "calling_ae": assoc.requestor.ae_title,
-            },
-        )
-        return _status(StoreStatus.OUT_OF_RESOURCES, reason)
-    except Exception as exc:
-        log.warning("assoc %s: cannot read the file meta of a data set: %s", assoc.name, exc)
-        return _status(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
-    try:
+        ingest.check_limits(path, transfer_syntax)
         ds = dcmread(path, stop_before_pixels=True)
+    except TooLarge as exc:
+        outcome = Outcome(StoreStatus.OUT_OF_RESOURCES, str(exc))
+    except Exception as exc:
+        log.warning("assoc %s: cannot decode data set: %s", assoc.name, exc)
+        return _status(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
+    else:
         received = Received(
             path=path,
-            transfer_syntax=str(event.context.transfer_syntax),
-            command_sop_instance_uid=str(event.request.AffectedSOPInstanceUID or "") or None,
+            transfer_syntax=transfer_syntax,
+            command_sop_instance_uid=command_sop,
             command_sop_class_uid=str(event.request.AffectedSOPClassUID or "") or None,
             calling_ae=assoc.requestor.ae_title,
             called_ae=assoc.acceptor.ae_title,
             source_address=assoc.requestor.address,
         )
-    except Exception as exc:
-        log.warning("assoc %s: cannot decode data set: %s", assoc.name, exc)
-        return _status(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
-    outcome = ingest.store_instance(ds, received)
+        outcome = ingest.store_instance(ds, received)
     if outcome.status == StoreStatus.SUCCESS and outcome.study_uid:
         tracker.touch(id(assoc), outcome.study_uid)
     elif outcome.status != StoreStatus.SUCCESS:
         log.warning(
             "assoc %s: C-STORE of %s refused (0x%04X): %s",
             assoc.name,
-            received.command_sop_instance_uid,
+            command_sop,
             outcome.status,
             outcome.reason,
         )
         ingest.store.record(
             "store_refused",
             {
-                "sop_instance_uid": received.command_sop_instance_uid,
+                "sop_instance_uid": command_sop,
                 "status": int(outcome.status),
                 "reason": outcome.reason,
-                "calling_ae": received.calling_ae,
+                "calling_ae": assoc.requestor.ae_title,
             },
         )
     return _status(outcome.status, outcome.reason)

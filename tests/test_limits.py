@@ -21,12 +21,11 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom import AE, _config
-from pynetdicom.presentation import build_context
 
 from airouter.core.vocab import FailureReason, StoreStatus
 from scp.limits import TooLarge, check_inflation
 from tests.peers import ROOT, NodeProcess, free_port, head_ct_files, start_node
+from tests.test_scp import _send
 
 pytestmark = pytest.mark.integration
 
@@ -106,21 +105,6 @@ def _plain_instance(path: Path) -> Path:
     return path
 
 
-def _c_store(node: NodeProcess, path: Path, transfer_syntax: str) -> Dataset:
-    """Send one file as stored, in ``transfer_syntax``, with pynetdicom."""
-    ae = AE(ae_title="MODALITY")
-    ae.requested_contexts = [build_context(CTImageStorage, [transfer_syntax])]
-    assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title="AIROUTER")
-    assert assoc.is_established
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        return assoc.send_c_store(path)
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = previous
-        assoc.release()
-
-
 def _stow(node: NodeProcess, body: bytes) -> tuple[int, dict]:
     connection = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=60)
     connection.request(
@@ -156,15 +140,15 @@ def test_bombs_and_huge_bodies_are_refused_without_the_node_growing(tmp_path: Pa
         # transfers cost the node some buffers once, whatever they hold): what is measured
         # next is the bombs.
         plain = _plain_instance(tmp_path / "plain.dcm")
-        assert _c_store(node, plain, ExplicitVRLittleEndian).Status == StoreStatus.SUCCESS
+        assert _send(node.dimse_port, plain).Status == StoreStatus.SUCCESS
         assert _stow(node, plain.read_bytes())[0] == 200
         ordinary = deflate_bomb(tmp_path / "ordinary.dcm", 1 << 20)
-        assert _c_store(node, ordinary, DeflatedExplicitVRLittleEndian).Status == 0
+        assert _send(node.dimse_port, ordinary).Status == 0
         _peak_rss_reset(pid)
         before = _rss_mb(pid)
 
         # C-STORE: the deflated bytes arrive (2 MB), are measured, refused with a reason
-        status = _c_store(node, bomb, DeflatedExplicitVRLittleEndian)
+        status = _send(node.dimse_port, bomb)  # its file meta says: deflated
         assert status.Status == StoreStatus.OUT_OF_RESOURCES
         assert "inflates beyond 1024 MB" in status.ErrorComment
 

@@ -67,10 +67,13 @@ def test_library_warnings_lose_their_quoted_values_even_unseen(captured: io.Stri
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn('The string "Neverseen" is unlikely to be a name', UserWarning, 2)
+            swallowed = "1.2.3" + "\x00" * 300 + "PN\x10\x00Longvalue^Swallowed"
+            warnings.warn(f'Invalid value for VR UI: "{swallowed}"', UserWarning, 2)
     finally:
         logging.captureWarnings(False)
     text = captured.getvalue()
     assert "Neverseen" not in text and "unlikely to be a name" in text
+    assert "Swallowed" not in text and "Invalid value for VR UI" in text
 
 
 def test_with_log_phi_on_nothing_is_redacted(tmp_path: Path) -> None:

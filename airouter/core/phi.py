@@ -47,7 +47,9 @@ _IDENTIFYING = frozenset(
 # The values remembered of each instance.
 _REMEMBERED = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs")
 _MIN_CHARS = 3  # shorter values identify nobody and would blank out ordinary words
-_QUOTED = re.compile(r"""(["'])(?:(?!\1).){1,128}\1""")
+# Any quoted text, however long: pydicom quotes a whole corrupt value, which can swallow the
+# elements after it (the patient's name among them).
+_QUOTED = re.compile(r"""(["'])(?:(?!\1).)+\1""", re.S)
 _LIBRARIES = ("highdicom", "pydicom", "py.warnings")  # they quote attribute values
 
 

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from airouter.core.db import Event, Job, Store, utcnow
 from airouter.core.vocab import JobState
@@ -67,18 +68,24 @@ def recover_jobs(store: Store, max_attempts: int) -> Recovered:
     return Recovered(requeued, failed)
 
 
+def _job_in(s: Session, job_id: int, states: tuple[JobState, ...], verb: str) -> Job:
+    """The job, if its state allows ``verb``; else 404 or 409 naming what would."""
+    job = s.get(Job, job_id)
+    if job is None:
+        raise JobActionError(404, f"job {job_id} not found")
+    if job.state not in states:
+        allowed = " or ".join(st.value for st in states)
+        raise JobActionError(
+            409, f"job {job_id} is {job.state.value}: only a {allowed} job can be {verb}"
+        )
+    return job
+
+
 def retry_job(store: Store, job_id: int, actor: str) -> int:
     """Queue a failed or cancelled job again as the next version of its rule's results on
     the study; returns the new job's id."""
     with store.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise JobActionError(404, f"job {job_id} not found")
-        if job.state not in (JobState.FAILED, JobState.CANCELLED):
-            raise JobActionError(
-                409,
-                f"job {job_id} is {job.state.value}: only a failed or cancelled job can be retried",
-            )
+        job = _job_in(s, job_id, (JobState.FAILED, JobState.CANCELLED), "retried")
         latest = s.scalar(
             select(func.max(Job.version)).where(
                 Job.study_uid == job.study_uid, Job.rule == job.rule
@@ -117,14 +124,7 @@ def cancel_job(store: Store, job_id: int, actor: str) -> None:
     """Cancel a job that is queued or waiting for inference: it never runs (a waiting one
     stops at its next retry)."""
     with store.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            raise JobActionError(404, f"job {job_id} not found")
-        if job.state not in (JobState.QUEUED, JobState.WAITING_INFERENCE):
-            raise JobActionError(
-                409,
-                f"job {job_id} is {job.state.value}: only a queued or waiting job can be cancelled",
-            )
+        job = _job_in(s, job_id, (JobState.QUEUED, JobState.WAITING_INFERENCE), "cancelled")
         job.state = JobState.CANCELLED
         job.finished_at = utcnow()
         job.error = f"cancelled by {actor}"

@@ -48,7 +48,7 @@ class JobRecorder:
             if job is None:
                 raise LookupError(f"job {self.job_id} is gone")
             self.apply(job, state, **values)
-            self._flush_events(s, job.study_uid)
+            self.flush_events(s, job.study_uid)
         return job
 
     def apply(self, job: Job, state: JobState | None = None, **values: Any) -> None:
@@ -69,9 +69,6 @@ class JobRecorder:
 
     def flush_events(self, s: Any, study_uid: str | None) -> None:
         """Add the pending events to the caller's session (with its own transition)."""
-        self._flush_events(s, study_uid)
-
-    def _flush_events(self, s: Any, study_uid: str | None) -> None:
         for kind, detail in self._events:
             s.add(Event(kind=kind, detail=detail, job_id=self.job_id, study_uid=study_uid))
         self._events = []

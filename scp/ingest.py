@@ -70,9 +70,12 @@ class Ingest:
         spool_root: Path,
         reserve_bytes: int = 0,
         max_inflated_bytes: int = 1 << 30,
+        incoming_dir: Path | None = None,
     ) -> None:
         self.store = store
         self.spool_root = spool_root
+        # where instances are written while they arrive (on the spool's filesystem)
+        self.incoming_dir = incoming_dir or spool_root / ".incoming"
         self.reserve_bytes = reserve_bytes
         self.max_inflated_bytes = max_inflated_bytes
         self._lock = threading.Lock()  # serialises index writes of one process (SQLite)

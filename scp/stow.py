@@ -9,12 +9,13 @@ Failure Reason for what was not.
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import re
+import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -84,28 +85,135 @@ def boundary_of(content_type: str) -> str:
     return match.group(1).strip()
 
 
-def split_parts(body: bytes, boundary: str) -> list[tuple[dict[str, str], bytes]]:
-    """The parts of a multipart body as (headers, content) (RFC 2046)."""
-    delimiter = b"--" + boundary.encode("latin-1")
-    chunks = body.split(delimiter)
-    if len(chunks) < 3:
-        raise StowError(400, "no multipart body parts found for the boundary")
-    parts = []
-    for chunk in chunks[1:]:
-        if chunk.startswith(b"--"):
-            break  # the close delimiter
-        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk
-        head, sep, content = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            raise StowError(400, "a body part has no header/content separator")
-        content = content[:-2] if content.endswith(b"\r\n") else content
-        headers = {}
+@dataclass
+class Part:
+    """One body part of a STOW-RS request, streamed to a file of its own."""
+
+    headers: dict[str, str]
+    path: Path
+    complete: bool = True  # False: the body ended before the part's closing delimiter
+
+
+class PartWriter:
+    """Splits a multipart body (RFC 2046) as it streams in, each part into its own file in
+    ``directory`` (on the spool's filesystem: storing a part is a rename): memory holds one
+    chunk and a delimiter's length, whatever the size of the request.
+
+    Feed it the chunks with :meth:`feed` (:class:`StowError` 413 past ``limit`` bytes, 400 for
+    a part whose headers never end), then :meth:`finish`; :meth:`discard` removes every part
+    file the ingest did not move into the spool.
+    """
+
+    _MAX_HEADERS = 16 << 10
+
+    def __init__(self, boundary: str, directory: Path, limit: int) -> None:
+        self._delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self._directory = directory
+        self._limit = limit
+        self._buffer = bytearray(b"\r\n")  # the first delimiter may open the body
+        self._state = "preamble"
+        self._file: IO[bytes] | None = None
+        self._headers: dict[str, str] = {}
+        self.size = 0
+        self.parts: list[Part] = []
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next piece of the body."""
+        self.size += len(chunk)
+        if self.size > self._limit:
+            raise StowError(413, f"request body larger than {self._limit >> 20} MB")
+        self._buffer += chunk
+        while self._step():
+            pass
+
+    def finish(self) -> list[Part]:
+        """The parts, once the body has ended; a part cut off by the end of the body is
+        returned as incomplete (the ingest refuses it; the parts before it stand)."""
+        if self._state == "body":
+            assert self._file is not None
+            self._file.write(self._buffer)
+            self._buffer.clear()
+            self._close_part(complete=False)
+        if not self.parts:
+            raise StowError(400, "no multipart body parts found for the boundary")
+        return self.parts
+
+    def discard(self) -> None:
+        """Remove the part files still in the incoming folder (those not stored)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for part in self.parts:
+            part.path.unlink(missing_ok=True)
+
+    def _step(self) -> bool:
+        """Advance through the buffer; False when it needs more of the body."""
+        buffer, delimiter = self._buffer, self._delimiter
+        if self._state in ("preamble", "body"):
+            at = buffer.find(delimiter)
+            keep = len(delimiter) - 1  # a delimiter may straddle this chunk and the next
+            if at < 0:
+                if self._state == "body" and len(buffer) > keep:
+                    assert self._file is not None
+                    self._file.write(buffer[: len(buffer) - keep])
+                del buffer[: max(0, len(buffer) - keep)]
+                return False
+            if self._state == "body":
+                assert self._file is not None
+                self._file.write(buffer[:at])
+                self._close_part(complete=True)
+            del buffer[: at + len(delimiter)]
+            self._state = "delimiter"
+            return True
+        if self._state == "delimiter":  # "--" closes the body; else padding, CRLF, headers
+            if len(buffer) < 2:
+                return False
+            if buffer[:2] == b"--":
+                self._state = "epilogue"
+                return True
+            end = buffer.find(b"\r\n")
+            if end < 0:
+                if len(buffer) > self._MAX_HEADERS:
+                    raise StowError(400, "a multipart delimiter line does not end")
+                return False
+            del buffer[: end + 2]
+            self._state = "headers"
+            return True
+        if self._state == "headers":
+            if buffer[:2] == b"\r\n":  # a part without headers
+                head, rest = b"", 2
+            else:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buffer) > self._MAX_HEADERS:
+                        raise StowError(400, "a body part's headers do not end")
+                    return False
+                head, rest = bytes(buffer[:end]), end + 4
+            del buffer[:rest]
+            self._open_part(head)
+            self._state = "body"
+            return True
+        buffer.clear()  # the epilogue is ignored
+        return False
+
+    def _open_part(self, head: bytes) -> None:
+        self._headers = {}
         for line in head.decode("latin-1").split("\r\n"):
             name, _, value = line.partition(":")
-            if name:
-                headers[name.strip().lower()] = value.strip()
-        parts.append((headers, content))
-    return parts
+            if name.strip():
+                self._headers[name.strip().lower()] = value.strip()
+        self._directory.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in _close_part)
+            dir=self._directory, prefix="stow-", suffix=".dcm", delete=False
+        )
+        self._file = handle
+        self.parts.append(Part(self._headers, Path(handle.name)))
+
+    def _close_part(self, complete: bool) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        self.parts[-1].complete = complete
 
 
 def _ref(sop_class: str | None, sop_uid: str | None) -> dict[str, Any]:
@@ -118,7 +226,7 @@ def _ref(sop_class: str | None, sop_uid: str | None) -> dict[str, Any]:
 def store_parts(
     ingest: Ingest,
     tracker: AssociationTracker,
-    parts: list[tuple[dict[str, str], bytes]],
+    parts: list[Part],
     study_uid: str | None,
     base_url: str,
     source_address: str | None,
@@ -127,13 +235,12 @@ def store_parts(
     response = StoreResponse()
     request_id = -next(_request_ids)  # negative: never an association's id()
     try:
-        for headers, content in parts:
+        for part in parts:
             _store_one(
                 ingest,
                 tracker,
                 request_id,
-                headers,
-                content,
+                part,
                 study_uid,
                 base_url,
                 source_address,
@@ -148,8 +255,7 @@ def _store_one(
     ingest: Ingest,
     tracker: AssociationTracker,
     request_id: int,
-    headers: dict[str, str],
-    content: bytes,
+    part: Part,
     study_uid: str | None,
     base_url: str,
     source_address: str | None,
@@ -162,12 +268,15 @@ def _store_one(
         response.failed.append(item)
         log.warning("STOW part refused (0x%04X): %s", reason, text)
 
-    part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
+    if not part.complete:
+        fail(FailureReason.CANNOT_UNDERSTAND, "the request ended inside this part")
+        return
+    part_type = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
     if part_type != "application/dicom":
         fail(FailureReason.CANNOT_UNDERSTAND, f"part is {part_type}, not application/dicom")
         return
     try:
-        ingest.check_limits(content)
+        ingest.check_limits(part.path)
     except TooLarge as exc:
         fail(FailureReason.OUT_OF_RESOURCES, str(exc))
         return
@@ -175,7 +284,7 @@ def _store_one(
         fail(FailureReason.CANNOT_UNDERSTAND, f"not a DICOM file with meta information: {exc}")
         return
     try:
-        ds = dcmread(io.BytesIO(content), stop_before_pixels=True)
+        ds = dcmread(part.path, stop_before_pixels=True)
         meta = ds.file_meta
         transfer_syntax = str(meta.TransferSyntaxUID)
     except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as exc:
@@ -196,7 +305,7 @@ def _store_one(
         return
     received = Received(
         transfer_syntax=transfer_syntax,
-        data=content,
+        path=part.path,
         command_sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", "")) or None,
         command_sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "")) or None,
         calling_ae=None,

@@ -8,6 +8,7 @@ import http.client
 import json
 import shutil
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -94,13 +95,15 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def _plain_instance(path: Path) -> Path:
-    """An ordinary CT instance of about the bomb's size on the wire (2 MB of pixels)."""
+def _plain_instance(path: Path, side: int = 1024) -> Path:
+    """An ordinary CT instance of ``side`` x ``side`` 16-bit pixels (1024: about the bomb's
+    size on the wire, 2 MB), in a study of its own."""
     ds = pydicom.dcmread(head_ct_files()[0])
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.Rows = ds.Columns = 1024
-    ds.PixelData = bytes(range(256)) * (2 * 1024 * 1024 // 256)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows = ds.Columns = side
+    ds.PixelData = bytes(range(256)) * (2 * side * side // 256)
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -113,6 +116,32 @@ def _stow(node: NodeProcess, body: bytes) -> tuple[int, dict]:
         body=b"--XX\r\nContent-Type: application/dicom\r\n\r\n" + body + b"\r\n--XX--\r\n",
         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=XX'},
     )
+    answer = connection.getresponse()
+    return answer.status, json.loads(answer.read() or b"{}")
+
+
+def _framed(part: bytes) -> Iterator[bytes]:
+    """One part in a multipart/related body (boundary XX), in 1 MB pieces."""
+    yield b"--XX\r\nContent-Type: application/dicom\r\n\r\n"
+    for at in range(0, len(part), 1 << 20):
+        yield part[at : at + (1 << 20)]
+    yield b"\r\n--XX--\r\n"
+
+
+def _stow_chunked(node: NodeProcess, pieces: Iterable[bytes]) -> tuple[int, dict]:
+    """STOW-RS with Transfer-Encoding: chunked (no Content-Length); the node may answer and
+    close before the whole body is sent."""
+    connection = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=60)
+    connection.putrequest("POST", "/dicomweb/studies")
+    connection.putheader("Content-Type", 'multipart/related; type="application/dicom"; boundary=XX')
+    connection.putheader("Transfer-Encoding", "chunked")
+    connection.endheaders()
+    try:
+        for piece in pieces:
+            connection.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        connection.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
     answer = connection.getresponse()
     return answer.status, json.loads(answer.read() or b"{}")
 
@@ -178,14 +207,22 @@ def test_bombs_and_huge_bodies_are_refused_without_the_node_growing(tmp_path: Pa
         assert answer413.status == 413
         assert json.loads(answer413.read())["status"] == 413
 
+        # chunked bodies announce no length: streamed to disk as they come, part by part
+        large = _plain_instance(tmp_path / "large.dcm", side=6144)  # 72 MB of pixels
+        code, answer = _stow_chunked(node, _framed(large.read_bytes()))
+        assert code == 200, answer
+        code, answer = _stow_chunked(node, (bytes(1 << 20) for _ in range(200)))
+        assert code == 413, answer
+        assert answer["status"] == 413 and "larger than 100 MB" in answer["error"]
+
         grown = _peak_rss_mb(pid) - before
         assert grown < 100, f"the node grew by {grown:.0f} MB"
         assert node.get("/api/health")["status"] == "ok"
         studies = node.get("/dicomweb/studies")
-        assert len(studies) == 2  # the plain and the ordinary deflated instance only
+        assert len(studies) == 3  # the plain, the ordinary deflated and the large instance
         refused = node.get("/api/events?kind=store_refused")
         assert refused and "inflates beyond" in refused[0]["detail"]
-        assert not list((node.data_dir / "incoming").glob("*.dcm"))  # no leftover
+        assert not list((node.data_dir / "incoming").glob("*"))  # no leftover
     finally:
         node.process.terminate()
         node.process.wait(timeout=30)

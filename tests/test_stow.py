@@ -158,3 +158,88 @@ def test_foreign_hosts_and_cross_origin_writes_are_refused(tmp_path: Path) -> No
     assert same.status_code == 404  # reached the API: there is no job 1
     assert client.post("/api/jobs/1/cancel", headers=ours).status_code == 404  # no Origin
     assert HttpSettings(allowed_hosts=["*"]).served_hosts() is None
+
+
+def _body(parts: list[bytes], boundary: str, preamble: bytes = b"", epilogue: bytes = b"") -> bytes:
+    return (
+        preamble
+        + b"".join(
+            f"--{boundary}  \r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+            for p in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+        + epilogue
+    )
+
+
+def test_the_body_is_split_into_part_files_however_it_is_chunked(tmp_path: Path) -> None:
+    """A delimiter may straddle two chunks, a part may hold CRLF and dashes, a preamble and
+    an epilogue are ignored, transport padding after a delimiter is allowed (RFC 2046 5.1.1)."""
+    import random
+
+    from scp.stow import PartWriter
+
+    boundary = "b0und4ry"
+    parts = [
+        b"",
+        b"\r\n--b0und\r\n--b0und4r",  # prefixes of the delimiter inside the content
+        bytes(range(256)) * 40,
+        b"x\r\n",
+    ]
+    body = _body(parts, boundary, preamble=b"preamble\r\n", epilogue=b"epilogue --b0und4ry\r\n")
+    rng = random.Random(7)
+    for trial in range(40):
+        writer = PartWriter(boundary, tmp_path / f"t{trial}", limit=1 << 20)
+        at = 0
+        while at < len(body):
+            step = rng.choice([1, 2, 3, 7, 13, 64, 1000, 5000])
+            writer.feed(body[at : at + step])
+            at += step
+        got = writer.finish()
+        assert [p.path.read_bytes() for p in got] == parts
+        assert all(p.complete for p in got)
+        assert got[0].headers == {"content-type": "application/dicom"}
+        writer.discard()
+        assert not list((tmp_path / f"t{trial}").iterdir())
+
+
+def test_limits_and_malformed_bodies_give_clear_statuses(tmp_path: Path) -> None:
+    from scp.stow import PartWriter, StowError
+
+    writer = PartWriter("xx", tmp_path, limit=100)
+    writer.feed(b"--xx\r\n\r\n" + bytes(80))
+    with pytest.raises(StowError) as too_large:
+        writer.feed(bytes(30))
+    assert too_large.value.status == 413
+    writer.discard()
+    assert not list(tmp_path.iterdir())  # the part being written is removed too
+
+    writer = PartWriter("xx", tmp_path, limit=1 << 20)
+    with pytest.raises(StowError) as endless:
+        writer.feed(b"--xx\r\nContent-Type: " + b"a" * (17 << 10))
+    assert endless.value.status == 400 and "headers" in str(endless.value)
+
+    writer = PartWriter("xx", tmp_path, limit=1 << 20)
+    writer.feed(b"no delimiter at all")
+    with pytest.raises(StowError) as none:
+        writer.finish()
+    assert none.value.status == 400
+
+
+def test_a_body_cut_off_inside_a_part_stores_the_parts_before_it(api: Api) -> None:
+    first, second = (f.read_bytes() for f in head_ct_files()[:2])
+    body = _body([first], "cut")
+    body = body[: -len(b"--cut--\r\n")] + b"--cut\r\nContent-Type: application/dicom\r\n\r\n"
+    body += second[: len(second) // 2]  # the sender stopped here
+    response = api.client.post(
+        "/dicomweb/studies",
+        content=body,
+        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=cut'},
+    )
+    assert response.status_code == 202, response.text
+    (failed,) = response.json()["00081198"]["Value"]
+    assert failed["00000902"]["Value"] == ["the request ended inside this part"]
+    assert len(response.json()["00081199"]["Value"]) == 1
+    # stored, refused, cut off or duplicate: nothing is left in the incoming folder
+    api.stow([("application/dicom", first), ("application/dicom", b"junk")])
+    assert not list(api.ingest.incoming_dir.iterdir())

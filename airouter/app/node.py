@@ -74,7 +74,9 @@ class Node:
         self.tracker = AssociationTracker()
         reserve = int(settings.scp.min_free_space_mb * 1024 * 1024)
         inflated = int(settings.scp.max_inflated_mb * 1024 * 1024)
-        self.ingest = Ingest(self.store, settings.spool_dir, reserve, inflated)
+        self.ingest = Ingest(
+            self.store, settings.spool_dir, reserve, inflated, settings.incoming_dir
+        )
         self.outbox = Outbox(settings.archive_dir, settings.dispatch)
         self.dispatcher = Dispatcher(self.store, settings.dispatch)
         self.scheduler = BackgroundScheduler(timezone=UTC)

@@ -17,7 +17,7 @@ from airouter.core.db import Instance, Series, Store, Study, instance_counts
 from airouter.core.spool import is_valid_uid
 from airouter.core.tracker import AssociationTracker
 from scp.ingest import Ingest
-from scp.stow import StowError, boundary_of, split_parts, store_parts
+from scp.stow import Part, PartWriter, StowError, boundary_of, store_parts
 
 DICOM_JSON = "application/dicom+json"
 
@@ -87,19 +87,15 @@ def _multipart(paths: list[str]) -> StreamingResponse:
     return StreamingResponse(body(), media_type=media)
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 beyond ``limit`` bytes: by its Content-Length before
-    reading anything, or as it streams in."""
+async def _receive_parts(request: Request, writer: PartWriter, limit: int) -> list[Part]:
+    """The body's parts, streamed to files as they arrive (memory: a chunk), refused with 413
+    beyond ``limit`` bytes: by its Content-Length before reading anything, or as it streams in."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"request body larger than {limit >> 20} MB")
-    chunks, size = [], 0
+        raise StowError(413, f"request body larger than {limit >> 20} MB")
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request body larger than {limit >> 20} MB")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        writer.feed(chunk)
+    return writer.finish()
 
 
 def dicomweb_router(
@@ -114,14 +110,21 @@ def dicomweb_router(
     async def _stow(request: Request, study: str | None) -> JSONResponse:
         if ingest is None or tracker is None:
             raise HTTPException(405, "this node does not accept STOW-RS")
-        try:
-            boundary = boundary_of(request.headers.get("content-type", ""))
-            parts = split_parts(await _body(request, max_request_bytes), boundary)
-        except StowError as exc:
-            raise HTTPException(exc.status, str(exc)) from exc
         base = str(request.base_url).rstrip("/") + "/dicomweb"
         client = request.client.host if request.client else None
-        result = await run_in_threadpool(store_parts, ingest, tracker, parts, study, base, client)
+        writer: PartWriter | None = None
+        try:
+            boundary = boundary_of(request.headers.get("content-type", ""))
+            writer = PartWriter(boundary, ingest.incoming_dir, max_request_bytes)
+            parts = await _receive_parts(request, writer, max_request_bytes)
+            result = await run_in_threadpool(
+                store_parts, ingest, tracker, parts, study, base, client
+            )
+        except StowError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        finally:
+            if writer is not None:
+                writer.discard()  # what was not stored (refused, duplicate, cut off)
         retrieve = f"{base}/studies/{study}" if study else None
         return JSONResponse(
             result.dicom_json(retrieve), status_code=result.http_status, media_type=DICOM_JSON

@@ -11,11 +11,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
-import select
-import socket
-import ssl
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +37,12 @@ from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import StoreStatus
 from scp.ingest import Ingest, Outcome, Received
 from scp.limits import TooLarge
+from scp.transport import UNLIMITED_PDU_CAP, AssociationGate, guard_connections
 
 log = logging.getLogger(__name__)
+
+# The attribute of our AE that holds the DIMSE message deadline (``_guard_dimse_decoding``).
+MESSAGE_DEADLINE_ATTR = "airouter_message_deadline_s"
 
 
 def handle_store(event: Any, ingest: Ingest, tracker: AssociationTracker) -> Dataset:
@@ -158,27 +158,45 @@ def configure_pynetdicom(incoming_dir: Path) -> None:
 
 
 def _guard_dimse_decoding() -> None:
-    """A DIMSE message pynetdicom cannot decode (a C-STORE-RQ command without its Affected SOP
-    Class UID, seen in fuzzing) raised inside its reactor thread, which died with the
-    association still holding its slot until the sender gave up. Such a message now aborts
-    the association (as pynetdicom does for a message it recognises as invalid) and its
-    partial data set is removed. A small wrapper of one method, upstreamable as a try/except."""
+    """Two guards around pynetdicom's assembly of DIMSE messages from P-DATA (one wrapped
+    method, upstreamable as a try/except and a timer):
+
+    - a message pynetdicom cannot decode (a C-STORE-RQ command without its Affected SOP Class
+      UID, seen in fuzzing) raised inside its reactor thread, which died with the association
+      still holding its slot until the sender gave up;
+    - a message may take at most the AE's ``message_deadline_s`` from its first fragment to
+      its last (a peer trickling one small PDU a minute held its slot forever).
+
+    Either aborts the association (as pynetdicom does for a message it recognises as invalid)
+    and removes the partial data set.
+    """
     provider = dimse.DIMSEServiceProvider
     if getattr(provider.receive_primitive, "_airouter_guarded", False):
         return
     original = provider.receive_primitive
 
+    def abort(self: Any, why: str) -> None:
+        log.warning("assoc %s: %s: aborted", getattr(self.assoc, "name", "?"), why)
+        _discard_partial(self.assoc)
+        self.message = None
+        self._airouter_started = None
+        self.dul.event_queue.put("Evt19")
+
     def receive_primitive(self: Any, primitive: Any) -> None:
+        deadline = getattr(self.assoc.ae, MESSAGE_DEADLINE_ATTR, None)
+        started = getattr(self, "_airouter_started", None)
+        if deadline and started is not None and time.monotonic() - started > deadline:
+            abort(self, f"DIMSE message not complete within {deadline:g} s")
+            return
         try:
             original(self, primitive)
         except Exception as exc:
-            name = getattr(self.assoc, "name", "?")
-            log.warning(
-                "assoc %s: undecodable DIMSE message (%s): aborted", name, type(exc).__name__
-            )
-            _discard_partial(self.assoc)
-            self.message = None
-            self.dul.event_queue.put("Evt19")
+            abort(self, f"undecodable DIMSE message ({type(exc).__name__})")
+            return
+        if self.message is None:
+            self._airouter_started = None  # complete (or none begun)
+        elif started is None:
+            self._airouter_started = time.monotonic()
 
     receive_primitive._airouter_guarded = True  # type: ignore[attr-defined]
     provider.receive_primitive = receive_primitive  # type: ignore[method-assign]
@@ -208,6 +226,7 @@ def build_ae(settings: ScpSettings, extra: Sequence[ExtraService] = ()) -> AE:
     ae.maximum_pdu_size = settings.maximum_pdu_size
     ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
     ae.require_called_aet = settings.check_called_ae_title
+    setattr(ae, MESSAGE_DEADLINE_ATTR, settings.message_deadline_s)
     ae.add_supported_context(Verification)
     for service in extra:
         ae.add_supported_context(
@@ -217,88 +236,6 @@ def build_ae(settings: ScpSettings, extra: Sequence[ExtraService] = ()) -> AE:
         assert cx.abstract_syntax is not None
         ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
-
-
-class AssociationGate:
-    """Admits a connection to pynetdicom only once its whole A-ASSOCIATE-RQ has arrived.
-
-    pynetdicom gives every connection an association thread and a slot at once, and reads the
-    rest of a PDU with no deadline: 17 sockets that send the first 10 bytes of an
-    A-ASSOCIATE-RQ, or nothing, held every slot. Here a connection waits in a gate thread of
-    its own, without a slot, until the request is complete in the kernel's buffer (peeked,
-    not consumed: pynetdicom then reads it at once), for at most ``deadline_s``; at most
-    ``per_source`` connections of one address and ``total`` in all wait at a time, and any
-    more are closed unanswered.
-    """
-
-    _POLL_S = 0.05
-    _LARGEST_RQ = 64 * 1024  # an A-ASSOCIATE-RQ is a few kB; more is not one
-
-    def __init__(self, deadline_s: float, per_source: int, total: int) -> None:
-        self.deadline_s = deadline_s
-        self.per_source = per_source
-        self.total = total
-        self._lock = threading.Lock()
-        self._waiting: dict[str, int] = {}
-
-    def admit(self, sock: Any, address: str) -> bool:
-        """Whether ``sock`` holds a complete A-ASSOCIATE-RQ (or another PDU pynetdicom will
-        answer at once) within the deadline; False closes it unanswered."""
-        with self._lock:
-            if (
-                self._waiting.get(address, 0) >= self.per_source
-                or sum(self._waiting.values()) >= self.total
-            ):
-                return False
-            self._waiting[address] = self._waiting.get(address, 0) + 1
-        try:
-            return self._complete_request(sock)
-        except OSError:
-            return False
-        finally:
-            with self._lock:
-                self._waiting[address] -= 1
-                if not self._waiting[address]:
-                    del self._waiting[address]
-
-    def _complete_request(self, sock: Any) -> bool:
-        deadline = time.monotonic() + self.deadline_s
-        needed = 6  # the PDU header: type, reserved, 4-byte length
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            readable, _, _ = select.select([sock], [], [], left)
-            if not readable:
-                return False
-            data = sock.recv(self._LARGEST_RQ + 6, socket.MSG_PEEK)
-            if not data:
-                return False  # closed by the peer
-            if len(data) >= 6 and needed == 6:
-                needed = 6 + int.from_bytes(data[2:6], "big")
-                if needed > self._LARGEST_RQ + 6:
-                    return False
-            if len(data) >= needed:
-                return True
-            time.sleep(self._POLL_S)  # part of it is here: wait for the rest
-
-
-def _gated(server: ThreadedAssociationServer, gate: AssociationGate) -> None:
-    """Put ``gate`` in front of the server's per-connection work (run in its own thread)."""
-    finish = server.finish_request
-
-    def finish_request(request: Any, client_address: Any) -> None:
-        address = client_address[0] if isinstance(client_address, tuple) else str(client_address)
-        if not isinstance(request, socket.socket) or isinstance(request, ssl.SSLSocket):
-            finish(request, client_address)  # TLS: its handshake has its own timeout
-            return
-        if not gate.admit(request, address):
-            log.info("connection from %s closed: no A-ASSOCIATE-RQ in time", address)
-            server.shutdown_request(request)
-            return
-        finish(request, client_address)
-
-    server.finish_request = finish_request  # type: ignore[method-assign]
 
 
 def start_dimse(
@@ -331,7 +268,18 @@ def start_dimse(
     gate = AssociationGate(
         settings.association_deadline_s, settings.max_pending_per_source, settings.max_pending
     )
-    _gated(server, gate)
+
+    def established(address: str) -> int:
+        return sum(1 for a in ae.active_associations if a.requestor.address == address)
+
+    guard_connections(
+        server,
+        gate,
+        settings.pdu_deadline_s,
+        settings.maximum_pdu_size or UNLIMITED_PDU_CAP,
+        settings.max_associations_per_source,
+        established,
+    )
     if settings.allowed_source_networks:
         networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_source_networks]
 

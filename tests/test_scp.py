@@ -10,6 +10,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 from sqlalchemy import func, select
@@ -562,4 +563,128 @@ def test_half_sent_and_idle_connections_take_no_association_slot(tmp_path: Path)
     finally:
         for s in held:
             s.close()
+        n.server.shutdown()
+
+
+def _held_association(port: int, source: str) -> Any:
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="AIROUTER", bind_address=(source, 0))
+    assert assoc.is_established
+    return assoc
+
+
+def _trickled_store(assoc: Any, stop: Any) -> None:
+    """A C-STORE sent one 4 kB PDU every half second: every PDU whole and on time, the
+    message never done."""
+    import io
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    source = head_ct_files()[0]
+    ds = pydicom.dcmread(source)
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 2
+    request.AffectedSOPClassUID = ds.SOPClassUID
+    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    request.DataSet = io.BytesIO(source.read_bytes())
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage)
+    for pdu in message.encode_msg(context.context_id, 4096):
+        if stop.wait(0.5) or not assoc.is_established:
+            return
+        assoc.dul.send_pdu(pdu)
+
+
+def test_stalled_trickled_and_oversized_pdus_free_their_slots(tmp_path: Path) -> None:
+    """After association: three peers stop half-way through a PDU and one trickles a C-STORE
+    (each PDU on time, the message never done), holding all four slots: a modality is
+    rejected, then associates once the PDU deadline (2 s) and the message deadline (3 s) have
+    closed them. A PDU announcing 4 GB is refused at its header (pynetdicom read it into
+    memory whole), and no traceback is logged for any of them."""
+    import logging
+    import threading
+    import time
+
+    n = Node(
+        tmp_path,
+        max_associations=4,
+        maximum_pdu_size=16384,
+        pdu_deadline_s=2.0,
+        message_deadline_s=3.0,
+    )
+    stop = threading.Event()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    try:
+        stalled = [_held_association(n.port, "127.0.0.2") for _ in range(3)]
+        for assoc in stalled:  # a P-DATA-TF announcing 1000 bytes, 10 sent
+            assoc.dul.socket.socket.sendall(b"\x04\x00" + (1000).to_bytes(4, "big") + bytes(10))
+        trickle = _held_association(n.port, "127.0.0.3")
+        sender = threading.Thread(target=_trickled_store, args=(trickle, stop), daemon=True)
+        sender.start()
+        t0 = time.monotonic()
+        assert "Local Limit Exceeded" in _echo(n.port)  # all four slots held
+        wait_for(lambda: "accepted" in _echo(n.port), 8, "a slot for the modality")
+        assert time.monotonic() - t0 < 8
+        result = storescu(n.port, head_ct_files()[:10])
+        assert result.returncode == 0, result.stderr
+        assert n.count() == 10
+        wait_for(lambda: not any(a.is_established for a in [*stalled, trickle]), 5, "all ended")
+        assert not list(n.settings.incoming_dir.glob("*.dcm"))  # the trickled part removed
+
+        big = _held_association(n.port, "127.0.0.4")
+        raw = big.dul.socket.socket
+        raw.settimeout(5)
+        sent = 0
+        with pytest.raises(OSError):  # the node closes it at the header
+            raw.sendall(b"\x04\x00\xff\xff\xff\x00")
+            for _ in range(4096):
+                raw.sendall(bytes(1 << 20))
+                sent += 1 << 20
+        assert sent < 64 << 20, f"{sent >> 20} MB were read before the refusal"
+        assert "accepted" in _echo(n.port)
+    finally:
+        stop.set()
+        logging.getLogger().removeHandler(handler)
+        n.server.shutdown()
+    said = [r.getMessage() for r in records]
+    assert sum("PDU not complete within 2 s" in m for m in said) == 3, said
+    assert any("DIMSE message not complete within 3 s" in m for m in said), said
+    assert any("PDU of 4294967040 bytes announced" in m for m in said), said
+    assert not [r for r in records if r.exc_info], "a traceback was logged"
+
+
+def test_one_address_holds_at_most_its_share_of_associations(tmp_path: Path) -> None:
+    """Beyond max_associations_per_source, an address is rejected as pynetdicom rejects
+    beyond max_associations (transient, local limit exceeded); other addresses still get in."""
+    import logging
+
+    n = Node(tmp_path, max_associations=8, max_associations_per_source=2)
+    try:
+        held = [_held_association(n.port, "127.0.0.5") for _ in range(2)]
+        ae = AE(ae_title="GREEDY")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        said: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda r: said.append(r.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("pynetdicom").addHandler(handler)
+        try:
+            third = ae.associate("127.0.0.1", n.port, bind_address=("127.0.0.5", 0))
+        finally:
+            logging.getLogger("pynetdicom").removeHandler(handler)
+        assert third.is_rejected
+        assert any("Rejected Transient" in m for m in said), said
+        assert any("Local limit exceeded" in m for m in said), said
+        assert "accepted" in _echo(n.port)  # another address still associates
+        for assoc in held:
+            assoc.release()
+        wait_for(lambda: not n.server.ae.active_associations, 5, "the released associations")
+        assert _held_association(n.port, "127.0.0.5").is_established
+    finally:
         n.server.shutdown()

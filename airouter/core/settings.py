@@ -164,7 +164,16 @@ class ScpSettings(_Strict):
     allowed_source_networks: list[str] = Field(default_factory=list)  # CIDR; else TCP closed
     check_called_ae_title: bool = False  # reject associations not addressed to ae_title
     timeouts: DimseTimeouts = Field(default_factory=DimseTimeouts)
-    maximum_pdu_size: int = Field(default=0, ge=0)  # 0 = unlimited
+    # The Maximum Length we announce for a PDU (PS3.8 D.1; 0: none announced, and a PDU over
+    # 64 MB is still refused); a peer's PDU longer than it is refused at its header.
+    maximum_pdu_size: int = Field(default=1 << 20, ge=0)
+    # Once a PDU has begun, all of it must arrive within this; once a DIMSE message (one
+    # instance) has begun, all of it within message_deadline_s; a silent association ends
+    # after timeouts.network_timeout_s.
+    pdu_deadline_s: float = Field(default=10.0, gt=0)
+    message_deadline_s: float = Field(default=600.0, gt=0)
+    # One address may hold at most this many associations (more: A-ASSOCIATE-RJ, transient).
+    max_associations_per_source: int = Field(default=8, ge=1)
     # A connection must send its whole A-ASSOCIATE-RQ within this; until then it takes no
     # association slot, and only so many connections wait (of one address, in all).
     association_deadline_s: float = Field(default=5.0, gt=0)

@@ -11,6 +11,7 @@ import datetime as dt
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -96,6 +97,75 @@ def normalise_values(datasets: Sequence[Dataset]) -> list[str]:
                 setattr(ds, keyword, repaired)
                 changed.add(keyword)
     return sorted(changed)
+
+
+def drop_unreadable(datasets: Sequence[Dataset]) -> list[str]:
+    """Remove, from the in-memory source headers, top-level elements pydicom cannot convert
+    (an unknown VR, a corrupt value): the objects copy only what reads. Returns the names
+    removed (keywords, or tags of private and unknown elements), never a value."""
+    dropped: set[str] = set()
+    for ds in datasets:
+        for tag in list(ds.keys()):
+            if tag.group == 0x7FE0:
+                continue
+            try:
+                ds[tag].value  # noqa: B018 (pydicom converts a raw element on access)
+            except Exception:
+                name = ds.get_item(tag).tag
+                dropped.add(_name_of(name))
+                del ds[tag]
+    return sorted(dropped)
+
+
+def _name_of(tag: Any) -> str:
+    from pydicom.datadict import keyword_for_tag
+
+    return keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"
+
+
+# Maximum value lengths in characters (PS3.5 Table 6.2-1) of the VRs a header copies as text.
+_MAX_CHARS = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "DS": 16, "IS": 12}
+# Identifiers that link our objects to the patient and the order: kept exactly as the source
+# has them even when over-long (a PACS or planning system matched the images by that value;
+# a shortened one would file our result elsewhere).
+IDENTIFIERS = frozenset(
+    {"PatientID", "IssuerOfPatientID", "OtherPatientIDs", "AccessionNumber", "StudyID"}
+)
+
+
+def fit_lengths(datasets: Sequence[Dataset]) -> tuple[list[str], list[str]]:
+    """Shorten over-long text values of the in-memory source headers to their VR's maximum
+    (person names per component group), except identifiers, which are kept exactly. Returns
+    the keywords shortened and the identifiers kept over-long (never a value)."""
+    shortened: set[str] = set()
+    kept: set[str] = set()
+    for ds in datasets:
+        for element in ds:
+            vr, keyword = element.VR, element.keyword
+            if element.tag.group in (0x0002, 0x7FE0) or not keyword or element.value is None:
+                continue
+            if vr == "PN":
+                values = [str(v) for v in _as_list(element.value)]
+                fitted = ["=".join(g[:64] for g in v.split("=")) for v in values]
+            elif vr in _MAX_CHARS:
+                values = [str(v) for v in _as_list(element.value)]
+                fitted = [v[: _MAX_CHARS[vr]] for v in values]
+            else:
+                continue
+            if fitted == values:
+                continue
+            if keyword in IDENTIFIERS:
+                kept.add(keyword)
+                continue
+            if vr in ("DS", "IS"):
+                continue  # a number cut short would change it; highdicom copies few of these
+            element.value = fitted if len(fitted) > 1 else fitted[0]
+            shortened.add(keyword)
+    return sorted(shortened), sorted(kept)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
 
 
 def _raw_text(ds: Dataset, keyword: str) -> str:

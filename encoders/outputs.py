@@ -24,7 +24,9 @@ from encoders.common import (
     Provenance,
     SeriesIdentity,
     Structure,
+    drop_unreadable,
     ensure_type2,
+    fit_lengths,
     normalise_values,
 )
 from encoders.rtstruct import build_rtstruct
@@ -93,19 +95,30 @@ def _identity(settings: EncoderSettings, kind: OutputKind, version: int) -> Seri
     return SeriesIdentity(hd.UID(), spec.number, description[:64], hd.UID())
 
 
-def _prepare(source: SourceSeries) -> tuple[list[str], list[str]]:
-    """Malformed dates and times the objects copy, repaired or emptied; type 2 attributes the
-    headers lack, added empty; every element decoded now, so that the RTSTRUCT thread and
-    this one only read them. Returns the keywords repaired and the keywords added."""
+def _prepare(source: SourceSeries) -> list[tuple[str, str]]:
+    """Make the in-memory source headers safe to copy: unreadable elements removed, malformed
+    dates and times repaired or emptied, over-long text shortened (identifiers kept exact),
+    type 2 attributes the headers lack added empty; every element decoded now, so that the
+    RTSTRUCT thread and this one only read them. Returns the job notes that say which
+    attributes changed (the keywords only: the values may identify the patient)."""
     headers = [*source.slices, *(source.instances or ())]
+    dropped = drop_unreadable(headers)
     repaired = normalise_values(headers)
+    shortened, overlong = fit_lengths(headers)
     added = ensure_type2(source.slices)
     if source.instances is not None:
         added = sorted({*added, *ensure_type2(source.instances)})
     for ds in source.slices:
         for _ in ds:
             pass
-    return repaired, added
+    notes = [
+        ("source_values_unreadable", dropped),
+        ("source_values_repaired", repaired),
+        ("source_values_shortened", shortened),
+        ("source_identifiers_overlong", overlong),
+        ("type2_attributes_added", added),
+    ]
+    return [(key, ", ".join(names)) for key, names in notes if names]
 
 
 def encode_outputs(
@@ -125,11 +138,7 @@ def encode_outputs(
     what was looked for.
     """
     result = EncodedOutputs()
-    repaired, added = _prepare(source)
-    if repaired:  # the keywords only: the values may identify the patient
-        result.notes.append(("source_values_repaired", ", ".join(repaired)))
-    if added:
-        result.notes.append(("type2_attributes_added", ", ".join(added)))
+    result.notes.extend(_prepare(source))
     provenance = provenance_of(settings)
     found = [s for s in structures if s.found]
     absent = [s.spec for s in structures if not s.found]

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from airouter.core.tags import Unreadable, read, read_or_none
 
 
 class VolumeError(Exception):
@@ -66,15 +69,57 @@ def slice_normal(ds: Dataset) -> np.ndarray:
     return np.cross(iop[:3], iop[3:])
 
 
+# What the volume is built from: each must be readable, and of the multiplicity the standard
+# gives it, in every image.
+_GEOMETRY = {
+    "ImagePositionPatient": 3,
+    "ImageOrientationPatient": 6,
+    "PixelSpacing": 2,
+    "Rows": 1,
+    "Columns": 1,
+}
+_OPTIONAL_NUMBERS = ("NumberOfFrames", "RescaleSlope", "RescaleIntercept", "SliceThickness")
+
+
+def _read(path: Path | str) -> Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except Exception as exc:  # the spool holds what was received: a file may still be odd
+        raise VolumeError(f"cannot read {Path(path).name}: {type(exc).__name__}") from exc
+
+
+def _check_geometry(ds: Dataset) -> None:
+    """Every attribute the volume is built from, read once through the guarded accessor
+    (pydicom converts lazily: an unknown VR or a corrupt value would raise later, anywhere);
+    a missing, unreadable or malformed one is a :class:`VolumeError` naming it."""
+    uid = read_or_none(ds, "SOPInstanceUID") or "?"
+    for keyword, count in _GEOMETRY.items():
+        try:
+            value = read(ds, keyword)
+            values = value if isinstance(value, MultiValue | list | tuple) else [value]
+            numbers = [float(v) for v in values] if value not in (None, "") else []
+        except (Unreadable, TypeError, ValueError) as exc:
+            raise VolumeError(f"instance {uid}: {keyword} is unreadable") from exc
+        if not numbers:
+            raise VolumeError(f"instance {uid} has no {keyword}")
+        if len(numbers) != count or not all(np.isfinite(numbers)):
+            raise VolumeError(f"instance {uid}: {keyword} is malformed")
+    for keyword in _OPTIONAL_NUMBERS:
+        try:
+            value = read(ds, keyword)
+            if value not in (None, ""):
+                float(value)
+        except (Unreadable, TypeError, ValueError) as exc:
+            raise VolumeError(f"instance {uid}: {keyword} is unreadable") from exc
+
+
 def read_headers(paths: Iterable[Path | str]) -> list[Dataset]:
     """Read and sort the images of one series along the slice normal."""
-    datasets: list[Dataset] = [pydicom.dcmread(p) for p in paths]
+    datasets: list[Dataset] = [_read(p) for p in paths]
     if not datasets:
         raise VolumeError("the series has no instances")
     for ds in datasets:
-        for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows"):
-            if kw not in ds:
-                raise VolumeError(f"instance {ds.get('SOPInstanceUID', '?')} has no {kw}")
+        _check_geometry(ds)
         if int(ds.get("NumberOfFrames", 1) or 1) != 1:
             raise VolumeError(
                 "a series of several multi-frame images (one multi-frame image per series, or "
@@ -200,8 +245,12 @@ def build_volume(paths: Iterable[Path | str]) -> Volume:
     or one multi-frame image with per-frame functional groups)."""
     paths = list(paths)
     if len(paths) == 1:
-        single = pydicom.dcmread(paths[0])
-        if int(single.get("NumberOfFrames", 1) or 1) > 1:
+        single = _read(paths[0])
+        try:
+            frames = int(read(single, "NumberOfFrames", 1) or 1)
+        except (Unreadable, TypeError, ValueError) as exc:
+            raise VolumeError("NumberOfFrames is unreadable") from exc
+        if frames > 1:
             return _multiframe_volume(single)
     datasets = read_headers(paths)
     hu = np.empty((len(datasets), datasets[0].Rows, datasets[0].Columns), dtype=np.int16)

@@ -571,3 +571,67 @@ def test_legacy_dates_and_times_in_the_source_are_repaired_not_fatal(
             "20200102",
             "123005",
         ), kind
+
+
+def test_unreadable_and_over_long_source_values_never_fail_the_job(
+    ct: list[Dataset], tmp_path: Path
+) -> None:
+    """An unknown VR in a copied attribute (pydicom raises on access) is dropped; over-long
+    descriptive text is shortened to its VR's maximum; over-long identifiers are kept exactly
+    (the PACS matched the images by them); the notes name the attributes, never the values."""
+    import io
+
+    from airouter.core.settings import EncoderSettings
+    from airouter.core.vocab import OutputKind
+    from encoders.outputs import OutputRequest, SourceSeries, encode_outputs
+
+    images = []
+    for ds in ct[:4]:
+        ds = copy.deepcopy(ds)
+        ds.StudyDescription = "Study description " * 6  # LO: 64 at most
+        ds.ReferringPhysicianName = "Referrer^" + "X" * 70  # PN: 64 per group
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        data = buffer.getvalue()
+        sex = data.find(b"\x10\x00\x40\x00CS")  # (0010,0040) Patient's Sex
+        assert sex > 0
+        read_back = pydicom.dcmread(io.BytesIO(data[: sex + 4] + b"ZZ" + data[sex + 6 :]))
+        with pytest.raises(NotImplementedError):
+            read_back.PatientSex  # noqa: B018
+        images.append(read_back)
+    (body, _) = _structures(len(images), images[0].Rows, images[0].Columns)
+    body = replace(body, volume_ml=1.0, intensities_hu=(0.0, 0.0, 0.0))
+    kinds = frozenset({OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT})
+    request, settings = OutputRequest(kinds), EncoderSettings()
+    encoded = encode_outputs(
+        request=request,
+        source=SourceSeries(images),
+        structures=[body],
+        settings=settings,
+        device_uid=hd.UID(),
+    )
+    notes = dict(encoded.notes)
+    assert notes["source_values_unreadable"] == "PatientSex"
+    assert notes["source_values_shortened"] == "ReferringPhysicianName, StudyDescription"
+    assert "Study description" not in str(encoded.notes)
+    for kind, ds in encoded.objects:
+        path = tmp_path / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        _validate(path)
+        back = pydicom.dcmread(path)
+        assert back.PatientSex == ""  # type 2: present, empty
+        assert back.StudyDescription == ("Study description " * 6)[:64]
+
+    long_ids = [copy.deepcopy(ds) for ds in ct[:4]]
+    for ds in long_ids:
+        ds.AccessionNumber = "ACC" + "9" * 20  # SH: 16 at most
+    encoded = encode_outputs(
+        request=request,
+        source=SourceSeries(long_ids),
+        structures=[body],
+        settings=settings,
+        device_uid=hd.UID(),
+    )
+    assert dict(encoded.notes)["source_identifiers_overlong"] == "AccessionNumber"
+    for _kind, ds in encoded.objects:
+        assert ds.AccessionNumber == "ACC" + "9" * 20  # as the CT has it

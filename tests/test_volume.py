@@ -41,3 +41,33 @@ def test_series_that_is_not_a_volume_gives_a_reason() -> None:
     scout = [p for p in HEAD_SCOUT.iterdir() if p.name != "DIRFILE"]
     with pytest.raises(VolumeError, match="mixes image"):
         build_volume([ct[0], *scout])
+
+
+def _with_vr(source, keyword_tag: bytes, vr: bytes, out):  # type: ignore[no-untyped-def]
+    """A copy of ``source`` (explicit VR little endian) with one element's VR replaced."""
+    data = source.read_bytes()
+    at = data.find(keyword_tag)
+    assert at > 0
+    out.write_bytes(data[: at + 4] + vr + data[at + 6 :])
+    return out
+
+
+def test_unreadable_or_malformed_geometry_is_a_reason_not_a_crash(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pydicom converts values on first access: an unknown VR in a geometry attribute raised
+    NotImplementedError wherever it was first read (an 'internal error' of the job)."""
+    import pydicom
+
+    ct = head_ct_files()[:3]
+    iop = b"\x20\x00\x37\x00"  # (0020,0037) Image Orientation (Patient)
+    odd = _with_vr(ct[1], iop, b"ZZ", tmp_path / "odd.dcm")
+    uid = pydicom.dcmread(odd, stop_before_pixels=True).SOPInstanceUID
+    with pytest.raises(VolumeError, match=f"instance {uid}: ImageOrientationPatient is unreadable"):
+        build_volume([ct[0], odd, ct[2]])
+    ds = pydicom.dcmread(ct[1])
+    ds.PixelSpacing = [0.5]
+    ds.save_as(tmp_path / "one.dcm")
+    with pytest.raises(VolumeError, match="PixelSpacing is malformed"):
+        build_volume([ct[0], tmp_path / "one.dcm"])
+    (tmp_path / "junk.dcm").write_bytes(b"\x00" * 50)
+    with pytest.raises(VolumeError, match=r"cannot read junk\.dcm"):
+        build_volume([ct[0], tmp_path / "junk.dcm"])

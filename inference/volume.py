@@ -7,7 +7,7 @@ coordinates (LPS, mm). The sorted headers are kept: encoders reference exactly t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,12 +174,36 @@ def _functional(ds: Dataset, frame: Dataset, sequence: str) -> Dataset | None:
 _NOT_COPIED = {"PixelData", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"}
 
 
-def _multiframe_volume(ds: Dataset) -> Volume:
+def decoded_bytes(ds: Dataset) -> int:
+    """What an image's pixel data takes once decoded (and as int16 HU, if larger), from its
+    header: known before anything is decoded."""
+    try:
+        rows, columns = int(read(ds, "Rows", 0) or 0), int(read(ds, "Columns", 0) or 0)
+        frames = int(read(ds, "NumberOfFrames", 1) or 1)
+        samples = int(read(ds, "SamplesPerPixel", 1) or 1)
+        bits = int(read(ds, "BitsAllocated", 16) or 16)
+    except (Unreadable, TypeError, ValueError) as exc:
+        raise VolumeError("the image size is unreadable") from exc
+    pixels = rows * columns * max(frames, 1)
+    return pixels * max(samples * ((bits + 7) // 8), 2)
+
+
+def _check_size(datasets: Sequence[Dataset], limit: int) -> None:
+    total = sum(decoded_bytes(ds) for ds in datasets)
+    if total > limit:
+        raise VolumeError(
+            f"the series decodes to {total >> 20} MB, more than inference.max_volume_mb "
+            f"({limit >> 20} MB)"
+        )
+
+
+def _multiframe_volume(ds: Dataset, limit: int) -> Volume:
     """An enhanced (multi-frame) image: each frame's geometry from its functional groups."""
     frames = ds.get("PerFrameFunctionalGroupsSequence")
     count = int(ds.NumberOfFrames)
     if not frames or len(frames) != count:
         raise VolumeError("a multi-frame image without per-frame functional groups")
+    _check_size([ds], limit)
     header = Dataset()
     for elem in ds:
         if elem.keyword not in _NOT_COPIED and elem.tag.group != 0x7FE0:
@@ -240,9 +264,14 @@ def _multiframe_volume(ds: Dataset) -> Volume:
     )
 
 
-def build_volume(paths: Iterable[Path | str]) -> Volume:
+DEFAULT_MAX_VOLUME_BYTES = 4 << 30
+
+
+def build_volume(paths: Iterable[Path | str], max_bytes: int = DEFAULT_MAX_VOLUME_BYTES) -> Volume:
     """Read, sort, decode and rescale a series into a :class:`Volume` (single-frame images,
-    or one multi-frame image with per-frame functional groups)."""
+    or one multi-frame image with per-frame functional groups). A series whose headers say
+    it decodes to more than ``max_bytes`` is refused before any pixel is decoded (a header
+    announcing 65535 x 65535 pixels is 8 GB a slice)."""
     paths = list(paths)
     if len(paths) == 1:
         single = _read(paths[0])
@@ -251,8 +280,9 @@ def build_volume(paths: Iterable[Path | str]) -> Volume:
         except (Unreadable, TypeError, ValueError) as exc:
             raise VolumeError("NumberOfFrames is unreadable") from exc
         if frames > 1:
-            return _multiframe_volume(single)
+            return _multiframe_volume(single, max_bytes)
     datasets = read_headers(paths)
+    _check_size(datasets, max_bytes)
     hu = np.empty((len(datasets), datasets[0].Rows, datasets[0].Columns), dtype=np.int16)
     for index, ds in enumerate(datasets):
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -161,7 +162,7 @@ def test_bombs_and_huge_bodies_are_refused_without_the_node_growing(tmp_path: Pa
         wait_triton=False,
         inference={"triton_url": f"127.0.0.1:{free_port()}", "models_dir": str(models)},
         router={"rules_dir": str(rules)},
-        http={"max_request_mb": 100},
+        http={"max_request_mb": 100, "body_timeout_s": 2},
     )
     pid = node.process.pid
     try:
@@ -214,6 +215,18 @@ def test_bombs_and_huge_bodies_are_refused_without_the_node_growing(tmp_path: Pa
         code, answer = _stow_chunked(node, (bytes(1 << 20) for _ in range(200)))
         assert code == 413, answer
         assert answer["status"] == 413 and "larger than 100 MB" in answer["error"]
+
+        # a body that stops arriving: 408 once nothing came for body_timeout_s
+        stalled = http.client.HTTPConnection("127.0.0.1", node.http_port, timeout=30)
+        stalled.putrequest("POST", "/dicomweb/studies")
+        stalled.putheader("Content-Type", 'multipart/related; type="application/dicom"; boundary=X')
+        stalled.putheader("Content-Length", str(10 << 20))
+        stalled.endheaders()
+        stalled.send(b"--X\r\nContent-Type: application/dicom\r\n\r\n" + bytes(1000))
+        t0 = time.monotonic()
+        answer408 = stalled.getresponse()
+        assert answer408.status == 408 and json.loads(answer408.read())["status"] == 408
+        assert 1.5 < time.monotonic() - t0 < 10
 
         grown = _peak_rss_mb(pid) - before
         assert grown < 100, f"the node grew by {grown:.0f} MB"

@@ -71,3 +71,18 @@ def test_unreadable_or_malformed_geometry_is_a_reason_not_a_crash(tmp_path) -> N
     (tmp_path / "junk.dcm").write_bytes(b"\x00" * 50)
     with pytest.raises(VolumeError, match=r"cannot read junk\.dcm"):
         build_volume([ct[0], tmp_path / "junk.dcm"])
+
+
+def test_a_series_too_large_to_decode_is_refused_before_decoding(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pydicom
+
+    ct = head_ct_files()[:2]
+    for n, path in enumerate(ct):
+        ds = pydicom.dcmread(path)
+        ds.Rows = ds.Columns = 65535  # 8 GB a slice, said by 4 bytes of header
+        ds.save_as(tmp_path / f"{n}.dcm")
+    with pytest.raises(VolumeError, match="decodes to 16383 MB, more than"):
+        build_volume([tmp_path / "0.dcm", tmp_path / "1.dcm"])
+    assert build_volume(ct, max_bytes=2 * 512 * 512 * 2).hu.shape == (2, 512, 512)
+    with pytest.raises(VolumeError, match=r"more than inference\.max_volume_mb"):
+        build_volume(ct, max_bytes=2 * 512 * 512 * 2 - 1)

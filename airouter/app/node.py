@@ -317,6 +317,7 @@ class Node:
             log_phi=self.settings.log_phi,
             hosts=self.settings.http.served_hosts(),
             max_request_bytes=int(self.settings.http.max_request_mb * 1024 * 1024),
+            body_idle_s=self.settings.http.body_timeout_s,
         )
         http = self.settings.http
         # log_config=None: uvicorn's records go through the root handlers (one format, and

@@ -211,6 +211,8 @@ class HttpSettings(_Strict):
     allowed_hosts: list[str] = Field(default_factory=list)
     # A request body (a STOW-RS request, all its parts) larger than this is refused with 413.
     max_request_mb: float = Field(default=1024.0, gt=0)
+    # A request body of which nothing arrives for this long is refused with 408.
+    body_timeout_s: float = Field(default=30.0, gt=0)
 
     def served_hosts(self) -> frozenset[str] | None:
         """Every Host the server answers to (None: any)."""
@@ -259,6 +261,8 @@ class InferenceSettings(_Strict):
     # Jobs wait while Triton is unavailable, retrying with backoff up to this interval.
     retry_max_s: float = Field(default=10.0, gt=0)
     shared_memory: SharedMemoryMode = SharedMemoryMode.AUTO
+    # A series whose headers say it decodes to more than this is refused before decoding.
+    max_volume_mb: float = Field(default=4096.0, gt=0)
 
     def imported_models(self, data_dir: Path) -> Path:
         """Where ``airouter models import`` puts cards (``cards/``) and Triton entries

@@ -124,7 +124,7 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
     )
     run.stage = "volume"
     t0 = time.perf_counter()
-    volume = build_volume(paths)
+    volume = build_volume(paths, int(ctx.inference.max_volume_mb * 1024 * 1024))
     REGISTRY.remember_dataset(volume.datasets[0])  # what the encoders' libraries may quote
     run.recorder.time(volume_s=time.perf_counter() - t0)
     run.stage = "inference"

@@ -55,6 +55,7 @@ def create_app(
     log_phi: bool = False,
     hosts: frozenset[str] | None = None,
     max_request_bytes: int = 1 << 30,
+    body_idle_s: float = 30.0,
 ) -> FastAPI:
     """The node's HTTP application (STOW-RS when an ingest is given). With ``hosts``, every
     request (the API docs included) must name one of them as its Host, and a state-changing
@@ -75,7 +76,7 @@ def create_app(
     async def _json_error(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail, "status": exc.status_code}, exc.status_code)
 
-    app.include_router(dicomweb_router(store, ingest, tracker, max_request_bytes))
+    app.include_router(dicomweb_router(store, ingest, tracker, max_request_bytes, body_idle_s))
     app.include_router(rules_router(store, ruleset, log_phi))
     app.include_router(outbox_router(store, on_retry))
     app.include_router(status_router(store, health))

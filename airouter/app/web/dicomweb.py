@@ -3,6 +3,7 @@ produced, STOW-RS into the receivers (``scp.stow``). Errors are JSON with a stat
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,13 +88,23 @@ def _multipart(paths: list[str]) -> StreamingResponse:
     return StreamingResponse(body(), media_type=media)
 
 
-async def _receive_parts(request: Request, writer: PartWriter, limit: int) -> list[Part]:
+async def _receive_parts(
+    request: Request, writer: PartWriter, limit: int, idle_s: float
+) -> list[Part]:
     """The body's parts, streamed to files as they arrive (memory: a chunk), refused with 413
-    beyond ``limit`` bytes: by its Content-Length before reading anything, or as it streams in."""
+    beyond ``limit`` bytes (by its Content-Length before reading anything, or as it streams
+    in) and with 408 when nothing of it arrives for ``idle_s``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise StowError(413, f"request body larger than {limit >> 20} MB")
-    async for chunk in request.stream():
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), idle_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise StowError(408, f"nothing of the request body arrived for {idle_s:g} s") from None
         writer.feed(chunk)
     return writer.finish()
 
@@ -103,6 +114,7 @@ def dicomweb_router(
     ingest: Ingest | None = None,
     tracker: AssociationTracker | None = None,
     max_request_bytes: int = 1 << 30,
+    body_idle_s: float = 30.0,
 ) -> APIRouter:
     """QIDO-RS and WADO-RS of the archive; STOW-RS when an ingest is given."""
     app = APIRouter(prefix="/dicomweb")
@@ -116,7 +128,7 @@ def dicomweb_router(
         try:
             boundary = boundary_of(request.headers.get("content-type", ""))
             writer = PartWriter(boundary, ingest.incoming_dir, max_request_bytes)
-            parts = await _receive_parts(request, writer, max_request_bytes)
+            parts = await _receive_parts(request, writer, max_request_bytes, body_idle_s)
             result = await run_in_threadpool(
                 store_parts, ingest, tracker, parts, study, base, client
             )

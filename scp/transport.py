@@ -133,6 +133,7 @@ class DeadlineSocket(socket.socket):
         return wrapped
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Like :meth:`socket.socket.recv`, within the deadline of the PDU it reads."""
         now = time.monotonic()
         if self._ends_at is None:
             self._ends_at = now + self.deadline_s  # a PDU begins with this read
@@ -148,6 +149,7 @@ class DeadlineSocket(socket.socket):
         return data
 
     def send(self, data: Any, flags: int = 0) -> int:
+        """Like :meth:`socket.socket.send`, failing when nothing can be sent for the deadline."""
         self.settimeout(self.deadline_s)
         try:
             return super().send(data, flags)

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb openssl
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb openssl postgresql
 SOURCES := airouter scp router inference encoders dispatch tests bench
 
 .PHONY: all install system-deps run test lint typecheck unit clean
@@ -15,7 +15,8 @@ all: install
 
 system-deps:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
-	    || ! command -v Orthanc >/dev/null || ! command -v openssl >/dev/null || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	    || ! command -v Orthanc >/dev/null || ! command -v openssl >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(APT_PACKAGES); \
 	fi

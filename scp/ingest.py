@@ -33,6 +33,8 @@ from scp.limits import check_inflation
 
 log = logging.getLogger(__name__)
 
+_INDEX_ATTEMPTS = 3
+
 
 @dataclass(frozen=True)
 class Received:
@@ -93,7 +95,7 @@ class Ingest:
             ids = _identifiers(ds, received)
         except InvalidUID as exc:
             return Outcome(StoreStatus.CANNOT_UNDERSTAND, str(exc))
-        study_uid, series_uid, sop_uid, sop_class, filled = ids
+        study_uid, series_uid, sop_uid = ids[:3]
         moved: Path | None = None
         REGISTRY.remember_dataset(ds)  # kept out of logs and events unless log_phi is on
         try:
@@ -117,37 +119,20 @@ class Ingest:
                 write_durable(path, received.data)
                 size = len(received.data)
             moved = path  # from here on the spool holds it: an index failure removes it
-            with self._lock, self.store.session() as s:
-                _upsert_study(s, ds, study_uid, received.calling_ae)
-                _upsert_series(s, ds, study_uid, series_uid, received.source)
-                s.add(
-                    Instance(
-                        sop_instance_uid=sop_uid,
-                        sop_class_uid=sop_class,
-                        series_uid=series_uid,
-                        study_uid=study_uid,
-                        instance_number=int_value(read_or_none(ds, "InstanceNumber")),
-                        transfer_syntax=received.transfer_syntax,
-                        path=str(path),
-                        size=size,
-                        calling_ae=received.calling_ae,
-                        called_ae=received.called_ae,
-                        source_address=received.source_address,
-                        source=received.source,
-                    )
-                )
-                if filled:
-                    s.add(
-                        Event(
-                            kind="identifiers_from_command",
-                            study_uid=study_uid,
-                            detail=f"{sop_uid}: the data set has no {' or '.join(filled)}; "
-                            "the C-STORE request's (or the file meta's) is used",
-                        )
-                    )
-        except IntegrityError:
-            # A concurrent association stored the same SOP Instance UID first: it is stored once.
-            return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
+            for attempt in range(_INDEX_ATTEMPTS):
+                try:
+                    self._index(ds, received, ids, path, size)
+                    break
+                except IntegrityError:
+                    # Another node or association indexed this instance, or created its study
+                    # or series, in the same moment: stored once, or try again (they exist now).
+                    with self.store.session() as s:
+                        if s.scalar(
+                            select(Instance.id).where(Instance.sop_instance_uid == sop_uid)
+                        ):
+                            return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
+                    if attempt == _INDEX_ATTEMPTS - 1:
+                        raise
         except OSError as exc:
             log.error("cannot persist %s: %s", sop_uid, exc)
             return Outcome(StoreStatus.OUT_OF_RESOURCES, f"cannot persist: {exc.strerror}")
@@ -159,6 +144,46 @@ class Ingest:
                 StoreStatus.CANNOT_UNDERSTAND, f"cannot index the data set ({type(exc).__name__})"
             )
         return Outcome(StoreStatus.SUCCESS, "", study_uid, sop_uid)
+
+    def _index(
+        self,
+        ds: Dataset,
+        received: Received,
+        ids: tuple[str, str, str, str, list[str]],
+        path: Path,
+        size: int,
+    ) -> None:
+        """The index rows of one stored instance (its study and series if new), one
+        transaction."""
+        study_uid, series_uid, sop_uid, sop_class, filled = ids
+        with self._lock, self.store.session() as s:
+            _upsert_study(s, ds, study_uid, received.calling_ae)
+            _upsert_series(s, ds, study_uid, series_uid, received.source)
+            s.add(
+                Instance(
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=sop_class,
+                    series_uid=series_uid,
+                    study_uid=study_uid,
+                    instance_number=int_value(read_or_none(ds, "InstanceNumber")),
+                    transfer_syntax=received.transfer_syntax,
+                    path=str(path),
+                    size=size,
+                    calling_ae=received.calling_ae,
+                    called_ae=received.called_ae,
+                    source_address=received.source_address,
+                    source=received.source,
+                )
+            )
+            if filled:
+                s.add(
+                    Event(
+                        kind="identifiers_from_command",
+                        study_uid=study_uid,
+                        detail=f"{sop_uid}: the data set has no {' or '.join(filled)}; "
+                        "the C-STORE request's (or the file meta's) is used",
+                    )
+                )
 
 
 def free_bytes(path: Path) -> int:

@@ -275,3 +275,83 @@ def tool(name: str) -> str:
     if path is None:
         raise RuntimeError(f"{name} is not installed; `make test` installs it")
     return path
+
+
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None)
+
+
+@dataclass
+class Postgres:
+    """A real PostgreSQL server (Debian's), in a temporary directory on a free port. It
+    refuses to run as root: as root, its directory belongs to the ``postgres`` user and every
+    server command runs as that user."""
+
+    datadir: Path
+    port: int
+
+    @staticmethod
+    def _as_server(command: list[str]) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+    @classmethod
+    def start(cls) -> Postgres:
+        """In a new folder of its own under the system's temporary folder (a test's folder
+        lies under a root-only one that the server's user cannot enter)."""
+        import tempfile
+
+        if PG_BIN is None:
+            raise RuntimeError("PostgreSQL is not installed (Debian package postgresql)")
+        workdir = Path(tempfile.mkdtemp(prefix="airouter-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(workdir, "postgres", "postgres")
+        datadir, port = workdir / "data", free_port()
+        subprocess.run(
+            cls._as_server(
+                [str(PG_BIN / "initdb"), "-D", str(datadir), "-U", "postgres", "--auth=trust"]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=on"
+        subprocess.run(
+            cls._as_server(
+                [
+                    str(PG_BIN / "pg_ctl"),
+                    "-D",
+                    str(datadir),
+                    "-o",
+                    options,
+                    "-l",
+                    str(workdir / "server.log"),
+                    "-w",
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
+        return cls(datadir, port)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database on this server; its SQLAlchemy URL."""
+        import psycopg
+
+        name = f"t{generate_uid(prefix=None).replace('.', '')[:20]}"
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            self._as_server(
+                [str(PG_BIN / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "stop"]
+            ),
+            check=False,
+            capture_output=True,
+        )
+        shutil.rmtree(self.datadir.parent, ignore_errors=True)

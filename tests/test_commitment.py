@@ -15,8 +15,8 @@ from dispatch.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
 from dispatch.outbox import Dispatcher
 
 
-def _outbox(tmp_path: Path, count: int) -> tuple[Store, list[int]]:
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def _outbox(database_url: str, count: int) -> tuple[Store, list[int]]:
+    store = Store(database_url)
     with store.session() as s:
         job = Job(
             study_uid="1.2.3",
@@ -64,8 +64,10 @@ def _ref(uid: str, reason: int | None = None) -> Dataset:
 
 
 @pytest.mark.parametrize("report_first", [True, False])
-def test_report_before_or_after_the_c_store_is_recorded(tmp_path: Path, report_first: bool) -> None:
-    store, (ok_id, bad_id) = _outbox(tmp_path, 2)
+def test_report_before_or_after_the_c_store_is_recorded(
+    tmp_path: Path, database_url: str, report_first: bool
+) -> None:
+    store, (ok_id, bad_id) = _outbox(database_url, 2)
     dispatcher = Dispatcher(store, load_settings(data_dir=tmp_path).dispatch)
 
     def record() -> None:
@@ -86,8 +88,8 @@ def test_report_before_or_after_the_c_store_is_recorded(tmp_path: Path, report_f
         assert "0x0110" in (bad.last_status or "") or "commitment failed" in (bad.last_status or "")
 
 
-def test_a_report_of_another_sop_class_is_refused(tmp_path: Path) -> None:
-    store, _ = _outbox(tmp_path, 1)
+def test_a_report_of_another_sop_class_is_refused(tmp_path: Path, database_url: str) -> None:
+    store, _ = _outbox(database_url, 1)
     event = _report([], [])
     event.request.AffectedSOPClassUID = "1.2.840.10008.1.1"
     assert handle_event_report(event, store) == (0x0118, None)

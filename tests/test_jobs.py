@@ -18,8 +18,9 @@ from router.queue import claim_next_job
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store(f"sqlite:///{tmp_path / 'state.db'}")
+def store(database_url: str) -> Store:
+    """The state store on SQLite and on PostgreSQL."""
+    return Store(database_url)
 
 
 def _job(store: Store, state: JobState = JobState.QUEUED, attempts: int = 0) -> int:

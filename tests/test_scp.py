@@ -27,10 +27,15 @@ from tests.peers import free_port, head_ct_files, storescu, tool, wait_for
 
 class Node:
     def __init__(
-        self, tmp: Path, spool: Path | None = None, reserve_bytes: int = 0, **settings: Any
+        self,
+        tmp: Path,
+        spool: Path | None = None,
+        reserve_bytes: int = 0,
+        database_url: str | None = None,
+        **settings: Any,
     ) -> None:
         scp = ScpSettings(dimse_host="127.0.0.1", dimse_port=free_port(), **settings)
-        self.settings = Settings(data_dir=tmp, scp=scp)
+        self.settings = Settings(data_dir=tmp, scp=scp, database_url=database_url)
         self.store = Store(self.settings.db_url)
         self.tracker = AssociationTracker()
         self.ingest = Ingest(self.store, spool or self.settings.spool_dir, reserve_bytes)
@@ -43,8 +48,9 @@ class Node:
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(tmp_path)
+def node(tmp_path: Path, database_url: str) -> Iterator[Node]:
+    """The DIMSE receiver on the state store on SQLite and on PostgreSQL."""
+    n = Node(tmp_path, database_url=database_url)
     yield n
     n.server.shutdown()
 

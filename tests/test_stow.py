@@ -19,8 +19,8 @@ from tests.peers import SHARED_DICOM, head_ct_files
 
 
 class Api:
-    def __init__(self, tmp: Path) -> None:
-        self.store = Store(f"sqlite:///{tmp / 'db.sqlite'}")
+    def __init__(self, tmp: Path, database_url: str | None = None) -> None:
+        self.store = Store(database_url or f"sqlite:///{tmp / 'db.sqlite'}")
         self.tracker = AssociationTracker()
         self.ingest = Ingest(self.store, tmp / "spool")
         self.client = TestClient(create_app(self.store, dict, self.ingest, self.tracker))
@@ -41,8 +41,9 @@ class Api:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[Api]:
-    yield Api(tmp_path)
+def api(tmp_path: Path, database_url: str) -> Iterator[Api]:
+    """STOW-RS on the state store on SQLite and on PostgreSQL."""
+    yield Api(tmp_path, database_url)
 
 
 def _split_multipart(response) -> list[bytes]:  # type: ignore[no-untyped-def]

@@ -53,6 +53,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "scp": {"ae_title": args.ae_title, "dimse_port": args.dimse_port},
         "http": {"host": args.http_host, "port": args.http_port},
         "data_dir": args.data_dir,
+        "database_url": args.database_url,
         "inference": {"triton_url": args.triton_url},
         "router": {"rules_dir": args.rules_dir},
     }
@@ -177,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--http-host", help="HTTP address (AIROUTER_HTTP__HOST, 127.0.0.1)")
     serve.add_argument("--http-port", type=int, help="HTTP port (AIROUTER_HTTP__PORT, 8080)")
     serve.add_argument("--data-dir", type=Path, help="state and spool (AIROUTER_DATA_DIR, ./var)")
+    serve.add_argument(
+        "--database-url",
+        help="state store, a SQLAlchemy URL: sqlite:///... (default, in the data dir) or "
+        "postgresql+psycopg://user@host/db (AIROUTER_DATABASE_URL)",
+    )
     serve.add_argument("--triton-url", help="'local' or host:port (AIROUTER_INFERENCE__TRITON_URL)")
     serve.add_argument(
         "--rules-dir", type=Path, help="rule files (AIROUTER_ROUTER__RULES_DIR, ./rules)"

@@ -11,10 +11,12 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Enum,
     ForeignKey,
@@ -25,6 +27,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -50,7 +53,14 @@ def utcnow() -> datetime:
 def _by_value(kind: type[enum.Enum], length: int = 32) -> Enum:
     """An enum column that stores the members' values (what these columns held as text
     before they became enums, so existing rows read back unchanged)."""
-    return Enum(kind, values_callable=lambda e: [m.value for m in e], length=length)
+    return Enum(
+        kind, values_callable=lambda e: [m.value for m in e], length=length, native_enum=False
+    )
+
+
+def _by_name(kind: type[enum.Enum]) -> Enum:
+    """An enum column that stores the members' names, as text (no native enum type)."""
+    return Enum(kind, native_enum=False, length=32)
 
 
 class Base(DeclarativeBase):
@@ -63,7 +73,7 @@ class Study(Base):
     __tablename__ = "studies"
 
     study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    state: Mapped[StudyState] = mapped_column(Enum(StudyState), default=StudyState.RECEIVING)
+    state: Mapped[StudyState] = mapped_column(_by_name(StudyState), default=StudyState.RECEIVING)
     patient_id: Mapped[str | None] = mapped_column(String(64))
     patient_name: Mapped[str | None] = mapped_column(String(324))
     study_date: Mapped[str | None] = mapped_column(String(8))
@@ -93,7 +103,7 @@ class Series(Base):
     body_part_examined: Mapped[str | None] = mapped_column(String(16))
     # Denormalised tags the rules need, as DICOM keyword -> value (first instance seen).
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    source: Mapped[Source] = mapped_column(Enum(Source), default=Source.DIMSE)
+    source: Mapped[Source] = mapped_column(_by_name(Source), default=Source.DIMSE)
 
 
 class Instance(Base):
@@ -109,12 +119,12 @@ class Instance(Base):
     instance_number: Mapped[int | None] = mapped_column(Integer)
     transfer_syntax: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
     received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     called_ae: Mapped[str | None] = mapped_column(String(16))
     source_address: Mapped[str | None] = mapped_column(String(64))
-    source: Mapped[Source] = mapped_column(Enum(Source), default=Source.DIMSE)
+    source: Mapped[Source] = mapped_column(_by_name(Source), default=Source.DIMSE)
 
 
 class Job(Base):
@@ -134,7 +144,7 @@ class Job(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)  # 2, 3 ...: amended results
     priority: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[datetime | None] = mapped_column(DateTime)  # off-hours work waits
-    state: Mapped[JobState] = mapped_column(Enum(JobState), default=JobState.QUEUED, index=True)
+    state: Mapped[JobState] = mapped_column(_by_name(JobState), default=JobState.QUEUED, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     timings: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
@@ -169,7 +179,7 @@ class Delivery(Base):
     output_id: Mapped[int] = mapped_column(ForeignKey("outputs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     state: Mapped[DeliveryState] = mapped_column(
-        Enum(DeliveryState), default=DeliveryState.PENDING, index=True
+        _by_name(DeliveryState), default=DeliveryState.PENDING, index=True
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -200,8 +210,7 @@ class Store:
         self.engine: Engine = create_engine(url, connect_args=_connect_args(url))
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -229,21 +238,24 @@ def instance_counts(s: Session, study_uid: str) -> dict[str, int]:
     return {str(uid): int(n) for uid, n in rows}
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Additive schema changes for an existing database: columns added to the models since it
-    was created are added to its tables (nullable; the models give the defaults)."""
-    from sqlalchemy import inspect, text
+MIGRATIONS = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK = 0x41495254  # the PostgreSQL advisory lock nodes take to migrate, one at a time
 
-    inspector = inspect(engine)
+
+def migrate(engine: Engine) -> None:
+    """Bring the database to the current schema (Alembic, ``airouter/core/migrations``): an
+    empty one is created, one from an earlier release is upgraded in place. On PostgreSQL
+    the nodes starting together migrate one at a time (an advisory lock)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.execute(
-                        text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
-                    )
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
 
 
 def _connect_args(url: str) -> dict[str, Any]:

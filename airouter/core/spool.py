@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import uuid
 from pathlib import Path
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -56,9 +57,11 @@ def write_durable(path: Path, data: bytes) -> None:
     directory = path.parent
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
+    # unique to this write: two threads, processes or nodes (one shared spool) may write the
+    # same instance at once; each renames a whole file of its own
+    tmp = directory / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             view = memoryview(data)
             while view:

@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -23,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from airouter.core.db import Delivery, Instance, Job, Output, Series, Store, Study, utcnow
+from airouter.core.leases import Identity
 from airouter.core.settings import RETURN_TO_SENDER, DicomNode, DispatchSettings
 from airouter.core.spool import instance_path, write_durable
 from airouter.core.vocab import CommitmentState, DeliveryState, JobState, OutputKind, Source
@@ -138,9 +140,13 @@ class Outbox:
 class Dispatcher:
     """Sends due deliveries; one run at a time (the scheduler calls :meth:`run_due`)."""
 
-    def __init__(self, store: Store, settings: DispatchSettings) -> None:
+    def __init__(
+        self, store: Store, settings: DispatchSettings, identity: Identity | None = None
+    ) -> None:
         self.store = store
         self.settings = settings
+        # deliveries are claimed under this node's lease: several nodes send from one outbox
+        self.identity = identity or Identity("local", lease_s=60.0)
         self._lock = threading.Lock()
         self._again = threading.Event()
 
@@ -161,17 +167,44 @@ class Dispatcher:
         finally:
             self._lock.release()
 
-    def _pass(self) -> int:
+    def _claim(self) -> list[Any]:
+        """The due deliveries, moved to SENDING under this node's lease: another node's pass
+        skips them (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; on SQLite the conditional
+        update of the single writer), so each is sent by one node."""
+        due_states = [DeliveryState.PENDING, DeliveryState.FAILED]
         with self.store.session() as s:
-            due = s.execute(
+            ids = list(
+                s.scalars(
+                    select(Delivery.id)
+                    .where(Delivery.state.in_(due_states), Delivery.next_attempt_at <= utcnow())
+                    .order_by(Delivery.id)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            if not ids:
+                return []
+            claimed = set(
+                s.scalars(
+                    update(Delivery)
+                    .where(Delivery.id.in_(ids), Delivery.state.in_(due_states))
+                    .values(
+                        state=DeliveryState.SENDING,
+                        lease_owner=self.identity.owner,
+                        lease_until=self.identity.until(),
+                    )
+                    .returning(Delivery.id)
+                )
+            )
+            rows = s.execute(
                 select(Delivery.id, Delivery.destination, Output.path)
                 .join(Output, Output.id == Delivery.output_id)
-                .where(
-                    Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED]),
-                    Delivery.next_attempt_at <= utcnow(),
-                )
+                .where(Delivery.id.in_(claimed))
                 .order_by(Delivery.id)
             ).all()
+        return list(rows)
+
+    def _pass(self) -> int:
+        due = self._claim()
         by_destination: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for delivery_id, destination, path in due:
             by_destination[destination].append((delivery_id, path))
@@ -232,6 +265,12 @@ class Dispatcher:
             d = s.get(Delivery, delivery_id)
             if d is None:
                 return
+            if d.lease_owner not in (None, self.identity.owner):
+                log.warning(
+                    "delivery %s: taken over by %s, answer dropped", delivery_id, d.lease_owner
+                )
+                return
+            d.lease_owner = d.lease_until = None
             d.attempts += 1
             d.last_status = answer
             d.updated_at = utcnow()

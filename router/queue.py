@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -107,8 +108,13 @@ def route_study(
     return jobs
 
 
-def claim_next_job(store: Store) -> int | None:
-    """Atomically move the highest-priority, oldest queued job to RUNNING; return its id."""
+def claim_next_job(
+    store: Store, owner: str | None = None, lease_until: datetime | None = None
+) -> int | None:
+    """Atomically move the highest-priority, oldest queued job to RUNNING, leased to
+    ``owner`` until ``lease_until``; return its id. Several nodes claim from one database:
+    on PostgreSQL a row another node is claiming is skipped (``FOR UPDATE SKIP LOCKED``), on
+    SQLite the single writer and the conditional update make the claim exclusive."""
     with store.session() as s:
         now = utcnow()
         job_id = s.scalar(
@@ -117,12 +123,19 @@ def claim_next_job(store: Store) -> int | None:
             .where((Job.not_before.is_(None)) | (Job.not_before <= now))
             .order_by(Job.priority.desc(), Job.created_at, Job.id)
             .limit(1)
+            .with_for_update(skip_locked=True)
         )
         if job_id is None:
             return None
         claimed = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.QUEUED)
-            .values(state=JobState.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1)
+            .values(
+                state=JobState.RUNNING,
+                started_at=utcnow(),
+                attempts=Job.attempts + 1,
+                lease_owner=owner,
+                lease_until=lease_until,
+            )
         )
         return job_id if claimed.rowcount == 1 else None  # type: ignore[attr-defined]

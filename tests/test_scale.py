@@ -67,3 +67,118 @@ def test_two_writers_storing_one_new_study_at_once_lose_nothing(
         assert s.scalar(select(func.count()).select_from(Series)) == 1
         assert s.scalar(select(func.count()).select_from(Study)) == 1
     assert len(list(spool.rglob("*.dcm"))) == 12
+
+
+def _queued_job(store: Store) -> int:
+    from airouter.core.db import Job
+
+    with store.session() as s:
+        if s.get(Study, "1.2.3") is None:
+            s.add(Study(study_uid="1.2.3"))
+        job = Job(
+            study_uid="1.2.3",
+            series_uid="1.2.3.4",
+            rule="r",
+            models=["m"],
+            outputs=["SEG"],
+            destinations=[],
+        )
+        s.add(job)
+        s.flush()
+        return int(job.id)
+
+
+def test_a_dead_nodes_job_is_taken_over_once_its_lease_expires(database_url: str) -> None:
+    """Node A claims a job and dies (stops renewing); node B leaves it alone while the lease
+    runs, then queues it again and claims it; A, were it only slow, can write nothing more."""
+    import pytest
+
+    from airouter.core.db import Job
+    from airouter.core.leases import Identity, heartbeat
+    from airouter.core.vocab import JobState
+    from airouter.jobs.lifecycle import recover_jobs
+    from airouter.jobs.recorder import JobRecorder, JobTakenOver
+    from router.queue import claim_next_job
+    from tests.peers import wait_for
+
+    store = Store(database_url)
+    a, b = Identity("node-a", lease_s=1.0), Identity("node-b", lease_s=1.0)
+    job_id = _queued_job(store)
+    assert claim_next_job(store, a.owner, a.until()) == job_id
+    assert claim_next_job(store, b.owner, b.until()) is None  # claimed once
+    assert recover_jobs(store, 3).requeued == []  # A's lease is live
+    heartbeat(store, a)  # A renews it while it lives ...
+    assert recover_jobs(store, 3).requeued == []
+    # ... and then dies: once the lease has run out, any node's recovery pass takes it back
+    wait_for(lambda: recover_jobs(store, 3).requeued == [job_id], 5, "the lease to expire")
+    assert claim_next_job(store, b.owner, b.until()) == job_id
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        assert (job.state, job.lease_owner, job.attempts) == (JobState.RUNNING, b.owner, 2)
+    with pytest.raises(JobTakenOver, match="taken over by node-b/"):
+        JobRecorder(store, job_id, a.owner).transition(JobState.DONE)
+    JobRecorder(store, job_id, b.owner).transition(JobState.DONE)
+
+
+def test_a_delivery_is_claimed_by_one_node_and_released_when_it_dies(database_url: str) -> None:
+    from airouter.core.db import Delivery, Output
+    from airouter.core.leases import Identity, release_deliveries
+    from airouter.core.settings import DispatchSettings
+    from airouter.core.vocab import DeliveryState, OutputKind
+    from dispatch.outbox import Dispatcher
+    from tests.peers import wait_for
+
+    store = Store(database_url)
+    job_id = _queued_job(store)
+    with store.session() as s:
+        output = Output(
+            job_id=job_id, kind=OutputKind.SEG, sop_instance_uid="1.9", series_uid="1.8", path="/x"
+        )
+        s.add(output)
+        s.flush()
+        s.add_all([Delivery(output_id=output.id, destination="pacs") for _ in range(3)])
+    settings = DispatchSettings()
+    a = Dispatcher(store, settings, Identity("node-a", lease_s=1.0))
+    b = Dispatcher(store, settings, Identity("node-b", lease_s=1.0))
+    assert [row.id for row in a._claim()] == [1, 2, 3]
+    assert b._claim() == []  # each delivery is sent by one node
+    assert release_deliveries(store) == []  # A's lease is live
+    wait_for(lambda: release_deliveries(store) == [1, 2, 3], 5, "A's lease to expire")
+    with store.session() as s:
+        assert {d.state for d in s.scalars(select(Delivery))} == {DeliveryState.FAILED}
+    assert [row.id for row in b._claim()] == [1, 2, 3]
+
+
+def test_a_name_is_held_by_one_live_node_and_taken_back_after_a_crash(database_url: str) -> None:
+    import socket
+    import subprocess
+
+    import pytest
+
+    from airouter.core.db import Node, utcnow
+    from airouter.core.leases import Identity, NodeNameInUse, register
+
+    store = Store(database_url)
+    first = Identity("ct-node", lease_s=30.0)
+    assert register(store, first) == []
+    alive = subprocess.Popen(["sleep", "30"])  # the first run, alive on this host ...
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        for host, pid in ((socket.gethostname(), alive.pid), ("other-host", dead.pid)):
+            with store.session() as s:
+                row = s.get(Node, "ct-node")
+                assert row is not None
+                row.host, row.pid, row.heartbeat_at = host, pid, utcnow()
+            with pytest.raises(NodeNameInUse, match="a node named 'ct-node' is running"):
+                register(store, Identity("ct-node", lease_s=30.0))  # ... or on another
+    finally:
+        alive.kill()
+        alive.wait()
+    # the first run's process died (kill -9): a new run takes its name and its work back
+    with store.session() as s:
+        row = s.get(Node, "ct-node")
+        assert row is not None
+        row.host, row.pid, row.heartbeat_at = socket.gethostname(), dead.pid, utcnow()
+    assert register(store, Identity("ct-node", lease_s=30.0)) == [first.owner]

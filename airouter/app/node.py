@@ -25,6 +25,13 @@ from sqlalchemy.orm import Session
 
 from airouter.app.web import create_app
 from airouter.core.db import Event, Job, Store, Study, utcnow
+from airouter.core.leases import (
+    Identity,
+    NodeNameInUse,
+    heartbeat,
+    register,
+    release_deliveries,
+)
 from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import SharedMemoryMode, StudyState
@@ -78,7 +85,8 @@ class Node:
             self.store, settings.spool_dir, reserve, inflated, settings.incoming_dir
         )
         self.outbox = Outbox(settings.archive_dir, settings.dispatch)
-        self.dispatcher = Dispatcher(self.store, settings.dispatch)
+        self.identity = Identity(settings.node_name, settings.jobs.lease_s)
+        self.dispatcher = Dispatcher(self.store, settings.dispatch, self.identity)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.triton: LocalTriton | None = None
         self._client: InferenceClient | None = None
@@ -164,7 +172,7 @@ class Node:
 
     def _worker(self, ctx: PipelineContext) -> None:
         while not self._stop.is_set():
-            job_id = claim_next_job(self.store)
+            job_id = claim_next_job(self.store, self.identity.owner, self.identity.until())
             if job_id is None:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -202,7 +210,20 @@ class Node:
                 .where(Study.state == StudyState.RECEIVING)
                 .values(last_received_at=grace_until, interrupted_at=now)
             )
+        try:
+            previous = register(self.store, self.identity)
+        except NodeNameInUse as exc:
+            raise ConfigError(str(exc)) from exc
+        recover_jobs(self.store, self.settings.jobs.max_attempts, previous)
+        release_deliveries(self.store, previous)
+
+    def _heartbeat(self) -> None:
+        """Renew this node's leases, and take over the work of nodes whose leases expired."""
+        heartbeat(self.store, self.identity)
         recover_jobs(self.store, self.settings.jobs.max_attempts)
+        if release_deliveries(self.store):
+            self.wake_dispatch()
+        self._wake.set()
 
     def health(self) -> dict[str, Any]:
         """What /api/health answers: DIMSE, Triton and each model ready, jobs per state."""
@@ -269,6 +290,9 @@ class Node:
             id="dispatch",
             **every,
         )
+        self.scheduler.add_job(
+            self._heartbeat, "interval", seconds=self.identity.lease_s / 3, id="leases", **every
+        )
         self.scheduler.add_job(self._watch_triton, "interval", seconds=2.0, id="triton", **every)
         self.scheduler.add_job(self._reload_rules, "interval", seconds=1.0, id="rules", **every)
         self.scheduler.start()
@@ -288,6 +312,7 @@ class Node:
                 entropy_srcs=[s.scp.ae_title, s.encoders.device.device_serial_number]
             ),
             stopping=self._stop,
+            owner=self.identity.owner,
         )
 
     def start(self) -> None:

@@ -155,6 +155,10 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # While in flight: the node running it ("name/instance"), until when (renewed while that
+    # node lives; once past, any node takes the job over).
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Output(Base):
@@ -188,6 +192,9 @@ class Delivery(Base):
     # Storage commitment (DICOM destinations that offer it): requested -> committed | failed.
     commitment: Mapped[CommitmentState | None] = mapped_column(_by_value(CommitmentState, 16))
     transaction_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    # While SENDING: the node sending it and until when (as for jobs).
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Event(Base):
@@ -201,6 +208,19 @@ class Event(Base):
     study_uid: Mapped[str | None] = mapped_column(String(64))
     job_id: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Node(Base):
+    """A node working on this database: who it is and when it last said it was alive."""
+
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    instance: Mapped[str] = mapped_column(String(32))  # this run of it (a restart: a new one)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Store:

@@ -13,6 +13,7 @@ import copy
 import ipaddress
 import os
 import re
+import socket
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -314,6 +315,10 @@ class JobSettings(_Strict):
     # A job that was in flight when the node died this many times ends failed (it may be the
     # cause); a clean shutdown does not count.
     max_attempts: int = Field(default=3, ge=1)
+    # Several nodes on one database: a job or delivery a node works on is leased for this
+    # long, renewed every third of it while the node lives; a dead node's work is taken over
+    # by another node once its lease has expired.
+    lease_s: float = Field(default=60.0, ge=1.0)
 
 
 class Settings(BaseSettings):
@@ -333,6 +338,8 @@ class Settings(BaseSettings):
     # State and spool
     data_dir: Path = Path("var")
     database_url: str | None = None  # default: SQLite in data_dir
+    # This node's name among the nodes sharing the database (unique among the live ones).
+    node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
 
     scp: ScpSettings = Field(default_factory=ScpSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)

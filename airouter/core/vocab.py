@@ -47,6 +47,7 @@ class DeliveryState(enum.StrEnum):
     """One (object, destination) of the outbox."""
 
     PENDING = "pending"
+    SENDING = "sending"  # claimed by a node (its lease says which, and until when)
     SENT = "sent"
     FAILED = "failed"  # will be retried
     DEAD = "dead"  # gave up after the configured attempts

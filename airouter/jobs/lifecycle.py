@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from airouter.core.db import Event, Job, Store, utcnow
+from airouter.core.leases import expired
 from airouter.core.vocab import JobState
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,20 @@ class Recovered:
     failed: list[int]
 
 
-def recover_jobs(store: Store, max_attempts: int) -> Recovered:
-    """At start-up: every job left in flight by a dead node is queued again, or failed once it
-    has been in flight ``max_attempts`` times."""
+def recover_jobs(store: Store, max_attempts: int, owners: list[str] | None = None) -> Recovered:
+    """Every job left in flight by a node that died is queued again, or failed once it has
+    been in flight ``max_attempts`` times: those whose lease expired (or that never had one),
+    and those of ``owners`` (the previous run of this node, at its start). Jobs leased by a
+    live node are left to it. Run at start and periodically by every node."""
     requeued, failed = [], []
     in_flight = [s for s in JobState if s.in_flight]
+    taken = or_(expired(Job), Job.lease_owner.in_(owners or []))
     with store.session() as s:
-        for job in s.scalars(select(Job).where(Job.state.in_(in_flight))).all():
+        rows = s.scalars(
+            select(Job).where(Job.state.in_(in_flight), taken).with_for_update(skip_locked=True)
+        )
+        for job in rows.all():
+            job.lease_owner = job.lease_until = None
             if job.attempts >= max_attempts:
                 job.error = (
                     f"the node stopped {job.attempts} times while this job was in flight "

@@ -51,6 +51,7 @@ class PipelineContext:
     encoders: EncoderSettings
     device_uid: str  # the SR's observer device
     stopping: threading.Event = field(default_factory=threading.Event)
+    owner: str | None = None  # this node's lease owner (jobs it claims carry it)
 
 
 class JobError(Exception):
@@ -72,7 +73,7 @@ class _Run:
 
 def run_job(ctx: PipelineContext, job_id: int) -> None:
     """Run a claimed job; never raises."""
-    run = _Run(_claimed(ctx.store, job_id), JobRecorder(ctx.store, job_id))
+    run = _Run(_claimed(ctx.store, job_id), JobRecorder(ctx.store, job_id, ctx.owner))
     try:
         try:
             _run(ctx, run)
@@ -90,8 +91,8 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
                 f"internal error in stage {run.stage}: {type(exc).__name__} "
                 f"(the node's log has the details of job {job_id})"
             )
-    except JobCancelled:
-        log.info("job %s: cancelled while it ran (stage %s)", job_id, run.stage)
+    except JobCancelled as exc:
+        log.info("job %s stops in stage %s: %s", job_id, run.stage, exc)
 
 
 def _claimed(store: Store, job_id: int) -> Job:

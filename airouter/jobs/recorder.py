@@ -22,12 +22,18 @@ class JobCancelled(Exception):
     """Someone cancelled the job while it ran; it stays cancelled and writes nothing more."""
 
 
+class JobTakenOver(JobCancelled):
+    """This node lost the job's lease (it could not renew it in time) and another node took
+    the job over: this run writes nothing more."""
+
+
 class JobRecorder:
     """Collects what one job does and writes it to the store at its state transitions."""
 
-    def __init__(self, store: Store, job_id: int) -> None:
+    def __init__(self, store: Store, job_id: int, owner: str | None = None) -> None:
         self.store = store
         self.job_id = job_id
+        self.owner = owner  # the lease this run holds (None: a single node without leases)
         self._timings: dict[str, float] = {}
         self._events: list[tuple[str, str]] = []
 
@@ -44,7 +50,7 @@ class JobRecorder:
         """One transaction: the job's new state and ``values``, the timings and events so far.
         Returns the job row (detached, with its new values)."""
         with self.store.session() as s:
-            job = s.get(Job, self.job_id)
+            job = s.get(Job, self.job_id, with_for_update=True)
             if job is None:
                 raise LookupError(f"job {self.job_id} is gone")
             self.apply(job, state, **values)
@@ -57,6 +63,10 @@ class JobRecorder:
         Raises :class:`JobCancelled` when the row says the job was cancelled meanwhile."""
         if job.state is JobState.CANCELLED:
             raise JobCancelled(f"job {self.job_id} was cancelled")
+        if self.owner is not None and job.lease_owner != self.owner:
+            raise JobTakenOver(
+                f"job {self.job_id} was taken over by {job.lease_owner or 'recovery'}"
+            )
         if state is not None:
             job.state = state
             if state.ended and "finished_at" not in values:

@@ -81,7 +81,14 @@ class CompletionMonitor:
         busy = self.tracker.busy_studies()
         routed: list[str] = []
         with self.store.session() as s:
-            studies = s.scalars(select(Study).where(Study.state == StudyState.RECEIVING)).all()
+            # Several nodes check the same studies: on PostgreSQL a study another node's check
+            # holds is skipped, and once that check commits it is no longer receiving, so a
+            # study completes (and is routed) once. SQLite has a single writer.
+            studies = s.scalars(
+                select(Study)
+                .where(Study.state == StudyState.RECEIVING)
+                .with_for_update(skip_locked=True)
+            ).all()
             for study in studies:
                 reason = self._reason(s, study, study.study_uid in busy, now)
                 if reason is None:

@@ -231,7 +231,9 @@ def _uid_text(ds: Dataset, keyword: str) -> str:
 
 
 def _upsert_study(s: Any, ds: Dataset, study_uid: str, calling_ae: str | None) -> None:
-    study = s.get(Study, study_uid)
+    # Locked (PostgreSQL): a node completing the study at this moment finishes first, and
+    # this late instance then sees the study complete and re-opens it.
+    study = s.get(Study, study_uid, with_for_update=True)
     now = utcnow()
     if study is None:
         s.add(

@@ -203,7 +203,7 @@ def test_a_thousand_mutants_by_c_store_and_stow(tmp_path: Path) -> None:
         indexed = {Path(p) for (p,) in db.execute("SELECT path FROM instances")}
     spooled = set((node.data_dir / "spool").rglob("*.dcm"))
     assert spooled <= indexed, sorted(spooled - indexed)[:5]
-    assert not list((node.data_dir / "incoming").glob("*.dcm"))
+    assert not list((node.data_dir / "incoming").rglob("*.dcm"))
     assert len(indexed) > 50  # most mutants of a valid file are still stored
     for path in list(indexed)[:50]:
         pydicom.dcmread(path, stop_before_pixels=True, force=True)  # stored as received

@@ -182,3 +182,20 @@ def test_a_name_is_held_by_one_live_node_and_taken_back_after_a_crash(database_u
         assert row is not None
         row.host, row.pid, row.heartbeat_at = socket.gethostname(), dead.pid, utcnow()
     assert register(store, Identity("ct-node", lease_s=30.0)) == [first.owner]
+
+
+def test_a_node_starting_leaves_the_other_nodes_transfers_alone(tmp_path: Path) -> None:
+    """Nodes sharing a data directory each receive into a folder of their own: a start
+    clears its own leftovers (never acknowledged), not a live node's transfers in flight."""
+    from airouter.core.settings import Settings
+    from scp.server import configure_pynetdicom
+
+    a = Settings(data_dir=tmp_path, node_name="node-a")
+    b = Settings(data_dir=tmp_path, node_name="node-b")
+    assert a.spool_dir == b.spool_dir and a.incoming_dir != b.incoming_dir
+    for settings in (a, b):
+        settings.incoming_dir.mkdir(parents=True)
+        (settings.incoming_dir / "in-flight.dcm").write_bytes(b"half a data set")
+    configure_pynetdicom(a.incoming_dir)  # node A (re)starts
+    assert not (a.incoming_dir / "in-flight.dcm").exists()
+    assert (b.incoming_dir / "in-flight.dcm").exists()

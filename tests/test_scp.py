@@ -330,7 +330,7 @@ def test_filesystem_below_reserve_refuses_with_a700_and_recovers(small_filesyste
         assert len(spooled) == n.count() == first_refusal
         for p in spooled:
             pydicom.dcmread(p)
-        assert not list((small_filesystem / "incoming").iterdir())
+        assert not list(n.settings.incoming_dir.iterdir())
         echo = subprocess.run(
             [tool("echoscu"), "-aec", "AIROUTER", "127.0.0.1", str(n.port)],
             env={**os.environ, "TCP_NODELAY": "1"},

@@ -29,11 +29,13 @@ from airouter.core.leases import (
     Identity,
     NodeNameInUse,
     heartbeat,
+    others_alive,
     register,
     release_deliveries,
+    release_transfers,
 )
 from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
-from airouter.core.tracker import AssociationTracker
+from airouter.core.tracker import SharedTracker
 from airouter.core.vocab import SharedMemoryMode, StudyState
 from airouter.jobs.lifecycle import recover_jobs
 from airouter.jobs.pipeline import PipelineContext, run_job
@@ -78,14 +80,14 @@ class Node:
         except (RuleError, ModelCardError) as exc:
             raise ConfigError(str(exc)) from exc
         self.store = Store(settings.db_url)
-        self.tracker = AssociationTracker()
+        self.identity = Identity(settings.node_name, settings.jobs.lease_s)
+        self.tracker = SharedTracker(self.store, self.identity)
         reserve = int(settings.scp.min_free_space_mb * 1024 * 1024)
         inflated = int(settings.scp.max_inflated_mb * 1024 * 1024)
         self.ingest = Ingest(
             self.store, settings.spool_dir, reserve, inflated, settings.incoming_dir
         )
         self.outbox = Outbox(settings.archive_dir, settings.dispatch)
-        self.identity = Identity(settings.node_name, settings.jobs.lease_s)
         self.dispatcher = Dispatcher(self.store, settings.dispatch, self.identity)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.triton: LocalTriton | None = None
@@ -128,7 +130,7 @@ class Node:
         if s.triton_url == "local":
             imported = s.imported_models(self.settings.data_dir) / "repository"
             self.triton = LocalTriton(
-                self.settings.data_dir / "triton",
+                self.settings.data_dir / "triton" / self.settings.node_name,
                 s.http_port,
                 s.grpc_port,
                 model_repositories=[MODEL_REPOSITORY, imported],
@@ -191,35 +193,51 @@ class Node:
         were in flight at ``jobs.max_attempts`` crashes), and studies that were still
         receiving are marked interrupted: a crash is not the end of a transfer, so the quiet
         period no longer completes them (no job runs on a partial series); their announced
-        counts, required series, a resend (after ``restart_grace_s``) or the deadline do."""
-        now = utcnow()
-        grace_until = now + timedelta(seconds=self.settings.router.restart_grace_s)
-        with self.store.session() as s:
-            cut = s.scalars(select(Study.study_uid).where(Study.state == StudyState.RECEIVING))
-            for uid in cut.all():
-                s.add(
-                    Event(
-                        kind="study_interrupted",
-                        study_uid=uid,
-                        detail="still receiving when the node stopped: completes at its "
-                        "announced counts, its rules' required series, a resend or the deadline",
-                    )
-                )
-            s.execute(
-                update(Study)
-                .where(Study.state == StudyState.RECEIVING)
-                .values(last_received_at=grace_until, interrupted_at=now)
-            )
+        counts, required series, a resend (after ``restart_grace_s``) or the deadline do.
+
+        With other live nodes on the database, only the studies this node's previous run was
+        receiving are interrupted (the others are theirs)."""
         try:
             previous = register(self.store, self.identity)
         except NodeNameInUse as exc:
             raise ConfigError(str(exc)) from exc
+        cut = release_transfers(self.store, previous)
+        if not others_alive(self.store, self.identity):
+            with self.store.session() as s:  # alone: every receiving study may be partial
+                receiving = select(Study.study_uid).where(Study.state == StudyState.RECEIVING)
+                cut = sorted({*cut, *s.scalars(receiving)})
+        self._interrupt(cut)
         recover_jobs(self.store, self.settings.jobs.max_attempts, previous)
         release_deliveries(self.store, previous)
+
+    def _interrupt(self, studies: list[str]) -> None:
+        """Hold studies whose receiving node stopped mid-transfer (see :meth:`_recover`)."""
+        if not studies:
+            return
+        now = utcnow()
+        grace_until = now + timedelta(seconds=self.settings.router.restart_grace_s)
+        with self.store.session() as s:
+            held = s.scalars(
+                update(Study)
+                .where(Study.study_uid.in_(studies), Study.state == StudyState.RECEIVING)
+                .values(last_received_at=grace_until, interrupted_at=now)
+                .returning(Study.study_uid)
+            ).all()
+            for uid in held:
+                s.add(
+                    Event(
+                        kind="study_interrupted",
+                        study_uid=uid,
+                        detail="still receiving when its node stopped: completes at its "
+                        "announced counts, its rules' required series, a resend or the deadline",
+                    )
+                )
+        log.info("%d studies cut off by a stopped node are held", len(held))
 
     def _heartbeat(self) -> None:
         """Renew this node's leases, and take over the work of nodes whose leases expired."""
         heartbeat(self.store, self.identity)
+        self._interrupt(release_transfers(self.store))
         recover_jobs(self.store, self.settings.jobs.max_attempts)
         if release_deliveries(self.store):
             self.wake_dispatch()

@@ -223,6 +223,20 @@ class Node(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class Transfer(Base):
+    """A study a node is receiving now: one row per (association or STOW request, study),
+    removed when the association ends; a dead node's rows expire with its lease."""
+
+    __tablename__ = "transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), index=True)  # the node's lease owner
+    conn: Mapped[str] = mapped_column(String(32))  # the association (or request) in that node
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    lease_until: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Store:
     """Engine and session factory; one per process."""
 

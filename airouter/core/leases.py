@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, update
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
 
-from airouter.core.db import Delivery, Job, Node, Store, utcnow
+from airouter.core.db import Delivery, Job, Node, Store, Transfer, utcnow
 from airouter.core.vocab import DeliveryState, JobState
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,33 @@ def heartbeat(store: Store, identity: Identity) -> None:
             .where(Delivery.lease_owner == identity.owner, Delivery.state == DeliveryState.SENDING)
             .values(lease_until=until)
         )
+        s.execute(
+            update(Transfer).where(Transfer.owner == identity.owner).values(lease_until=until)
+        )
+
+
+def release_transfers(store: Store, owners: list[str] | None = None) -> list[str]:
+    """Transfers of a node that died mid-way (their lease expired, or ``owners``: the previous
+    run of this node) are forgotten; returns the studies they were receiving, which may be
+    partial."""
+    with store.session() as s:
+        gone = or_(Transfer.lease_until < utcnow(), Transfer.owner.in_(owners or []))
+        studies = set(s.scalars(delete(Transfer).where(gone).returning(Transfer.study_uid)))
+    return sorted(studies)
+
+
+def others_alive(store: Store, identity: Identity) -> bool:
+    """Whether another node of this database said it was alive within its lease."""
+    since = utcnow() - timedelta(seconds=identity.lease_s)
+    with store.session() as s:
+        return (
+            s.scalar(
+                select(func.count())
+                .select_from(Node)
+                .where(Node.name != identity.name, Node.heartbeat_at > since)
+            )
+            or 0
+        ) > 0
 
 
 def release_deliveries(store: Store, owners: list[str] | None = None) -> list[int]:

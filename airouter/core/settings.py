@@ -339,7 +339,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     database_url: str | None = None  # default: SQLite in data_dir
     # This node's name among the nodes sharing the database (unique among the live ones).
-    node_name: str = Field(default_factory=socket.gethostname, min_length=1, max_length=64)
+    # A folder name too (its own incoming and Triton folders under data_dir).
+    node_name: str = Field(
+        default_factory=socket.gethostname, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+    )
 
     scp: ScpSettings = Field(default_factory=ScpSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
@@ -366,8 +369,10 @@ class Settings(BaseSettings):
 
     @property
     def incoming_dir(self) -> Path:
-        """DIMSE data sets being received (on the spool's filesystem: a rename moves them)."""
-        return self.data_dir / "incoming"
+        """Data sets being received (on the spool's filesystem: a rename moves them), in a
+        folder of this node's own: nodes sharing the data directory never touch each
+        other's transfers in flight (a start clears only its own)."""
+        return self.data_dir / "incoming" / self.node_name
 
     @property
     def archive_dir(self) -> Path:

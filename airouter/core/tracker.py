@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import threading
 
+from sqlalchemy import delete, select
+
+from airouter.core.db import Store, Transfer, utcnow
+from airouter.core.leases import Identity
+
 
 class AssociationTracker:
     """Which studies each open association has touched; a study is busy while one is open."""
@@ -30,3 +35,52 @@ class AssociationTracker:
         """The studies some open association has touched."""
         with self._lock:
             return set().union(*self._open.values()) if self._open else set()
+
+
+class SharedTracker(AssociationTracker):
+    """The same, shared by the nodes of one database: each (association, study) is also a
+    row of ``transfers`` under this node's lease, so a study is busy while any live node is
+    receiving it. A node that dies leaves rows that expire with its lease (see
+    :func:`airouter.core.leases.release_transfers`)."""
+
+    def __init__(self, store: Store, identity: Identity) -> None:
+        super().__init__()
+        self.store = store
+        self.identity = identity
+
+    def touch(self, assoc_id: int, study_uid: str) -> None:
+        """As :meth:`AssociationTracker.touch`; the first touch of a study writes its row."""
+        with self._lock:
+            known = study_uid in self._open.get(assoc_id, set())
+            self._open.setdefault(assoc_id, set()).add(study_uid)
+        if not known:
+            with self.store.session() as s:
+                s.add(
+                    Transfer(
+                        owner=self.identity.owner,
+                        conn=str(assoc_id),
+                        study_uid=study_uid,
+                        lease_until=self.identity.until(),
+                    )
+                )
+
+    def end(self, assoc_id: int) -> None:
+        """As :meth:`AssociationTracker.end`; its rows are removed."""
+        with self._lock:
+            had = self._open.pop(assoc_id, None)
+        if had:
+            with self.store.session() as s:
+                s.execute(
+                    delete(Transfer).where(
+                        Transfer.owner == self.identity.owner, Transfer.conn == str(assoc_id)
+                    )
+                )
+
+    def busy_studies(self) -> set[str]:
+        """The studies some live node (this one included) is receiving."""
+        with self.store.session() as s:
+            rows = s.scalars(
+                select(Transfer.study_uid).where(Transfer.lease_until > utcnow()).distinct()
+            )
+            shared = set(rows)
+        return shared | super().busy_studies()

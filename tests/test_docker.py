@@ -16,13 +16,23 @@ DOCKER = ROOT / "docker"
 
 def test_compose_services_and_build_files_exist() -> None:
     compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
-    assert set(compose["services"]) == {"router", "triton", "orthanc"}
-    for name in ("router", "triton"):
-        build = compose["services"][name]["build"]
+    services = compose["services"]
+    assert set(services) == {"router", "router-2", "postgres", "triton", "orthanc"}
+    for name in ("router", "router-2", "triton"):
+        build = services[name]["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve().is_file()
-    router_env = compose["services"]["router"]["environment"]
-    assert router_env["AIROUTER_INFERENCE__TRITON_URL"].startswith("triton:")
-    assert router_env["AIROUTER_DISPATCH__DESTINATIONS__PACS__HOST"] == "orthanc"
+    envs = [services[name]["environment"] for name in ("router", "router-2")]
+    for router_env in envs:
+        assert router_env["AIROUTER_INFERENCE__TRITON_URL"].startswith("triton:")
+        assert router_env["AIROUTER_DISPATCH__DESTINATIONS__PACS__HOST"] == "orthanc"
+        assert "@postgres:5432/airouter" in router_env["AIROUTER_DATABASE_URL"]
+    # the replicas: one database, one data volume at one path, a name each, ports apart
+    assert envs[0]["AIROUTER_DATABASE_URL"] == envs[1]["AIROUTER_DATABASE_URL"]
+    assert services["router"]["volumes"] == services["router-2"]["volumes"]
+    assert envs[0]["AIROUTER_NODE_NAME"] != envs[1]["AIROUTER_NODE_NAME"]
+    host_ports = [p.rsplit(":", 1)[0] for n in ("router", "router-2") for p in services[n]["ports"]]
+    assert len(host_ports) == len(set(host_ports))
+    assert "postgres" in services["router-2"]["depends_on"]
     json.loads((DOCKER / "orthanc" / "orthanc.json").read_text())
 
 
@@ -33,9 +43,11 @@ def test_compose_environment_is_a_valid_configuration(monkeypatch: pytest.Monkey
     compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
     for key in [k for k in os.environ if k.startswith("AIROUTER_")]:
         monkeypatch.delenv(key)
-    for key, value in compose["services"]["router"]["environment"].items():
+    for key, value in compose["services"]["router-2"]["environment"].items():
         monkeypatch.setenv(key, str(value))
     settings = load_settings()
+    assert settings.node_name == "router-2"
+    assert (settings.database_url or "").startswith("postgresql+psycopg://airouter:")
     assert settings.inference.triton_url == "triton:8000"
     assert settings.dispatch.destinations["pacs"].host == "orthanc"  # type: ignore[union-attr]
     assert "router" in (settings.http.served_hosts() or ())

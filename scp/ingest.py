@@ -73,11 +73,13 @@ class Ingest:
         reserve_bytes: int = 0,
         max_inflated_bytes: int = 1 << 30,
         incoming_dir: Path | None = None,
+        node_name: str | None = None,
     ) -> None:
         self.store = store
         self.spool_root = spool_root
         # where instances are written while they arrive (on the spool's filesystem)
         self.incoming_dir = incoming_dir or spool_root / ".incoming"
+        self.node_name = node_name  # recorded with each instance (several nodes, processes)
         self.reserve_bytes = reserve_bytes
         self.max_inflated_bytes = max_inflated_bytes
         self._lock = threading.Lock()  # serialises index writes of one process (SQLite)
@@ -173,6 +175,7 @@ class Ingest:
                     called_ae=received.called_ae,
                     source_address=received.source_address,
                     source=received.source,
+                    received_by=self.node_name,
                 )
             )
             if filled:

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -202,6 +203,22 @@ def _guard_dimse_decoding() -> None:
     provider.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
+def _share_the_port() -> None:
+    """Several receiver processes listen on one port (``SO_REUSEPORT``; the kernel spreads
+    the connections). pynetdicom's ``server_bind`` sets only ``SO_REUSEADDR``: ours sets
+    both, then binds as it does."""
+    if getattr(ThreadedAssociationServer.server_bind, "_airouter_shared", False):
+        return
+    original = ThreadedAssociationServer.server_bind
+
+    def server_bind(self: Any) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        original(self)
+
+    server_bind._airouter_shared = True  # type: ignore[attr-defined]
+    ThreadedAssociationServer.server_bind = server_bind  # type: ignore[method-assign]
+
+
 @dataclass(frozen=True)
 class ExtraService:
     """A DIMSE service another stage answers on our AE: the SOP class accepted (with the
@@ -251,6 +268,8 @@ def start_dimse(
     filesystem so that storing one is a rename.
     """
     configure_pynetdicom(incoming_dir)
+    if settings.processes > 1:
+        _share_the_port()
     ae = build_ae(settings, extra)
     # socketserver's default listen backlog is 5: 100 connects took 15 s
     ThreadedAssociationServer.request_queue_size = settings.listen_backlog

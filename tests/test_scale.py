@@ -199,3 +199,76 @@ def test_a_node_starting_leaves_the_other_nodes_transfers_alone(tmp_path: Path) 
     configure_pynetdicom(a.incoming_dir)  # node A (re)starts
     assert not (a.incoming_dir / "in-flight.dcm").exists()
     assert (b.incoming_dir / "in-flight.dcm").exists()
+
+
+def test_receiver_processes_share_the_port_and_end_with_the_node(tmp_path: Path) -> None:
+    """``scp.processes: 2``: a second process listens on the DIMSE port (SO_REUSEPORT); 16
+    parallel associations are spread over both by the kernel, every instance is stored and
+    indexed once, and the receiver ends with the node."""
+    import os
+    import subprocess
+
+    from tests.peers import free_port, start_node, stop_process, tool, wait_for
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    node = start_node(
+        tmp_path / "node",
+        None,
+        wait_triton=False,
+        scp={"processes": 2},
+        router={"rules_dir": str(rules)},
+        inference={"triton_url": f"127.0.0.1:{free_port()}"},
+        node_name="ingest",
+    )
+    store = Store(f"sqlite:///{node.data_dir / 'airouter.db'}")
+    try:
+        children = wait_for(lambda: _children(node.process.pid), 30, "the receiver process")
+        wait_for(lambda: _listeners(node.dimse_port) == 2, 60, "two listeners on the port")
+        files = fresh_copy(head_ct_files()[:48], tmp_path / "study")
+        senders = [
+            subprocess.Popen(
+                [tool("storescu"), "-aec", "AIROUTER", "127.0.0.1", str(node.dimse_port)]
+                + [str(f) for f in files[k::16]],
+                env={**os.environ, "TCP_NODELAY": "1"},
+                stderr=subprocess.PIPE,
+            )
+            for k in range(16)
+        ]
+        for sender in senders:
+            assert sender.wait(timeout=120) == 0
+        with store.session() as s:
+            by = dict(
+                s.execute(
+                    select(Instance.received_by, func.count()).group_by(Instance.received_by)
+                ).all()
+            )
+        assert sum(by.values()) == 48
+        assert set(by) == {"ingest", "ingest-r1"}, by
+    finally:
+        stop_process(node.process)
+    for pid in children:
+        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 15, f"receiver {pid} gone")
+
+
+def _listeners(port: int) -> int:
+    """Listening TCP sockets on ``port`` (from the kernel's table)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if fields.get("PPid", "").strip() == str(pid) and "python" in fields.get("Name", ""):
+            found.append(int(status.parent.name))
+    return found

@@ -50,7 +50,11 @@ def _pruned(tree: dict[str, Any]) -> dict[str, Any]:
 
 def _settings(args: argparse.Namespace) -> Settings:
     flags = {
-        "scp": {"ae_title": args.ae_title, "dimse_port": args.dimse_port},
+        "scp": {
+            "ae_title": args.ae_title,
+            "dimse_port": args.dimse_port,
+            "processes": args.workers,
+        },
         "http": {"host": args.http_host, "port": args.http_port},
         "data_dir": args.data_dir,
         "database_url": args.database_url,
@@ -178,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--http-host", help="HTTP address (AIROUTER_HTTP__HOST, 127.0.0.1)")
     serve.add_argument("--http-port", type=int, help="HTTP port (AIROUTER_HTTP__PORT, 8080)")
     serve.add_argument("--data-dir", type=Path, help="state and spool (AIROUTER_DATA_DIR, ./var)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="DIMSE receiver processes sharing the port (AIROUTER_SCP__PROCESSES, 1)",
+    )
     serve.add_argument(
         "--database-url",
         help="state store, a SQLAlchemy URL: sqlite:///... (default, in the data dir) or "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -19,10 +20,10 @@ from typing import Any
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.uid import generate_uid
-from pynetdicom import evt
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from airouter.app import receivers
 from airouter.app.web import create_app
 from airouter.core.db import Event, Job, Store, Study, utcnow
 from airouter.core.leases import (
@@ -39,7 +40,6 @@ from airouter.core.tracker import SharedTracker
 from airouter.core.vocab import SharedMemoryMode, StudyState
 from airouter.jobs.lifecycle import recover_jobs
 from airouter.jobs.pipeline import PipelineContext, run_job
-from dispatch.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
 from dispatch.outbox import Dispatcher, Outbox
 from inference.cards import InputKind, ModelCardError, load_cards
 from inference.runner import warm_up
@@ -50,7 +50,7 @@ from router.registry import RuleSet
 from router.rules import Rule, RuleError
 from router.schedule import OffHours
 from scp.ingest import Ingest
-from scp.server import ExtraService, start_dimse
+from scp.server import start_dimse
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,12 @@ class Node:
         reserve = int(settings.scp.min_free_space_mb * 1024 * 1024)
         inflated = int(settings.scp.max_inflated_mb * 1024 * 1024)
         self.ingest = Ingest(
-            self.store, settings.spool_dir, reserve, inflated, settings.incoming_dir
+            self.store,
+            settings.spool_dir,
+            reserve,
+            inflated,
+            settings.incoming_dir,
+            settings.node_name,
         )
         self.outbox = Outbox(settings.archive_dir, settings.dispatch)
         self.dispatcher = Dispatcher(self.store, settings.dispatch, self.identity)
@@ -98,6 +103,7 @@ class Node:
         self._wake = threading.Event()
         self._workers: list[threading.Thread] = []
         self.dimse: Any = None
+        self._receivers: list[subprocess.Popen[bytes]] = []
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -268,16 +274,9 @@ class Node:
 
     # -- life cycle ------------------------------------------------------------------------
     def _start_dimse(self) -> None:
-        commitment = ExtraService(
-            # Storage commitment reports come from the destinations we asked (they act as the
-            # SCP of the SOP class on an association they start: role selection).
-            STORAGE_COMMITMENT_PUSH,
-            evt.EVT_N_EVENT_REPORT,
-            handle_event_report,
-            [self.store],
-            scu_role=True,
-            scp_role=True,
-        )
+        # Storage commitment reports come from the destinations we asked (they act as the
+        # SCP of the SOP class on an association they start: role selection).
+        commitment = receivers.commitment_service(self.store)
         self.dimse = start_dimse(
             self.settings.scp, self.ingest, self.tracker, self.settings.incoming_dir, [commitment]
         )
@@ -338,6 +337,9 @@ class Node:
         self._recover()
         self._start_triton()
         self._start_dimse()
+        if self.settings.scp.processes > 1:
+            port = self.dimse.server_address[1]
+            self._receivers = receivers.spawn(self.settings, port, self.settings.scp.processes - 1)
         self._schedule()
         if any(c.input.kind is InputKind.TENSOR for c in self.cards.values()):
             threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
@@ -387,6 +389,7 @@ class Node:
         """Stop DIMSE, the scheduler, the workers and the local Triton."""
         self._stop.set()
         self._wake.set()
+        receivers.stop(self._receivers)
         if self.dimse is not None:
             self.dimse.shutdown()
         if self.scheduler.running:

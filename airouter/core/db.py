@@ -125,6 +125,7 @@ class Instance(Base):
     called_ae: Mapped[str | None] = mapped_column(String(16))
     source_address: Mapped[str | None] = mapped_column(String(64))
     source: Mapped[Source] = mapped_column(_by_name(Source), default=Source.DIMSE)
+    received_by: Mapped[str | None] = mapped_column(String(128))  # the node's name
 
 
 class Job(Base):

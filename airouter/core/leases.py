@@ -124,7 +124,11 @@ def others_alive(store: Store, identity: Identity) -> bool:
             s.scalar(
                 select(func.count())
                 .select_from(Node)
-                .where(Node.name != identity.name, Node.heartbeat_at > since)
+                .where(
+                    Node.name != identity.name,
+                    Node.name.not_like(f"{identity.name}-r%"),  # its own receiver processes
+                    Node.heartbeat_at > since,
+                )
             )
             or 0
         ) > 0

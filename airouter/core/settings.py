@@ -159,7 +159,10 @@ class ScpSettings(_Strict):
     ae_title: str = "AIROUTER"
     dimse_host: str = "0.0.0.0"
     dimse_port: int = Field(default=11112, ge=0, le=65535)
-    max_associations: int = Field(default=16, ge=1)
+    max_associations: int = Field(default=16, ge=1)  # per receiver process
+    # Receiver processes sharing the DIMSE port (SO_REUSEPORT): parallel associations use
+    # that many cores (`airouter serve --workers N`); the node itself is the first.
+    processes: int = Field(default=1, ge=1)
     # Access control, off by default: empty lists allow everyone.
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)  # else A-ASSOCIATE-RJ
     allowed_source_networks: list[str] = Field(default_factory=list)  # CIDR; else TCP closed

@@ -1,13 +1,15 @@
-"""C-STORE throughput: DCMTK storescp vs Orthanc vs this node, 1 and 4 associations.
+"""C-STORE throughput: DCMTK storescp vs Orthanc vs this node, 1, 4 and 10 associations.
 
 A 300-instance 512x512 CT series (made from the shared 140-slice CT with new UIDs and shifted
-positions, fresh for every send) is sent with DCMTK storescu (TCP_NODELAY=1) over one
-association, and split over 4 parallel associations, alternating the targets in each round.
-Medians and ratios go to docs/benchmarks.md, with the node's peak memory (VmHWM) while it
-receives a 1,000-instance study. The node runs with no rules: only ingest (durable write +
-index) is measured.
+positions, fresh for every send) is sent with DCMTK storescu over one association, and split
+over 4 and 10 parallel associations, alternating the targets in each round. Every DCMTK
+process has TCP_NODELAY=1 in its environment, the receiving storescp and Orthanc included.
+The node runs on SQLite (one process, the embedded default) and on PostgreSQL with one
+receiver process per core (``--workers``). Medians and ratios go to docs/benchmarks.md, with
+the peak memory (VmHWM) of all the node's processes together after a 1,000-instance study. The
+node runs with no rules: only ingest (durable write + index) is measured.
 
-    .venv/bin/python -m bench.ingest [--rounds 5] [--instances 300]
+    .venv/bin/python -m bench.ingest [--rounds 3] [--instances 300]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from bench.common import fresh_copy, median, record
 from tests.peers import (
+    Postgres,
     free_port,
     head_ct_files,
     start_node,
@@ -56,6 +59,18 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def processes_of(pid: int) -> list[int]:
+    """``pid`` and its child processes (the node's receivers)."""
+    found = [pid]
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"PPid:\t{pid}\n" in status.read_text():
+                found.append(int(status.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def peak_memory_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -65,11 +80,14 @@ def peak_memory_mb(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--instances", type=int, default=300)
+    parser.add_argument("--associations", default="1,4,10")
     args = parser.parse_args()
+    levels = [int(n) for n in args.associations.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     ct = head_ct_files()
+    cores = os.cpu_count() or 1
 
     scp_port = free_port()
     (tmp / "storescp").mkdir()
@@ -77,50 +95,67 @@ def main() -> None:
         ["storescp", "--fork", "-od", str(tmp / "storescp"), "-aet", "STORESCP", str(scp_port)],
         env={**os.environ, "TCP_NODELAY": "1"},
     )
-    orthanc = start_orthanc(tmp / "orthanc")
+    orthanc = start_orthanc(tmp / "orthanc")  # TCP_NODELAY=1 in its environment (tests.peers)
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, "-m", "bench.bare_scp", str(bare_port)])
     wait_for(lambda: _listening(bare_port), 30, "the bare pynetdicom SCP")
+    postgres = Postgres.start()
     (tmp / "rules").mkdir()
-    node = start_node(
-        tmp / "node",
+    quiet = {
+        "wait_triton": False,
+        "router": {"rules_dir": str(tmp / "rules")},
+        "inference": {"triton_url": "127.0.0.1:9"},
+    }
+    sqlite_node = start_node(tmp / "node-sqlite", None, **quiet)  # type: ignore[arg-type]
+    pg_node = start_node(
+        tmp / "node-pg",
         None,
-        wait_triton=False,
-        router={"rules_dir": str(tmp / "rules")},
-        inference={"triton_url": "127.0.0.1:9"},
+        database_url=postgres.new_database(),
+        scp={"processes": cores},
+        **quiet,  # type: ignore[arg-type]
     )
+    wait_for(lambda: len(processes_of(pg_node.process.pid)) == cores, 60, "the receivers")
+    time.sleep(5)  # the receivers import and bind (they log "DIMSE listening")
+    pg_label = f"airouter PostgreSQL x{cores}"
+    nodes = {"airouter SQLite": sqlite_node, pg_label: pg_node}
     targets = {
         "storescp": (scp_port, "STORESCP"),
         "Orthanc": (orthanc.dicom_port, "ORTHANC"),
-        "airouter": (node.dimse_port, "AIROUTER"),
+        "airouter SQLite": (sqlite_node.dimse_port, "AIROUTER"),
+        pg_label: (pg_node.dimse_port, "AIROUTER"),
         "bare pynetdicom": (bare_port, "BARE"),
     }
-    rates: dict[tuple[str, int], list[float]] = {(name, n): [] for name in targets for n in (1, 4)}
+    rates: dict[tuple[str, int], list[float]] = {(t, n): [] for t in targets for n in levels}
+    memory: dict[str, tuple[float, float]] = {}
     try:
         # every batch is written before any timing: no file creation or deletion during a run
         batches = {
-            (r, name, n): fresh_copy(ct, tmp / f"r{r}-{name}-{n}", count=args.instances)
+            (r, name, n): fresh_copy(ct, tmp / f"r{r}-{name[:12]}-{n}", count=args.instances)
             for r in range(args.rounds)
             for name in targets
-            for n in (1, 4)
+            for n in levels
         }
         for r in range(args.rounds):
             order = list(targets) if r % 2 == 0 else list(reversed(targets))
-            for n in (1, 4):
+            for n in levels:
                 for name in order:
                     port, aec = targets[name]
                     rate = send(port, aec, batches[(r, name, n)], n)
                     rates[(name, n)].append(rate)
-                    print(f"round {r} {n} assoc {name:9s} {rate:7.1f} instances/s", flush=True)
-        big = fresh_copy(ct, tmp / "thousand", count=1000)
-        before = peak_memory_mb(node.process.pid)
-        send(node.dimse_port, "AIROUTER", big, 1)
-        peak = peak_memory_mb(node.process.pid)
+                    print(f"round {r} {n:2d} assoc {name:26s} {rate:7.1f} instances/s", flush=True)
+        for label, node in nodes.items():
+            big = fresh_copy(ct, tmp / f"thousand-{label[:12]}", count=1000)
+            pids = processes_of(node.process.pid)
+            before = sum(peak_memory_mb(p) for p in pids)
+            send(node.dimse_port, "AIROUTER", big, 1)
+            memory[label] = (before, sum(peak_memory_mb(p) for p in pids))
     finally:
-        stop_process(node.process)
+        for node in nodes.values():
+            stop_process(node.process)
         stop_process(orthanc.process)
         stop_process(storescp)
         stop_process(bare)
+        postgres.stop()
 
     med = {key: median(v) for key, v in rates.items()}
 
@@ -129,35 +164,47 @@ def main() -> None:
 
     rows = "\n".join(
         f"| {name} | {n} | {med[(name, n)]:.0f} | {per_round((name, n))} |"
-        for n in (1, 4)
+        for n in levels
         for name in targets
     )
     ratios = "\n".join(
-        f"| {n} | {med[('airouter', n)] / med[('storescp', n)]:.2f} | "
-        f"{med[('airouter', n)] / med[('Orthanc', n)]:.2f} |"
-        for n in (1, 4)
+        f"| {label} | {n} | {med[(label, n)] / med[('storescp', n)]:.2f} | "
+        f"{med[(label, n)] / med[('Orthanc', n)]:.2f} | "
+        f"{med[(label, n)] / med[(label, levels[0])]:.2f} |"
+        for label in nodes
+        for n in levels
+    )
+    peaks = "\n".join(
+        f"| {label} | {before:.0f} | {after:.0f} |" for label, (before, after) in memory.items()
     )
     body = f"""
 {args.instances} instances of 512x512 CT per send (the shared head CT repeated along z, fresh
-UIDs every send), DCMTK `storescu` with `TCP_NODELAY=1`, {args.rounds} rounds alternating the
-targets; "4" splits the instances over 4 parallel associations (storescp with `--fork`).
-airouter answers each C-STORE only after fsync of the file and its directory and the SQLite
-commit (synchronous=FULL); storescp writes without fsync; Orthanc indexes in SQLite; "bare
-pynetdicom" acknowledges without storing anything (pynetdicom's own ceiling here).
+UIDs every send), DCMTK `storescu`, {args.rounds} rounds alternating the targets; "4" and
+"10" split the instances over that many parallel associations (storescp with `--fork`).
+Every DCMTK process has `TCP_NODELAY=1` in its environment, the receiving storescp and
+Orthanc included (without it Orthanc stalls 40 ms per message: the "3.1x Orthanc" recorded
+before was that artefact). airouter answers each C-STORE only after fsync of the file and its
+directory and the index commit: SQLite (synchronous=FULL, one process: the embedded
+default) or PostgreSQL (fsync on, {cores} receiver processes on the port, `--workers
+{cores}`). storescp writes without fsync; Orthanc indexes in SQLite; "bare pynetdicom"
+acknowledges without storing anything (pynetdicom's own ceiling, one process).
 
 | target | associations | median instances/s | per round |
 |---|---|---|---|
 {rows}
 
-| associations | airouter / storescp | airouter / Orthanc |
-|---|---|---|
+| node | associations | / storescp | / Orthanc | / itself at 1 |
+|---|---|---|---|---|
 {ratios}
 
-Peak memory (VmHWM) of the node process after receiving a 1,000-instance study on one
-association: **{peak:.0f} MB** (before: {before:.0f} MB; data sets stream to disk, none is
-held in memory).
+Peak memory (VmHWM, all the node's processes together) before and after receiving a
+1,000-instance study on one association:
+
+| node | before MB | after MB |
+|---|---|---|
+{peaks}
 """
-    record("Ingest: C-STORE, 1 and 4 associations", body)
+    record("Ingest: C-STORE, 1, 4 and 10 associations", body)
     print(body)
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,60 @@ class Ingest:
                 StoreStatus.CANNOT_UNDERSTAND, f"cannot index the data set ({type(exc).__name__})"
             )
         return Outcome(StoreStatus.SUCCESS, "", study_uid, sop_uid)
+
+    def reconcile(self, since: datetime | None) -> int:
+        """Index the spool files the index lacks: instances whose index commit a power loss
+        took (commits do not wait for their own fsync unless the store says so; every one
+        before the last durability mark is on disk). Only series folders changed after
+        ``since`` are looked at (all of them when None). Returns how many were indexed."""
+        if not self.spool_root.is_dir():
+            return 0
+        threshold = since.replace(tzinfo=UTC).timestamp() if since is not None else None
+        indexed = 0
+        for study_dir in self.spool_root.iterdir():
+            if not study_dir.is_dir() or study_dir.name.startswith("."):
+                continue
+            for series_dir in study_dir.iterdir():
+                if series_dir.is_dir() and (
+                    threshold is None or series_dir.stat().st_mtime >= threshold
+                ):
+                    indexed += self._reconcile_series(series_dir)
+        if indexed:
+            self.store.record("index_rebuilt", {"instances": indexed})
+            log.warning("%d instances in the spool lacked their index row: indexed", indexed)
+        return indexed
+
+    def _reconcile_series(self, series_dir: Path) -> int:
+        from pydicom import dcmread
+
+        with self.store.session() as s:
+            rows = s.scalars(select(Instance.path).where(Instance.series_uid == series_dir.name))
+            known = set(rows)
+        indexed = 0
+        for path in sorted(series_dir.glob("*.dcm")):
+            if str(path) in known or path.name.startswith("."):
+                continue
+            try:
+                ds = dcmread(path, stop_before_pixels=True)
+                meta = ds.file_meta
+                received = Received(  # no command: the file meta stands in
+                    transfer_syntax=str(meta.TransferSyntaxUID),
+                    command_sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", ""))
+                    or None,
+                    command_sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "")) or None,
+                    source=Source.SPOOL,
+                )
+                ids = _identifiers(ds, received)
+                if instance_path(self.spool_root, *ids[:3]) != path:
+                    log.warning("spool file %s is not where its UIDs say: left", path.name)
+                    continue
+                self._index(ds, received, ids, path, path.stat().st_size)
+                indexed += 1
+            except IntegrityError:
+                continue  # indexed meanwhile (by another node)
+            except Exception as exc:
+                log.warning("spool file %s cannot be indexed: %s", path.name, exc)
+        return indexed
 
     def _index(
         self,

@@ -153,8 +153,13 @@ def start_orthanc(
     }
     (workdir / "orthanc.json").write_text(json.dumps(config))
     log = open(workdir / "orthanc.log", "wb")  # noqa: SIM115 - lives as long as the process
+    # Orthanc links DCMTK, which stalls 40 ms per message without TCP_NODELAY=1 in the
+    # environment of the receiving process too (21 instances/s instead of 271).
     process = subprocess.Popen(
-        ["Orthanc", str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        ["Orthanc", str(workdir / "orthanc.json")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TCP_NODELAY": "1"},
     )
     orthanc = Orthanc(http_port, dicom_port, "ORTHANC", process, user)
     wait_for(lambda: orthanc.get("/system"), 30, "Orthanc to answer")

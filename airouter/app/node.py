@@ -54,6 +54,8 @@ from scp.server import start_dimse
 
 log = logging.getLogger(__name__)
 
+SPOOL_MARK = "spool"  # every index commit before it is on disk (see Store.mark_durable)
+
 
 def _exit_on_sigterm(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
@@ -79,7 +81,7 @@ class Node:
             )
         except (RuleError, ModelCardError) as exc:
             raise ConfigError(str(exc)) from exc
-        self.store = Store(settings.db_url)
+        self.store = Store(settings.db_url, settings.scp.sync_index_commits)
         self.identity = Identity(settings.node_name, settings.jobs.lease_s)
         self.tracker = SharedTracker(self.store, self.identity)
         reserve = int(settings.scp.min_free_space_mb * 1024 * 1024)
@@ -207,6 +209,10 @@ class Node:
             previous = register(self.store, self.identity)
         except NodeNameInUse as exc:
             raise ConfigError(str(exc)) from exc
+        # index rows a power loss may have taken (commits after the last durability mark)
+        mark = self.store.durable_mark(SPOOL_MARK)
+        self.ingest.reconcile(mark - timedelta(seconds=60) if mark is not None else None)
+        self.store.mark_durable(SPOOL_MARK)
         cut = release_transfers(self.store, previous)
         if not others_alive(self.store, self.identity):
             with self.store.session() as s:  # alone: every receiving study may be partial
@@ -243,6 +249,7 @@ class Node:
     def _heartbeat(self) -> None:
         """Renew this node's leases, and take over the work of nodes whose leases expired."""
         heartbeat(self.store, self.identity)
+        self.store.mark_durable(SPOOL_MARK)
         self._interrupt(release_transfers(self.store))
         recover_jobs(self.store, self.settings.jobs.max_attempts)
         if release_deliveries(self.store):

@@ -78,7 +78,7 @@ def stop(children: list[subprocess.Popen[bytes]]) -> None:
 
 def run(settings: Settings) -> None:
     """One receiver process: DIMSE on the shared port until SIGTERM or the node is gone."""
-    store = Store(settings.db_url)
+    store = Store(settings.db_url, settings.scp.sync_index_commits)
     identity = Identity(settings.node_name, settings.jobs.lease_s)
     try:
         register(store, identity)

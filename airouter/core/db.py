@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,8 +26,10 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     select,
     text,
+    update,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -238,13 +240,29 @@ class Transfer(Base):
     lease_until: Mapped[datetime] = mapped_column(DateTime)
 
 
+class Mark(Base):
+    """A durability mark: every index commit before ``at`` is on disk."""
+
+    __tablename__ = "marks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Store:
     """Engine and session factory; one per process."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, sync_commits: bool = True) -> None:
+        """``sync_commits`` False: a commit does not wait for its own fsync (SQLite
+        synchronous=NORMAL in WAL mode, PostgreSQL synchronous_commit=off); the database stays
+        consistent after a crash, and a power loss may lose the last commits, which
+        :meth:`mark_durable` bounds (the ingest rebuilds them from the spool)."""
         self.engine: Engine = create_engine(url, connect_args=_connect_args(url))
+        self.sync_commits = sync_commits
         if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_pragmas(sync_commits))
+        elif not sync_commits:
+            event.listen(self.engine, "connect", _postgres_async_commit)
         migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -253,6 +271,31 @@ class Store:
         """A transaction: committed on success, rolled back on error."""
         with self._sessions.begin() as session:
             yield session
+
+    def mark_durable(self, name: str) -> None:
+        """Record now as mark ``name`` in a commit that waits for its fsync, which makes every
+        earlier commit durable too (the log is written in order)."""
+        at = utcnow()
+        sqlite = self.engine.dialect.name == "sqlite"
+        with self.engine.connect() as conn:
+            if sqlite:  # outside a transaction (pysqlite begins one before the UPDATE)
+                conn.exec_driver_sql("PRAGMA synchronous=FULL")
+                conn.commit()
+            else:
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO on")
+            row = update(Mark).where(Mark.name == name).values(at=at)
+            if not conn.execute(row).rowcount:
+                conn.execute(insert(Mark).values(name=name, at=at))
+            conn.commit()
+            if sqlite and not self.sync_commits:
+                conn.exec_driver_sql("PRAGMA synchronous=NORMAL")
+                conn.commit()
+
+    def durable_mark(self, name: str) -> datetime | None:
+        """When mark ``name`` was last recorded (None: never)."""
+        with self.session() as s:
+            row = s.get(Mark, name)
+            return row.at if row is not None else None
 
     def record(self, kind: str, detail: dict[str, Any] | str = "", **where: Any) -> None:
         """Append an audit event (no PHI: UIDs, states and reasons only; a value that slips
@@ -297,9 +340,22 @@ def _connect_args(url: str) -> dict[str, Any]:
     return {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(sync_commits: bool) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        # FULL: each commit fsyncs the log; NORMAL: the log is fsynced at checkpoints (and by
+        # Store.mark_durable), a crash of the process loses nothing, a power loss the last
+        # commits.
+        cur.execute(f"PRAGMA synchronous={'FULL' if sync_commits else 'NORMAL'}")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    return on_connect
+
+
+def _postgres_async_commit(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # the index row is durable before the C-STORE success
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("SET synchronous_commit TO off")
     cur.close()
+    dbapi_conn.commit()

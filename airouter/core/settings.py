@@ -184,6 +184,11 @@ class ScpSettings(_Strict):
     max_pending_per_source: int = Field(default=16, ge=1)
     max_pending: int = Field(default=256, ge=1)
     listen_backlog: int = Field(default=128, ge=1)
+    # false: an index commit does not wait for an fsync of its own (the spool file and its
+    # folder already had theirs); a durability mark every jobs.lease_s / 3 covers every commit
+    # before it, and at start the index rows a power loss took are rebuilt from the spool.
+    # true: each commit is fsynced before the C-STORE success, as well.
+    sync_index_commits: bool = False
     # Refuse new instances (0xA700) while the data directory's filesystem has less free space.
     min_free_space_mb: float = Field(default=256.0, ge=0)
     # A deflated data set that inflates beyond this is refused (0xA700): no decompression bomb.

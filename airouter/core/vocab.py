@@ -69,6 +69,7 @@ class Source(enum.StrEnum):
     DIMSE = "dimse"
     STOW = "stow"
     PRODUCED = "produced"  # written by this node
+    SPOOL = "spool"  # found in the spool without its index row, indexed at start
 
 
 # -- rules and jobs -------------------------------------------------------------------------

@@ -184,9 +184,11 @@ UIDs every send), DCMTK `storescu`, {args.rounds} rounds alternating the targets
 Every DCMTK process has `TCP_NODELAY=1` in its environment, the receiving storescp and
 Orthanc included (without it Orthanc stalls 40 ms per message: the "3.1x Orthanc" recorded
 before was that artefact). airouter answers each C-STORE only after fsync of the file and its
-directory and the index commit: SQLite (synchronous=FULL, one process: the embedded
-default) or PostgreSQL (fsync on, {cores} receiver processes on the port, `--workers
-{cores}`). storescp writes without fsync; Orthanc indexes in SQLite; "bare pynetdicom"
+directory and the index commit, which does not wait for an fsync of its own
+(`scp.sync_index_commits: false`, the default: a durability mark follows within seconds, and
+rows a power cut takes are rebuilt from the spool at start): SQLite (WAL, synchronous=NORMAL,
+one process: the embedded default) or PostgreSQL (synchronous_commit off, {cores} receiver
+processes on the port, `--workers {cores}`). storescp writes without fsync; Orthanc indexes in SQLite; "bare pynetdicom"
 acknowledges without storing anything (pynetdicom's own ceiling, one process).
 
 | target | associations | median instances/s | per round |

@@ -188,8 +188,9 @@ directory and the index commit, which does not wait for an fsync of its own
 (`scp.sync_index_commits: false`, the default: a durability mark follows within seconds, and
 rows a power cut takes are rebuilt from the spool at start): SQLite (WAL, synchronous=NORMAL,
 one process: the embedded default) or PostgreSQL (synchronous_commit off, {cores} receiver
-processes on the port, `--workers {cores}`). storescp writes without fsync; Orthanc indexes in SQLite; "bare pynetdicom"
-acknowledges without storing anything (pynetdicom's own ceiling, one process).
+processes on the port, `--workers {cores}`). storescp writes without fsync; Orthanc indexes
+in SQLite; "bare pynetdicom" acknowledges without storing anything (pynetdicom's own
+ceiling, one process).
 
 | target | associations | median instances/s | per round |
 |---|---|---|---|

@@ -1,6 +1,7 @@
 """Two nodes on one PostgreSQL and one spool (issue 12, acceptance 2): any node receives any
 instance of a study, the study completes once, each result reaches Orthanc once, and the work
-of a node killed mid-job is finished by the other after its lease."""
+of a node killed mid-job is finished by the other after its lease (the killed node's Triton
+answers nothing, so the job it claimed is surely in flight when it dies)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ from sqlalchemy import create_engine, select
 from airouter.core.db import Event, Job
 from airouter.core.vocab import JobState
 from inference.triton import InferenceClient, LocalTriton
-from tests.peers import Postgres, start_node, start_orthanc, stop_process, tool, wait_for
+from tests.peers import (
+    Postgres,
+    free_port,
+    start_node,
+    start_orthanc,
+    stop_process,
+    tool,
+    wait_for,
+)
 from tests.phantoms import chest_phantom, write_ct_series
 
 pytestmark = pytest.mark.integration
@@ -71,7 +80,16 @@ def test_two_nodes_share_the_work_and_finish_a_killed_nodes_job(
         "inference": {"triton_url": triton.url("http"), "retry_max_s": 0.5},
         "jobs": {"workers": 1, "lease_s": 3.0},
     }
-    a = start_node(tmp_path / "a", orthanc, node_name="node-a", **common)
+    # Node A's Triton answers nothing: the job it claims stays in flight (waiting for
+    # inference) until A is killed, as a job on a node that dies mid-run would.
+    dead_triton = {**common["inference"], "triton_url": f"127.0.0.1:{free_port()}"}
+    a = start_node(
+        tmp_path / "a",
+        orthanc,
+        wait_triton=False,
+        node_name="node-a",
+        **{**common, "inference": dead_triton},
+    )
     b = start_node(tmp_path / "b", orthanc, node_name="node-b", **common)
     engine = create_engine(url)
     try:
@@ -95,7 +113,14 @@ def test_two_nodes_share_the_work_and_finish_a_killed_nodes_job(
                     )
                 )
 
-        wait_for(running_on_a, 120, "a job in flight on node A")
+        try:
+            wait_for(running_on_a, 120, "a job in flight on node A")
+        except TimeoutError as exc:
+            with engine.connect() as conn:
+                rows = conn.execute(select(Job.id, Job.state, Job.lease_owner)).all()
+            raise AssertionError(
+                f"{exc}; jobs: {rows}\nA: {a.log_text()[-3000:]}\nB: {b.log_text()[-3000:]}"
+            ) from exc
         stop_process(a.process, signal.SIGKILL)
         cut_off = running_on_a()  # still in flight after the kill: A cannot finish them
 

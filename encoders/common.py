@@ -16,6 +16,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -100,31 +101,24 @@ def normalise_values(datasets: Sequence[Dataset]) -> list[str]:
 
 
 def drop_unreadable(datasets: Sequence[Dataset]) -> list[str]:
-    """Remove, from the in-memory source headers, top-level elements pydicom cannot convert
-    (an unknown VR, a corrupt value): the objects copy only what reads. Returns the names
-    removed (keywords, or tags of private and unknown elements), never a value."""
+    """Decode every top-level element of the in-memory source headers (pydicom converts on
+    first access), removing those it cannot convert (an unknown VR, a corrupt value): the
+    objects copy only what reads. Returns the names removed (keywords, or tags of private
+    and unknown elements), never a value."""
     dropped: set[str] = set()
     for ds in datasets:
         for tag in list(ds.keys()):
-            if tag.group == 0x7FE0:
-                continue
             try:
-                ds[tag].value  # noqa: B018 (pydicom converts a raw element on access)
+                ds[tag]
             except Exception:
-                name = ds.get_item(tag).tag
-                dropped.add(_name_of(name))
+                dropped.add(keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})")
                 del ds[tag]
     return sorted(dropped)
 
 
-def _name_of(tag: Any) -> str:
-    from pydicom.datadict import keyword_for_tag
-
-    return keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"
-
-
 # Maximum value lengths in characters (PS3.5 Table 6.2-1) of the VRs a header copies as text.
-_MAX_CHARS = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "DS": 16, "IS": 12}
+# (Numbers, DS and IS, are never shortened: that would change them.)
+_MAX_CHARS = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240}
 # Identifiers that link our objects to the patient and the order: kept exactly as the source
 # has them even when over-long (a PACS or planning system matched the images by that value;
 # a shortened one would file our result elsewhere).
@@ -157,8 +151,6 @@ def fit_lengths(datasets: Sequence[Dataset]) -> tuple[list[str], list[str]]:
             if keyword in IDENTIFIERS:
                 kept.add(keyword)
                 continue
-            if vr in ("DS", "IS"):
-                continue  # a number cut short would change it; highdicom copies few of these
             element.value = fitted if len(fitted) > 1 else fitted[0]
             shortened.add(keyword)
     return sorted(shortened), sorted(kept)

@@ -96,11 +96,11 @@ def _identity(settings: EncoderSettings, kind: OutputKind, version: int) -> Seri
 
 
 def _prepare(source: SourceSeries) -> list[tuple[str, str]]:
-    """Make the in-memory source headers safe to copy: unreadable elements removed, malformed
-    dates and times repaired or emptied, over-long text shortened (identifiers kept exact),
-    type 2 attributes the headers lack added empty; every element decoded now, so that the
-    RTSTRUCT thread and this one only read them. Returns the job notes that say which
-    attributes changed (the keywords only: the values may identify the patient)."""
+    """Make the in-memory source headers safe to copy: every element decoded now (so that
+    the RTSTRUCT thread and this one only read them) and the unreadable ones removed,
+    malformed dates and times repaired or emptied, over-long text shortened (identifiers kept
+    exact), type 2 attributes the headers lack added empty. Returns the job notes that say
+    which attributes changed (the keywords only: the values may identify the patient)."""
     headers = [*source.slices, *(source.instances or ())]
     dropped = drop_unreadable(headers)
     repaired = normalise_values(headers)
@@ -108,9 +108,6 @@ def _prepare(source: SourceSeries) -> list[tuple[str, str]]:
     added = ensure_type2(source.slices)
     if source.instances is not None:
         added = sorted({*added, *ensure_type2(source.instances)})
-    for ds in source.slices:
-        for _ in ds:
-            pass
     notes = [
         ("source_values_unreadable", dropped),
         ("source_values_repaired", repaired),

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import select
@@ -171,8 +172,6 @@ class Ingest:
         return indexed
 
     def _reconcile_series(self, series_dir: Path) -> int:
-        from pydicom import dcmread
-
         with self.store.session() as s:
             rows = s.scalars(select(Instance.path).where(Instance.series_uid == series_dir.name))
             known = set(rows)

@@ -7,7 +7,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import Postgres
+from inference.cards import load_cards
+from inference.triton import InferenceClient, LocalTriton
+from tests.peers import ROOT, Postgres
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
+    """The real tritonserver with the bundled models, all of them ready; one per module."""
+    server = LocalTriton(tmp_path_factory.mktemp("triton"))
+    server.start()
+    try:
+        cards = load_cards(ROOT / "config" / "models")
+        InferenceClient(server.url("http")).wait_ready(
+            [c.triton_model for c in cards.values()], 120
+        )
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ model over HTTP, gRPC and system shared memory."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -147,18 +146,6 @@ def test_classification_gives_one_score_per_label() -> None:
 
 
 # -- the real tritonserver ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
-    server = LocalTriton(tmp_path_factory.mktemp("triton"))
-    server.start()
-    try:
-        cards = load_cards(CARDS)
-        InferenceClient(server.url("http")).wait_ready(
-            [c.triton_model for c in cards.values()], 120
-        )
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.integration

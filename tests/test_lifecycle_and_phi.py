@@ -8,14 +8,13 @@ from __future__ import annotations
 import http.client
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from inference.triton import InferenceClient, LocalTriton
+from inference.triton import LocalTriton
 from tests.peers import ROOT, NodeProcess, free_port, start_node, storescu, wait_for
 from tests.phantoms import chest_phantom, write_ct_series
 
@@ -24,17 +23,6 @@ pytestmark = pytest.mark.integration
 # A single-component name (highdicom warns, quoting it) and a legacy dashed birth date (which
 # used to fail the job in the SEG build): the job must succeed and neither may leak.
 NAME, PATIENT_ID, BIRTH_DATE = "Zzsentinelname", "ZZPID-4711", "1961-09-07"
-
-
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
-    server = LocalTriton(tmp_path_factory.mktemp("triton"))
-    server.start()
-    try:
-        InferenceClient(server.url("http")).wait_ready(["ct-body"], 120)
-        yield server
-    finally:
-        server.stop()
 
 
 def _rules(directory: Path) -> Path:

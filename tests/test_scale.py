@@ -12,6 +12,7 @@ from airouter.core.db import Base, Instance, Series, Store, Study
 from airouter.core.vocab import StoreStatus
 from scp.ingest import Ingest, Received
 from tests.peers import fresh_copy, head_ct_files
+from tests.test_jobs import _job
 
 
 def test_the_migrated_schema_is_the_models(database_url: str) -> None:
@@ -69,25 +70,6 @@ def test_two_writers_storing_one_new_study_at_once_lose_nothing(
     assert len(list(spool.rglob("*.dcm"))) == 12
 
 
-def _queued_job(store: Store) -> int:
-    from airouter.core.db import Job
-
-    with store.session() as s:
-        if s.get(Study, "1.2.3") is None:
-            s.add(Study(study_uid="1.2.3"))
-        job = Job(
-            study_uid="1.2.3",
-            series_uid="1.2.3.4",
-            rule="r",
-            models=["m"],
-            outputs=["SEG"],
-            destinations=[],
-        )
-        s.add(job)
-        s.flush()
-        return int(job.id)
-
-
 def test_a_dead_nodes_job_is_taken_over_once_its_lease_expires(database_url: str) -> None:
     """Node A claims a job and dies (stops renewing); node B leaves it alone while the lease
     runs, then queues it again and claims it; A, were it only slow, can write nothing more."""
@@ -103,7 +85,7 @@ def test_a_dead_nodes_job_is_taken_over_once_its_lease_expires(database_url: str
 
     store = Store(database_url)
     a, b = Identity("node-a", lease_s=1.0), Identity("node-b", lease_s=1.0)
-    job_id = _queued_job(store)
+    job_id = _job(store)
     assert claim_next_job(store, a.owner, a.until()) == job_id
     assert claim_next_job(store, b.owner, b.until()) is None  # claimed once
     assert recover_jobs(store, 3).requeued == []  # A's lease is live
@@ -130,7 +112,7 @@ def test_a_delivery_is_claimed_by_one_node_and_released_when_it_dies(database_ur
     from tests.peers import wait_for
 
     store = Store(database_url)
-    job_id = _queued_job(store)
+    job_id = _job(store)
     with store.session() as s:
         output = Output(
             job_id=job_id, kind=OutputKind.SEG, sop_instance_uid="1.9", series_uid="1.8", path="/x"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from sqlalchemy import create_engine, select
 
 from airouter.core.db import Event, Job
 from airouter.core.vocab import JobState
-from inference.triton import InferenceClient, LocalTriton
+from inference.triton import LocalTriton
 from tests.peers import (
     Postgres,
     free_port,
@@ -32,17 +31,6 @@ from tests.phantoms import chest_phantom, write_ct_series
 pytestmark = pytest.mark.integration
 
 STUDIES = 20
-
-
-@pytest.fixture(scope="module")
-def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalTriton]:
-    server = LocalTriton(tmp_path_factory.mktemp("triton"))
-    server.start()
-    try:
-        InferenceClient(server.url("http")).wait_ready(["ct-body"], 120)
-        yield server
-    finally:
-        server.stop()
 
 
 def _rules(directory: Path) -> Path:

@@ -49,7 +49,6 @@ from router.queue import claim_next_job, required_series_ready, route_study
 from router.registry import RuleSet
 from router.rules import Rule, RuleError
 from router.schedule import OffHours
-from scp.ingest import Ingest
 from scp.server import start_dimse
 
 log = logging.getLogger(__name__)
@@ -84,16 +83,7 @@ class Node:
         self.store = Store(settings.db_url, settings.scp.sync_index_commits)
         self.identity = Identity(settings.node_name, settings.jobs.lease_s)
         self.tracker = SharedTracker(self.store, self.identity)
-        reserve = int(settings.scp.min_free_space_mb * 1024 * 1024)
-        inflated = int(settings.scp.max_inflated_mb * 1024 * 1024)
-        self.ingest = Ingest(
-            self.store,
-            settings.spool_dir,
-            reserve,
-            inflated,
-            settings.incoming_dir,
-            settings.node_name,
-        )
+        self.ingest = receivers.build_ingest(self.store, settings)
         self.outbox = Outbox(settings.archive_dir, settings.dispatch)
         self.dispatcher = Dispatcher(self.store, settings.dispatch, self.identity)
         self.scheduler = BackgroundScheduler(timezone=UTC)

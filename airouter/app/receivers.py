@@ -48,6 +48,18 @@ def commitment_service(store: Store) -> ExtraService:
     )
 
 
+def build_ingest(store: Store, settings: Settings) -> Ingest:
+    """The ingest of a node or receiver process, as its settings say."""
+    return Ingest(
+        store,
+        settings.spool_dir,
+        int(settings.scp.min_free_space_mb * 1024 * 1024),
+        int(settings.scp.max_inflated_mb * 1024 * 1024),
+        settings.incoming_dir,
+        settings.node_name,
+    )
+
+
 def spawn(settings: Settings, dimse_port: int, count: int) -> list[subprocess.Popen[bytes]]:
     """Start ``count`` receiver processes for the node's ``settings`` on ``dimse_port``."""
     children = []
@@ -56,9 +68,7 @@ def spawn(settings: Settings, dimse_port: int, count: int) -> list[subprocess.Po
         child.node_name = f"{settings.node_name}-r{k}"
         child.scp.dimse_port = dimse_port
         env = {**os.environ, SETTINGS_ENV: child.model_dump_json()}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "airouter.app.receivers"], env=env, start_new_session=False
-        )
+        process = subprocess.Popen([sys.executable, "-m", "airouter.app.receivers"], env=env)
         children.append(process)
         log.info("receiver %s started (pid %s)", child.node_name, process.pid)
     return children
@@ -85,14 +95,7 @@ def run(settings: Settings) -> None:
     except NodeNameInUse as exc:
         raise ConfigError(str(exc)) from exc
     tracker = SharedTracker(store, identity)
-    ingest = Ingest(
-        store,
-        settings.spool_dir,
-        int(settings.scp.min_free_space_mb * 1024 * 1024),
-        int(settings.scp.max_inflated_mb * 1024 * 1024),
-        settings.incoming_dir,
-        settings.node_name,
-    )
+    ingest = build_ingest(store, settings)
     server = start_dimse(
         settings.scp, ingest, tracker, settings.incoming_dir, [commitment_service(store)]
     )

@@ -50,8 +50,8 @@ class Identity:
 
 
 def expired(model: Any) -> ColumnElement[bool]:
-    """Rows of ``model`` (Job or Delivery) whose lease has run out, or that never had one (a
-    database from before leases)."""
+    """Rows of ``model`` (Job, Delivery or Transfer) whose lease has run out, or that never
+    had one (a database from before leases)."""
     return or_(model.lease_until.is_(None), model.lease_until < utcnow())
 
 
@@ -111,7 +111,7 @@ def release_transfers(store: Store, owners: list[str] | None = None) -> list[str
     run of this node) are forgotten; returns the studies they were receiving, which may be
     partial."""
     with store.session() as s:
-        gone = or_(Transfer.lease_until < utcnow(), Transfer.owner.in_(owners or []))
+        gone = or_(expired(Transfer), Transfer.owner.in_(owners or []))
         studies = set(s.scalars(delete(Transfer).where(gone).returning(Transfer.study_uid)))
     return sorted(studies)
 
@@ -160,9 +160,9 @@ def release_deliveries(store: Store, owners: list[str] | None = None) -> list[in
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, another user's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True

@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import select
+from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 
 from airouter.core.db import Event, Instance, Series, Store, Study, utcnow
@@ -37,6 +38,24 @@ log = logging.getLogger(__name__)
 
 _INDEX_ATTEMPTS = 3
 
+# The index statements, built once on the tables (not the ORM entities): SQLAlchemy compiles
+# each once, and an instance's rows cost well under a millisecond instead of the ORM's 3.5.
+_STUDIES, _SERIES = cast(Table, Study.__table__), cast(Table, Series.__table__)
+_INSTANCES, _EVENTS = cast(Table, Instance.__table__), cast(Table, Event.__table__)
+_INSTANCE_KNOWN = select(_INSTANCES.c.id).where(_INSTANCES.c.sop_instance_uid == bindparam("sop"))
+# Locked (PostgreSQL): a node completing the study at this moment finishes first, and a late
+# instance then sees the study complete and re-opens it.
+_STUDY_STATE = (
+    select(_STUDIES.c.state).where(_STUDIES.c.study_uid == bindparam("uid")).with_for_update()
+)
+_SERIES_KNOWN = select(_SERIES.c.series_uid).where(_SERIES.c.series_uid == bindparam("uid"))
+_STUDY_UPDATE = update(_STUDIES).where(_STUDIES.c.study_uid == bindparam("uid"))
+_RESENT = (
+    update(_STUDIES)
+    .where(_STUDIES.c.study_uid == bindparam("uid"), _STUDIES.c.interrupted_at.is_not(None))
+    .values(interrupted_at=None)
+)
+
 
 @dataclass(frozen=True)
 class Received:
@@ -53,6 +72,9 @@ class Received:
     called_ae: str | None = None
     source_address: str | None = None
     source: Source = Source.DIMSE
+    # The fsync of ``path`` already begun (by the receiver, while it parsed the header): its
+    # result is the file's size. None: ``store_instance`` does the fsync itself.
+    synced: Future[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,21 +125,19 @@ class Ingest:
         moved: Path | None = None
         REGISTRY.remember_dataset(ds)  # kept out of logs and events unless log_phi is on
         try:
-            with self.store.session() as s:
-                if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)):
-                    log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
-                    study = s.get(Study, study_uid)
-                    if study is not None and study.interrupted_at is not None:
-                        study.interrupted_at = None  # a resend after a crash: see _upsert_study
-                        study.last_received_at = utcnow()
-                    return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
+            if self._known(sop_uid):
+                log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
+                with self.store.engine.begin() as conn:  # a resend after a crash: see below
+                    conn.execute(_RESENT, {"uid": study_uid, "last_received_at": utcnow()})
+                return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
             path = instance_path(self.spool_root, study_uid, series_uid, sop_uid)
             pending = 0 if received.path is not None else len(received.data or b"")
             if free_bytes(self.spool_root) - pending < self.reserve_bytes:
                 log.warning("refusing %s: free space below the reserve", sop_uid)
                 return Outcome(StoreStatus.OUT_OF_RESOURCES, "storage below the free-space reserve")
             if received.path is not None:
-                size = move_durable(received.path, path)
+                synced = received.synced.result() if received.synced is not None else None
+                size = move_durable(received.path, path, synced)
             else:
                 assert received.data is not None
                 write_durable(path, received.data)
@@ -130,11 +150,8 @@ class Ingest:
                 except IntegrityError:
                     # Another node or association indexed this instance, or created its study
                     # or series, in the same moment: stored once, or try again (they exist now).
-                    with self.store.session() as s:
-                        if s.scalar(
-                            select(Instance.id).where(Instance.sop_instance_uid == sop_uid)
-                        ):
-                            return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
+                    if self._known(sop_uid):
+                        return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
                     if attempt == _INDEX_ATTEMPTS - 1:
                         raise
         except OSError as exc:
@@ -201,6 +218,10 @@ class Ingest:
                 log.warning("spool file %s cannot be indexed: %s", path.name, exc)
         return indexed
 
+    def _known(self, sop_uid: str) -> bool:
+        with self.store.engine.connect() as conn:
+            return conn.execute(_INSTANCE_KNOWN, {"sop": sop_uid}).first() is not None
+
     def _index(
         self,
         ds: Dataset,
@@ -210,36 +231,40 @@ class Ingest:
         size: int,
     ) -> None:
         """The index rows of one stored instance (its study and series if new), one
-        transaction."""
+        transaction (SQLAlchemy Core: the ORM's unit of work cost 3.5 ms an instance)."""
         study_uid, series_uid, sop_uid, sop_class, filled = ids
-        with self._lock, self.store.session() as s:
-            _upsert_study(s, ds, study_uid, received.calling_ae)
-            _upsert_series(s, ds, study_uid, series_uid, received.source)
-            s.add(
-                Instance(
-                    sop_instance_uid=sop_uid,
-                    sop_class_uid=sop_class,
-                    series_uid=series_uid,
-                    study_uid=study_uid,
-                    instance_number=int_value(read_or_none(ds, "InstanceNumber")),
-                    transfer_syntax=received.transfer_syntax,
-                    path=str(path),
-                    size=size,
-                    calling_ae=received.calling_ae,
-                    called_ae=received.called_ae,
-                    source_address=received.source_address,
-                    source=received.source,
-                    received_by=self.node_name,
-                )
+        now = utcnow()
+        with self._lock, self.store.engine.begin() as conn:
+            _upsert_study(conn, ds, study_uid, received.calling_ae, now)
+            _upsert_series(conn, ds, study_uid, series_uid, received.source)
+            conn.execute(
+                _INSTANCES.insert(),
+                {
+                    "sop_instance_uid": sop_uid,
+                    "sop_class_uid": sop_class,
+                    "series_uid": series_uid,
+                    "study_uid": study_uid,
+                    "instance_number": int_value(read_or_none(ds, "InstanceNumber")),
+                    "transfer_syntax": received.transfer_syntax,
+                    "path": str(path),
+                    "size": size,
+                    "received_at": now,
+                    "calling_ae": received.calling_ae,
+                    "called_ae": received.called_ae,
+                    "source_address": received.source_address,
+                    "source": received.source,
+                    "received_by": self.node_name,
+                },
             )
             if filled:
-                s.add(
-                    Event(
-                        kind="identifiers_from_command",
-                        study_uid=study_uid,
-                        detail=f"{sop_uid}: the data set has no {' or '.join(filled)}; "
+                conn.execute(
+                    _EVENTS.insert(),
+                    {
+                        "kind": "identifiers_from_command",
+                        "study_uid": study_uid,
+                        "detail": f"{sop_uid}: the data set has no {' or '.join(filled)}; "
                         "the C-STORE request's (or the file meta's) is used",
-                    )
+                    },
                 )
 
 
@@ -287,52 +312,54 @@ def _uid_text(ds: Dataset, keyword: str) -> str:
     return str(value or "")
 
 
-def _upsert_study(s: Any, ds: Dataset, study_uid: str, calling_ae: str | None) -> None:
-    # Locked (PostgreSQL): a node completing the study at this moment finishes first, and
-    # this late instance then sees the study complete and re-opens it.
-    study = s.get(Study, study_uid, with_for_update=True)
-    now = utcnow()
-    if study is None:
-        s.add(
-            Study(
-                study_uid=study_uid,
-                patient_id=text_value(ds, "PatientID"),
-                patient_name=text_value(ds, "PatientName"),
-                study_date=text_value(ds, "StudyDate"),
-                study_time=text_value(ds, "StudyTime"),
-                accession_number=text_value(ds, "AccessionNumber"),
-                study_description=text_value(ds, "StudyDescription"),
-                calling_ae=calling_ae,
-                last_received_at=now,
-            )
+def _upsert_study(
+    conn: Connection, ds: Dataset, study_uid: str, calling_ae: str | None, now: datetime
+) -> None:
+    state = conn.execute(_STUDY_STATE, {"uid": study_uid}).scalar()
+    if state is None:
+        conn.execute(
+            _STUDIES.insert(),
+            {
+                "study_uid": study_uid,
+                "state": StudyState.RECEIVING,
+                "patient_id": text_value(ds, "PatientID"),
+                "patient_name": text_value(ds, "PatientName"),
+                "study_date": text_value(ds, "StudyDate"),
+                "study_time": text_value(ds, "StudyTime"),
+                "accession_number": text_value(ds, "AccessionNumber"),
+                "study_description": text_value(ds, "StudyDescription"),
+                "calling_ae": calling_ae,
+                "created_at": now,
+                "opened_at": now,
+                "last_received_at": now,
+            },
         )
-        s.flush()
         return
     # An instance for a study a crash cut off: its sender is sending again, and the quiet
     # period after it completes the study as usual.
-    study.interrupted_at = None
-    study.last_received_at = now
-    if study.state is not StudyState.RECEIVING:
+    values: dict[str, Any] = {"uid": study_uid, "interrupted_at": None, "last_received_at": now}
+    if state is not StudyState.RECEIVING:
         # Late arrival after routing: the study re-opens and will be routed again.
-        study.state = StudyState.RECEIVING
-        study.opened_at = now
-        s.add(Event(kind="study_reopened", study_uid=study_uid))
+        values.update(state=StudyState.RECEIVING, opened_at=now)
+        conn.execute(_EVENTS.insert(), {"kind": "study_reopened", "study_uid": study_uid})
+    conn.execute(_STUDY_UPDATE, values)
 
 
-def _upsert_series(s: Any, ds: Dataset, study_uid: str, series_uid: str, source: Source) -> None:
-    if s.get(Series, series_uid) is not None:
+def _upsert_series(
+    conn: Connection, ds: Dataset, study_uid: str, series_uid: str, source: Source
+) -> None:
+    if conn.execute(_SERIES_KNOWN, {"uid": series_uid}).first() is not None:
         return
-    tags = series_tags(ds)
-    s.add(
-        Series(
-            series_uid=series_uid,
-            study_uid=study_uid,
-            modality=text_value(ds, "Modality"),
-            series_number=int_value(read_or_none(ds, "SeriesNumber")),
-            series_description=text_value(ds, "SeriesDescription"),
-            body_part_examined=text_value(ds, "BodyPartExamined"),
-            tags=tags,
-            source=source,
-        )
+    conn.execute(
+        _SERIES.insert(),
+        {
+            "series_uid": series_uid,
+            "study_uid": study_uid,
+            "modality": text_value(ds, "Modality"),
+            "series_number": int_value(read_or_none(ds, "SeriesNumber")),
+            "series_description": text_value(ds, "SeriesDescription"),
+            "body_part_examined": text_value(ds, "BodyPartExamined"),
+            "tags": series_tags(ds),
+            "source": source,
+        },
     )
-    s.flush()

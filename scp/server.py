@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,75 +35,98 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from airouter.core.settings import ScpSettings
+from airouter.core.spool import fsync_file
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import StoreStatus
 from scp.ingest import Ingest, Outcome, Received
 from scp.limits import TooLarge
+from scp.native import NativeAcceptor, NativeLimits, StoreRequest
 from scp.transport import UNLIMITED_PDU_CAP, AssociationGate, guard_connections
 
 log = logging.getLogger(__name__)
+
+# fsyncs of received data sets, one thread per association that may wait on one
+_FSYNC = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
 
 # The attribute of our AE that holds the DIMSE message deadline (``_guard_dimse_decoding``).
 MESSAGE_DEADLINE_ATTR = "airouter_message_deadline_s"
 
 
 def handle_store(event: Any, ingest: Ingest, tracker: AssociationTracker) -> Dataset:
-    """EVT_C_STORE: acknowledge only once the instance is durable and indexed.
+    """EVT_C_STORE (pynetdicom's path): acknowledge only once the instance is durable and
+    indexed.
 
     pynetdicom has already written the data set as received to a temporary file (chunked
-    receive); only the header is parsed here, and the file is renamed into the spool. A
-    deflated data set is measured before it is parsed (``Ingest.check_limits``).
+    receive); :func:`store_received` does the rest.
     """
-    path = Path(event.dataset_path)
-    try:
-        return _store(event, path, ingest, tracker)
-    finally:
-        path.unlink(missing_ok=True)  # refused (stored ones were moved into the spool)
-
-
-def _store(event: Any, path: Path, ingest: Ingest, tracker: AssociationTracker) -> Dataset:
     assoc = event.assoc
-    transfer_syntax = str(event.context.transfer_syntax)
-    command_sop = str(event.request.AffectedSOPInstanceUID or "") or None
+    request = StoreRequest(
+        path=Path(event.dataset_path),
+        transfer_syntax=str(event.context.transfer_syntax),
+        sop_class_uid=str(event.request.AffectedSOPClassUID or "") or None,
+        sop_instance_uid=str(event.request.AffectedSOPInstanceUID or "") or None,
+        calling_ae=assoc.requestor.ae_title,
+        called_ae=assoc.acceptor.ae_title,
+        address=assoc.requestor.address,
+        label=assoc.name,
+        assoc_id=id(assoc),
+    )
     try:
-        ingest.check_limits(path, transfer_syntax)
+        return _status(*store_received(request, ingest, tracker))
+    finally:
+        request.path.unlink(missing_ok=True)  # refused (stored ones were moved into the spool)
+
+
+def store_received(
+    request: StoreRequest, ingest: Ingest, tracker: AssociationTracker
+) -> tuple[StoreStatus, str]:
+    """A received data set (a temporary DICOM file) made durable and indexed, or refused:
+    the status to answer and why. Only the header is parsed; the file is renamed into the
+    spool. A deflated data set is measured before it is parsed (``Ingest.check_limits``)."""
+    path = request.path
+    # The data set's fsync (most of the durable write) runs while its header is parsed and
+    # looked up: both wait on different things (the disk, the CPU).
+    synced = _FSYNC.submit(fsync_file, path)
+    try:
+        ingest.check_limits(path, request.transfer_syntax)
         ds = dcmread(path, stop_before_pixels=True)
     except TooLarge as exc:
         outcome = Outcome(StoreStatus.OUT_OF_RESOURCES, str(exc))
     except Exception as exc:
-        log.warning("assoc %s: cannot decode data set: %s", assoc.name, exc)
-        return _status(StoreStatus.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}")
+        log.warning("assoc %s: cannot decode data set: %s", request.label, exc)
+        return StoreStatus.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}"
     else:
         received = Received(
             path=path,
-            transfer_syntax=transfer_syntax,
-            command_sop_instance_uid=command_sop,
-            command_sop_class_uid=str(event.request.AffectedSOPClassUID or "") or None,
-            calling_ae=assoc.requestor.ae_title,
-            called_ae=assoc.acceptor.ae_title,
-            source_address=assoc.requestor.address,
+            transfer_syntax=request.transfer_syntax,
+            command_sop_instance_uid=request.sop_instance_uid,
+            command_sop_class_uid=request.sop_class_uid,
+            calling_ae=request.calling_ae,
+            called_ae=request.called_ae,
+            source_address=request.address,
+            synced=synced,
         )
         outcome = ingest.store_instance(ds, received)
     if outcome.status == StoreStatus.SUCCESS and outcome.study_uid:
-        tracker.touch(id(assoc), outcome.study_uid)
+        tracker.touch(request.assoc_id, outcome.study_uid)
     elif outcome.status != StoreStatus.SUCCESS:
         log.warning(
             "assoc %s: C-STORE of %s refused (0x%04X): %s",
-            assoc.name,
-            command_sop,
+            request.label,
+            request.sop_instance_uid,
             outcome.status,
             outcome.reason,
         )
         ingest.store.record(
             "store_refused",
             {
-                "sop_instance_uid": command_sop,
+                "sop_instance_uid": request.sop_instance_uid,
                 "status": int(outcome.status),
                 "reason": outcome.reason,
-                "calling_ae": assoc.requestor.ae_title,
+                "calling_ae": request.calling_ae,
             },
         )
-    return _status(outcome.status, outcome.reason)
+    return outcome.status, outcome.reason
 
 
 def _status(status: StoreStatus, reason: str) -> Dataset:
@@ -219,6 +243,66 @@ def _share_the_port() -> None:
     ThreadedAssociationServer.server_bind = server_bind  # type: ignore[method-assign]
 
 
+def _native_acceptor(
+    settings: ScpSettings,
+    ae: AE,
+    extra: Sequence[ExtraService],
+    incoming_dir: Path,
+    ingest: Ingest,
+    tracker: AssociationTracker,
+) -> NativeAcceptor | None:
+    """The acceptor that serves C-ECHO / C-STORE associations itself (``scp.receiver:
+    native``, the default), with the same contexts, titles and limits as ``ae``."""
+    if settings.receiver != "native":
+        return None
+    timeouts = settings.timeouts
+    limits = NativeLimits(
+        ae_title=settings.ae_title,
+        maximum_pdu_size=settings.maximum_pdu_size,
+        pdu_cap=settings.maximum_pdu_size or UNLIMITED_PDU_CAP,
+        pdu_deadline_s=settings.pdu_deadline_s,
+        message_deadline_s=settings.message_deadline_s,
+        idle_timeout_s=timeouts.network_timeout_s,
+        max_associations=settings.max_associations,
+        require_calling_aet=list(settings.allowed_calling_ae_titles),
+        require_called_aet=settings.check_called_ae_title,
+        implementation_class_uid=str(ae.implementation_class_uid),
+        implementation_version_name=str(ae.implementation_version_name or ""),
+    )
+    return NativeAcceptor(
+        limits,
+        ae.supported_contexts,
+        {str(x.sop_class) for x in extra},
+        incoming_dir,
+        functools.partial(_store_status, ingest=ingest, tracker=tracker),
+        tracker.end,
+    )
+
+
+def _store_status(
+    request: StoreRequest, ingest: Ingest, tracker: AssociationTracker
+) -> tuple[int, str]:
+    status, reason = store_received(request, ingest, tracker)
+    return int(status), reason
+
+
+def _close_native_on_shutdown(server: ThreadedAssociationServer, native: NativeAcceptor) -> None:
+    shutdown = server.shutdown
+
+    def shutdown_all() -> None:
+        # first: the server's close joins the connection threads, ours among them
+        native.close_all()
+        shutdown()
+
+    server.shutdown = shutdown_all  # type: ignore[method-assign]
+
+
+def open_associations(server: ThreadedAssociationServer) -> int:
+    """The associations a server started by :func:`start_dimse` holds, on either path."""
+    native: NativeAcceptor | None = getattr(server, "airouter_native", None)
+    return len(server.ae.active_associations) + (native.count() if native is not None else 0)
+
+
 @dataclass(frozen=True)
 class ExtraService:
     """A DIMSE service another stage answers on our AE: the SOP class accepted (with the
@@ -288,8 +372,20 @@ def start_dimse(
         settings.association_deadline_s, settings.max_pending_per_source, settings.max_pending
     )
 
+    native = _native_acceptor(settings, ae, extra, incoming_dir, ingest, tracker)
+    server.airouter_native = native  # type: ignore[attr-defined]
+
     def established(address: str) -> int:
-        return sum(1 for a in ae.active_associations if a.requestor.address == address)
+        held = sum(1 for a in ae.active_associations if a.requestor.address == address)
+        return held + (native.count(address) if native is not None else 0)
+
+    def serve_natively(sock: socket.socket, address: tuple[str, int], request: bytes) -> bool:
+        assert native is not None
+        primitive = native.takes(request)
+        if primitive is None:
+            return False
+        native.serve(sock, address, primitive, others=len(ae.active_associations))
+        return True
 
     guard_connections(
         server,
@@ -298,7 +394,10 @@ def start_dimse(
         settings.maximum_pdu_size or UNLIMITED_PDU_CAP,
         settings.max_associations_per_source,
         established,
+        serve_natively if native is not None else None,
     )
+    if native is not None:
+        _close_native_on_shutdown(server, native)
     if settings.allowed_source_networks:
         networks = [ipaddress.ip_network(n, strict=False) for n in settings.allowed_source_networks]
 

@@ -62,45 +62,45 @@ class AssociationGate:
         self._lock = threading.Lock()
         self._waiting: dict[str, int] = {}
 
-    def admit(self, sock: Any, address: str) -> bool:
-        """Whether ``sock`` holds a complete A-ASSOCIATE-RQ (or another PDU pynetdicom will
-        answer at once) within the deadline; False closes it unanswered."""
+    def admit(self, sock: Any, address: str) -> bytes | None:
+        """The first PDU (the A-ASSOCIATE-RQ, or another PDU the receiver answers at once),
+        peeked whole in ``sock``'s buffer within the deadline; None closes it unanswered."""
         with self._lock:
             if (
                 self._waiting.get(address, 0) >= self.per_source
                 or sum(self._waiting.values()) >= self.total
             ):
-                return False
+                return None
             self._waiting[address] = self._waiting.get(address, 0) + 1
         try:
             return self._complete_request(sock)
         except OSError:
-            return False
+            return None
         finally:
             with self._lock:
                 self._waiting[address] -= 1
                 if not self._waiting[address]:
                     del self._waiting[address]
 
-    def _complete_request(self, sock: Any) -> bool:
+    def _complete_request(self, sock: Any) -> bytes | None:
         deadline = time.monotonic() + self.deadline_s
         needed = 6  # the PDU header: type, reserved, 4-byte length
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                return False
+                return None
             readable, _, _ = select.select([sock], [], [], left)
             if not readable:
-                return False
+                return None
             data = sock.recv(self.LARGEST_RQ + 6, socket.MSG_PEEK)
             if not data:
-                return False  # closed by the peer
+                return None  # closed by the peer
             if len(data) >= 6 and needed == 6:
                 needed = 6 + int.from_bytes(data[2:6], "big")
                 if needed > self.LARGEST_RQ + 6:
-                    return False
+                    return None
             if len(data) >= needed:
-                return True
+                return bytes(data[:needed])
             time.sleep(self._POLL_S)  # part of it is here: wait for the rest
 
 
@@ -205,10 +205,12 @@ def guard_connections(
     max_pdu: int,
     per_source: int,
     established: Callable[[str], int],
+    native: Callable[[socket.socket, tuple[str, int], bytes], bool] | None = None,
 ) -> None:
     """Put ``gate`` and the PDU deadlines in front of the server's per-connection work (run
     in its own thread, before pynetdicom sees the connection). ``established(address)`` counts
-    that address's associations."""
+    that address's associations. ``native(sock, address, request)`` may serve the connection
+    itself (True) once its A-ASSOCIATE-RQ is here; otherwise pynetdicom does."""
     finish = server.finish_request
     _quiet_pynetdicom()
 
@@ -217,7 +219,8 @@ def guard_connections(
         if not isinstance(request, socket.socket) or isinstance(request, ssl.SSLSocket):
             finish(request, client_address)  # TLS: its handshake has its own timeout
             return
-        if not gate.admit(request, address):
+        first = gate.admit(request, address)
+        if first is None:
             log.info("connection from %s closed: no A-ASSOCIATE-RQ in time", address)
             server.shutdown_request(request)
             return
@@ -229,6 +232,12 @@ def guard_connections(
             )
             _reject(request)
             server.shutdown_request(request)
+            return
+        if (
+            native is not None
+            and isinstance(client_address, tuple)
+            and native(request, client_address, first)
+        ):
             return
         label = f"{address}:{client_address[1]}" if isinstance(client_address, tuple) else address
         finish(DeadlineSocket.adopt(request, pdu_deadline_s, max_pdu, label), client_address)

@@ -198,7 +198,8 @@ def test_receiver_processes_share_the_port_and_end_with_the_node(tmp_path: Path)
         tmp_path / "node",
         None,
         wait_triton=False,
-        scp={"processes": 2},
+        # 16 at once from one address: each process may take all of them (the kernel picks)
+        scp={"processes": 2, "max_associations_per_source": 16},
         router={"rules_dir": str(rules)},
         inference={"triton_url": f"127.0.0.1:{free_port()}"},
         node_name="ingest",

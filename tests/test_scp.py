@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import StoreStatus
 from router.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
-from scp.server import start_dimse
+from scp.server import ExtraService, open_associations, start_dimse
 from tests.peers import free_port, head_ct_files, storescu, tool, wait_for
 
 
@@ -32,6 +32,7 @@ class Node:
         spool: Path | None = None,
         reserve_bytes: int = 0,
         database_url: str | None = None,
+        extra: Sequence[ExtraService] = (),
         **settings: Any,
     ) -> None:
         scp = ScpSettings(dimse_host="127.0.0.1", dimse_port=free_port(), **settings)
@@ -39,7 +40,7 @@ class Node:
         self.store = Store(self.settings.db_url)
         self.tracker = AssociationTracker()
         self.ingest = Ingest(self.store, spool or self.settings.spool_dir, reserve_bytes)
-        self.server = start_dimse(scp, self.ingest, self.tracker, self.settings.incoming_dir)
+        self.server = start_dimse(scp, self.ingest, self.tracker, self.settings.incoming_dir, extra)
         self.port = scp.dimse_port
 
     def count(self) -> int:
@@ -690,7 +691,7 @@ def test_one_address_holds_at_most_its_share_of_associations(tmp_path: Path) -> 
         assert "accepted" in _echo(n.port)  # another address still associates
         for assoc in held:
             assoc.release()
-        wait_for(lambda: not n.server.ae.active_associations, 5, "the released associations")
+        wait_for(lambda: not open_associations(n.server), 5, "the released associations")
         assert _held_association(n.port, "127.0.0.5").is_established
     finally:
         n.server.shutdown()

@@ -163,6 +163,10 @@ class ScpSettings(_Strict):
     # Receiver processes sharing the DIMSE port (SO_REUSEPORT): parallel associations use
     # that many cores (`airouter serve --workers N`); the node itself is the first.
     processes: int = Field(default=1, ge=1)
+    # native: associations that propose only Verification and storage are served by the
+    # node's own DIMSE acceptor (scp/native.py: blocking reads, no polling threads);
+    # pynetdicom serves the rest (storage commitment, TLS). pynetdicom: it serves all.
+    receiver: Literal["native", "pynetdicom"] = "native"
     # Access control, off by default: empty lists allow everyone.
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)  # else A-ASSOCIATE-RJ
     allowed_source_networks: list[str] = Field(default_factory=list)  # CIDR; else TCP closed
@@ -176,7 +180,8 @@ class ScpSettings(_Strict):
     # after timeouts.network_timeout_s.
     pdu_deadline_s: float = Field(default=10.0, gt=0)
     message_deadline_s: float = Field(default=600.0, gt=0)
-    # One address may hold at most this many associations (more: A-ASSOCIATE-RJ, transient).
+    # One address may hold at most this many associations (more: A-ASSOCIATE-RJ, transient),
+    # counted per receiver process, as max_associations is.
     max_associations_per_source: int = Field(default=8, ge=1)
     # A connection must send its whole A-ASSOCIATE-RQ within this; until then it takes no
     # association slot, and only so many connections wait (of one address, in all).

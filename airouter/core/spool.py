@@ -80,21 +80,27 @@ def write_durable(path: Path, data: bytes) -> None:
             _fsync_dir(parent)
 
 
-def move_durable(source: Path, path: Path) -> int:
+def fsync_file(path: Path) -> int:
+    """fsync of a complete file (its data and size on disk); returns its size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def move_durable(source: Path, path: Path, synced_size: int | None = None) -> int:
     """Move a complete file into place durably; returns its size.
 
-    fsync of the file, then an atomic rename (a copy first when ``source`` lies on another
-    filesystem), then fsync of the directory.
+    fsync of the file (unless ``synced_size`` says the caller did it, and how big the file
+    is), then an atomic rename (a copy first when ``source`` lies on another filesystem),
+    then fsync of the directory.
     """
     directory = path.parent
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(source, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
+    size = fsync_file(source) if synced_size is None else synced_size
     try:
         os.replace(source, path)
     except OSError as exc:

@@ -106,12 +106,19 @@ def main() -> None:
         "router": {"rules_dir": str(tmp / "rules")},
         "inference": {"triton_url": "127.0.0.1:9"},
     }
-    sqlite_node = start_node(tmp / "node-sqlite", None, **quiet)  # type: ignore[arg-type]
+    # all the senders are one address: allow it the ten associations (default 8 per process)
+    per_source = {"max_associations_per_source": 16}
+    sqlite_node = start_node(
+        tmp / "node-sqlite",
+        None,
+        scp=per_source,
+        **quiet,  # type: ignore[arg-type]
+    )
     pg_node = start_node(
         tmp / "node-pg",
         None,
         database_url=postgres.new_database(),
-        scp={"processes": cores},
+        scp={"processes": cores, **per_source},
         **quiet,  # type: ignore[arg-type]
     )
     wait_for(lambda: len(processes_of(pg_node.process.pid)) == cores, 60, "the receivers")

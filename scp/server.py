@@ -38,6 +38,7 @@ from airouter.core.settings import ScpSettings
 from airouter.core.spool import fsync_file
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import StoreStatus
+from scp.header import index_header
 from scp.ingest import Ingest, Outcome, Received
 from scp.limits import TooLarge
 from scp.native import NativeAcceptor, NativeLimits, StoreRequest
@@ -84,12 +85,21 @@ def store_received(
     the status to answer and why. Only the header is parsed; the file is renamed into the
     spool. A deflated data set is measured before it is parsed (``Ingest.check_limits``)."""
     path = request.path
-    # The data set's fsync (most of the durable write) runs while its header is parsed and
-    # looked up: both wait on different things (the disk, the CPU).
+    # The data set's fsync (most of the durable write) runs while its header is read and its
+    # rows written: they wait on different things (the disk, the CPU).
     synced = _FSYNC.submit(fsync_file, path)
+
+    def whole_header() -> Dataset:
+        return dcmread(path, stop_before_pixels=True)
+
     try:
         ingest.check_limits(path, request.transfer_syntax)
-        ds = dcmread(path, stop_before_pixels=True)
+        # the attributes the index needs of an instance of a series it has; all of them
+        # (pydicom) for a new series, or where the quick read does not follow the encoding
+        ds = index_header(path, request.transfer_syntax)
+        full: Callable[[], Dataset] | None = whole_header
+        if ds is None:
+            ds, full = whole_header(), None
     except TooLarge as exc:
         outcome = Outcome(StoreStatus.OUT_OF_RESOURCES, str(exc))
     except Exception as exc:
@@ -106,7 +116,7 @@ def store_received(
             source_address=request.address,
             synced=synced,
         )
-        outcome = ingest.store_instance(ds, received)
+        outcome = ingest.store_instance(ds, received, full)
     if outcome.status == StoreStatus.SUCCESS and outcome.study_uid:
         tracker.touch(request.assoc_id, outcome.study_uid)
     elif outcome.status != StoreStatus.SUCCESS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -57,6 +58,10 @@ def send(port: int, aec: str, files: list[Path], associations: int) -> float:
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name)
 
 
 def processes_of(pid: int) -> list[int]:
@@ -114,6 +119,12 @@ def main() -> None:
         scp=per_source,
         **quiet,  # type: ignore[arg-type]
     )
+    sqlite_many = start_node(
+        tmp / "node-sqlite-many",
+        None,
+        scp={"processes": cores, **per_source},
+        **quiet,  # type: ignore[arg-type]
+    )
     pg_node = start_node(
         tmp / "node-pg",
         None,
@@ -121,14 +132,18 @@ def main() -> None:
         scp={"processes": cores, **per_source},
         **quiet,  # type: ignore[arg-type]
     )
-    wait_for(lambda: len(processes_of(pg_node.process.pid)) == cores, 60, "the receivers")
+    for many in (sqlite_many, pg_node):
+        pid = many.process.pid
+        wait_for(lambda p=pid: len(processes_of(p)) == cores, 60, "the receivers")
     time.sleep(5)  # the receivers import and bind (they log "DIMSE listening")
     pg_label = f"airouter PostgreSQL x{cores}"
-    nodes = {"airouter SQLite": sqlite_node, pg_label: pg_node}
+    many_label = f"airouter SQLite x{cores}"
+    nodes = {"airouter SQLite": sqlite_node, many_label: sqlite_many, pg_label: pg_node}
     targets = {
         "storescp": (scp_port, "STORESCP"),
         "Orthanc": (orthanc.dicom_port, "ORTHANC"),
         "airouter SQLite": (sqlite_node.dimse_port, "AIROUTER"),
+        many_label: (sqlite_many.dimse_port, "AIROUTER"),
         pg_label: (pg_node.dimse_port, "AIROUTER"),
         "bare pynetdicom": (bare_port, "BARE"),
     }
@@ -137,7 +152,7 @@ def main() -> None:
     try:
         # every batch is written before any timing: no file creation or deletion during a run
         batches = {
-            (r, name, n): fresh_copy(ct, tmp / f"r{r}-{name[:12]}-{n}", count=args.instances)
+            (r, name, n): fresh_copy(ct, tmp / f"r{r}-{_slug(name)}-{n}", count=args.instances)
             for r in range(args.rounds)
             for name in targets
             for n in levels
@@ -151,7 +166,7 @@ def main() -> None:
                     rates[(name, n)].append(rate)
                     print(f"round {r} {n:2d} assoc {name:26s} {rate:7.1f} instances/s", flush=True)
         for label, node in nodes.items():
-            big = fresh_copy(ct, tmp / f"thousand-{label[:12]}", count=1000)
+            big = fresh_copy(ct, tmp / f"thousand-{_slug(label)}", count=1000)
             pids = processes_of(node.process.pid)
             before = sum(peak_memory_mb(p) for p in pids)
             send(node.dimse_port, "AIROUTER", big, 1)
@@ -163,6 +178,7 @@ def main() -> None:
         stop_process(storescp)
         stop_process(bare)
         postgres.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # 15-20 GB of batches: the disk fills otherwise
 
     med = {key: median(v) for key, v in rates.items()}
 

@@ -11,6 +11,7 @@ default quiet period applies unless --quiet-period-s is given.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +63,7 @@ def main() -> None:
     finally:
         stop_process(node.process)
         stop_process(orthanc.process)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def m(key: str) -> float:
         return median([row.get(key, 0.0) for row in rows])

@@ -19,12 +19,12 @@ from typing import Any, cast
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Connection, Table, bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from airouter.core.db import Event, Instance, Series, Store, Study, utcnow
 from airouter.core.phi import REGISTRY
-from airouter.core.spool import InvalidUID, check_uid, instance_path, move_durable, write_durable
+from airouter.core.spool import InvalidUID, check_uid, instance_path, place_durable, write_durable
 from airouter.core.tags import (
     Unreadable,
     int_value,
@@ -56,6 +56,41 @@ _STUDY_RECEIVING = (
     update(_STUDIES)
     .where(_STUDIES.c.study_uid == bindparam("uid"), _STUDIES.c.state == StudyState.RECEIVING)
     .values(interrupted_at=None, last_received_at=bindparam("now"))
+)
+# PostgreSQL, one round trip: the duplicate check, the touch of a study still receiving and
+# the instance's row when its series exists (data-modifying CTEs all run, on one snapshot).
+_PG_ONE_TRIP = text(
+    """
+WITH known AS (
+    SELECT 1 FROM instances WHERE sop_instance_uid = CAST(:sop_instance_uid AS VARCHAR)
+), touched AS (
+    UPDATE studies SET interrupted_at = NULL,
+        last_received_at = CAST(:received_at AS TIMESTAMP)
+    WHERE study_uid = CAST(:study_uid AS VARCHAR) AND state = CAST(:receiving AS VARCHAR)
+        AND NOT EXISTS (SELECT 1 FROM known)
+    RETURNING 1
+), inserted AS (
+    INSERT INTO instances (sop_instance_uid, sop_class_uid, series_uid, study_uid,
+        instance_number, transfer_syntax, path, size, received_at, calling_ae, called_ae,
+        source_address, source, received_by)
+    SELECT CAST(:sop_instance_uid AS VARCHAR), CAST(:sop_class_uid AS VARCHAR),
+        CAST(:series_uid AS VARCHAR), CAST(:study_uid AS VARCHAR),
+        CAST(:instance_number AS INTEGER), CAST(:transfer_syntax AS VARCHAR),
+        CAST(:path AS TEXT), CAST(:size AS BIGINT), CAST(:received_at AS TIMESTAMP),
+        CAST(:calling_ae AS VARCHAR), CAST(:called_ae AS VARCHAR),
+        CAST(:source_address AS VARCHAR), CAST(:source AS VARCHAR),
+        CAST(:received_by AS VARCHAR)
+    WHERE EXISTS (SELECT 1 FROM touched)
+        AND EXISTS (SELECT 1 FROM series WHERE series_uid = CAST(:series_uid AS VARCHAR))
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM known), EXISTS (SELECT 1 FROM inserted)
+"""
+)
+_SIZE = (
+    update(_INSTANCES)
+    .where(_INSTANCES.c.sop_instance_uid == bindparam("sop"))
+    .values(size=bindparam("new_size"))
 )
 _RESENT = (
     update(_STUDIES)
@@ -176,29 +211,108 @@ class Ingest:
         path: Path,
         size: int,
     ) -> Outcome:
+        """Durable in the spool under a name no other copy can take (the first copy of an
+        instance stays: the filesystem decides between associations, processes and nodes),
+        and indexed in a transaction that commits only after that."""
         study_uid, _, sop_uid = ids[:3]
-        moved = False
+        if self.store.engine.dialect.name == "postgresql":
+            # a round trip costs more than the work: place the file, then one statement
+            if not self._place(received, path):
+                # indexed already, or a copy another node placed a moment ago (it indexes
+                # it), or a file a crash left without its row (indexed here, as it is)
+                if self._index_now(ds, full_header, received, ids, path, path.stat().st_size):
+                    log.warning("spool file of %s lacked its index row: indexed", sop_uid)
+                    return self._stored(ids)
+                return self._duplicate(study_uid, sop_uid)
+            try:
+                known, stored = self._one_trip(ds, received, ids, path, size)
+                if not (known or stored):
+                    known = not self._index_now(ds, full_header, received, ids, path, size)
+            except IntegrityError:
+                raise  # indexed by another at the same moment: the file is the instance's
+            except BaseException:
+                path.unlink(missing_ok=True)  # ours (placed just now): its index failed
+                raise
+            return self._duplicate(study_uid, sop_uid) if known else self._stored(ids)
+        # SQLite, in this process: the statements run while the data set's fsync does
+        placed = False
         try:
             with self._writer(), self.store.engine.begin() as conn:
                 if conn.execute(_INSTANCE_KNOWN, {"sop": sop_uid}).first() is not None:
-                    log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
-                    # a resend after a crash: see _upsert_study
-                    conn.execute(_RESENT, {"uid": study_uid, "last_received_at": utcnow()})
-                    return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
+                    return self._duplicate(study_uid, sop_uid, conn)
                 self._rows(conn, ds, full_header, received, ids, path, size)
-                # the statements ran while the data set's fsync did; the commit waits for it
-                if received.path is not None:
-                    synced = received.synced.result() if received.synced is not None else None
-                    move_durable(received.path, path, synced)
-                else:
-                    assert received.data is not None
-                    write_durable(path, received.data)
-                moved = True  # from here on the spool holds it: a failed commit removes it
+                placed = self._place(received, path)
+                if not placed:
+                    # no row, and the write lock is ours: a file a crash left without its
+                    # row. It is the instance as first received: indexed as it is.
+                    log.warning("spool file of %s lacked its index row: indexed", sop_uid)
+                    conn.execute(_SIZE, {"sop": sop_uid, "new_size": path.stat().st_size})
+        except IntegrityError:
+            raise  # indexed by another at the same moment: the file is the instance's
         except BaseException:
-            if moved:
-                path.unlink(missing_ok=True)
+            if placed:
+                path.unlink(missing_ok=True)  # ours (placed just now): its commit failed
             raise
-        return Outcome(StoreStatus.SUCCESS, "", study_uid, sop_uid)
+        return self._stored(ids)
+
+    def _place(self, received: Received, path: Path) -> bool:
+        if received.path is not None:
+            if received.synced is not None:
+                received.synced.result()  # begun while the header was read
+            return place_durable(received.path, path, synced=received.synced is not None)
+        assert received.data is not None
+        return write_durable(path, received.data, replace=False)
+
+    def _index_now(
+        self,
+        ds: Dataset,
+        full_header: Callable[[], Dataset] | None,
+        received: Received,
+        ids: tuple[str, str, str, str, list[str]],
+        path: Path,
+        size: int,
+    ) -> bool:
+        """The index rows in a transaction of their own; False when the instance was
+        indexed already."""
+        with self._writer(), self.store.engine.begin() as conn:
+            if conn.execute(_INSTANCE_KNOWN, {"sop": ids[2]}).first() is not None:
+                return False
+            self._rows(conn, ds, full_header, received, ids, path, size)
+        return True
+
+    @staticmethod
+    def _stored(ids: tuple[str, str, str, str, list[str]]) -> Outcome:
+        return Outcome(StoreStatus.SUCCESS, "", ids[0], ids[2])
+
+    def _duplicate(self, study_uid: str, sop_uid: str, conn: Connection | None = None) -> Outcome:
+        log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
+        resent = {"uid": study_uid, "last_received_at": utcnow()}
+        if conn is not None:  # a resend after a crash: see _upsert_study
+            conn.execute(_RESENT, resent)
+        else:
+            with self.store.engine.begin() as own:
+                own.execute(_RESENT, resent)
+        return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
+
+    def _one_trip(
+        self,
+        ds: Dataset,
+        received: Received,
+        ids: tuple[str, str, str, str, list[str]],
+        path: Path,
+        size: int,
+    ) -> tuple[bool, bool]:
+        """PostgreSQL: the common case in one statement, committed on its own (a round trip
+        costs more than the work): (already indexed, indexed now). (False, False) elsewhere,
+        or when the study is not receiving or the series is new: a transaction then."""
+        if self.store.engine.dialect.name != "postgresql" or ids[4]:
+            return False, False
+        row = _instance_row(ds, received, ids, path, size, self.node_name, utcnow())
+        row["source"] = received.source.name
+        row["receiving"] = StudyState.RECEIVING.name
+        with self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            known, stored = c.execute(_PG_ONE_TRIP, row).one()
+        return bool(known), bool(stored)
 
     def _writer(self) -> AbstractContextManager[Any]:
         """SQLite has one writer: this process's index transactions take turns (others wait
@@ -274,29 +388,14 @@ class Ingest:
     ) -> None:
         """The index rows of one instance (its study and series if new) in ``conn``'s
         transaction."""
-        study_uid, series_uid, sop_uid, sop_class, filled = ids
+        study_uid, series_uid, sop_uid, _, filled = ids
         now = utcnow()
         header = _Header(ds, full_header)
         _upsert_study(conn, header, study_uid, received.calling_ae, now)
         _upsert_series(conn, header, study_uid, series_uid, received.source)
         conn.execute(
             _INSTANCES.insert(),
-            {
-                "sop_instance_uid": sop_uid,
-                "sop_class_uid": sop_class,
-                "series_uid": series_uid,
-                "study_uid": study_uid,
-                "instance_number": int_value(read_or_none(ds, "InstanceNumber")),
-                "transfer_syntax": received.transfer_syntax,
-                "path": str(path),
-                "size": size,
-                "received_at": now,
-                "calling_ae": received.calling_ae,
-                "called_ae": received.called_ae,
-                "source_address": received.source_address,
-                "source": received.source,
-                "received_by": self.node_name,
-            },
+            _instance_row(ds, received, ids, path, size, self.node_name, now),
         )
         if filled:
             conn.execute(
@@ -308,6 +407,34 @@ class Ingest:
                     "the C-STORE request's (or the file meta's) is used",
                 },
             )
+
+
+def _instance_row(
+    ds: Dataset,
+    received: Received,
+    ids: tuple[str, str, str, str, list[str]],
+    path: Path,
+    size: int,
+    node_name: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    study_uid, series_uid, sop_uid, sop_class, _ = ids
+    return {
+        "sop_instance_uid": sop_uid,
+        "sop_class_uid": sop_class,
+        "series_uid": series_uid,
+        "study_uid": study_uid,
+        "instance_number": int_value(read_or_none(ds, "InstanceNumber")),
+        "transfer_syntax": received.transfer_syntax,
+        "path": str(path),
+        "size": size,
+        "received_at": now,
+        "calling_ae": received.calling_ae,
+        "called_ae": received.called_ae,
+        "source_address": received.source_address,
+        "source": received.source,
+        "received_by": node_name,
+    }
 
 
 class _Header:

@@ -48,11 +48,12 @@ def instance_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> 
     return root.joinpath(parts[0], parts[1], f"{parts[2]}.dcm")
 
 
-def write_durable(path: Path, data: bytes) -> None:
+def write_durable(path: Path, data: bytes, replace: bool = True) -> bool:
     """Write ``data`` to ``path`` so that it is complete and on disk when this returns.
 
     Temporary file in the same directory, fsync, atomic rename, fsync of the directory: after a
-    crash the file is either absent or whole, never half-written under its final name.
+    crash the file is either absent or whole, never half-written under its final name. With
+    ``replace`` False an existing ``path`` is kept and False returned (the first copy stays).
     """
     directory = path.parent
     created = not directory.exists()
@@ -70,14 +71,17 @@ def write_durable(path: Path, data: bytes) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(directory)
-    if created:  # new directories must be durable in their parents too
-        for parent in list(directory.parents)[:2]:
-            _fsync_dir(parent)
+    _fsync_new_entry(directory, created)
+    return True
 
 
 def fsync_file(path: Path) -> int:
@@ -90,30 +94,37 @@ def fsync_file(path: Path) -> int:
         os.close(fd)
 
 
-def move_durable(source: Path, path: Path, synced_size: int | None = None) -> int:
-    """Move a complete file into place durably; returns its size.
+def place_durable(source: Path, path: Path, synced: bool = False) -> bool:
+    """Give the complete file ``source`` the name ``path`` durably, unless a file is there
+    already: False then, and nothing changes (the first copy of an instance stays, whoever
+    wrote it: another association, process or node on the shared spool).
 
-    fsync of the file (unless ``synced_size`` says the caller did it, and how big the file
-    is), then an atomic rename (a copy first when ``source`` lies on another filesystem),
-    then fsync of the directory.
+    fsync of the file (unless ``synced`` says the caller did it), a hard link to the new name
+    (atomic, and it never replaces; a copy when ``source`` lies on another filesystem), fsync
+    of the directory. ``source`` keeps its name: the caller removes it.
     """
     directory = path.parent
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    size = fsync_file(source) if synced_size is None else synced_size
+    if not synced:
+        fsync_file(source)
     try:
-        os.replace(source, path)
+        os.link(source, path)
+    except FileExistsError:
+        return False
     except OSError as exc:
-        if exc.errno != errno.EXDEV:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):
             raise
-        write_durable(path, Path(source).read_bytes())
-        Path(source).unlink(missing_ok=True)
-        return size
+        return write_durable(path, Path(source).read_bytes(), replace=False)
+    _fsync_new_entry(directory, created)
+    return True
+
+
+def _fsync_new_entry(directory: Path, created: bool) -> None:
     _fsync_dir(directory)
-    if created:
+    if created:  # new directories must be durable in their parents too
         for parent in list(directory.parents)[:2]:
             _fsync_dir(parent)
-    return size
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -206,14 +206,16 @@ UIDs every send), DCMTK `storescu`, {args.rounds} rounds alternating the targets
 "10" split the instances over that many parallel associations (storescp with `--fork`).
 Every DCMTK process has `TCP_NODELAY=1` in its environment, the receiving storescp and
 Orthanc included (without it Orthanc stalls 40 ms per message: the "3.1x Orthanc" recorded
-before was that artefact). airouter answers each C-STORE only after fsync of the file and its
-directory and the index commit, which does not wait for an fsync of its own
-(`scp.sync_index_commits: false`, the default: a durability mark follows within seconds, and
-rows a power cut takes are rebuilt from the spool at start): SQLite (WAL, synchronous=NORMAL,
-one process: the embedded default) or PostgreSQL (synchronous_commit off, {cores} receiver
-processes on the port, `--workers {cores}`). storescp writes without fsync; Orthanc indexes
-in SQLite; "bare pynetdicom" acknowledges without storing anything (pynetdicom's own
-ceiling, one process).
+before was that artefact). airouter serves these associations with its own acceptor
+(`scp/native.py`) and answers each C-STORE only after fsync of the file, its hard link into
+the spool, fsync of the folder and the index commit, which does not wait for an fsync of its
+own (`scp.sync_index_commits: false`, the default: a durability mark follows within seconds,
+and rows a power cut takes are rebuilt from the spool at start): SQLite (WAL,
+synchronous=NORMAL) in one process and with {cores} receiver processes on the port (the
+default, one per core), PostgreSQL (synchronous_commit off) with {cores}. The one sender
+address may hold 16 associations (`scp.max_associations_per_source`, default 8). storescp
+writes without fsync; Orthanc indexes in SQLite; "bare pynetdicom" acknowledges without
+storing anything (pynetdicom's own ceiling, one process).
 
 | target | associations | median instances/s | per round |
 |---|---|---|---|

@@ -218,7 +218,9 @@ def start_node(
     workdir.mkdir(parents=True, exist_ok=True)
     dimse_port, http_port = free_port(), free_port()
     config: dict[str, Any] = {
-        "scp": {"ae_title": "AIROUTER", "dimse_port": dimse_port},
+        # one receiver process (the default is one per core): the suites run many nodes at
+        # once; tests/test_scale.py and tests/test_two_nodes.py run several
+        "scp": {"ae_title": "AIROUTER", "dimse_port": dimse_port, "processes": 1},
         "http": {"port": http_port},
         "data_dir": str(workdir / "var"),
         "router": {"rules_dir": str(ROOT / "rules")},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,10 @@ def test_destination_kinds_are_validated_by_kind() -> None:
         load_settings(dispatch={"destinations": {"web": {"kind": "dicomweb", "url": "ftp://x"}}})
     with pytest.raises(ConfigError, match=r"dispatch\.destinations\.x"):
         load_settings(dispatch={"destinations": {"x": {"kind": "carrier-pigeon", "path": "/"}}})
+
+
+def test_one_receiver_process_per_core_unless_told() -> None:
+    assert load_settings().scp.processes == (os.cpu_count() or 1)
+    assert load_settings(scp={"processes": 1}).scp.processes == 1
+    with pytest.raises(ConfigError, match=r"scp\.processes"):
+        load_settings(scp={"processes": 0})

@@ -161,8 +161,9 @@ class ScpSettings(_Strict):
     dimse_port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1)  # per receiver process
     # Receiver processes sharing the DIMSE port (SO_REUSEPORT): parallel associations use
-    # that many cores (`airouter serve --workers N`); the node itself is the first.
-    processes: int = Field(default=1, ge=1)
+    # that many cores (`airouter serve --workers N`; default: one per core, each about
+    # 150 MB); the node itself is the first.
+    processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     # native: associations that propose only Verification and storage are served by the
     # node's own DIMSE acceptor (scp/native.py: blocking reads, no polling threads);
     # pynetdicom serves the rest (storage commitment, TLS). pynetdicom: it serves all.

@@ -167,8 +167,8 @@ class Ingest:
 
         ``ds`` may hold only the attributes an instance of a series already indexed needs
         (``scp.header``); ``full_header`` then reads its whole header, for a new study or
-        series. The index rows are written in one transaction that commits only once the
-        file is durable in the spool (fsync, rename, fsync of the folder)."""
+        series. The index rows commit only once the file is durable in the spool (fsync,
+        a hard link that never replaces a copy already there, fsync of the folder)."""
         try:
             ids = _identifiers(ds, received)
         except InvalidUID as exc:
@@ -182,15 +182,18 @@ class Ingest:
                 log.warning("refusing %s: free space below the reserve", sop_uid)
                 return Outcome(StoreStatus.OUT_OF_RESOURCES, "storage below the free-space reserve")
             size = received.path.stat().st_size if received.path is not None else pending
-            for attempt in range(_INDEX_ATTEMPTS):
+            arrival = _Arrival(ds, full_header, received, ids, path, size)
+            attempts = _INDEX_ATTEMPTS
+            while True:
                 try:
-                    return self._store_once(ds, full_header, received, ids, path, size)
+                    return self._store_once(arrival)
                 except IntegrityError:
                     # Another node or association indexed this instance, or created its study
                     # or series, in the same moment: stored once, or try again (they exist now).
+                    attempts -= 1
                     if self._known(sop_uid):
                         return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
-                    if attempt == _INDEX_ATTEMPTS - 1:
+                    if not attempts:
                         raise
         except OSError as exc:
             log.error("cannot persist %s: %s", sop_uid, exc)
@@ -200,62 +203,56 @@ class Ingest:
             return Outcome(
                 StoreStatus.CANNOT_UNDERSTAND, f"cannot index the data set ({type(exc).__name__})"
             )
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _store_once(
-        self,
-        ds: Dataset,
-        full_header: Callable[[], Dataset] | None,
-        received: Received,
-        ids: tuple[str, str, str, str, list[str]],
-        path: Path,
-        size: int,
-    ) -> Outcome:
+    def _store_once(self, a: _Arrival) -> Outcome:
         """Durable in the spool under a name no other copy can take (the first copy of an
         instance stays: the filesystem decides between associations, processes and nodes),
         and indexed in a transaction that commits only after that."""
-        study_uid, _, sop_uid = ids[:3]
+        study_uid, _, sop_uid = a.ids[:3]
         if self.store.engine.dialect.name == "postgresql":
             # a round trip costs more than the work: place the file, then one statement
-            if not self._place(received, path):
+            if not self._place(a):
                 # indexed already, or a copy another node placed a moment ago (it indexes
                 # it), or a file a crash left without its row (indexed here, as it is)
-                if self._index_now(ds, full_header, received, ids, path, path.stat().st_size):
+                a.size = a.path.stat().st_size
+                if self._index_now(a):
                     log.warning("spool file of %s lacked its index row: indexed", sop_uid)
-                    return self._stored(ids)
+                    return self._stored(a)
                 return self._duplicate(study_uid, sop_uid)
             try:
-                known, stored = self._one_trip(ds, received, ids, path, size)
+                known, stored = self._one_trip(a)
                 if not (known or stored):
-                    known = not self._index_now(ds, full_header, received, ids, path, size)
+                    known = not self._index_now(a)
             except IntegrityError:
                 raise  # indexed by another at the same moment: the file is the instance's
             except BaseException:
-                path.unlink(missing_ok=True)  # ours (placed just now): its index failed
+                a.path.unlink(missing_ok=True)  # ours (placed just now): its index failed
                 raise
-            return self._duplicate(study_uid, sop_uid) if known else self._stored(ids)
+            return self._duplicate(study_uid, sop_uid) if known else self._stored(a)
         # SQLite, in this process: the statements run while the data set's fsync does
         placed = False
         try:
             with self._writer(), self.store.engine.begin() as conn:
                 if conn.execute(_INSTANCE_KNOWN, {"sop": sop_uid}).first() is not None:
                     return self._duplicate(study_uid, sop_uid, conn)
-                self._rows(conn, ds, full_header, received, ids, path, size)
-                placed = self._place(received, path)
+                self._rows(conn, a)
+                placed = self._place(a)
                 if not placed:
                     # no row, and the write lock is ours: a file a crash left without its
                     # row. It is the instance as first received: indexed as it is.
                     log.warning("spool file of %s lacked its index row: indexed", sop_uid)
-                    conn.execute(_SIZE, {"sop": sop_uid, "new_size": path.stat().st_size})
+                    conn.execute(_SIZE, {"sop": sop_uid, "new_size": a.path.stat().st_size})
         except IntegrityError:
             raise  # indexed by another at the same moment: the file is the instance's
         except BaseException:
             if placed:
-                path.unlink(missing_ok=True)  # ours (placed just now): its commit failed
+                a.path.unlink(missing_ok=True)  # ours (placed just now): its commit failed
             raise
-        return self._stored(ids)
+        return self._stored(a)
 
-    def _place(self, received: Received, path: Path) -> bool:
+    @staticmethod
+    def _place(a: _Arrival) -> bool:
+        received, path = a.received, a.path
         if received.path is not None:
             if received.synced is not None:
                 received.synced.result()  # begun while the header was read
@@ -263,26 +260,18 @@ class Ingest:
         assert received.data is not None
         return write_durable(path, received.data, replace=False)
 
-    def _index_now(
-        self,
-        ds: Dataset,
-        full_header: Callable[[], Dataset] | None,
-        received: Received,
-        ids: tuple[str, str, str, str, list[str]],
-        path: Path,
-        size: int,
-    ) -> bool:
+    def _index_now(self, a: _Arrival) -> bool:
         """The index rows in a transaction of their own; False when the instance was
         indexed already."""
         with self._writer(), self.store.engine.begin() as conn:
-            if conn.execute(_INSTANCE_KNOWN, {"sop": ids[2]}).first() is not None:
+            if conn.execute(_INSTANCE_KNOWN, {"sop": a.ids[2]}).first() is not None:
                 return False
-            self._rows(conn, ds, full_header, received, ids, path, size)
+            self._rows(conn, a)
         return True
 
     @staticmethod
-    def _stored(ids: tuple[str, str, str, str, list[str]]) -> Outcome:
-        return Outcome(StoreStatus.SUCCESS, "", ids[0], ids[2])
+    def _stored(a: _Arrival) -> Outcome:
+        return Outcome(StoreStatus.SUCCESS, "", a.ids[0], a.ids[2])
 
     def _duplicate(self, study_uid: str, sop_uid: str, conn: Connection | None = None) -> Outcome:
         log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
@@ -294,21 +283,14 @@ class Ingest:
                 own.execute(_RESENT, resent)
         return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
 
-    def _one_trip(
-        self,
-        ds: Dataset,
-        received: Received,
-        ids: tuple[str, str, str, str, list[str]],
-        path: Path,
-        size: int,
-    ) -> tuple[bool, bool]:
+    def _one_trip(self, a: _Arrival) -> tuple[bool, bool]:
         """PostgreSQL: the common case in one statement, committed on its own (a round trip
         costs more than the work): (already indexed, indexed now). (False, False) elsewhere,
         or when the study is not receiving or the series is new: a transaction then."""
-        if self.store.engine.dialect.name != "postgresql" or ids[4]:
+        if self.store.engine.dialect.name != "postgresql" or a.ids[4]:
             return False, False
-        row = _instance_row(ds, received, ids, path, size, self.node_name, utcnow())
-        row["source"] = received.source.name
+        row = a.instance_row(self.node_name, utcnow())
+        row["source"] = a.received.source.name
         row["receiving"] = StudyState.RECEIVING.name
         with self.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             known, stored = c.execute(_PG_ONE_TRIP, row).one()
@@ -367,8 +349,9 @@ class Ingest:
                 if instance_path(self.spool_root, *ids[:3]) != path:
                     log.warning("spool file %s is not where its UIDs say: left", path.name)
                     continue
+                arrival = _Arrival(ds, None, received, ids, path, path.stat().st_size)
                 with self._writer(), self.store.engine.begin() as conn:
-                    self._rows(conn, ds, None, received, ids, path, path.stat().st_size)
+                    self._rows(conn, arrival)
                 indexed += 1
             except IntegrityError:
                 continue  # indexed meanwhile (by another node)
@@ -376,27 +359,14 @@ class Ingest:
                 log.warning("spool file %s cannot be indexed: %s", path.name, exc)
         return indexed
 
-    def _rows(
-        self,
-        conn: Connection,
-        ds: Dataset,
-        full_header: Callable[[], Dataset] | None,
-        received: Received,
-        ids: tuple[str, str, str, str, list[str]],
-        path: Path,
-        size: int,
-    ) -> None:
+    def _rows(self, conn: Connection, a: _Arrival) -> None:
         """The index rows of one instance (its study and series if new) in ``conn``'s
         transaction."""
-        study_uid, series_uid, sop_uid, _, filled = ids
+        study_uid, _, sop_uid, _, filled = a.ids
         now = utcnow()
-        header = _Header(ds, full_header)
-        _upsert_study(conn, header, study_uid, received.calling_ae, now)
-        _upsert_series(conn, header, study_uid, series_uid, received.source)
-        conn.execute(
-            _INSTANCES.insert(),
-            _instance_row(ds, received, ids, path, size, self.node_name, now),
-        )
+        _upsert_study(conn, a, now)
+        _upsert_series(conn, a)
+        conn.execute(_INSTANCES.insert(), a.instance_row(self.node_name, now))
         if filled:
             conn.execute(
                 _EVENTS.insert(),
@@ -409,44 +379,45 @@ class Ingest:
             )
 
 
-def _instance_row(
-    ds: Dataset,
-    received: Received,
-    ids: tuple[str, str, str, str, list[str]],
-    path: Path,
-    size: int,
-    node_name: str | None,
-    now: datetime,
-) -> dict[str, Any]:
-    study_uid, series_uid, sop_uid, sop_class, _ = ids
-    return {
-        "sop_instance_uid": sop_uid,
-        "sop_class_uid": sop_class,
-        "series_uid": series_uid,
-        "study_uid": study_uid,
-        "instance_number": int_value(read_or_none(ds, "InstanceNumber")),
-        "transfer_syntax": received.transfer_syntax,
-        "path": str(path),
-        "size": size,
-        "received_at": now,
-        "calling_ae": received.calling_ae,
-        "called_ae": received.called_ae,
-        "source_address": received.source_address,
-        "source": received.source,
-        "received_by": node_name,
-    }
+@dataclass
+class _Arrival:
+    """One instance on its way into the index: its header as far as it was read (all of it
+    once a new study or series needs it), how it came, its UIDs (study, series, instance,
+    class, and which the data set lacked), where it goes and its size."""
 
-
-class _Header:
-    """The header as far as it was read, and all of it once a new study or series needs it."""
-
-    def __init__(self, ds: Dataset, full: Callable[[], Dataset] | None) -> None:
-        self._ds, self._full = ds, full
+    ds: Dataset
+    full_header: Callable[[], Dataset] | None
+    received: Received
+    ids: tuple[str, str, str, str, list[str]]
+    path: Path
+    size: int
 
     def whole(self) -> Dataset:
-        if self._full is not None:
-            self._ds, self._full = self._full(), None
-        return self._ds
+        """The whole header (read now if only the index's attributes were)."""
+        if self.full_header is not None:
+            self.ds, self.full_header = self.full_header(), None
+        return self.ds
+
+    def instance_row(self, node_name: str | None, now: datetime) -> dict[str, Any]:
+        """The instance's index row."""
+        study_uid, series_uid, sop_uid, sop_class, _ = self.ids
+        received = self.received
+        return {
+            "sop_instance_uid": sop_uid,
+            "sop_class_uid": sop_class,
+            "series_uid": series_uid,
+            "study_uid": study_uid,
+            "instance_number": int_value(read_or_none(self.ds, "InstanceNumber")),
+            "transfer_syntax": received.transfer_syntax,
+            "path": str(self.path),
+            "size": self.size,
+            "received_at": now,
+            "calling_ae": received.calling_ae,
+            "called_ae": received.called_ae,
+            "source_address": received.source_address,
+            "source": received.source,
+            "received_by": node_name,
+        }
 
 
 def free_bytes(path: Path) -> int:
@@ -493,18 +464,17 @@ def _uid_text(ds: Dataset, keyword: str) -> str:
     return str(value or "")
 
 
-def _upsert_study(
-    conn: Connection, header: _Header, study_uid: str, calling_ae: str | None, now: datetime
-) -> None:
+def _upsert_study(conn: Connection, a: _Arrival, now: datetime) -> None:
     # The common case, one statement: a study still receiving. On PostgreSQL the update
     # locks the row: a node completing the study at this moment finishes first, and this
     # late instance then sees it complete and re-opens it.
+    study_uid = a.ids[0]
     touched = conn.execute(_STUDY_RECEIVING, {"uid": study_uid, "now": now})
     if touched.rowcount:
         return
     state = conn.execute(_STUDY_STATE, {"uid": study_uid}).scalar()
     if state is None:
-        ds = header.whole()
+        ds = a.whole()
         conn.execute(
             _STUDIES.insert(),
             {
@@ -516,7 +486,7 @@ def _upsert_study(
                 "study_time": text_value(ds, "StudyTime"),
                 "accession_number": text_value(ds, "AccessionNumber"),
                 "study_description": text_value(ds, "StudyDescription"),
-                "calling_ae": calling_ae,
+                "calling_ae": a.received.calling_ae,
                 "created_at": now,
                 "opened_at": now,
                 "last_received_at": now,
@@ -539,12 +509,11 @@ def _upsert_study(
     conn.execute(_EVENTS.insert(), {"kind": "study_reopened", "study_uid": study_uid})
 
 
-def _upsert_series(
-    conn: Connection, header: _Header, study_uid: str, series_uid: str, source: Source
-) -> None:
+def _upsert_series(conn: Connection, a: _Arrival) -> None:
+    study_uid, series_uid = a.ids[:2]
     if conn.execute(_SERIES_KNOWN, {"uid": series_uid}).first() is not None:
         return
-    ds = header.whole()
+    ds = a.whole()
     conn.execute(
         _SERIES.insert(),
         {
@@ -555,6 +524,6 @@ def _upsert_series(
             "series_description": text_value(ds, "SeriesDescription"),
             "body_part_examined": text_value(ds, "BodyPartExamined"),
             "tags": series_tags(ds),
-            "source": source,
+            "source": a.received.source,
         },
     )

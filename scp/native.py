@@ -50,6 +50,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 # PDU types (PS3.8 9.3.1)
 _ASSOCIATE_RQ, _P_DATA, _RELEASE_RQ, _ABORT = 0x01, 0x04, 0x05, 0x07
 _RELEASE_RP = bytes([0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0])
+_ABORT_PDU = bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 0])  # by the service provider
 # DIMSE command fields (PS3.7 E.1)
 _C_STORE_RQ, _C_ECHO_RQ, _C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 _C_STORE_RSP, _C_ECHO_RSP = 0x8001, 0x8030
@@ -226,12 +227,12 @@ class _Association:
         except AssociationEnded as ended:
             log.log(ended.level, "assoc %s: %s", self.label, ended)
             if ended.abort:
-                self._send_quietly(bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 0]))
+                self._send_quietly(_ABORT_PDU)
         except OSError as exc:
             log.info("assoc %s: connection lost (%s)", self.label, exc.strerror or exc)
         except Exception:  # never a dead thread holding a slot: abort, say where
             log.exception("assoc %s: unexpected failure: aborted", self.label)
-            self._send_quietly(bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, 0]))
+            self._send_quietly(_ABORT_PDU)
         finally:
             self._discard_partial()
 

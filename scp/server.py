@@ -284,16 +284,9 @@ def _native_acceptor(
         ae.supported_contexts,
         {str(x.sop_class) for x in extra},
         incoming_dir,
-        functools.partial(_store_status, ingest=ingest, tracker=tracker),
+        functools.partial(store_received, ingest=ingest, tracker=tracker),
         tracker.end,
     )
-
-
-def _store_status(
-    request: StoreRequest, ingest: Ingest, tracker: AssociationTracker
-) -> tuple[int, str]:
-    status, reason = store_received(request, ingest, tracker)
-    return int(status), reason
 
 
 def _close_native_on_shutdown(server: ThreadedAssociationServer, native: NativeAcceptor) -> None:

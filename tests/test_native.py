@@ -4,7 +4,6 @@ clear end (A-ABORT, a freed slot, no partial file) for what breaks the protocol.
 
 from __future__ import annotations
 
-import io
 import socket
 import struct
 import time
@@ -16,8 +15,7 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
 from sqlalchemy import select
 
@@ -25,7 +23,7 @@ from airouter.app.receivers import commitment_service
 from airouter.core.db import Instance, Store
 from scp.server import open_associations
 from tests.peers import head_ct_files, storescu, wait_for
-from tests.test_scp import Node
+from tests.test_scp import Node, c_store_message
 
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 
@@ -219,19 +217,9 @@ def _echo_ok(node: Node) -> str:
 def test_release_mid_message_discards_the_partial_data_set(native: Node) -> None:
     """A-RELEASE-RQ after half a data set: released (A-RELEASE-RP), the partial file
     removed, nothing indexed."""
-    source = head_ct_files()[0]
-    ds = pydicom.dcmread(source)
     sock, context = _raw_association(native)
-    request = C_STORE()
-    request.MessageID, request.Priority = 1, 2
-    request.AffectedSOPClassUID = ds.SOPClassUID
-    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.DataSet = io.BytesIO(source.read_bytes())
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
+    message = c_store_message(head_ct_files()[0])
     for primitive in list(message.encode_msg(context, 16384))[:6]:
-        from pynetdicom.pdu import P_DATA_TF
-
         pdu = P_DATA_TF()
         pdu.from_primitive(primitive)
         sock.sendall(pdu.encode())

@@ -507,11 +507,6 @@ def test_specific_character_sets_index_and_serve_names(node: Node) -> None:
 def test_a_data_set_cut_off_mid_transfer_leaves_no_file(node: Node) -> None:
     """A C-STORE whose association aborts halfway: nothing is stored or acknowledged, and the
     partial temporary file is gone when the association ends (not at the next start)."""
-    import io
-
-    from pynetdicom.dimse_messages import C_STORE_RQ
-    from pynetdicom.dimse_primitives import C_STORE
-
     source = head_ct_files()[0]
     ds = pydicom.dcmread(source)
     ae = AE(ae_title="MODALITY")
@@ -519,13 +514,7 @@ def test_a_data_set_cut_off_mid_transfer_leaves_no_file(node: Node) -> None:
     ae.maximum_pdu_size = 16384
     assoc = ae.associate("127.0.0.1", node.port, ae_title="AIROUTER")
     assert assoc.is_established
-    request = C_STORE()
-    request.MessageID, request.Priority = 1, 2
-    request.AffectedSOPClassUID = ds.SOPClassUID
-    request.AffectedSOPInstanceUID = ds.SOPInstanceUID
-    request.DataSet = io.BytesIO(source.read_bytes())  # bytes enough for several PDUs
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
+    message = c_store_message(source)  # bytes enough for several PDUs
     context = assoc.accepted_contexts[0].context_id
     pdata = list(message.encode_msg(context, 16384))
     assert len(pdata) > 10
@@ -582,16 +571,15 @@ def _held_association(port: int, source: str) -> Any:
     return assoc
 
 
-def _trickled_store(assoc: Any, stop: Any) -> None:
-    """A C-STORE sent one 4 kB PDU every half second: every PDU whole and on time, the
-    message never done."""
+def c_store_message(source: Path) -> Any:
+    """A C-STORE-RQ of the file ``source`` as pynetdicom encodes it, to send by hand
+    (``encode_msg`` gives its P-DATA primitives)."""
     import io
 
     from pynetdicom.dimse_messages import C_STORE_RQ
     from pynetdicom.dimse_primitives import C_STORE
 
-    source = head_ct_files()[0]
-    ds = pydicom.dcmread(source)
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
     request = C_STORE()
     request.MessageID, request.Priority = 1, 2
     request.AffectedSOPClassUID = ds.SOPClassUID
@@ -599,6 +587,13 @@ def _trickled_store(assoc: Any, stop: Any) -> None:
     request.DataSet = io.BytesIO(source.read_bytes())
     message = C_STORE_RQ()
     message.primitive_to_message(request)
+    return message
+
+
+def _trickled_store(assoc: Any, stop: Any) -> None:
+    """A C-STORE sent one 4 kB PDU every half second: every PDU whole and on time, the
+    message never done."""
+    message = c_store_message(head_ct_files()[0])
     context = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage)
     for pdu in message.encode_msg(context.context_id, 4096):
         if stop.wait(0.5) or not assoc.is_established:

@@ -65,6 +65,7 @@ class LocalTriton:
         ]
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "tritonserver.log"
+        self.pid_path = workdir / "tritonserver.pid"  # read by the node's worker processes
 
     def _prepare(self) -> Path:
         """Copy the server out of the wheel with the stub for this Python (as PyTriton does)."""
@@ -123,6 +124,7 @@ class LocalTriton:
                 start_new_session=True,  # Ctrl-C reaches us; we stop it in order
                 preexec_fn=_die_with_parent,
             )
+        self.pid_path.write_text(str(self.process.pid))
 
     def alive(self) -> bool:
         """Whether the server process is running."""

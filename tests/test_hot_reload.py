@@ -48,6 +48,37 @@ def test_ruleset_reloads_and_rejects_broken_edits(tmp_path: Path) -> None:
     assert [r.name for r in ruleset.rules] == before
 
 
+def test_a_follower_started_during_a_broken_edit_applies_the_rules_in_force(
+    tmp_path: Path,
+) -> None:
+    """The node keeps a copy of the files it accepted; a worker process that starts while the
+    files hold a rejected edit (one restarted after a crash) applies the node's rules and
+    reports the node's error, and follows the files once they are fixed. The node itself
+    still refuses to start on them, and the copy never holds a rejected edit."""
+    shutil.copytree(ROOT / "rules", tmp_path / "rules")
+    in_force = tmp_path / "var" / "rules-in-force" / "node"
+    node = RuleSet(tmp_path / "rules", in_force=in_force)
+    before = [r.name for r in node.rules]
+    _touch_write(tmp_path / "rules" / "zz-mr.yaml", MR_RULE)
+    assert node.check() and {r.name for r in node.rules} == {*before, "forward-mr"}
+    assert (in_force / "zz-mr.yaml").read_text() == MR_RULE
+    assert len(list(in_force.parent.iterdir())) == 2  # the link and one version
+    broken = MR_RULE.replace("action: forward", "action: fly")
+    _touch_write(tmp_path / "rules" / "zz-mr.yaml", broken)
+    assert node.check() and node.error
+    assert (in_force / "zz-mr.yaml").read_text() == MR_RULE  # what is in force
+
+    worker = RuleSet(tmp_path / "rules", in_force=in_force, follow=True)
+    assert [r.name for r in worker.rules] == [r.name for r in node.rules]
+    assert worker.error == node.error and "zz-mr.yaml:3: rules.0.action" in worker.error
+    with pytest.raises(RuleError, match=r"zz-mr\.yaml:3"):
+        RuleSet(tmp_path / "rules", in_force=in_force)  # the node: fatal at start
+    (tmp_path / "rules" / "zz-mr.yaml").unlink()
+    assert worker.check() and worker.error is None
+    assert [r.name for r in worker.rules] == before
+    assert (in_force / "zz-mr.yaml").exists()  # a follower never writes the copy
+
+
 def test_validator_rejects_rules_the_node_cannot_run(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("rules:\n  - {name: x, models: [no-such-model]}\n")
 

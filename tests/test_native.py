@@ -19,7 +19,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
 from sqlalchemy import select
 
-from airouter.app.receivers import commitment_service
+from airouter.app.shared import commitment_service
 from airouter.core.db import Instance, Store
 from scp.server import open_associations
 from tests.peers import head_ct_files, storescu, wait_for

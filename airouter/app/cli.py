@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--workers",
         type=int,
-        help="DIMSE receiver processes sharing the port (AIROUTER_SCP__PROCESSES, one per core)",
+        help="processes sharing the DIMSE and HTTP ports (AIROUTER_SCP__PROCESSES, one per core)",
     )
     serve.add_argument(
         "--database-url",

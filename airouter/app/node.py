@@ -1,4 +1,5 @@
-"""The node in one process: DIMSE AE, HTTP server, scheduler, workers and the local Triton.
+"""The node: DIMSE AE, HTTP server, scheduler, job workers and the local Triton, and the
+worker processes that share its DIMSE and HTTP ports (``airouter.app.workers``).
 
 The composition root: it builds each stage from its own settings sub-tree, binds them together
 (completion routes through the router, the receiver answers storage commitment reports for the
@@ -11,21 +12,27 @@ from __future__ import annotations
 
 import logging
 import signal
-import subprocess
 import threading
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from airouter.app import receivers
-from airouter.app.web import create_app
-from airouter.core.db import Event, Job, Store, Study, utcnow
+from airouter.app import workers
+from airouter.app.shared import (
+    Health,
+    build_ingest,
+    claim_port,
+    commitment_service,
+    http_app,
+    rule_check,
+    shared_listener,
+)
+from airouter.core.db import Event, Store, Study, utcnow
 from airouter.core.leases import (
     Identity,
     NodeNameInUse,
@@ -35,7 +42,7 @@ from airouter.core.leases import (
     release_deliveries,
     release_transfers,
 )
-from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
+from airouter.core.settings import ConfigError, Settings
 from airouter.core.tracker import SharedTracker
 from airouter.core.vocab import SharedMemoryMode, StudyState
 from airouter.jobs.lifecycle import recover_jobs
@@ -74,7 +81,11 @@ class Node:
             directory.mkdir(parents=True, exist_ok=True)
         try:
             self.cards = load_cards(*settings.inference.card_dirs(settings.data_dir))
-            self.ruleset = RuleSet(settings.router.rules_dir, self._validate_rules)
+            self.ruleset = RuleSet(
+                settings.router.rules_dir,
+                rule_check(self.cards, settings),
+                in_force=workers.rules_in_force(settings),
+            )
             self.off_hours = OffHours.parse(
                 settings.router.off_hours_start, settings.router.off_hours_end
             )
@@ -83,39 +94,31 @@ class Node:
         self.store = Store(settings.db_url, settings.scp.sync_index_commits)
         self.identity = Identity(settings.node_name, settings.jobs.lease_s)
         self.tracker = SharedTracker(self.store, self.identity)
-        self.ingest = receivers.build_ingest(self.store, settings)
+        self.ingest = build_ingest(self.store, settings)
         self.outbox = Outbox(settings.archive_dir, settings.dispatch)
         self.dispatcher = Dispatcher(self.store, settings.dispatch, self.identity)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.triton: LocalTriton | None = None
         self._client: InferenceClient | None = None
-        self._client_lock = threading.Lock()
-        self._health_client: InferenceClient | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._woken = threading.Event()  # SIGUSR1 from a worker process (see _waker)
         self._workers: list[threading.Thread] = []
         self.dimse: Any = None
-        self._receivers: list[subprocess.Popen[bytes]] = []
+        self.processes: workers.Workers | None = None
+        self.health = Health(
+            self.store,
+            self.cards,
+            settings,
+            lambda: self._client,
+            lambda: self.dimse.server_address[1] if self.dimse else None,
+            lambda: self.triton.process.pid if self.triton and self.triton.process else None,
+        )
 
     @property
     def rules(self) -> tuple[Rule, ...]:
         """The rules in force (reloaded when their files change)."""
         return self.ruleset.rules
-
-    def _validate_rules(self, rules: Sequence[Rule]) -> None:
-        """Rules must name models with a card and configured destinations."""
-        destinations = self.settings.dispatch.destinations
-        for rule in rules:
-            missing = [m for m in rule.models if m not in self.cards]
-            if missing:
-                raise RuleError(f"rule {rule.name}: no model card for {', '.join(missing)}")
-            unknown = [
-                d for d in rule.destinations if d not in destinations and d != RETURN_TO_SENDER
-            ]
-            if unknown:
-                raise RuleError(
-                    f"rule {rule.name}: destination(s) not configured: {', '.join(unknown)}"
-                )
 
     def _reload_rules(self) -> None:
         if self.ruleset.check():
@@ -246,34 +249,13 @@ class Node:
             self.wake_dispatch()
         self._wake.set()
 
-    def health(self) -> dict[str, Any]:
-        """What /api/health answers: DIMSE, Triton and each model ready, jobs per state."""
-        with self.store.session() as s:
-            counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        with self._client_lock:  # the health checks share one client (not thread-safe)
-            if self._health_client is None and self._client is not None:
-                self._health_client = self._client.clone()
-            probe = self._health_client
-            ready = probe is not None and probe.is_ready()
-            models = {
-                name: probe is not None and ready and probe.is_ready(card.triton_model)
-                for name, card in self.cards.items()
-            }
-        return {
-            "status": "ok",
-            "ae_title": self.settings.scp.ae_title,
-            "dimse_port": self.dimse.server_address[1] if self.dimse else None,
-            "triton_ready": ready,
-            "models_ready": models,
-            "triton_pid": self.triton.process.pid if self.triton and self.triton.process else None,
-            "jobs": {state.value: n for state, n in counts.items()},
-        }
-
     # -- life cycle ------------------------------------------------------------------------
     def _start_dimse(self) -> None:
         # Storage commitment reports come from the destinations we asked (they act as the
         # SCP of the SOP class on an association they start: role selection).
-        commitment = receivers.commitment_service(self.store)
+        commitment = commitment_service(self.store)
+        s = self.settings.scp
+        claim_port(s.dimse_host, s.dimse_port, "DIMSE")  # shared by our processes, no one else
         self.dimse = start_dimse(
             self.settings.scp, self.ingest, self.tracker, self.settings.incoming_dir, [commitment]
         )
@@ -308,6 +290,7 @@ class Node:
             self._heartbeat, "interval", seconds=self.identity.lease_s / 3, id="leases", **every
         )
         self.scheduler.add_job(self._watch_triton, "interval", seconds=2.0, id="triton", **every)
+        self.scheduler.add_job(self._watch_workers, "interval", seconds=2.0, id="workers", **every)
         self.scheduler.add_job(self._reload_rules, "interval", seconds=1.0, id="rules", **every)
         self.scheduler.start()
 
@@ -329,14 +312,45 @@ class Node:
             owner=self.identity.owner,
         )
 
-    def start(self) -> None:
-        """Recover, then start Triton, DIMSE, the scheduler and the workers (not HTTP)."""
+    def _watch_workers(self) -> None:
+        """Start again a worker process that died (its connections in flight are lost to
+        their senders, who see the association or request fail and send again)."""
+        if self.processes is None or self._stop.is_set():
+            return
+        for restarted in self.processes.watch():
+            self.store.record("worker_restarted", restarted)
+
+    def _on_wake_signal(self, _signum: int, _frame: Any) -> None:
+        self._woken.set()  # only that: a signal handler may interrupt any code of this thread
+
+    def _waker(self) -> None:
+        """Wake the job workers and dispatch when a worker process asks (it queued a retry)."""
+        while True:
+            self._woken.wait()
+            if self._stop.is_set():
+                return
+            self._woken.clear()
+            self.wake_workers()
+            self.wake_dispatch()
+
+    def start(self, http_port: int) -> None:
+        """Recover, then start Triton, DIMSE, the worker processes (which serve HTTP on
+        ``http_port`` with the node), the scheduler and the job workers (not the node's own
+        HTTP server)."""
         self._recover()
         self._start_triton()
         self._start_dimse()
         if self.settings.scp.processes > 1:
-            port = self.dimse.server_address[1]
-            self._receivers = receivers.spawn(self.settings, port, self.settings.scp.processes - 1)
+            assert self._client is not None
+            self.processes = workers.Workers(
+                self.settings,
+                self.dimse.server_address[1],
+                http_port,
+                self._client.url,
+                self.triton.pid_path if self.triton else None,
+                workers.rules_in_force(self.settings),
+            )
+            self.processes.start()
         self._schedule()
         if any(c.input.kind is InputKind.TENSOR for c in self.cards.values()):
             threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
@@ -348,45 +362,40 @@ class Node:
 
     def serve_forever(self) -> None:
         """Run the HTTP server in the foreground until Ctrl-C / SIGTERM, then stop everything."""
-        app = create_app(
-            self.store,
-            self.health,
-            self.ingest,
-            self.tracker,
-            self.ruleset,
-            on_retry=self.wake_dispatch,
-            on_job_queued=self.wake_workers,
-            log_phi=self.settings.log_phi,
-            hosts=self.settings.http.served_hosts(),
-            max_request_bytes=int(self.settings.http.max_request_mb * 1024 * 1024),
-            body_idle_s=self.settings.http.body_timeout_s,
+
+        def wake() -> None:
+            self.wake_workers()
+            self.wake_dispatch()
+
+        app = http_app(
+            self.settings, self.store, self.health, self.ingest, self.tracker, self.ruleset, wake
         )
         http = self.settings.http
         # log_config=None: uvicorn's records go through the root handlers (one format, and
         # the PHI filter), not handlers of its own.
-        config = uvicorn.Config(
-            app,
-            host=http.host,
-            port=http.port,
-            log_level="warning",
-            log_config=None,
-            lifespan="off",
-        )
+        config = uvicorn.Config(app, log_level="warning", log_config=None, lifespan="off")
         # uvicorn re-raises SIGTERM after its own shutdown; make that an exception so the
         # ``finally`` below stops DIMSE, the workers and Triton.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(workers.WAKE, self._on_wake_signal)
+        threading.Thread(target=self._waker, name="waker", daemon=True).start()
+        claim_port(http.host, http.port, "HTTP")
+        sock = shared_listener(http.host, http.port, self.settings.scp.listen_backlog)
         try:
-            self.start()
-            log.info("HTTP on http://%s:%s", http.host, http.port)
-            uvicorn.Server(config).run()
+            self.start(sock.getsockname()[1])
+            log.info("HTTP on http://%s:%s", http.host, sock.getsockname()[1])
+            uvicorn.Server(config).run(sockets=[sock])
         finally:
             self.stop()
+            sock.close()
 
     def stop(self) -> None:
         """Stop DIMSE, the scheduler, the workers and the local Triton."""
         self._stop.set()
         self._wake.set()
-        receivers.stop(self._receivers)
+        self._woken.set()
+        if self.processes is not None:
+            self.processes.stop()
         if self.dimse is not None:
             self.dimse.shutdown()
         if self.scheduler.running:

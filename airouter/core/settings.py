@@ -159,10 +159,10 @@ class ScpSettings(_Strict):
     ae_title: str = "AIROUTER"
     dimse_host: str = "0.0.0.0"
     dimse_port: int = Field(default=11112, ge=0, le=65535)
-    max_associations: int = Field(default=16, ge=1)  # per receiver process
-    # Receiver processes sharing the DIMSE port (SO_REUSEPORT): parallel associations use
-    # that many cores (`airouter serve --workers N`; default: one per core, each about
-    # 150 MB); the node itself is the first.
+    max_associations: int = Field(default=16, ge=1)  # per process
+    # Processes sharing the DIMSE and HTTP ports (SO_REUSEPORT): parallel associations and
+    # HTTP requests use that many cores (`airouter serve --workers N`; default: one per
+    # core, each about 150 MB); the node itself is the first.
     processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     # native: associations that propose only Verification and storage are served by the
     # node's own DIMSE acceptor (scp/native.py: blocking reads, no polling threads);
@@ -182,7 +182,7 @@ class ScpSettings(_Strict):
     pdu_deadline_s: float = Field(default=10.0, gt=0)
     message_deadline_s: float = Field(default=600.0, gt=0)
     # One address may hold at most this many associations (more: A-ASSOCIATE-RJ, transient),
-    # counted per receiver process, as max_associations is.
+    # counted per process, as max_associations is.
     max_associations_per_source: int = Field(default=8, ge=1)
     # A connection must send its whole A-ASSOCIATE-RQ within this; until then it takes no
     # association slot, and only so many connections wait (of one address, in all).

@@ -1,0 +1,196 @@
+"""What the node and its worker processes build alike, so that a request gets the same answer
+from whichever process the kernel hands it to: the ingest, the storage commitment service,
+the check of the rules, the health answer, the HTTP application and its listening socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from pynetdicom import evt
+from sqlalchemy import func, select
+
+from airouter.app.web import create_app
+from airouter.core.db import Job, Store
+from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
+from airouter.core.tracker import AssociationTracker
+from dispatch.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
+from inference.cards import ModelCard
+from inference.triton import InferenceClient
+from router.registry import RuleSet, Validator
+from router.rules import Rule, RuleError
+from scp.ingest import Ingest
+from scp.server import ExtraService
+
+
+def commitment_service(store: Store) -> ExtraService:
+    """Storage commitment reports (N-EVENT-REPORT) from the destinations we asked: they may
+    reach any process on the port."""
+    return ExtraService(
+        STORAGE_COMMITMENT_PUSH,
+        evt.EVT_N_EVENT_REPORT,
+        handle_event_report,
+        [store],
+        scu_role=True,
+        scp_role=True,
+    )
+
+
+def build_ingest(store: Store, settings: Settings) -> Ingest:
+    """The ingest of a node or worker process, as its settings say."""
+    return Ingest(
+        store,
+        settings.spool_dir,
+        int(settings.scp.min_free_space_mb * 1024 * 1024),
+        int(settings.scp.max_inflated_mb * 1024 * 1024),
+        settings.incoming_dir,
+        settings.node_name,
+    )
+
+
+def rule_check(cards: dict[str, ModelCard], settings: Settings) -> Validator:
+    """Rules must name models with a card and configured destinations."""
+    destinations = settings.dispatch.destinations
+
+    def validate(rules: Sequence[Rule]) -> None:
+        for rule in rules:
+            missing = [m for m in rule.models if m not in cards]
+            if missing:
+                raise RuleError(f"rule {rule.name}: no model card for {', '.join(missing)}")
+            unknown = [
+                d for d in rule.destinations if d not in destinations and d != RETURN_TO_SENDER
+            ]
+            if unknown:
+                raise RuleError(
+                    f"rule {rule.name}: destination(s) not configured: {', '.join(unknown)}"
+                )
+
+    return validate
+
+
+class Health:
+    """What ``/api/health`` answers: DIMSE, Triton and each model ready, jobs per state, and
+    which process answered. Every process probes Triton itself (readiness is never a copy)."""
+
+    def __init__(
+        self,
+        store: Store,
+        cards: dict[str, ModelCard],
+        settings: Settings,
+        client: Callable[[], InferenceClient | None],
+        dimse_port: Callable[[], int | None],
+        triton_pid: Callable[[], int | None],
+    ) -> None:
+        self.store = store
+        self.cards = cards
+        self.ae_title = settings.scp.ae_title
+        self.process = settings.node_name
+        self._client = client
+        self._dimse_port = dimse_port
+        self._triton_pid = triton_pid
+        self._lock = threading.Lock()
+        self._probe: InferenceClient | None = None
+
+    def __call__(self) -> dict[str, Any]:
+        with self.store.session() as s:
+            counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        with self._lock:  # the health checks share one client (not thread-safe)
+            if self._probe is None and (client := self._client()) is not None:
+                self._probe = client.clone()
+            probe = self._probe
+            ready = probe is not None and probe.is_ready()
+            models = {
+                name: probe is not None and ready and probe.is_ready(card.triton_model)
+                for name, card in self.cards.items()
+            }
+        return {
+            "status": "ok",
+            "ae_title": self.ae_title,
+            "dimse_port": self._dimse_port(),
+            "triton_ready": ready,
+            "models_ready": models,
+            "triton_pid": self._triton_pid(),
+            "jobs": {state.value: n for state, n in counts.items()},
+            "process": self.process,
+        }
+
+
+def http_app(
+    settings: Settings,
+    store: Store,
+    health: Callable[[], dict[str, Any]],
+    ingest: Ingest,
+    tracker: AssociationTracker,
+    ruleset: RuleSet,
+    wake: Callable[[], None],
+) -> FastAPI:
+    """The HTTP application of a node or worker process; ``wake`` tells the node that a job
+    or a delivery is due now (a retry)."""
+    http = settings.http
+    return create_app(
+        store,
+        health,
+        ingest,
+        tracker,
+        ruleset,
+        on_retry=wake,
+        on_job_queued=wake,
+        log_phi=settings.log_phi,
+        hosts=http.served_hosts(),
+        max_request_bytes=int(http.max_request_mb * 1024 * 1024),
+        body_idle_s=http.body_timeout_s,
+    )
+
+
+def claim_port(host: str, port: int, what: str) -> None:
+    """Raise :class:`ConfigError` when something already listens on ``host:port``.
+
+    The node's processes share their ports with ``SO_REUSEPORT``, which would as gladly share
+    them with another program of the same user (a second node started on the same port): the
+    kernel would split the connections between the two, and neither would say so. The first
+    process binds without the option first, which fails while anyone listens there."""
+    if port == 0:
+        return
+    family, kind, _, _, address = _address(host, port)
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"{what} port {port} on {host or '*'} is taken ({exc.strerror}): another "
+                "node or program listens there"
+            ) from exc
+
+
+def shared_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` that the node's other processes may open too
+    (``SO_REUSEPORT``: the kernel spreads new connections over them)."""
+    family, kind, proto, _, address = _address(host, port)
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):  # "::" serves IPv4 too, as uvicorn's own
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host or '*'}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+def _address(host: str, port: int) -> Any:
+    try:
+        return socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host!r}: {exc.strerror}") from exc

@@ -1,0 +1,226 @@
+"""Worker processes on the node's ports, so that parallel associations and HTTP requests use
+every core (one Python process is held to one by the GIL).
+
+The node (``airouter serve --workers N``) starts N-1 worker processes. Each listens on the
+same DIMSE and HTTP ports with ``SO_REUSEPORT`` (the kernel spreads new connections over the
+listeners), stores and indexes what it receives exactly as the node does (durable before
+``0x0000``, over DIMSE or STOW-RS), and records the studies it is receiving in the shared
+``transfers`` table under a lease of its own, so that the node's completion sees them. Its
+HTTP answers are the node's: the same application on the same database, its own probe of
+Triton and the same rules (reloaded from their files); a retry it accepts wakes the node's
+workers and dispatch with SIGUSR1. Completion, jobs, dispatch and Triton run in the node.
+
+A worker ends with the node: on SIGTERM, or when its parent is gone. The node restarts one
+that died (at most every ``RESTART_EVERY_S`` each, so one that cannot start does not spin).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from airouter.app.shared import (
+    Health,
+    build_ingest,
+    commitment_service,
+    http_app,
+    rule_check,
+    shared_listener,
+)
+from airouter.core.db import Store
+from airouter.core.leases import Identity, NodeNameInUse, heartbeat, register
+from airouter.core.settings import ConfigError, Settings
+from airouter.core.tracker import SharedTracker
+from inference.cards import ModelCardError, load_cards
+from inference.triton import InferenceClient
+from router.registry import RuleSet
+from router.rules import RuleError
+from scp.server import start_dimse
+
+log = logging.getLogger(__name__)
+
+SETTINGS_ENV = "AIROUTER_WORKER_SETTINGS"
+TRITON_PID_ENV = "AIROUTER_WORKER_TRITON_PID"  # the file where the node's Triton pid is
+RULES_ENV = "AIROUTER_WORKER_RULES_IN_FORCE"  # the node's copy of the rules in force
+WAKE = signal.SIGUSR1  # worker -> node: a job or a delivery is due now
+RESTART_EVERY_S = 5.0
+
+
+@dataclass
+class _Worker:
+    name: str
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    started: float = field(default=0.0)
+
+
+def rules_in_force(settings: Settings) -> Path:
+    """Where the node keeps a copy of the rule files in force, for its workers."""
+    return settings.data_dir / "rules-in-force" / settings.node_name
+
+
+class Workers:
+    """The node's worker processes: started, restarted when one dies, stopped with it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dimse_port: int,
+        http_port: int,
+        triton_url: str,
+        triton_pid_file: Path | None,
+        rules: Path,
+    ) -> None:
+        self._workers: list[_Worker] = []
+        for k in range(1, settings.scp.processes):
+            child = settings.model_copy(deep=True)
+            child.node_name = f"{settings.node_name}-r{k}"
+            child.scp.dimse_port = dimse_port
+            child.http.port = http_port
+            child.inference.triton_url = triton_url  # the node's server, never one of its own
+            env = {**os.environ, SETTINGS_ENV: child.model_dump_json()}
+            env[TRITON_PID_ENV] = str(triton_pid_file or "")
+            env[RULES_ENV] = str(rules)
+            self._workers.append(_Worker(child.node_name, env))
+        self._stopping = False
+
+    def start(self) -> None:
+        """Start every worker process."""
+        for worker in self._workers:
+            self._launch(worker)
+
+    def _launch(self, worker: _Worker) -> None:
+        worker.process = subprocess.Popen(
+            [sys.executable, "-m", "airouter.app.workers"], env=worker.env
+        )
+        worker.started = time.monotonic()
+        log.info("worker %s started (pid %s)", worker.name, worker.process.pid)
+
+    def watch(self) -> list[str]:
+        """Start again the workers that died; returns their names and exit codes."""
+        restarted = []
+        for worker in self._workers:
+            process = worker.process
+            if self._stopping or process is None or process.poll() is None:
+                continue
+            if time.monotonic() - worker.started < RESTART_EVERY_S:
+                continue
+            restarted.append(f"{worker.name} (exit code {process.returncode})")
+            log.warning(
+                "worker %s exited (code %s): restarting it", worker.name, process.returncode
+            )
+            self._launch(worker)
+        return restarted
+
+    def pids(self) -> list[int]:
+        """The worker processes' pids."""
+        return [w.process.pid for w in self._workers if w.process is not None]
+
+    def stop(self) -> None:
+        """SIGTERM each worker and wait for it (it finishes the C-STORE it is answering)."""
+        self._stopping = True
+        running = [w.process for w in self._workers if w.process and w.process.poll() is None]
+        for process in running:
+            process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text()) if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def run(settings: Settings, triton_pid_file: str, rules: Path) -> None:
+    """One worker process: DIMSE and HTTP on the shared ports until SIGTERM or the node is
+    gone."""
+    store = Store(settings.db_url, settings.scp.sync_index_commits)
+    identity = Identity(settings.node_name, settings.jobs.lease_s)
+    try:
+        cards = load_cards(*settings.inference.card_dirs(settings.data_dir))
+        check = rule_check(cards, settings)
+        ruleset = RuleSet(settings.router.rules_dir, check, in_force=rules, follow=True)
+        register(store, identity)
+    except (NodeNameInUse, RuleError, ModelCardError) as exc:
+        raise ConfigError(str(exc)) from exc
+    tracker = SharedTracker(store, identity)
+    ingest = build_ingest(store, settings)
+    s = settings.inference
+    client = InferenceClient(s.triton_url, s.protocol, s.request_timeout_s)
+    parent = os.getppid()
+    health = Health(
+        store,
+        cards,
+        settings,
+        lambda: client,
+        lambda: settings.scp.dimse_port,
+        lambda: _read_pid(triton_pid_file),
+    )
+    app = http_app(settings, store, health, ingest, tracker, ruleset, lambda: os.kill(parent, WAKE))
+    sock = shared_listener(settings.http.host, settings.http.port, settings.scp.listen_backlog)
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", log_config=None, lifespan="off")
+    )
+    dimse = start_dimse(
+        settings.scp, ingest, tracker, settings.incoming_dir, [commitment_service(store)]
+    )
+
+    def keep_alive() -> None:
+        last_beat = time.monotonic()
+        while not server.should_exit:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                log.warning("worker %s: the node is gone, stopping", identity.name)
+                server.should_exit = True
+                break
+            ruleset.check()
+            if time.monotonic() - last_beat >= identity.lease_s / 3:
+                heartbeat(store, identity)
+                last_beat = time.monotonic()
+
+    threading.Thread(target=keep_alive, name="keep-alive", daemon=True).start()
+    # uvicorn re-raises SIGTERM after its own shutdown: an exception, so ``finally`` runs
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        server.should_exit = True
+        dimse.shutdown()
+        log.info("worker %s stopped", identity.name)
+
+
+def main() -> None:
+    """Entry point of a worker process (started by :class:`Workers`)."""
+    from airouter.app.cli import configure_logging
+
+    settings = Settings.model_validate(json.loads(os.environ[SETTINGS_ENV]))
+    configure_logging(settings)
+    try:
+        run(settings, os.environ.get(TRITON_PID_ENV, ""), Path(os.environ[RULES_ENV]))
+    except ConfigError as exc:
+        log.error("worker %s cannot start: %s", settings.node_name, exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

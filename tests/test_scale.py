@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pydicom
+import pytest
 from sqlalchemy import func, inspect, select
 
 from airouter.core.db import Base, Instance, Series, Store, Study
@@ -30,16 +31,22 @@ def test_the_migrated_schema_is_the_models(database_url: str) -> None:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").one()[0] == version
 
 
+@pytest.mark.parametrize("one_process", [False, True], ids=["two-stores", "one-ingest"])
 def test_two_writers_storing_one_new_study_at_once_lose_nothing(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, one_process: bool
 ) -> None:
-    """Two receivers with stores of their own (two nodes, or two worker processes), storing
-    the instances of one new study in the same moments: both create the study and series,
-    one of them wins, the other's instance is indexed on a second try; every instance is
-    acknowledged and indexed once, and one that both receive is stored once."""
+    """Two receivers with stores of their own (two nodes, or two worker processes), or two
+    associations of one process, storing the instances of one new study in the same moments:
+    both create the study and series, one of them wins, the other's instance is indexed on a
+    second try; every instance is acknowledged and indexed once, and one that both receive is
+    stored once. (In one process the second instance in flight takes the other path of the
+    ingest: file first, then the index.)"""
     files = fresh_copy(head_ct_files()[:12], tmp_path / "study")
     spool = tmp_path / "spool"
-    writers = [Ingest(Store(database_url), spool) for _ in range(2)]
+    if one_process:
+        writers = [Ingest(Store(database_url), spool)] * 2
+    else:
+        writers = [Ingest(Store(database_url), spool) for _ in range(2)]
     answers: list[StoreStatus] = []
     start = threading.Barrier(2)
 

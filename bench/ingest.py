@@ -5,7 +5,7 @@ positions, fresh for every send) is sent with DCMTK storescu over one associatio
 over 4 and 10 parallel associations, alternating the targets in each round. Every DCMTK
 process has TCP_NODELAY=1 in its environment, the receiving storescp and Orthanc included.
 The node runs on SQLite (one process, the embedded default) and on PostgreSQL with one
-receiver process per core (``--workers``). Medians and ratios go to docs/benchmarks.md, with
+worker process per core (``--workers``). Medians and ratios go to docs/benchmarks.md, with
 the peak memory (VmHWM) of all the node's processes together after a 1,000-instance study. The
 node runs with no rules: only ingest (durable write + index) is measured.
 
@@ -211,7 +211,7 @@ before was that artefact). airouter serves these associations with its own accep
 the spool, fsync of the folder and the index commit, which does not wait for an fsync of its
 own (`scp.sync_index_commits: false`, the default: a durability mark follows within seconds,
 and rows a power cut takes are rebuilt from the spool at start): SQLite (WAL,
-synchronous=NORMAL) in one process and with {cores} receiver processes on the port (the
+synchronous=NORMAL) in one process and with {cores} worker processes on the port (the
 default, one per core), PostgreSQL (synchronous_commit off) with {cores}. The one sender
 address may hold 16 associations (`scp.max_associations_per_source`, default 8). storescp
 writes without fsync; Orthanc indexes in SQLite; "bare pynetdicom" acknowledges without

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -237,20 +238,48 @@ def _guard_dimse_decoding() -> None:
     provider.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
-def _share_the_port() -> None:
-    """Several receiver processes listen on one port (``SO_REUSEPORT``; the kernel spreads
-    the connections). pynetdicom's ``server_bind`` sets only ``SO_REUSEADDR``: ours sets
-    both, then binds as it does."""
-    if getattr(ThreadedAssociationServer.server_bind, "_airouter_shared", False):
+_ADOPTED = threading.local()  # the listening socket a server being built takes
+
+
+def _adopt_listeners() -> None:
+    """Let a server take a listening socket made by the caller instead of binding one: the
+    node's processes accept from one socket, a queue they share. The process that calls
+    accept first takes the connection, and a process busy with its associations comes
+    second (its accepting thread waits for the GIL), so associations spread by load; with
+    ``SO_REUSEPORT`` the kernel hashed them over the processes, eight of ten on one and two
+    on the other. A shared socket is never shut down by one process (that would end it for
+    all): closing drops this process's descriptor only."""
+    if getattr(ThreadedAssociationServer.server_bind, "_airouter_adopts", False):
         return
-    original = ThreadedAssociationServer.server_bind
+    bind, activate = (
+        ThreadedAssociationServer.server_bind,
+        ThreadedAssociationServer.server_activate,
+    )
+    close = ThreadedAssociationServer.server_close
 
     def server_bind(self: Any) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        original(self)
+        sock = getattr(_ADOPTED, "sock", None)
+        if sock is None:
+            bind(self)
+            return
+        self.socket.close()
+        self.socket, self.server_address = sock, sock.getsockname()
+        self.airouter_shared = True
 
-    server_bind._airouter_shared = True  # type: ignore[attr-defined]
+    def server_activate(self: Any) -> None:
+        if not getattr(self, "airouter_shared", False):
+            activate(self)
+
+    def server_close(self: Any) -> None:
+        if getattr(self, "airouter_shared", False):
+            self.socket.close()
+        else:
+            close(self)
+
+    server_bind._airouter_adopts = True  # type: ignore[attr-defined]
     ThreadedAssociationServer.server_bind = server_bind  # type: ignore[method-assign]
+    ThreadedAssociationServer.server_activate = server_activate  # type: ignore[method-assign]
+    ThreadedAssociationServer.server_close = server_close  # type: ignore[method-assign]
 
 
 def _native_acceptor(
@@ -348,15 +377,16 @@ def start_dimse(
     tracker: AssociationTracker,
     incoming_dir: Path,
     extra: Sequence[ExtraService] = (),
+    listener: socket.socket | None = None,
 ) -> ThreadedAssociationServer:
     """Start listening (non-blocking); returns the server so the caller can shut it down.
 
     ``incoming_dir`` receives data sets while they arrive; it must lie on the spool's
-    filesystem so that storing one is a rename.
+    filesystem so that storing one is a rename. ``listener``: a listening socket to accept
+    from (shared by the node's processes, non-blocking) instead of binding one.
     """
     configure_pynetdicom(incoming_dir)
-    if settings.processes > 1:
-        _share_the_port()
+    _adopt_listeners()
     ae = build_ae(settings, extra)
     # socketserver's default listen backlog is 5: 100 connects took 15 s
     ThreadedAssociationServer.request_queue_size = settings.listen_backlog
@@ -367,9 +397,13 @@ def start_dimse(
         (evt.EVT_ABORTED, handle_end, [tracker]),
         (evt.EVT_CONN_CLOSE, handle_end, [tracker]),
     ]
-    server = ae.start_server(
-        (settings.dimse_host, settings.dimse_port), block=False, evt_handlers=handlers
-    )
+    _ADOPTED.sock = listener
+    try:
+        server = ae.start_server(
+            (settings.dimse_host, settings.dimse_port), block=False, evt_handlers=handlers
+        )
+    finally:
+        _ADOPTED.sock = None
     assert server is not None  # block=False returns the server
     gate = AssociationGate(
         settings.association_deadline_s, settings.max_pending_per_source, settings.max_pending

@@ -191,9 +191,9 @@ def test_a_node_starting_leaves_the_other_nodes_transfers_alone(tmp_path: Path) 
 
 
 def test_receiver_processes_share_the_port_and_end_with_the_node(tmp_path: Path) -> None:
-    """``scp.processes: 2``: a second process listens on the DIMSE port (SO_REUSEPORT); 16
-    parallel associations are spread over both by the kernel, every instance is stored and
-    indexed once, and the receiver ends with the node."""
+    """``scp.processes: 2``: a worker process accepts from the node's DIMSE socket; 16
+    parallel associations are spread over both (whichever is free takes the next), every
+    instance is stored and indexed once, and the worker ends with the node."""
     import os
     import subprocess
 
@@ -214,7 +214,9 @@ def test_receiver_processes_share_the_port_and_end_with_the_node(tmp_path: Path)
     store = Store(f"sqlite:///{node.data_dir / 'airouter.db'}")
     try:
         children = wait_for(lambda: _children(node.process.pid), 30, "the receiver process")
-        wait_for(lambda: _listeners(node.dimse_port) == 2, 60, "two listeners on the port")
+        # the worker answers HTTP once it serves DIMSE; both accept from the node's socket
+        wait_for(lambda: _listeners(node.http_port) == 2, 60, "the worker on the HTTP port")
+        assert _listeners(node.dimse_port) == 1
         files = fresh_copy(head_ct_files()[:48], tmp_path / "study")
         senders = [
             subprocess.Popen(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +29,7 @@ from airouter.app.shared import (
     build_ingest,
     claim_port,
     commitment_service,
+    dimse_listener,
     http_app,
     rule_check,
     shared_listener,
@@ -105,6 +107,7 @@ class Node:
         self._woken = threading.Event()  # SIGUSR1 from a worker process (see _waker)
         self._workers: list[threading.Thread] = []
         self.dimse: Any = None
+        self._dimse_socket: socket.socket | None = None
         self.processes: workers.Workers | None = None
         self.health = Health(
             self.store,
@@ -255,9 +258,14 @@ class Node:
         # SCP of the SOP class on an association they start: role selection).
         commitment = commitment_service(self.store)
         s = self.settings.scp
-        claim_port(s.dimse_host, s.dimse_port, "DIMSE")  # shared by our processes, no one else
+        self._dimse_socket = dimse_listener(s.dimse_host, s.dimse_port, s.listen_backlog)
         self.dimse = start_dimse(
-            self.settings.scp, self.ingest, self.tracker, self.settings.incoming_dir, [commitment]
+            s,
+            self.ingest,
+            self.tracker,
+            self.settings.incoming_dir,
+            [commitment],
+            self._dimse_socket,
         )
 
     def _schedule(self) -> None:
@@ -341,10 +349,10 @@ class Node:
         self._start_triton()
         self._start_dimse()
         if self.settings.scp.processes > 1:
-            assert self._client is not None
+            assert self._client is not None and self._dimse_socket is not None
             self.processes = workers.Workers(
                 self.settings,
-                self.dimse.server_address[1],
+                self._dimse_socket,
                 http_port,
                 self._client.url,
                 self.triton.pid_path if self.triton else None,

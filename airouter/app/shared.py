@@ -150,8 +150,9 @@ def http_app(
 def claim_port(host: str, port: int, what: str) -> None:
     """Raise :class:`ConfigError` when something already listens on ``host:port``.
 
-    The node's processes share their ports with ``SO_REUSEPORT``, which would as gladly share
-    them with another program of the same user (a second node started on the same port): the
+    The node's processes share the HTTP port with ``SO_REUSEPORT`` (HTTP requests are short
+    and many: the kernel's hashing spreads them well enough), which would as gladly share it
+    with another program of the same user (a second node started on the same port): the
     kernel would split the connections between the two, and neither would say so. The first
     process binds without the option first, which fails while anyone listens there."""
     if port == 0:
@@ -166,6 +167,31 @@ def claim_port(host: str, port: int, what: str) -> None:
                 f"{what} port {port} on {host or '*'} is taken ({exc.strerror}): another "
                 "node or program listens there"
             ) from exc
+
+
+def dimse_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """The DIMSE port's listening socket, made by the node and inherited by its worker
+    processes, which all accept from it (see ``scp.server``): non-blocking, so that a
+    process another beat to a connection goes back to waiting. Bound without
+    ``SO_REUSEPORT``: a port another program holds is refused."""
+    family, kind, proto, _, address = _address(host, port)
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"DIMSE port {port} on {host or '*'} is taken ({exc.strerror}): another node or "
+            "program listens there"
+        ) from exc
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
 
 
 def shared_listener(host: str, port: int, backlog: int) -> socket.socket:

@@ -1,10 +1,12 @@
 """Worker processes on the node's ports, so that parallel associations and HTTP requests use
 every core (one Python process is held to one by the GIL).
 
-The node (``airouter serve --workers N``) starts N-1 worker processes. Each listens on the
-same DIMSE and HTTP ports with ``SO_REUSEPORT`` (the kernel spreads new connections over the
-listeners), stores and indexes what it receives exactly as the node does (durable before
-``0x0000``, over DIMSE or STOW-RS), and records the studies it is receiving in the shared
+The node (``airouter serve --workers N``) starts N-1 worker processes. Each accepts DIMSE
+associations from the node's listening socket, which it inherits (whichever process is free
+first takes a connection, so associations spread by load), listens on the HTTP port too with
+``SO_REUSEPORT`` (the kernel spreads new connections over the listeners), stores and
+indexes what it receives exactly as the node does (durable before ``0x0000``, over DIMSE or
+STOW-RS), and records the studies it is receiving in the shared
 ``transfers`` table under a lease of its own, so that the node's completion sees them. Its
 HTTP answers are the node's: the same application on the same database, its own probe of
 Triton and the same rules (reloaded from their files); a retry it accepts wakes the node's
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -51,6 +54,7 @@ from scp.server import start_dimse
 log = logging.getLogger(__name__)
 
 SETTINGS_ENV = "AIROUTER_WORKER_SETTINGS"
+DIMSE_FD_ENV = "AIROUTER_WORKER_DIMSE_FD"  # the node's DIMSE listening socket, inherited
 TRITON_PID_ENV = "AIROUTER_WORKER_TRITON_PID"  # the file where the node's Triton pid is
 RULES_ENV = "AIROUTER_WORKER_RULES_IN_FORCE"  # the node's copy of the rules in force
 WAKE = signal.SIGUSR1  # worker -> node: a job or a delivery is due now
@@ -61,6 +65,7 @@ RESTART_EVERY_S = 5.0
 class _Worker:
     name: str
     env: dict[str, str]
+    fd: int
     process: subprocess.Popen[bytes] | None = None
     started: float = field(default=0.0)
 
@@ -76,7 +81,7 @@ class Workers:
     def __init__(
         self,
         settings: Settings,
-        dimse_port: int,
+        dimse: socket.socket,
         http_port: int,
         triton_url: str,
         triton_pid_file: Path | None,
@@ -86,13 +91,14 @@ class Workers:
         for k in range(1, settings.scp.processes):
             child = settings.model_copy(deep=True)
             child.node_name = f"{settings.node_name}-r{k}"
-            child.scp.dimse_port = dimse_port
+            child.scp.dimse_port = dimse.getsockname()[1]
             child.http.port = http_port
             child.inference.triton_url = triton_url  # the node's server, never one of its own
             env = {**os.environ, SETTINGS_ENV: child.model_dump_json()}
             env[TRITON_PID_ENV] = str(triton_pid_file or "")
             env[RULES_ENV] = str(rules)
-            self._workers.append(_Worker(child.node_name, env))
+            env[DIMSE_FD_ENV] = str(dimse.fileno())
+            self._workers.append(_Worker(child.node_name, env, dimse.fileno()))
         self._stopping = False
 
     def start(self) -> None:
@@ -102,7 +108,7 @@ class Workers:
 
     def _launch(self, worker: _Worker) -> None:
         worker.process = subprocess.Popen(
-            [sys.executable, "-m", "airouter.app.workers"], env=worker.env
+            [sys.executable, "-m", "airouter.app.workers"], env=worker.env, pass_fds=[worker.fd]
         )
         worker.started = time.monotonic()
         log.info("worker %s started (pid %s)", worker.name, worker.process.pid)
@@ -151,7 +157,7 @@ def _read_pid(path: str) -> int | None:
         return None
 
 
-def run(settings: Settings, triton_pid_file: str, rules: Path) -> None:
+def run(settings: Settings, triton_pid_file: str, rules: Path, dimse: socket.socket) -> None:
     """One worker process: DIMSE and HTTP on the shared ports until SIGTERM or the node is
     gone."""
     store = Store(settings.db_url, settings.scp.sync_index_commits)
@@ -177,12 +183,13 @@ def run(settings: Settings, triton_pid_file: str, rules: Path) -> None:
         lambda: _read_pid(triton_pid_file),
     )
     app = http_app(settings, store, health, ingest, tracker, ruleset, lambda: os.kill(parent, WAKE))
+    dimse_server = start_dimse(
+        settings.scp, ingest, tracker, settings.incoming_dir, [commitment_service(store)], dimse
+    )
+    # HTTP last: a worker that answers HTTP serves DIMSE already
     sock = shared_listener(settings.http.host, settings.http.port, settings.scp.listen_backlog)
     server = uvicorn.Server(
         uvicorn.Config(app, log_level="warning", log_config=None, lifespan="off")
-    )
-    dimse = start_dimse(
-        settings.scp, ingest, tracker, settings.incoming_dir, [commitment_service(store)]
     )
 
     def keep_alive() -> None:
@@ -205,7 +212,7 @@ def run(settings: Settings, triton_pid_file: str, rules: Path) -> None:
         server.run(sockets=[sock])
     finally:
         server.should_exit = True
-        dimse.shutdown()
+        dimse_server.shutdown()
         log.info("worker %s stopped", identity.name)
 
 
@@ -216,7 +223,8 @@ def main() -> None:
     settings = Settings.model_validate(json.loads(os.environ[SETTINGS_ENV]))
     configure_logging(settings)
     try:
-        run(settings, os.environ.get(TRITON_PID_ENV, ""), Path(os.environ[RULES_ENV]))
+        dimse = socket.socket(fileno=int(os.environ[DIMSE_FD_ENV]))
+        run(settings, os.environ.get(TRITON_PID_ENV, ""), Path(os.environ[RULES_ENV]), dimse)
     except ConfigError as exc:
         log.error("worker %s cannot start: %s", settings.node_name, exc)
         sys.exit(2)

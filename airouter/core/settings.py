@@ -160,7 +160,7 @@ class ScpSettings(_Strict):
     dimse_host: str = "0.0.0.0"
     dimse_port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=16, ge=1)  # per process
-    # Processes sharing the DIMSE and HTTP ports (SO_REUSEPORT): parallel associations and
+    # Processes sharing the DIMSE and HTTP ports: parallel associations and
     # HTTP requests use that many cores (`airouter serve --workers N`; default: one per
     # core, each about 150 MB); the node itself is the first.
     processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)

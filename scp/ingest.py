@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -245,6 +246,11 @@ class Ingest:
                     return self._stored(a)
                 return self._duplicate(study_uid, sop_uid)
             try:
+                if self._writer_lock is not None:
+                    with self._writer():
+                        quick = self._sqlite_rows(a, place=False)
+                    if quick is not None:
+                        return quick
                 known, stored = self._one_trip(a)
                 if not (known or stored):
                     known = not self._index_now(a)
@@ -255,6 +261,10 @@ class Ingest:
                 raise
             return self._duplicate(study_uid, sop_uid) if known else self._stored(a)
         # SQLite, alone in this process: the statements run while the data set's fsync does
+        with self._writer():
+            quick = self._sqlite_rows(a, place=True)
+        if quick is not None:
+            return quick
         placed = False
         try:
             with self._writer(), self.store.engine.begin() as conn:
@@ -273,6 +283,45 @@ class Ingest:
             if placed:
                 a.path.unlink(missing_ok=True)  # ours (placed just now): its commit failed
             raise
+        return self._stored(a)
+
+    def _sqlite_rows(self, a: _Arrival, place: bool) -> Outcome | None:
+        """SQLite, the common case (the study receiving, the series indexed), on the DBAPI
+        connection: SQLAlchemy's statement machinery took 0.85 ms of the 1.0 an instance's
+        rows cost. With ``place`` the file is placed (its fsync awaited) before the commit.
+        None when it is not the common case: nothing was written, nothing placed. The
+        caller holds the writer's lock."""
+        study_uid, series_uid, sop_uid, _, filled = a.ids
+        if filled:
+            return None  # an event row too: the full path
+        now = utcnow()
+        raw = self.store.engine.raw_connection()
+        placed = False
+        try:
+            cur = raw.cursor()
+            if cur.execute(_RAW.known, (sop_uid,)).fetchone() is not None:
+                return self._duplicate(study_uid, sop_uid)
+            cur.execute(_RAW.touch, _RAW.touch_values(study_uid, now))
+            if cur.rowcount != 1 or cur.execute(_RAW.series, (series_uid,)).fetchone() is None:
+                raw.rollback()
+                return None
+            cur.execute(_RAW.insert, _RAW.instance_values(a.instance_row(self.node_name, now)))
+            if place:
+                placed = self._place(a)
+                if not placed:  # see the full path below
+                    log.warning("spool file of %s lacked its index row: indexed", sop_uid)
+                    cur.execute(_RAW.size, (a.path.stat().st_size, sop_uid))
+            raw.commit()
+        except sqlite3.IntegrityError as exc:
+            raw.rollback()
+            raise IntegrityError(_RAW.insert, None, exc) from exc  # as SQLAlchemy's would
+        except BaseException:
+            raw.rollback()
+            if placed:
+                a.path.unlink(missing_ok=True)  # ours (placed just now): its commit failed
+            raise
+        finally:
+            raw.close()  # back to the pool
         return self._stored(a)
 
     @staticmethod
@@ -443,6 +492,46 @@ class _Arrival:
             "source": received.source,
             "received_by": node_name,
         }
+
+
+class _RawStatements:
+    """The common case's index statements as SQLite text, with the values converted as the
+    columns' SQLAlchemy types convert them (dates as text, enums by name)."""
+
+    def __init__(self) -> None:
+        from sqlalchemy.dialects import sqlite as dialect
+
+        d = dialect.dialect()
+        self.columns = [c.name for c in _INSTANCES.columns if c.name != "id"]
+        self._processors = [_INSTANCES.c[c].type.bind_processor(d) for c in self.columns]
+        self._date = _STUDIES.c.last_received_at.type.bind_processor(d)
+        state = _STUDIES.c.state.type.bind_processor(d)
+        self._receiving = state(StudyState.RECEIVING) if state else StudyState.RECEIVING.name
+        self.known = "SELECT id FROM instances WHERE sop_instance_uid = ?"
+        self.touch = (
+            "UPDATE studies SET interrupted_at = NULL, last_received_at = ? "
+            "WHERE study_uid = ? AND state = ?"
+        )
+        self.series = "SELECT 1 FROM series WHERE series_uid = ?"
+        self.insert = (
+            f"INSERT INTO instances ({', '.join(self.columns)}) "
+            f"VALUES ({', '.join('?' * len(self.columns))})"
+        )
+        self.size = "UPDATE instances SET size = ? WHERE sop_instance_uid = ?"
+
+    def touch_values(self, study_uid: str, now: datetime) -> tuple[Any, ...]:
+        """The parameters of :attr:`touch`."""
+        return (self._date(now) if self._date else now, study_uid, self._receiving)
+
+    def instance_values(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        """The parameters of :attr:`insert` for an instance row."""
+        return tuple(
+            p(row.get(c)) if p else row.get(c)
+            for c, p in zip(self.columns, self._processors, strict=True)
+        )
+
+
+_RAW = _RawStatements()
 
 
 class _WriterLock:

@@ -88,3 +88,49 @@ def test_a_new_series_is_indexed_from_its_whole_header(tmp_path: Path, database_
     assert series.tags.get("Manufacturer") == str(whole.Manufacturer)
     assert series.modality == "CT"
     assert numbers == sorted(int(pydicom.dcmread(f).InstanceNumber) for f in files)
+
+
+def test_the_quick_sqlite_path_writes_the_rows_the_full_path_writes(tmp_path: Path) -> None:
+    """On SQLite the common case (study receiving, series indexed) is written on the DBAPI
+    connection; its rows must be what SQLAlchemy writes: every column, dates as the same text,
+    enums by name, the study touched. The first instance takes the full path (new study and
+    series), the others the quick one, alone in the process and with another in flight."""
+    import sqlite3
+
+    from airouter.core.db import Study
+    from scp.ingest import _RAW
+
+    database = tmp_path / "a.db"
+    ingest = _ingest(tmp_path, f"sqlite:///{database}")
+    files = head_ct_files()[:4]
+    assert {c.name for c in Instance.__table__.columns} - {"id"} == set(_RAW.columns)
+    assert _store(ingest, files[0], tmp_path, "0.dcm").status == StoreStatus.SUCCESS
+    with ingest.store.session() as s:
+        (study,) = s.scalars(select(Study)).all()
+        opened = study.last_received_at
+    assert _store(ingest, files[1], tmp_path, "1.dcm").status == StoreStatus.SUCCESS
+    with ingest._counted():  # another instance in flight: the file first, then the rows
+        assert _store(ingest, files[2], tmp_path, "2.dcm").status == StoreStatus.SUCCESS
+    again = _store(ingest, files[2], tmp_path, "2b.dcm")
+    assert (again.status, again.reason) == (StoreStatus.SUCCESS, "duplicate")
+    assert _store(ingest, files[3], tmp_path, "3.dcm").status == StoreStatus.SUCCESS
+    with sqlite3.connect(database) as raw:
+        rows = raw.execute(
+            "SELECT typeof(received_at), length(received_at), source, received_by IS NULL, "
+            "calling_ae, transfer_syntax, typeof(size), typeof(instance_number) "
+            "FROM instances ORDER BY id"
+        ).fetchall()
+    assert len(rows) == 4 and len(set(rows)) == 1, rows  # the full path's row, three times
+    with ingest.store.session() as s:
+        instances = s.scalars(select(Instance).order_by(Instance.id)).all()
+        assert [i.sop_instance_uid for i in instances] == [
+            str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files
+        ]
+        assert all(i.size == f.stat().st_size for i, f in zip(instances, files, strict=True))
+        assert [i.instance_number for i in instances] == [
+            int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber) for f in files
+        ]
+        (study,) = s.scalars(select(Study)).all()
+        assert study.last_received_at > opened  # touched by the quick path
+        assert instances[-1].received_at >= instances[0].received_at
+    assert len(list((tmp_path / "spool").rglob("*.dcm"))) == 4

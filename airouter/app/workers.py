@@ -200,10 +200,13 @@ def run(settings: Settings, triton_pid_file: str, rules: Path, dimse: socket.soc
                 log.warning("worker %s: the node is gone, stopping", identity.name)
                 server.should_exit = True
                 break
-            ruleset.check()
-            if time.monotonic() - last_beat >= identity.lease_s / 3:
-                heartbeat(store, identity)
-                last_beat = time.monotonic()
+            try:
+                ruleset.check()
+                if time.monotonic() - last_beat >= identity.lease_s / 3:
+                    heartbeat(store, identity)
+                    last_beat = time.monotonic()
+            except Exception:  # the database away a moment: try again, never stop renewing
+                log.exception("worker %s: rules check or heartbeat failed", identity.name)
 
     threading.Thread(target=keep_alive, name="keep-alive", daemon=True).start()
     # uvicorn re-raises SIGTERM after its own shutdown: an exception, so ``finally`` runs

@@ -89,11 +89,6 @@ WITH known AS (
 SELECT EXISTS (SELECT 1 FROM known), EXISTS (SELECT 1 FROM inserted)
 """
 )
-_SIZE = (
-    update(_INSTANCES)
-    .where(_INSTANCES.c.sop_instance_uid == bindparam("sop"))
-    .values(size=bindparam("new_size"))
-)
 _RESENT = (
     update(_STUDIES)
     .where(_STUDIES.c.study_uid == bindparam("uid"), _STUDIES.c.interrupted_at.is_not(None))
@@ -234,56 +229,38 @@ class Ingest:
         writer's lock only for its statements, so that the associations' fsyncs overlap
         instead of taking turns under the lock. On PostgreSQL, always the latter."""
         study_uid, _, sop_uid = a.ids[:3]
-        if self._writer_lock is None or not alone:
-            # a round trip (PostgreSQL) or the writer's lock (SQLite) costs more than the
-            # work: place the file, then index it
-            if not self._place(a):
-                # indexed already, or a copy another node placed a moment ago (it indexes
-                # it), or a file a crash left without its row (indexed here, as it is)
-                a.size = a.path.stat().st_size
-                if self._index_now(a):
-                    log.warning("spool file of %s lacked its index row: indexed", sop_uid)
-                    return self._stored(a)
-                return self._duplicate(study_uid, sop_uid)
-            try:
-                if self._writer_lock is not None:
-                    with self._writer():
-                        quick = self._sqlite_rows(a, place=False)
-                    if quick is not None:
-                        return quick
-                known, stored = self._one_trip(a)
-                if not (known or stored):
-                    known = not self._index_now(a)
-            except IntegrityError:
-                raise  # indexed by another at the same moment: the file is the instance's
-            except BaseException:
-                a.path.unlink(missing_ok=True)  # ours (placed just now): its index failed
-                raise
-            return self._duplicate(study_uid, sop_uid) if known else self._stored(a)
-        # SQLite, alone in this process: the statements run while the data set's fsync does
-        with self._writer():
-            quick = self._sqlite_rows(a, place=True)
-        if quick is not None:
-            return quick
-        placed = False
+        if self._writer_lock is not None and alone:
+            # SQLite, alone in this process: the statements run while the data set's fsync
+            # does (a new study or series, or an event to write, takes the path below)
+            with self._writer():
+                quick = self._sqlite_rows(a, place=True)
+            if quick is not None:
+                return quick
+        # a round trip (PostgreSQL) or the writer's lock (SQLite) costs more than the work:
+        # place the file, then index it
+        if not self._place(a):
+            # indexed already, or a copy another node placed a moment ago (it indexes it),
+            # or a file a crash left without its row (indexed here, as it is)
+            a.size = a.path.stat().st_size
+            if self._index_now(a):
+                log.warning("spool file of %s lacked its index row: indexed", sop_uid)
+                return self._stored(a)
+            return self._duplicate(study_uid, sop_uid)
         try:
-            with self._writer(), self.store.engine.begin() as conn:
-                if conn.execute(_INSTANCE_KNOWN, {"sop": sop_uid}).first() is not None:
-                    return self._duplicate(study_uid, sop_uid, conn)
-                self._rows(conn, a)
-                placed = self._place(a)
-                if not placed:
-                    # no row, and the write lock is ours: a file a crash left without its
-                    # row. It is the instance as first received: indexed as it is.
-                    log.warning("spool file of %s lacked its index row: indexed", sop_uid)
-                    conn.execute(_SIZE, {"sop": sop_uid, "new_size": a.path.stat().st_size})
+            if self._writer_lock is not None:
+                with self._writer():
+                    quick = self._sqlite_rows(a, place=False)
+                if quick is not None:
+                    return quick
+            known, stored = self._one_trip(a)
+            if not (known or stored):
+                known = not self._index_now(a)
         except IntegrityError:
             raise  # indexed by another at the same moment: the file is the instance's
         except BaseException:
-            if placed:
-                a.path.unlink(missing_ok=True)  # ours (placed just now): its commit failed
+            a.path.unlink(missing_ok=True)  # ours (placed just now): its index failed
             raise
-        return self._stored(a)
+        return self._duplicate(study_uid, sop_uid) if known else self._stored(a)
 
     def _sqlite_rows(self, a: _Arrival, place: bool) -> Outcome | None:
         """SQLite, the common case (the study receiving, the series indexed), on the DBAPI
@@ -308,7 +285,7 @@ class Ingest:
             cur.execute(_RAW.insert, _RAW.instance_values(a.instance_row(self.node_name, now)))
             if place:
                 placed = self._place(a)
-                if not placed:  # see the full path below
+                if not placed:  # no row, and the writer's lock is ours: a file a crash left
                     log.warning("spool file of %s lacked its index row: indexed", sop_uid)
                     cur.execute(_RAW.size, (a.path.stat().st_size, sop_uid))
             raw.commit()
@@ -347,14 +324,10 @@ class Ingest:
     def _stored(a: _Arrival) -> Outcome:
         return Outcome(StoreStatus.SUCCESS, "", a.ids[0], a.ids[2])
 
-    def _duplicate(self, study_uid: str, sop_uid: str, conn: Connection | None = None) -> Outcome:
+    def _duplicate(self, study_uid: str, sop_uid: str) -> Outcome:
         log.info("duplicate SOP Instance UID %s: already stored", sop_uid)
-        resent = {"uid": study_uid, "last_received_at": utcnow()}
-        if conn is not None:  # a resend after a crash: see _upsert_study
-            conn.execute(_RESENT, resent)
-        else:
-            with self.store.engine.begin() as own:
-                own.execute(_RESENT, resent)
+        with self.store.engine.begin() as conn:  # a resend after a crash: see _upsert_study
+            conn.execute(_RESENT, {"uid": study_uid, "last_received_at": utcnow()})
         return Outcome(StoreStatus.SUCCESS, "duplicate", study_uid, sop_uid)
 
     def _one_trip(self, a: _Arrival) -> tuple[bool, bool]:
@@ -526,8 +499,7 @@ class _RawStatements:
     def instance_values(self, row: dict[str, Any]) -> tuple[Any, ...]:
         """The parameters of :attr:`insert` for an instance row."""
         return tuple(
-            p(row.get(c)) if p else row.get(c)
-            for c, p in zip(self.columns, self._processors, strict=True)
+            p(row[c]) if p else row[c] for c, p in zip(self.columns, self._processors, strict=True)
         )
 
 

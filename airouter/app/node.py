@@ -338,8 +338,12 @@ class Node:
             if self._stop.is_set():
                 return
             self._woken.clear()
-            self.wake_workers()
-            self.wake_dispatch()
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        """A retry was queued (a job or a delivery): the job workers and dispatch look now."""
+        self.wake_workers()
+        self.wake_dispatch()
 
     def start(self, http_port: int) -> None:
         """Recover, then start Triton, DIMSE, the worker processes (which serve HTTP on
@@ -370,13 +374,14 @@ class Node:
 
     def serve_forever(self) -> None:
         """Run the HTTP server in the foreground until Ctrl-C / SIGTERM, then stop everything."""
-
-        def wake() -> None:
-            self.wake_workers()
-            self.wake_dispatch()
-
         app = http_app(
-            self.settings, self.store, self.health, self.ingest, self.tracker, self.ruleset, wake
+            self.settings,
+            self.store,
+            self.health,
+            self.ingest,
+            self.tracker,
+            self.ruleset,
+            self._wake_all,
         )
         http = self.settings.http
         # log_config=None: uvicorn's records go through the root handlers (one format, and

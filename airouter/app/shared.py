@@ -163,10 +163,7 @@ def claim_port(host: str, port: int, what: str) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
-            raise ConfigError(
-                f"{what} port {port} on {host or '*'} is taken ({exc.strerror}): another "
-                "node or program listens there"
-            ) from exc
+            raise _taken(what, host, port, exc) from exc
 
 
 def dimse_listener(host: str, port: int, backlog: int) -> socket.socket:
@@ -174,21 +171,7 @@ def dimse_listener(host: str, port: int, backlog: int) -> socket.socket:
     processes, which all accept from it (see ``scp.server``): non-blocking, so that a
     process another beat to a connection goes back to waiting. Bound without
     ``SO_REUSEPORT``: a port another program holds is refused."""
-    family, kind, proto, _, address = _address(host, port)
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(address)
-        sock.listen(backlog)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(
-            f"DIMSE port {port} on {host or '*'} is taken ({exc.strerror}): another node or "
-            "program listens there"
-        ) from exc
+    sock = _listen(host, port, backlog, reuse_port=False, what="DIMSE")
     sock.setblocking(False)
     sock.set_inheritable(True)
     return sock
@@ -197,11 +180,16 @@ def dimse_listener(host: str, port: int, backlog: int) -> socket.socket:
 def shared_listener(host: str, port: int, backlog: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` that the node's other processes may open too
     (``SO_REUSEPORT``: the kernel spreads new connections over them)."""
+    return _listen(host, port, backlog, reuse_port=True, what="HTTP")
+
+
+def _listen(host: str, port: int, backlog: int, reuse_port: bool, what: str) -> socket.socket:
     family, kind, proto, _, address = _address(host, port)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             with contextlib.suppress(OSError):  # "::" serves IPv4 too, as uvicorn's own
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -209,8 +197,15 @@ def shared_listener(host: str, port: int, backlog: int) -> socket.socket:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {host or '*'}:{port}: {exc.strerror}") from exc
+        raise _taken(what, host, port, exc) from exc
     return sock
+
+
+def _taken(what: str, host: str, port: int, exc: OSError) -> ConfigError:
+    return ConfigError(
+        f"{what} port {port} on {host or '*'} is taken ({exc.strerror}): another node or "
+        "program listens there"
+    )
 
 
 def _address(host: str, port: int) -> Any:

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb openssl postgresql
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb openssl postgresql chromium chromium-driver prometheus
 SOURCES := airouter scp router inference encoders dispatch tests bench
 
 .PHONY: all install system-deps run test lint typecheck unit clean
@@ -16,7 +16,8 @@ all: install
 system-deps:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
 	    || ! command -v Orthanc >/dev/null || ! command -v openssl >/dev/null \
-	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
+	    || ! command -v chromedriver >/dev/null || ! command -v prometheus >/dev/null; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(APT_PACKAGES); \
 	fi
@@ -30,7 +31,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[triton,dev]'
 	touch $(STAMP)
 
-install: system-deps $(STAMP)
+# The dashboard's one script, htmx, from npm (pinned), served by the node itself: the pages
+# work offline in a hospital network. Not committed: installed here, like the pip packages.
+HTMX_VERSION := 2.0.11
+HTMX := airouter/app/web/static/vendor/htmx.min.js
+$(HTMX):
+	rm -rf .npm-vendor && mkdir -p .npm-vendor $(dir $(HTMX))
+	cd .npm-vendor && npm install --no-save --no-audit --no-fund --silent htmx.org@$(HTMX_VERSION)
+	cp .npm-vendor/node_modules/htmx.org/dist/htmx.min.js $(HTMX)
+	rm -rf .npm-vendor
+
+install: system-deps $(STAMP) $(HTMX)
 
 run: install
 	$(VENV)/bin/airouter serve

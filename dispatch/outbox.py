@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from airouter.core import metrics
 from airouter.core.db import Delivery, Instance, Job, Output, Series, Store, Study, utcnow
 from airouter.core.leases import Identity
 from airouter.core.settings import RETURN_TO_SENDER, DicomNode, DispatchSettings
@@ -226,11 +227,15 @@ class Dispatcher:
                         .where(Delivery.id.in_([i for i, _ in items]))
                         .values(transaction_uid=transaction, commitment=CommitmentState.PENDING)
                     )
+            t0 = time.perf_counter()
             try:
                 answers = send(node, items, self.settings, commitments, transaction)
             except Exception as exc:  # a sender bug must not stop the other destinations
                 log.exception("sending to %s failed", destination)
                 answers = [(i, False, f"internal error: {exc}") for i, _ in items]
+            each = (time.perf_counter() - t0) / max(1, len(items))
+            for _, ok, _ in answers:
+                metrics.SEND_SECONDS.labels(destination, "sent" if ok else "failed").observe(each)
             for delivery_id, ok, answer in answers:
                 self._record(delivery_id, ok, answer, transaction_uid=commitments.get(delivery_id))
         self._finish_jobs()
@@ -280,6 +285,9 @@ class Dispatcher:
                 d.last_status = f"{answer}; but storage commitment failed"
             elif ok:
                 d.state = DeliveryState.SENT
+                if d.created_at is not None:
+                    latency = max(0.0, (d.updated_at - d.created_at).total_seconds())
+                    metrics.DELIVERY_SECONDS.labels(d.destination).observe(latency)
             elif final or d.attempts >= self.settings.max_attempts:
                 d.state = DeliveryState.DEAD
             else:
@@ -309,7 +317,10 @@ class Dispatcher:
                     job.finished_at = utcnow()
                     started = job.timings.get("dispatch_started_at")
                     if started is not None:
-                        job.timings = {**job.timings, "dispatch_s": round(time.time() - started, 3)}
+                        took = round(time.time() - started, 3)
+                        job.timings = {**job.timings, "dispatch_s": took}
+                        metrics.observe_stages({"dispatch_s": took}, list(job.models or []))
                 else:
                     continue
+                metrics.observe_job(job.rule, job.state.value, job.started_at, job.finished_at)
                 log.info("job %s: %s", job.id, job.state.value)

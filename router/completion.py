@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from airouter.core import metrics
 from airouter.core.db import Event, Series, Store, Study, instance_counts, utcnow
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import DeadlineAction, Source, StudyState
@@ -95,6 +96,8 @@ class CompletionMonitor:
                     continue
                 study.state = StudyState.COMPLETE
                 study.completed_at = now
+                waited = max(0.0, (now - study.last_received_at).total_seconds())
+                metrics.COMPLETION_WAIT.labels(reason).observe(waited)
                 s.add(Event(kind="study_complete", study_uid=study.study_uid, detail=reason))
                 if reason == "deadline" and self.policy.deadline_action is DeadlineAction.DISCARD:
                     s.add(

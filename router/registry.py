@@ -147,6 +147,7 @@ class RuleSet:
                     "fallback": r.fallback,
                     "models": r.models,
                     "destinations": r.destinations,
+                    "file": r.file,
                 }
                 for r in self._rules
             ],

@@ -18,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -258,6 +259,12 @@ class Rule(_KeywordMatch):
     # Once every required series is present (and the senders are done), the study completes
     # without waiting for the quiet period.
     require_series: list[RequiredSeries] = Field(default_factory=list)
+    _file: str = PrivateAttr(default="")  # the file it was loaded from
+
+    @property
+    def file(self) -> str:
+        """The rule file it was loaded from ("" for rules parsed from text)."""
+        return self._file
 
     @field_validator("outputs")
     @classmethod
@@ -337,7 +344,10 @@ def load_rule_file(path: Path) -> list[Rule]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RuleError(f"{path}: {exc}") from exc
-    return parse_rules(text, str(path))
+    rules = parse_rules(text, str(path))
+    for rule in rules:
+        rule._file = str(path)
+    return rules
 
 
 def load_rules(directory: Path) -> list[Rule]:

@@ -24,6 +24,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from sqlalchemy import Connection, Table, bindparam, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from airouter.core import metrics
 from airouter.core.db import Event, Instance, Series, Store, Study, utcnow
 from airouter.core.phi import REGISTRY
 from airouter.core.spool import InvalidUID, check_uid, instance_path, place_durable, write_durable
@@ -116,6 +117,18 @@ class Received:
     synced: Future[int] | None = None
 
 
+def count_outcome(status: StoreStatus, received: Received, size: int = 0) -> None:
+    """Count an instance stored (``size`` new bytes) or refused (Prometheus,
+    ``airouter.core.metrics``)."""
+    ae, source = received.calling_ae or "", received.source.value
+    if status == StoreStatus.SUCCESS:
+        metrics.INSTANCES_RECEIVED.labels(ae, source).inc()
+        if size:
+            metrics.BYTES_RECEIVED.labels(source).inc(size)
+    else:
+        metrics.INSTANCES_REFUSED.labels(ae, source, f"{int(status):04X}").inc()
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What the ingest answers for one instance: the status to send and why."""
@@ -157,6 +170,22 @@ class Ingest:
             check_inflation(source, self.max_inflated_bytes)
 
     def store_instance(
+        self,
+        ds: Dataset,
+        received: Received,
+        full_header: Callable[[], Dataset] | None = None,
+    ) -> Outcome:
+        """Persist and index one instance (see :meth:`_store_instance`), counted in the
+        metrics."""
+        try:
+            size = received.path.stat().st_size if received.path else len(received.data or b"")
+        except OSError:
+            size = 0
+        outcome = self._store_instance(ds, received, full_header)
+        count_outcome(outcome.status, received, 0 if outcome.reason == "duplicate" else size)
+        return outcome
+
+    def _store_instance(
         self,
         ds: Dataset,
         received: Received,

@@ -42,6 +42,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import negotiate_unrestricted
 
+from airouter.core import metrics
+
 log = logging.getLogger(__name__)
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -174,9 +176,12 @@ class NativeAcceptor:
                 return
             total = len(self._open) + others
             self._open[id(assoc)] = (client_address[0], sock)
+        gauge = metrics.OPEN_ASSOCIATIONS.labels("native", "no")
+        gauge.inc()
         try:
             assoc.run(over_limit=total >= self.limits.max_associations)
         finally:
+            gauge.dec()
             with self._lock:
                 self._open.pop(id(assoc), None)
             self.on_end(id(assoc))

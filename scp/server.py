@@ -35,12 +35,13 @@ from pynetdicom import (
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from airouter.core import metrics
 from airouter.core.settings import ScpSettings
 from airouter.core.spool import fsync_file
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import StoreStatus
 from scp.header import index_header
-from scp.ingest import Ingest, Outcome, Received
+from scp.ingest import Ingest, Outcome, Received, count_outcome
 from scp.limits import TooLarge
 from scp.native import NativeAcceptor, NativeLimits, StoreRequest
 from scp.transport import UNLIMITED_PDU_CAP, AssociationGate, guard_connections
@@ -103,8 +104,10 @@ def store_received(
             ds, full = whole_header(), None
     except TooLarge as exc:
         outcome = Outcome(StoreStatus.OUT_OF_RESOURCES, str(exc))
+        count_outcome(outcome.status, Received("", calling_ae=request.calling_ae))
     except Exception as exc:
         log.warning("assoc %s: cannot decode data set: %s", request.label, exc)
+        count_outcome(StoreStatus.CANNOT_UNDERSTAND, Received("", calling_ae=request.calling_ae))
         return StoreStatus.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}"
     else:
         received = Received(
@@ -148,11 +151,25 @@ def _status(status: StoreStatus, reason: str) -> Dataset:
     return ds
 
 
+_COUNTED = "airouter_counted"  # the gauge of open associations an association counts in
+
+
+def handle_established(event: Any, tls: bool) -> None:
+    """EVT_ESTABLISHED: one more association open (the metrics)."""
+    gauge = metrics.OPEN_ASSOCIATIONS.labels("pynetdicom", "yes" if tls else "no")
+    setattr(event.assoc, _COUNTED, gauge)
+    gauge.inc()
+
+
 def handle_end(event: Any, tracker: AssociationTracker) -> None:
     """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: the association's studies may complete,
     and the temporary file of a data set cut off mid-transfer is removed (never
     acknowledged, it would stay in the incoming folder until the next start)."""
     tracker.end(id(event.assoc))
+    gauge = getattr(event.assoc, _COUNTED, None)
+    if gauge is not None:  # once, whichever of the events comes first
+        setattr(event.assoc, _COUNTED, None)
+        gauge.dec()
     _discard_partial(event.assoc)
 
 
@@ -393,6 +410,7 @@ def start_dimse(
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ingest, tracker]),
         *[(x.event, x.handler, list(x.args)) for x in extra],
+        (evt.EVT_ESTABLISHED, handle_established, [False]),
         (evt.EVT_RELEASED, handle_end, [tracker]),
         (evt.EVT_ABORTED, handle_end, [tracker]),
         (evt.EVT_CONN_CLOSE, handle_end, [tracker]),

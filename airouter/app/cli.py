@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 from airouter.core.phi import guard
 from airouter.core.settings import ConfigError, Settings, load_settings
 from airouter.core.vocab import DeliveryState, StoreStatus, status_text
+
+TOKEN_HELP = "a bearer token (airouter tokens create; AIROUTER_TOKEN)"
 
 
 def configure_logging(settings: Settings) -> None:
@@ -113,12 +116,34 @@ def _send(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 3
 
 
-def _post(url: str) -> int:
+def _request(url: str, token: str | None, method: str = "GET") -> Any:
+    """A request to the node's API, with the bearer token if one is given (--token or
+    AIROUTER_TOKEN; needed once the node has users)."""
+    import urllib.request
+
+    request = urllib.request.Request(url, method=method)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    return request
+
+
+def _get(url: str, token: str | None) -> Any:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(_request(url, token), timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise ConfigError(f"{url}: {json.load(exc).get('error')}") from exc
+
+
+def _post(url: str, token: str | None = None) -> int:
     """POST to the node's API; print its answer, or its error on stderr (exit status 1)."""
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(url, method="POST")
+    request = _request(url, token, "POST")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             print(json.dumps(json.load(response), indent=2))
@@ -140,12 +165,10 @@ def _jobs(args: argparse.Namespace) -> int:
         user = "unknown"
     actor = urllib.parse.quote(f"{user} (CLI)")
     if args.retry is not None:
-        return _post(f"{base}/{args.retry}/retry?actor={actor}")
+        return _post(f"{base}/{args.retry}/retry?actor={actor}", args.token)
     if args.cancel is not None:
-        return _post(f"{base}/{args.cancel}/cancel?actor={actor}")
-    url = base
-    with urllib.request.urlopen(url, timeout=10) as response:
-        jobs: list[dict[str, Any]] = json.load(response)
+        return _post(f"{base}/{args.cancel}/cancel?actor={actor}", args.token)
+    jobs: list[dict[str, Any]] = _get(base, args.token)
     for job in jobs:
         kinds = ",".join(o["kind"] for o in job["outputs"])
         print(
@@ -155,18 +178,16 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _deliveries(args: argparse.Namespace) -> int:
-    import urllib.request
 
     base = f"http://{args.http_host}:{args.http_port}/api/deliveries"
     if args.retry is not None:
-        return _post(f"{base}/{args.retry}/retry")
+        return _post(f"{base}/{args.retry}/retry", args.token)
     query = f"?state={args.state}" if args.state else ""
-    with urllib.request.urlopen(base + query, timeout=10) as response:
-        for d in json.load(response):
-            print(
-                f"{d['id']:>6} job {d['job_id']:<5} {d['kind']:<9} {d['destination']:<12} "
-                f"{d['state']:<8} attempts {d['attempts']:<3} {d['last_status'] or ''}"
-            )
+    for d in _get(base + query, args.token):
+        print(
+            f"{d['id']:>6} job {d['job_id']:<5} {d['kind']:<9} {d['destination']:<12} "
+            f"{d['state']:<8} attempts {d['attempts']:<3} {d['last_status'] or ''}"
+        )
     return 0
 
 
@@ -211,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--cancel", type=int, metavar="ID", help="cancel queued job ID")
     jobs.add_argument("--http-host", default="127.0.0.1")
     jobs.add_argument("--http-port", type=int, default=8080)
+    jobs.add_argument("--token", default=os.environ.get("AIROUTER_TOKEN"), help=TOKEN_HELP)
     jobs.set_defaults(func=_jobs)
 
     deliveries = sub.add_parser("deliveries", help="the outbox; retry a failed or dead delivery")
@@ -218,13 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     deliveries.add_argument("--retry", type=int, metavar="ID", help="send delivery ID again")
     deliveries.add_argument("--http-host", default="127.0.0.1")
     deliveries.add_argument("--http-port", type=int, default=8080)
+    deliveries.add_argument("--token", default=os.environ.get("AIROUTER_TOKEN"), help=TOKEN_HELP)
     deliveries.set_defaults(func=_deliveries)
 
     from airouter.app.models_cli import add_parser as add_models_parser
     from airouter.app.rules_cli import add_parser as add_rules_parser
+    from airouter.app.users_cli import add_parsers as add_users_parsers
 
     add_rules_parser(sub, Path("rules"))
     add_models_parser(sub)
+    add_users_parsers(sub)
 
     args = parser.parse_args(argv)
     try:

@@ -24,6 +24,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from airouter.app import workers
+from airouter.app.metrics import scraper
 from airouter.app.shared import (
     Health,
     build_ingest,
@@ -31,9 +32,11 @@ from airouter.app.shared import (
     commitment_service,
     dimse_listener,
     http_app,
+    refuse_open_http,
     rule_check,
     shared_listener,
 )
+from airouter.core import metrics
 from airouter.core.db import Event, Store, Study, utcnow
 from airouter.core.leases import (
     Identity,
@@ -374,6 +377,11 @@ class Node:
 
     def serve_forever(self) -> None:
         """Run the HTTP server in the foreground until Ctrl-C / SIGTERM, then stop everything."""
+        refuse_open_http(self.settings, self.store)
+        # every process of the node counts into files of this folder (the scrape sums them)
+        metrics.enable_multiprocess(
+            self.settings.data_dir / "metrics" / self.settings.node_name, fresh=True
+        )
         app = http_app(
             self.settings,
             self.store,
@@ -382,6 +390,8 @@ class Node:
             self.tracker,
             self.ruleset,
             self._wake_all,
+            self.cards,
+            scraper(self.store, self.health, self.settings.data_dir),
         )
         http = self.settings.http
         # log_config=None: uvicorn's records go through the root handlers (one format, and

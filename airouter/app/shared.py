@@ -15,7 +15,9 @@ from fastapi import FastAPI
 from pynetdicom import evt
 from sqlalchemy import func, select
 
+from airouter.app.accounts import any_users
 from airouter.app.web import create_app
+from airouter.app.web.auth import AuthPolicy
 from airouter.core.db import Job, Store
 from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
 from airouter.core.tracker import AssociationTracker
@@ -128,10 +130,19 @@ def http_app(
     tracker: AssociationTracker,
     ruleset: RuleSet,
     wake: Callable[[], None],
+    cards: dict[str, ModelCard],
+    metrics: Callable[[], bytes] | None = None,
 ) -> FastAPI:
     """The HTTP application of a node or worker process; ``wake`` tells the node that a job
     or a delivery is due now (a retry)."""
     http = settings.http
+    policy = AuthPolicy(
+        open_when_no_users=http.loopback_only,
+        session_hours=http.session_hours,
+        login_max_failures=http.login_max_failures,
+        login_window_s=http.login_window_s,
+        secure_cookies=http.tls,
+    )
     return create_app(
         store,
         health,
@@ -144,7 +155,23 @@ def http_app(
         hosts=http.served_hosts(),
         max_request_bytes=int(http.max_request_mb * 1024 * 1024),
         body_idle_s=http.body_timeout_s,
+        policy=policy,
+        cards=cards,
+        data_dir=settings.data_dir,
+        metrics=metrics,
     )
+
+
+def refuse_open_http(settings: Settings, store: Store) -> None:
+    """:class:`ConfigError` when HTTP would listen beyond loopback while no user exists (it
+    would serve patient data and actions to anyone on the network)."""
+    http = settings.http
+    if not http.loopback_only and not any_users(store):
+        raise ConfigError(
+            f"HTTP would listen on {http.host} with no user to sign in: anyone who reaches "
+            "the port could read patient data. Create a user first (airouter users add NAME "
+            "--role admin), or listen on 127.0.0.1 (http.host)"
+        )
 
 
 def claim_port(host: str, port: int, what: str) -> None:

@@ -33,6 +33,7 @@ from types import FrameType
 
 import uvicorn
 
+from airouter.app.metrics import scraper
 from airouter.app.shared import (
     Health,
     build_ingest,
@@ -41,6 +42,7 @@ from airouter.app.shared import (
     rule_check,
     shared_listener,
 )
+from airouter.core import metrics
 from airouter.core.db import Store
 from airouter.core.leases import Identity, NodeNameInUse, heartbeat, register
 from airouter.core.settings import ConfigError, Settings
@@ -123,6 +125,7 @@ class Workers:
             if time.monotonic() - worker.started < RESTART_EVERY_S:
                 continue
             restarted.append(f"{worker.name} (exit code {process.returncode})")
+            metrics.process_gone(process.pid)  # its open associations are closed
             log.warning(
                 "worker %s exited (code %s): restarting it", worker.name, process.returncode
             )
@@ -182,7 +185,17 @@ def run(settings: Settings, triton_pid_file: str, rules: Path, dimse: socket.soc
         lambda: settings.scp.dimse_port,
         lambda: _read_pid(triton_pid_file),
     )
-    app = http_app(settings, store, health, ingest, tracker, ruleset, lambda: os.kill(parent, WAKE))
+    app = http_app(
+        settings,
+        store,
+        health,
+        ingest,
+        tracker,
+        ruleset,
+        lambda: os.kill(parent, WAKE),
+        cards,
+        scraper(store, health, settings.data_dir),
+    )
     dimse_server = start_dimse(
         settings.scp, ingest, tracker, settings.incoming_dir, [commitment_service(store)], dimse
     )
@@ -225,6 +238,8 @@ def main() -> None:
 
     settings = Settings.model_validate(json.loads(os.environ[SETTINGS_ENV]))
     configure_logging(settings)
+    if os.environ.get(metrics.MULTIPROC_ENV):  # count with the node's other processes
+        metrics.enable_multiprocess(Path(os.environ[metrics.MULTIPROC_ENV]), fresh=False)
     try:
         dimse = socket.socket(fileno=int(os.environ[DIMSE_FD_ENV]))
         run(settings, os.environ.get(TRITON_PID_ENV, ""), Path(os.environ[RULES_ENV]), dimse)

@@ -41,6 +41,7 @@ from airouter.core.vocab import (
     DeliveryState,
     JobState,
     OutputKind,
+    Role,
     SegType,
     Source,
     StudyState,
@@ -192,6 +193,7 @@ class Delivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     last_status: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    created_at: Mapped[datetime | None] = mapped_column(DateTime, default=utcnow)  # in outbox
     # Storage commitment (DICOM destinations that offer it): requested -> committed | failed.
     commitment: Mapped[CommitmentState | None] = mapped_column(_by_value(CommitmentState, 16))
     transaction_uid: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -211,6 +213,44 @@ class Event(Base):
     study_uid: Mapped[str | None] = mapped_column(String(64))
     job_id: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str] = mapped_column(Text, default="")
+    actor: Mapped[str | None] = mapped_column(String(64))  # the user who asked, if one did
+
+
+class User(Base):
+    """Someone who may use the HTTP server: a role, and an argon2 hash of the password."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(_by_value(Role, 16))
+    password_hash: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token of a user, for machines and the CLI: only its SHA-256 is kept."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class WebSession(Base):
+    """A signed-in browser: the SHA-256 of its cookie, its CSRF token, when it ends."""
+
+    __tablename__ = "web_sessions"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Node(Base):

@@ -228,6 +228,35 @@ class HttpSettings(_Strict):
     max_request_mb: float = Field(default=1024.0, gt=0)
     # A request body of which nothing arrives for this long is refused with 408.
     body_timeout_s: float = Field(default=30.0, gt=0)
+    # HTTPS: the server's certificate (PEM, the chain after it) and key; both or neither.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Users (``airouter users add``): a dashboard session lasts this long; this many failed
+    # logins in login_window_s for one user name or address, and logins are refused (429).
+    session_hours: float = Field(default=12.0, gt=0)
+    login_max_failures: int = Field(default=5, ge=1)
+    login_window_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> HttpSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("http.cert_file and http.key_file go together (HTTPS needs both)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server speaks HTTPS."""
+        return self.cert_file is not None
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether only this machine can reach the server (its address is a loopback one)."""
+        if self.host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     def served_hosts(self) -> frozenset[str] | None:
         """Every Host the server answers to (None: any)."""

@@ -43,6 +43,23 @@ class JobState(enum.StrEnum):
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
+class Role(enum.StrEnum):
+    """What a user of the HTTP server may do: each role may do what the ones below it may."""
+
+    VIEWER = "viewer"  # read: the dashboard, the API's answers, DICOMweb, metrics
+    OPERATOR = "operator"  # and act: retry, cancel, approve, send in (STOW-RS)
+    ADMIN = "admin"  # and configure: users
+
+    @property
+    def rank(self) -> int:
+        """Higher may do more."""
+        return list(Role).index(self)
+
+    def may(self, needed: Role) -> bool:
+        """Whether this role may do what ``needed`` may."""
+        return self.rank >= needed.rank
+
+
 class DeliveryState(enum.StrEnum):
     """One (object, destination) of the outbox."""
 

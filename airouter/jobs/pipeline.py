@@ -73,7 +73,8 @@ class _Run:
 
 def run_job(ctx: PipelineContext, job_id: int) -> None:
     """Run a claimed job; never raises."""
-    run = _Run(_claimed(ctx.store, job_id), JobRecorder(ctx.store, job_id, ctx.owner))
+    job = _claimed(ctx.store, job_id)
+    run = _Run(job, JobRecorder(ctx.store, job_id, ctx.owner, list(job.models or [])))
     try:
         try:
             _run(ctx, run)

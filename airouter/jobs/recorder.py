@@ -11,6 +11,7 @@ import json
 import logging
 from typing import Any
 
+from airouter.core import metrics
 from airouter.core.db import Event, Job, Store, utcnow
 from airouter.core.phi import REGISTRY
 from airouter.core.vocab import JobState
@@ -30,16 +31,21 @@ class JobTakenOver(JobCancelled):
 class JobRecorder:
     """Collects what one job does and writes it to the store at its state transitions."""
 
-    def __init__(self, store: Store, job_id: int, owner: str | None = None) -> None:
+    def __init__(
+        self, store: Store, job_id: int, owner: str | None = None, models: list[str] | None = None
+    ) -> None:
         self.store = store
         self.job_id = job_id
         self.owner = owner  # the lease this run holds (None: a single node without leases)
+        self.models = models or []  # the job's models: the metrics' label
         self._timings: dict[str, float] = {}
         self._events: list[tuple[str, str]] = []
 
     def time(self, **seconds: float) -> None:
-        """Remember stage timings (seconds, or epoch seconds for ``*_at`` keys)."""
+        """Remember stage timings (seconds, or epoch seconds for ``*_at`` keys); the
+        seconds are observed in the metrics."""
         self._timings.update({k: round(v, 3) for k, v in seconds.items()})
+        metrics.observe_stages(seconds, self.models)
 
     def event(self, kind: str, detail: dict[str, Any] | str = "") -> None:
         """Queue an audit event of this job (no PHI), written with the next transition."""
@@ -71,6 +77,8 @@ class JobRecorder:
             job.state = state
             if state.ended and "finished_at" not in values:
                 job.finished_at = utcnow()
+            if state.ended:
+                metrics.observe_job(job.rule, state.value, job.started_at, job.finished_at)
         for key, value in values.items():
             setattr(job, key, value)
         if self._timings:

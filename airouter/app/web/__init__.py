@@ -1,18 +1,25 @@
-"""The node's HTTP application: DICOMweb of the archive (``dicomweb``) and the REST API
-(``api``), each a set of FastAPI routers; errors are JSON with a status."""
+"""The node's HTTP application: DICOMweb of the archive (``dicomweb``), the REST API
+(``api``), the dashboard (``dashboard``) and ``/metrics``, each a set of FastAPI routers
+behind the gate of ``auth`` (users, roles, tokens, CSRF, the audit); errors are JSON with a
+status."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
+from airouter.app.web import auth
 from airouter.app.web.api import jobs_router, outbox_router, rules_router, status_router
+from airouter.app.web.dashboard import dashboard_router, root_router
 from airouter.app.web.dicomweb import dicomweb_router
 from airouter.core.db import Store
 from airouter.core.tracker import AssociationTracker
+from inference.cards import ModelCard
 from router.registry import RuleSet
 from scp.ingest import Ingest
 
@@ -56,11 +63,17 @@ def create_app(
     hosts: frozenset[str] | None = None,
     max_request_bytes: int = 1 << 30,
     body_idle_s: float = 30.0,
+    policy: auth.AuthPolicy | None = None,
+    cards: dict[str, ModelCard] | None = None,
+    data_dir: Path | None = None,
+    metrics: Callable[[], bytes] | None = None,
 ) -> FastAPI:
     """The node's HTTP application (STOW-RS when an ingest is given). With ``hosts``, every
     request (the API docs included) must name one of them as its Host, and a state-changing
-    one from a browser must come from the same origin."""
+    one from a browser must come from the same origin. ``policy`` says how users are asked
+    for (default: open while no user exists, as on loopback)."""
     app = FastAPI(title="airouter", version="0.1.0")
+    auth.install(app, store, policy or auth.AuthPolicy(open_when_no_users=True))
 
     if hosts is not None:
         served = hosts
@@ -81,4 +94,24 @@ def create_app(
     app.include_router(outbox_router(store, on_retry))
     app.include_router(status_router(store, health))
     app.include_router(jobs_router(store, on_job_queued))
+    app.include_router(dashboard_router(store, health, ruleset, cards or {}, data_dir, log_phi))
+    app.include_router(root_router())
+    if metrics is not None:
+        app.include_router(metrics_router(metrics))
+    app.mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")
+    return app
+
+
+STATIC = Path(__file__).parent / "static"
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def metrics_router(metrics: Callable[[], bytes]) -> APIRouter:
+    """``GET /metrics``: Prometheus text format."""
+    app = APIRouter(include_in_schema=False)
+
+    @app.get("/metrics")
+    def get_metrics() -> Response:
+        return Response(metrics(), media_type=PROMETHEUS_TEXT)
+
     return app

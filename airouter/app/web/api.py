@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -21,6 +21,14 @@ from airouter.jobs.lifecycle import JobActionError, cancel_job, retry_job
 from router.engine import explain
 from router.queue import study_context
 from router.registry import RuleSet
+
+
+def _actor(request: Request, claimed: str) -> str:
+    """Who asked: the signed-in user; on an open server (no users), what the client says."""
+    who = getattr(request.state, "principal", None)
+    if who is not None and who.via != "open":
+        return f"{who.name} (HTTP API, {who.via})"
+    return f"{claimed[:32]} (HTTP API)"
 
 
 def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> dict[str, Any]:
@@ -153,7 +161,7 @@ def outbox_router(store: Store, on_retry: Callable[[], None] | None) -> APIRoute
             ]
 
     @app.post("/deliveries/{delivery_id}/retry")
-    def retry_delivery(delivery_id: int) -> dict[str, Any]:
+    def retry_delivery(request: Request, delivery_id: int) -> dict[str, Any]:
         """Send a failed or dead delivery again now, with a fresh round of attempts."""
         with store.session() as s:
             d = s.get(Delivery, delivery_id)
@@ -170,7 +178,7 @@ def outbox_router(store: Store, on_retry: Callable[[], None] | None) -> APIRoute
                 Event(
                     kind="delivery_retry",
                     job_id=output.job_id if output else None,
-                    detail=f"delivery {delivery_id} to {d.destination}",
+                    detail=f"delivery {delivery_id} to {d.destination} by {_actor(request, 'api')}",
                 )
             )
         if on_retry is not None:
@@ -189,14 +197,18 @@ def status_router(store: Store, health: Callable[[], dict[str, Any]]) -> APIRout
         return health()
 
     @app.get("/events")
-    def list_events(study: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        """The audit trail: refusals, routing decisions, failures (no PHI)."""
+    def list_events(
+        study: str | None = None, kind: str | None = None, user: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The audit trail: refusals, routing decisions, failures, who asked what (no PHI)."""
         with store.session() as s:
             q = select(Event).order_by(Event.id)
             if study:
                 q = q.where(Event.study_uid == study)
             if kind:
                 q = q.where(Event.kind == kind)
+            if user:
+                q = q.where(Event.actor == user)
             return [
                 {
                     "id": e.id,
@@ -205,6 +217,7 @@ def status_router(store: Store, health: Callable[[], dict[str, Any]]) -> APIRout
                     "study_uid": e.study_uid,
                     "job_id": e.job_id,
                     "detail": e.detail,
+                    "user": e.actor,
                 }
                 for e in s.scalars(q).all()
             ]
@@ -233,10 +246,10 @@ def jobs_router(store: Store, on_job_queued: Callable[[], None] | None) -> APIRo
             return _job_details(s, job)
 
     @app.post("/jobs/{job_id}/retry")
-    def retry(job_id: int, actor: str = "api") -> dict[str, Any]:
+    def retry(request: Request, job_id: int, actor: str = "api") -> dict[str, Any]:
         """Run a failed or cancelled job again, as the next version of its results."""
         try:
-            new_id = retry_job(store, job_id, actor=f"{actor[:32]} (HTTP API)")
+            new_id = retry_job(store, job_id, actor=_actor(request, actor))
         except JobActionError as exc:
             raise HTTPException(exc.status, str(exc)) from exc
         if on_job_queued is not None:
@@ -247,10 +260,10 @@ def jobs_router(store: Store, on_job_queued: Callable[[], None] | None) -> APIRo
             return _job_details(s, job)
 
     @app.post("/jobs/{job_id}/cancel")
-    def cancel(job_id: int, actor: str = "api") -> dict[str, Any]:
+    def cancel(request: Request, job_id: int, actor: str = "api") -> dict[str, Any]:
         """Cancel a queued job (or one waiting for inference): it never runs."""
         try:
-            cancel_job(store, job_id, actor=f"{actor[:32]} (HTTP API)")
+            cancel_job(store, job_id, actor=_actor(request, actor))
         except JobActionError as exc:
             raise HTTPException(exc.status, str(exc)) from exc
         with store.session() as s:

@@ -1,0 +1,109 @@
+"""``GET /metrics``: what the processes counted (``airouter.core.metrics``, summed over the
+node's processes in multiprocess mode) and what is read at the scrape: the queue by priority,
+jobs and deliveries by state (from the state store, which every node shares: the same on every
+node, so take ``max`` over instances, not ``sum``), Triton and each model ready, free space.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from airouter.core.db import Delivery, Job, Store
+from airouter.core.metrics import MULTIPROC_ENV
+from airouter.core.vocab import DeliveryState, JobState, Priority
+
+
+class StateCollector(Collector):
+    """Gauges read from the state store and the node's probes at each scrape."""
+
+    def __init__(self, store: Store, health: Callable[[], dict[str, Any]], data_dir: Path) -> None:
+        self.store = store
+        self.health = health
+        self.data_dir = data_dir
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One family per gauge."""
+        with self.store.session() as s:
+            queued = dict(
+                s.execute(
+                    select(Job.priority, func.count())
+                    .where(Job.state == JobState.QUEUED)
+                    .group_by(Job.priority)
+                ).all()
+            )
+            jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            deliveries = s.execute(
+                select(Delivery.state, Delivery.destination, func.count()).group_by(
+                    Delivery.state, Delivery.destination
+                )
+            ).all()
+        queue = GaugeMetricFamily(
+            "airouter_queue_depth",
+            "Jobs queued, by priority (the whole database)",
+            labels=["priority"],
+        )
+        for p in Priority:
+            queue.add_metric([p.value], queued.get(p.rank, 0))
+        yield queue
+        by_state = GaugeMetricFamily(
+            "airouter_jobs", "Jobs by state (the whole database)", labels=["state"]
+        )
+        for state in JobState:
+            by_state.add_metric([state.value], jobs.get(state, 0))
+        yield by_state
+        outbox = GaugeMetricFamily(
+            "airouter_deliveries",
+            "Deliveries by state and destination (the whole database)",
+            labels=["state", "destination"],
+        )
+        seen = {(DeliveryState(st), dest): n for st, dest, n in deliveries}
+        for destination in sorted({dest for _, dest in seen}):
+            for d_state in DeliveryState:
+                n = seen.get((d_state, destination), 0)
+                outbox.add_metric([d_state.value, destination], n)
+        yield outbox
+        status = self.health()
+        triton = GaugeMetricFamily("airouter_triton_ready", "1 if the Triton server is ready")
+        triton.add_metric([], 1 if status.get("triton_ready") else 0)
+        yield triton
+        models = GaugeMetricFamily(
+            "airouter_model_ready", "1 if Triton has the model ready", labels=["model"]
+        )
+        for name, ready in sorted((status.get("models_ready") or {}).items()):
+            models.add_metric([name], 1 if ready else 0)
+        yield models
+        disk = shutil.disk_usage(self.data_dir)
+        free = GaugeMetricFamily(
+            "airouter_free_bytes", "Free space of the data directory's filesystem"
+        )
+        free.add_metric([], disk.free)
+        yield free
+
+
+def scraper(
+    store: Store, health: Callable[[], dict[str, Any]], data_dir: Path
+) -> Callable[[], bytes]:
+    """What ``/metrics`` answers, in Prometheus text format."""
+    state = StateCollector(store, health, data_dir)
+
+    def scrape() -> bytes:
+        counted: CollectorRegistry = REGISTRY  # this process's counts
+        if os.environ.get(MULTIPROC_ENV):  # every process's (the files they count into)
+            from prometheus_client import multiprocess
+
+            counted = CollectorRegistry()
+            multiprocess.MultiProcessCollector(counted)
+        read = CollectorRegistry()
+        read.register(state)
+        return generate_latest(counted) + generate_latest(read)
+
+    return scrape

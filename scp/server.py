@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import logging
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -36,7 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from airouter.core import metrics
-from airouter.core.settings import ScpSettings
+from airouter.core.settings import ScpSettings, ScpTlsSettings
 from airouter.core.spool import fsync_file
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import StoreStatus
@@ -388,6 +389,47 @@ def build_ae(settings: ScpSettings, extra: Sequence[ExtraService] = ()) -> AE:
     return ae
 
 
+def tls_server_context(tls: ScpTlsSettings) -> ssl.SSLContext:
+    """The TLS context of the DICOM TLS port: our certificate; with a CA file, a client
+    certificate that CA signed is required (PS3.15 B.1, BCP 195)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file is not None:
+        context.load_verify_locations(cafile=str(tls.ca_file))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _handshake_per_connection(server: ThreadedAssociationServer, timeout_s: float) -> None:
+    """pynetdicom completes the TLS handshake in its accepting thread, where a client that
+    stalls it would hold every other connection back: the handshake moves into the
+    connection's own thread, with a deadline, and a failed one (an unknown CA) is logged."""
+    context = server.ssl_context
+    assert context is not None
+    server.ssl_context = None  # its get_request must not wrap the socket
+
+    def get_request() -> tuple[socket.socket, Any]:
+        sock, address = cast(socket.socket, server.socket).accept()
+        return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    finish = server.finish_request
+
+    def finish_request(request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(timeout_s)
+            request.do_handshake()
+            request.settimeout(None)
+        except (OSError, ValueError) as exc:
+            log.warning("DICOM TLS connection from %s refused: %s", client_address[0], exc)
+            server.shutdown_request(request)
+            return
+        finish(request, client_address)
+
+    server.get_request = get_request  # type: ignore[method-assign]
+    server.finish_request = finish_request  # type: ignore[method-assign]
+
+
 def start_dimse(
     settings: ScpSettings,
     ingest: Ingest,
@@ -395,12 +437,14 @@ def start_dimse(
     incoming_dir: Path,
     extra: Sequence[ExtraService] = (),
     listener: socket.socket | None = None,
+    tls: ScpTlsSettings | None = None,
 ) -> ThreadedAssociationServer:
     """Start listening (non-blocking); returns the server so the caller can shut it down.
 
     ``incoming_dir`` receives data sets while they arrive; it must lie on the spool's
     filesystem so that storing one is a rename. ``listener``: a listening socket to accept
-    from (shared by the node's processes, non-blocking) instead of binding one.
+    from (shared by the node's processes, non-blocking) instead of binding one. ``tls``:
+    serve DICOM TLS on its port instead (pynetdicom serves those associations).
     """
     configure_pynetdicom(incoming_dir)
     _adopt_listeners()
@@ -410,24 +454,34 @@ def start_dimse(
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [ingest, tracker]),
         *[(x.event, x.handler, list(x.args)) for x in extra],
-        (evt.EVT_ESTABLISHED, handle_established, [False]),
+        (evt.EVT_ESTABLISHED, handle_established, [tls is not None]),
         (evt.EVT_RELEASED, handle_end, [tracker]),
         (evt.EVT_ABORTED, handle_end, [tracker]),
         (evt.EVT_CONN_CLOSE, handle_end, [tracker]),
     ]
     _ADOPTED.sock = listener
+    port = tls.port if tls is not None else settings.dimse_port
     try:
         server = ae.start_server(
-            (settings.dimse_host, settings.dimse_port), block=False, evt_handlers=handlers
+            (settings.dimse_host, port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=tls_server_context(tls) if tls is not None else None,
         )
     finally:
         _ADOPTED.sock = None
     assert server is not None  # block=False returns the server
+    if tls is not None:
+        _handshake_per_connection(server, tls.handshake_timeout_s)
     gate = AssociationGate(
         settings.association_deadline_s, settings.max_pending_per_source, settings.max_pending
     )
 
-    native = _native_acceptor(settings, ae, extra, incoming_dir, ingest, tracker)
+    native = (
+        _native_acceptor(settings, ae, extra, incoming_dir, ingest, tracker)
+        if tls is None
+        else None
+    )
     server.airouter_native = native  # type: ignore[attr-defined]
 
     def established(address: str) -> int:
@@ -465,7 +519,8 @@ def start_dimse(
 
         server.verify_request = verify_request  # type: ignore[method-assign,assignment]
     log.info(
-        "DIMSE listening on %s:%s as %s",
+        "DIMSE%s listening on %s:%s as %s",
+        " (TLS)" if tls is not None else "",
         settings.dimse_host,
         server.server_address[1],
         settings.ae_title,

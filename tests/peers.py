@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -57,13 +58,24 @@ def wait_for(
         time.sleep(every_s)
 
 
-def http_json(url: str, timeout_s: float = 10.0, auth: tuple[str, str] | None = None) -> Any:
+def http_json(
+    url: str,
+    timeout_s: float = 10.0,
+    auth: tuple[str, str] | None = None,
+    token: str | None = None,
+    ca_file: Path | None = None,
+) -> Any:
+    """GET ``url`` as JSON (None when nothing answers); basic ``auth`` or a bearer
+    ``token``; HTTPS verified against ``ca_file``."""
     request = urllib.request.Request(url)
     if auth is not None:
-        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+        basic = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {basic}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             return json.load(response)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
@@ -185,13 +197,15 @@ class NodeProcess:
     http_port: int
     ae_title: str
     log_path: Path
+    ca_file: Path | None = None  # HTTPS: the CA its certificate is verified against
+    token: str | None = None  # a bearer token for its API (once it has users)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.ca_file else 'http'}://127.0.0.1:{self.http_port}"
 
     def get(self, path: str) -> Any:
-        return http_json(self.url + path)
+        return http_json(self.url + path, token=self.token, ca_file=self.ca_file)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -209,12 +223,18 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def start_node(
-    workdir: Path, orthanc: Orthanc | None, wait_triton: bool = True, **settings: Any
+    workdir: Path,
+    orthanc: Orthanc | None,
+    wait_triton: bool = True,
+    ca_file: Path | None = None,
+    token: str | None = None,
+    **settings: Any,
 ) -> NodeProcess:
     """Run ``airouter serve`` with a temporary config; wait until it answers (and Triton).
 
     ``settings`` are sections of the settings tree (``router={"quiet_period_s": 0.5}``),
-    merged key by key into the test defaults."""
+    merged key by key into the test defaults. ``ca_file``: the node speaks HTTPS with a
+    certificate of that CA; ``token``: its API wants one."""
     workdir.mkdir(parents=True, exist_ok=True)
     dimse_port, http_port = free_port(), free_port()
     config: dict[str, Any] = {
@@ -244,7 +264,14 @@ def start_node(
         stderr=subprocess.STDOUT,
     )
     node = NodeProcess(
-        process, workdir / "var", int(config["scp"]["dimse_port"]), http_port, "AIROUTER", log_path
+        process,
+        workdir / "var",
+        int(config["scp"]["dimse_port"]),
+        http_port,
+        "AIROUTER",
+        log_path,
+        ca_file,
+        token,
     )
 
     def ready() -> bool:

@@ -35,6 +35,7 @@ from airouter.app.shared import (
     refuse_open_http,
     rule_check,
     shared_listener,
+    uvicorn_config,
 )
 from airouter.core import metrics
 from airouter.core.db import Event, Store, Study, utcnow
@@ -110,6 +111,7 @@ class Node:
         self._woken = threading.Event()  # SIGUSR1 from a worker process (see _waker)
         self._workers: list[threading.Thread] = []
         self.dimse: Any = None
+        self.dimse_tls: Any = None
         self._dimse_socket: socket.socket | None = None
         self.processes: workers.Workers | None = None
         self.health = Health(
@@ -119,6 +121,7 @@ class Node:
             lambda: self._client,
             lambda: self.dimse.server_address[1] if self.dimse else None,
             lambda: self.triton.process.pid if self.triton and self.triton.process else None,
+            lambda: self.dimse_tls.server_address[1] if self.dimse_tls else None,
         )
 
     @property
@@ -270,6 +273,10 @@ class Node:
             [commitment],
             self._dimse_socket,
         )
+        if s.tls is not None:  # DICOM TLS: a port of its own, served by this process
+            self.dimse_tls = start_dimse(
+                s, self.ingest, self.tracker, self.settings.incoming_dir, [commitment], tls=s.tls
+            )
 
     def _schedule(self) -> None:
         r = self.settings.router
@@ -394,9 +401,7 @@ class Node:
             scraper(self.store, self.health, self.settings.data_dir),
         )
         http = self.settings.http
-        # log_config=None: uvicorn's records go through the root handlers (one format, and
-        # the PHI filter), not handlers of its own.
-        config = uvicorn.Config(app, log_level="warning", log_config=None, lifespan="off")
+        config = uvicorn_config(app, self.settings)
         # uvicorn re-raises SIGTERM after its own shutdown; make that an exception so the
         # ``finally`` below stops DIMSE, the workers and Triton.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -406,7 +411,8 @@ class Node:
         sock = shared_listener(http.host, http.port, self.settings.scp.listen_backlog)
         try:
             self.start(sock.getsockname()[1])
-            log.info("HTTP on http://%s:%s", http.host, sock.getsockname()[1])
+            scheme = "https" if http.tls else "http"
+            log.info("HTTP on %s://%s:%s", scheme, http.host, sock.getsockname()[1])
             uvicorn.Server(config).run(sockets=[sock])
         finally:
             self.stop()
@@ -421,6 +427,8 @@ class Node:
             self.processes.stop()
         if self.dimse is not None:
             self.dimse.shutdown()
+        if self.dimse_tls is not None:
+            self.dimse_tls.shutdown()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         for t in self._workers:

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from pynetdicom import evt
 from sqlalchemy import func, select
@@ -87,6 +88,7 @@ class Health:
         client: Callable[[], InferenceClient | None],
         dimse_port: Callable[[], int | None],
         triton_pid: Callable[[], int | None],
+        tls_port: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.store = store
         self.cards = cards
@@ -94,6 +96,7 @@ class Health:
         self.process = settings.node_name
         self._client = client
         self._dimse_port = dimse_port
+        self._tls_port = tls_port
         self._triton_pid = triton_pid
         self._lock = threading.Lock()
         self._probe: InferenceClient | None = None
@@ -114,6 +117,7 @@ class Health:
             "status": "ok",
             "ae_title": self.ae_title,
             "dimse_port": self._dimse_port(),
+            "dimse_tls_port": self._tls_port(),
             "triton_ready": ready,
             "models_ready": models,
             "triton_pid": self._triton_pid(),
@@ -159,6 +163,22 @@ def http_app(
         cards=cards,
         data_dir=settings.data_dir,
         metrics=metrics,
+    )
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """The HTTP server's configuration: HTTPS with the configured certificate and key.
+
+    ``log_config=None``: uvicorn's records go through the root handlers (one format, and the
+    PHI filter), not handlers of its own."""
+    http = settings.http
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        log_config=None,
+        lifespan="off",
+        ssl_certfile=str(http.cert_file) if http.cert_file else None,
+        ssl_keyfile=str(http.key_file) if http.key_file else None,
     )
 
 

@@ -41,6 +41,7 @@ from airouter.app.shared import (
     http_app,
     rule_check,
     shared_listener,
+    uvicorn_config,
 )
 from airouter.core import metrics
 from airouter.core.db import Store
@@ -184,6 +185,7 @@ def run(settings: Settings, triton_pid_file: str, rules: Path, dimse: socket.soc
         lambda: client,
         lambda: settings.scp.dimse_port,
         lambda: _read_pid(triton_pid_file),
+        lambda: settings.scp.tls.port if settings.scp.tls else None,  # the node serves it
     )
     app = http_app(
         settings,
@@ -201,9 +203,7 @@ def run(settings: Settings, triton_pid_file: str, rules: Path, dimse: socket.soc
     )
     # HTTP last: a worker that answers HTTP serves DIMSE already
     sock = shared_listener(settings.http.host, settings.http.port, settings.scp.listen_backlog)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", log_config=None, lifespan="off")
-    )
+    server = uvicorn.Server(uvicorn_config(app, settings))
 
     def keep_alive() -> None:
         last_beat = time.monotonic()

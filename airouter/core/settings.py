@@ -153,6 +153,18 @@ class DimseTimeouts(_Strict):
     network_timeout_s: float | None = 60.0
 
 
+class ScpTlsSettings(_Strict):
+    """DICOM TLS on a port of its own (PS3.15 B.1, BCP 195: TLS 1.2 or later): the node's
+    certificate and key (PEM); with ``ca_file``, a client must present a certificate that CA
+    signed, or its connection is refused at the handshake."""
+
+    port: int = Field(default=2762, ge=0, le=65535)  # 2762: DICOM over TLS (IANA); 0: any
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None  # None: no client certificate asked for
+    handshake_timeout_s: float = Field(default=10.0, gt=0)
+
+
 class ScpSettings(_Strict):
     """The receivers: DIMSE (C-ECHO, C-STORE, storage commitment reports) and STOW-RS."""
 
@@ -199,6 +211,8 @@ class ScpSettings(_Strict):
     min_free_space_mb: float = Field(default=256.0, ge=0)
     # A deflated data set that inflates beyond this is refused (0xA700): no decompression bomb.
     max_inflated_mb: float = Field(default=1024.0, gt=0)
+    # DICOM TLS on a second port, served by the node's first process (pynetdicom).
+    tls: ScpTlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

@@ -130,35 +130,40 @@ class Gate:
     async def __call__(
         self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        """Authorise the request by its user's role, then audit it if it changed state."""
-        need = needed_role(request.method, request.url.path)
+        """Authorise the request by its user's role; audit it if it would change state,
+        refused or not."""
         who = await run_in_threadpool(self._principal, request)
         if isinstance(who, Response):
-            return who
-        request.state.principal = who
-        if need is not None:
-            if who is None:
-                if _wants_html(request):
-                    target = urllib.parse.quote(request.url.path, safe="/")
-                    return RedirectResponse(f"/login?next={target}", 303)
-                return _refuse(401, "sign in: a bearer token, basic authentication or a session")
-            if not who.role.may(need):
-                return _refuse(
-                    403, f"{who.name} is {who.role.value}: this needs the {need.value} role"
-                )
-            if (
-                who.via == "session"
-                and request.method not in _READS
-                and request.url.path not in ("/login", "/logout")
-                and not accounts.same_secret(request.headers.get(CSRF_HEADER), who.csrf)
-            ):
-                return _refuse(403, "missing or wrong CSRF token (X-CSRF-Token)")
-        response = await call_next(request)
-        if request.method not in _READS and request.url.path not in ("/login", "/logout"):
+            response, actor = who, "(bad credentials)"
+        else:
+            request.state.principal = who
             actor = who.name if who is not None else "anonymous"
+            response = self._refusal(request, who) or await call_next(request)
+        if request.method not in _READS and request.url.path not in ("/login", "/logout"):
             detail = f"{request.method} {request.url.path} -> {response.status_code}"
             await run_in_threadpool(self._record, "http_request", actor, detail)
         return response
+
+    def _refusal(self, request: Request, who: Principal | None) -> Response | None:
+        """Why this user may not make this request (None: they may)."""
+        need = needed_role(request.method, request.url.path)
+        if need is None:
+            return None
+        if who is None:
+            if _wants_html(request):
+                target = urllib.parse.quote(request.url.path, safe="/")
+                return RedirectResponse(f"/login?next={target}", 303)
+            return _refuse(401, "sign in: a bearer token, basic authentication or a session")
+        if not who.role.may(need):
+            return _refuse(403, f"{who.name} is {who.role.value}: this needs the {need.value} role")
+        if (
+            who.via == "session"
+            and request.method not in _READS
+            and request.url.path not in ("/login", "/logout")
+            and not accounts.same_secret(request.headers.get(CSRF_HEADER), who.csrf)
+        ):
+            return _refuse(403, "missing or wrong CSRF token (X-CSRF-Token)")
+        return None
 
     def _principal(self, request: Request) -> Principal | JSONResponse | None:
         if not accounts.any_users(self.store):

@@ -99,7 +99,13 @@ def test_open_with_no_user_on_loopback_and_401_once_users_exist(store: Store) ->
     assert client.get("/api/jobs").status_code == 200
     assert client.get("/dashboard").status_code == 200
     accounts.add_user(store, "alice", Role.ADMIN, PASSWORD)
-    for path in ("/api/jobs", "/api/deliveries", "/api/events", "/dicomweb/studies", "/dashboard/jobs"):
+    for path in (
+        "/api/jobs",
+        "/api/deliveries",
+        "/api/events",
+        "/dicomweb/studies",
+        "/dashboard/jobs",
+    ):
         answer = client.get(path)
         assert answer.status_code == 401, path
         assert answer.json()["status"] == 401
@@ -331,7 +337,9 @@ def test_dicom_tls_with_client_certificates_and_https(tmp_path: Path) -> None:
         silent.close()
         study = str(_study_uid(trusted[0]))
         found = wait_for(
-            lambda: node.get(f"/dicomweb/studies?StudyInstanceUID={study}"), 30, "the study over HTTPS"
+            lambda: node.get(f"/dicomweb/studies?StudyInstanceUID={study}"),
+            30,
+            "the study over HTTPS",
         )
         assert found[0]["00201208"]["Value"] == [5]
         untrusted = fresh_copy(head_ct_files(), tmp_path / "untrusted", count=2)
@@ -373,3 +381,26 @@ def test_basic_credentials_are_checked_once_a_minute_not_per_request(store: Stor
     assert len(passwords._verified) == 1
     accounts.remove_user(store, "pacs")
     assert passwords.check("pacs", PASSWORD) is None  # the user is looked up each time
+
+
+def test_the_first_start_creates_the_bootstrap_admin_and_never_again(tmp_path: Path) -> None:
+    """A container listening on all addresses starts with the admin its secret names; a
+    later start with another password changes nothing; a missing secret stops the start."""
+    from airouter.app.shared import refuse_open_http
+    from airouter.core.settings import ConfigError, Settings
+
+    store = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    secret = tmp_path / "admin-password"
+    secret.write_text(PASSWORD + "\n")
+    http = {"host": "0.0.0.0", "bootstrap_admin": "admin", "bootstrap_password_file": str(secret)}
+    refuse_open_http(Settings(http=http), store)
+    assert accounts.Passwords(store).check("admin", PASSWORD) is not None
+    secret.write_text("another password entirely")
+    refuse_open_http(Settings(http=http), store)
+    assert accounts.Passwords(store).check("admin", PASSWORD) is not None
+    empty = Store(f"sqlite:///{tmp_path / 'empty.db'}")
+    missing = {**http, "bootstrap_password_file": str(tmp_path / "nowhere")}
+    with pytest.raises(ConfigError, match="cannot create the admin"):
+        refuse_open_http(Settings(http=missing), empty)
+    with pytest.raises(ConfigError, match="no user to sign in"):
+        refuse_open_http(Settings(http={"host": "0.0.0.0"}), empty)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.peers import ROOT
+from tests.peers import ROOT, tool
 
 DOCKER = ROOT / "docker"
 
@@ -17,7 +19,15 @@ DOCKER = ROOT / "docker"
 def test_compose_services_and_build_files_exist() -> None:
     compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"router", "router-2", "postgres", "triton", "orthanc"}
+    assert set(services) == {
+        "router",
+        "router-2",
+        "postgres",
+        "triton",
+        "orthanc",
+        "prometheus",
+        "grafana",
+    }
     for name in ("router", "router-2", "triton"):
         build = services[name]["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve().is_file()
@@ -55,10 +65,15 @@ def test_compose_environment_is_a_valid_configuration(monkeypatch: pytest.Monkey
 
 def test_dockerfiles_copy_only_what_exists_and_run_the_console_script() -> None:
     for dockerfile in (DOCKER / "Dockerfile", DOCKER / "triton" / "Dockerfile"):
-        for source in re.findall(r"^COPY (\S+) ", dockerfile.read_text(), flags=re.M):
+        # (COPY --from=<stage> copies from an earlier stage of the build, not the tree)
+        for source in re.findall(r"^COPY ([^-\s]\S*) ", dockerfile.read_text(), flags=re.M):
             assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source}"
     text = (DOCKER / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["airouter", "serve"]' in text
+    # the dashboard's htmx, at the version the Makefile installs, where the node serves it
+    pinned = re.search(r"^HTMX_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert pinned is not None and f"htmx.org@{pinned.group(1)}" in text
+    assert "./airouter/app/web/static/vendor/" in text
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'airouter = "airouter.app.cli:main"' in pyproject
     # every package the wheel holds is copied into the image before `pip install .`
@@ -77,3 +92,51 @@ def test_triton_image_serves_the_bundled_model_repository() -> None:
         for p in (ROOT / "config" / "models").glob("*.yaml")
     )
     assert models == cards
+
+
+def test_prometheus_configuration_is_valid_and_grafana_charts_what_the_node_exports() -> None:
+    """promtool accepts the scrape configuration; every metric a Grafana panel queries is
+    one the node exports (a renamed metric would leave a panel empty without a word)."""
+    checked = subprocess.run(
+        [
+            tool("promtool"),
+            "check",
+            "config",
+            "--syntax-only",
+            str(DOCKER / "prometheus" / "prometheus.yml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    scrape = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    targets = scrape["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == ["router:8080", "router-2:8080"]
+    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "airouter.json").read_text())
+    exported = _exported_metric_names()
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b(airouter_\w+)", target["expr"])
+    }
+    assert queried and queried <= exported, queried - exported
+    assert len(dashboard["panels"]) >= 10
+
+
+def _exported_metric_names() -> set[str]:
+    """What /metrics may answer: the counted metrics with their sample suffixes, and the
+    families read at the scrape."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from airouter.app import metrics as read
+    from airouter.core import metrics as counted
+
+    names: set[str] = set()
+    for value in vars(counted).values():
+        if isinstance(value, MetricWrapperBase):
+            base = value._name
+            names |= {base, f"{base}_total", f"{base}_bucket", f"{base}_count", f"{base}_sum"}
+    names |= set(re.findall(r'"(airouter_\w+)"', Path(read.__file__).read_text()))
+    return names

@@ -6,6 +6,7 @@ the check of the rules, the health answer, the HTTP application and its listenin
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -16,12 +17,13 @@ from fastapi import FastAPI
 from pynetdicom import evt
 from sqlalchemy import func, select
 
-from airouter.app.accounts import any_users
+from airouter.app.accounts import AccountError, add_user, any_users
 from airouter.app.web import create_app
 from airouter.app.web.auth import AuthPolicy
 from airouter.core.db import Job, Store
 from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
 from airouter.core.tracker import AssociationTracker
+from airouter.core.vocab import Role
 from dispatch.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
 from inference.cards import ModelCard
 from inference.triton import InferenceClient
@@ -29,6 +31,8 @@ from router.registry import RuleSet, Validator
 from router.rules import Rule, RuleError
 from scp.ingest import Ingest
 from scp.server import ExtraService
+
+log = logging.getLogger(__name__)
 
 
 def commitment_service(store: Store) -> ExtraService:
@@ -184,8 +188,16 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
 
 def refuse_open_http(settings: Settings, store: Store) -> None:
     """:class:`ConfigError` when HTTP would listen beyond loopback while no user exists (it
-    would serve patient data and actions to anyone on the network)."""
+    would serve patient data and actions to anyone on the network), unless the settings name
+    an admin to create then (``http.bootstrap_admin``)."""
     http = settings.http
+    if http.bootstrap_admin and http.bootstrap_password_file and not any_users(store):
+        try:
+            password = http.bootstrap_password_file.read_text().strip()
+            add_user(store, http.bootstrap_admin, Role.ADMIN, password)
+        except (OSError, AccountError) as exc:
+            raise ConfigError(f"http.bootstrap_admin: cannot create the admin: {exc}") from exc
+        log.info("no user yet: admin %s created (http.bootstrap_admin)", http.bootstrap_admin)
     if not http.loopback_only and not any_users(store):
         raise ConfigError(
             f"HTTP would listen on {http.host} with no user to sign in: anyone who reaches "

@@ -250,11 +250,17 @@ class HttpSettings(_Strict):
     session_hours: float = Field(default=12.0, gt=0)
     login_max_failures: int = Field(default=5, ge=1)
     login_window_s: float = Field(default=300.0, gt=0)
+    # The first start with no user creates this admin, with the password in this file (a
+    # container secret); later starts leave users alone.
+    bootstrap_admin: str | None = None
+    bootstrap_password_file: Path | None = None
 
     @model_validator(mode="after")
     def _cert_and_key(self) -> HttpSettings:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("http.cert_file and http.key_file go together (HTTPS needs both)")
+        if (self.bootstrap_admin is None) != (self.bootstrap_password_file is None):
+            raise ValueError("http.bootstrap_admin and http.bootstrap_password_file go together")
         return self
 
     @property

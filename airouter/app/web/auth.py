@@ -133,6 +133,7 @@ class Gate:
         """Authorise the request by its user's role; audit it if it would change state,
         refused or not."""
         who = await run_in_threadpool(self._principal, request)
+        response: Response
         if isinstance(who, Response):
             response, actor = who, "(bad credentials)"
         else:

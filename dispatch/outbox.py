@@ -24,8 +24,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from airouter.core import metrics
-from airouter.core.db import Delivery, Instance, Job, Output, Series, Store, Study, utcnow
+from airouter.core.db import Delivery, Event, Instance, Job, Output, Series, Store, Study, utcnow
 from airouter.core.leases import Identity
+from airouter.core.phi import REGISTRY
 from airouter.core.settings import RETURN_TO_SENDER, DicomNode, DispatchSettings
 from airouter.core.spool import instance_path, write_durable
 from airouter.core.vocab import CommitmentState, DeliveryState, JobState, OutputKind, Source
@@ -290,6 +291,17 @@ class Dispatcher:
                     metrics.DELIVERY_SECONDS.labels(d.destination).observe(latency)
             elif final or d.attempts >= self.settings.max_attempts:
                 d.state = DeliveryState.DEAD
+                output = s.get(Output, d.output_id)
+                s.add(
+                    Event(
+                        kind="delivery_dead",
+                        job_id=output.job_id if output else None,
+                        detail=REGISTRY.redact(
+                            f"delivery {d.id} to {d.destination} after {d.attempts} "
+                            f"attempt(s): {answer}"
+                        ),
+                    )
+                )
             else:
                 d.state = DeliveryState.FAILED
                 delay = self.settings.backoff_s * 2 ** (d.attempts - 1)
@@ -310,8 +322,18 @@ class Dispatcher:
                 dead = [r for r in rows if r.state == DeliveryState.DEAD]
                 if dead:
                     job.state = JobState.FAILED
-                    job.error = f"delivery to {dead[0].destination} failed: {dead[0].last_status}"
+                    job.error = REGISTRY.redact(
+                        f"delivery to {dead[0].destination} failed: {dead[0].last_status}"
+                    )
                     job.finished_at = utcnow()
+                    s.add(
+                        Event(
+                            kind="job_failed",
+                            job_id=job.id,
+                            study_uid=job.study_uid,
+                            detail=job.error,
+                        )
+                    )
                 elif all(r.state == DeliveryState.SENT for r in rows):
                     job.state = JobState.DONE
                     job.finished_at = utcnow()

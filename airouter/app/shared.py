@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import uvicorn
@@ -102,21 +102,27 @@ class Health:
         self._dimse_port = dimse_port
         self._tls_port = tls_port
         self._triton_pid = triton_pid
-        self._lock = threading.Lock()
+        # Triton's HTTP client (gevent) belongs to the thread that made it: once that thread
+        # has exited, a call from another fails. Every probe runs on this one thread, which
+        # lives as long as the node (the web server's pool threads come and go).
+        self._prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health-probe")
         self._probe: InferenceClient | None = None
+
+    def _readiness(self) -> tuple[bool, dict[str, bool]]:
+        if self._probe is None and (client := self._client()) is not None:
+            self._probe = client.clone()
+        probe = self._probe
+        ready = probe is not None and probe.is_ready()
+        models = {
+            name: probe is not None and ready and probe.is_ready(card.triton_model)
+            for name, card in self.cards.items()
+        }
+        return ready, models
 
     def __call__(self) -> dict[str, Any]:
         with self.store.session() as s:
             counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        with self._lock:  # the health checks share one client (not thread-safe)
-            if self._probe is None and (client := self._client()) is not None:
-                self._probe = client.clone()
-            probe = self._probe
-            ready = probe is not None and probe.is_ready()
-            models = {
-                name: probe is not None and ready and probe.is_ready(card.triton_model)
-                for name, card in self.cards.items()
-            }
+        ready, models = self._prober.submit(self._readiness).result()
         return {
             "status": "ok",
             "ae_title": self.ae_title,

@@ -120,7 +120,7 @@ class Received:
 def count_outcome(status: StoreStatus, received: Received, size: int = 0) -> None:
     """Count an instance stored (``size`` new bytes) or refused (Prometheus,
     ``airouter.core.metrics``)."""
-    ae, source = received.calling_ae or "", received.source.value
+    ae, source = metrics.calling_ae_label(received.calling_ae), received.source.value
     if status == StoreStatus.SUCCESS:
         metrics.INSTANCES_RECEIVED.labels(ae, source).inc()
         if size:

@@ -353,6 +353,12 @@ def test_dicom_tls_with_client_certificates_and_https(tmp_path: Path) -> None:
         other = str(_study_uid(untrusted[0]))
         assert node.get(f"/dicomweb/studies?StudyInstanceUID={other}") == []
         assert _same_certificate(node.http_port, server.cert)
+        port = str(node.http_port)
+        listed = _cli("deliveries", "--http-port", port, "--https", "--ca-file", str(ca.cert))
+        assert listed.returncode == 0, listed.stderr
+        unverified = _cli("deliveries", "--http-port", port, "--https")  # the system's CAs
+        assert unverified.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in unverified.stderr
+        assert "Traceback" not in unverified.stderr
         with (
             pytest.raises(ssl.SSLCertVerificationError),  # not trusted without the site's CA
             socket.create_connection(("127.0.0.1", node.http_port)) as raw,
@@ -404,3 +410,53 @@ def test_the_first_start_creates_the_bootstrap_admin_and_never_again(tmp_path: P
         refuse_open_http(Settings(http=missing), empty)
     with pytest.raises(ConfigError, match="no user to sign in"):
         refuse_open_http(Settings(http={"host": "0.0.0.0"}), empty)
+
+
+def test_admins_manage_users_and_tokens_over_http(store: Store) -> None:
+    """Only an admin reaches /api/users and /api/tokens; a user added there signs in; a token
+    made there works until revoked there; the last admin cannot be removed."""
+    accounts.add_user(store, "ada", Role.ADMIN, PASSWORD)
+    accounts.add_user(store, "otto", Role.OPERATOR, PASSWORD)
+    client = _app(store)
+    admin = ("ada", PASSWORD)
+    assert client.get("/api/users", auth=("otto", PASSWORD)).status_code == 403
+    assert client.post("/api/users/otto/tokens", auth=("otto", PASSWORD)).status_code == 403
+    added = client.post(
+        "/api/users", json={"name": "vera", "role": "viewer", "password": PASSWORD}, auth=admin
+    )
+    assert added.status_code == 201, added.text
+    assert client.get("/api/jobs", auth=("vera", PASSWORD)).status_code == 200
+    again = client.post(
+        "/api/users", json={"name": "VERA", "role": "viewer", "password": PASSWORD}, auth=admin
+    )
+    assert again.status_code == 409
+    bad_role = client.post(
+        "/api/users", json={"name": "x", "role": "root", "password": PASSWORD}, auth=admin
+    )
+    assert bad_role.status_code == 400 and "role" in bad_role.json()["error"]
+    made = client.post("/api/users/vera/tokens", json={"label": "viewer app"}, auth=admin)
+    assert made.status_code == 201 and made.headers["cache-control"] == "no-store"
+    token = made.json()["token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/jobs", headers=bearer).status_code == 200
+    listed = client.get("/api/tokens", auth=admin).json()
+    assert [t["label"] for t in listed] == ["viewer app"] and "token" not in listed[0]
+    revoked = client.post(f"/api/tokens/{made.json()['id']}/revoke", auth=admin)
+    assert revoked.status_code == 200
+    assert client.get("/api/jobs", headers=bearer).status_code == 401
+    last = client.delete("/api/users/ada", auth=admin)
+    assert last.status_code == 409 and "last admin" in last.json()["error"]
+    assert client.delete("/api/users/vera", auth=admin).status_code == 200
+    assert client.get("/api/jobs", auth=("vera", PASSWORD)).status_code == 401
+    users = {u["name"] for u in client.get("/api/users", auth=admin).json()}
+    assert users == {"ada", "otto"}
+
+
+def test_a_sender_inventing_ae_titles_cannot_grow_the_metrics() -> None:
+    """Past MAX_CALLING_AE_LABELS titles, new ones count as (other)."""
+    from airouter.core import metrics
+
+    seen = {metrics.calling_ae_label(f"AE{n}") for n in range(metrics.MAX_CALLING_AE_LABELS * 2)}
+    assert len(seen) <= metrics.MAX_CALLING_AE_LABELS + 1
+    assert metrics.OTHER_AE in seen
+    assert metrics.calling_ae_label("AE0") in ("AE0", metrics.OTHER_AE)  # stable once seen

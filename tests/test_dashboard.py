@@ -44,6 +44,7 @@ pytestmark = pytest.mark.integration
 
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 OPERATOR, VIEWER = ("olga", "operator password"), ("vic", "viewer password")
+ADMIN = ("ada", "admin password")
 
 
 @pytest.fixture
@@ -122,6 +123,7 @@ def test_operator_watches_a_study_go_through_and_retries_dead_deliveries(
     store = Store(f"sqlite:///{data / 'airouter.db'}")
     accounts.add_user(store, *OPERATOR[:1], Role.OPERATOR, OPERATOR[1])
     accounts.add_user(store, *VIEWER[:1], Role.VIEWER, VIEWER[1])
+    accounts.add_user(store, *ADMIN[:1], Role.ADMIN, ADMIN[1])
     _, token = accounts.create_token(store, OPERATOR[0], "test")
     pacs_dicom, pacs_http = free_port(), free_port()  # the PACS is down at first
     node = start_node(
@@ -228,6 +230,25 @@ def test_operator_watches_a_study_go_through_and_retries_dead_deliveries(
         audit = browser.find_element(By.ID, "audit").text
         assert "delivery_retry" in audit or "http_request" in audit
         _shot(browser, "audit")
+
+        # an admin makes a token for the viewer on the users page (shown once)
+        assert not browser.find_elements(By.ID, "nav-users")  # an operator has no users page
+        _sign_in(browser, base, ADMIN)
+        browser.get(f"{base}/dashboard/users")
+        browser.find_element(By.CSS_SELECTOR, f'tr[data-user="{VIEWER[0]}"] .new-token').click()
+        shown = _until(
+            "the new token",
+            lambda: "air_" in (t := browser.find_element(By.ID, "action-result").text) and t,
+        )
+        viewer_token = shown.split(": ", 1)[1].split(" ", 1)[0]
+        _until(
+            "the token listed", lambda: "dashboard" in browser.find_element(By.ID, "tokens").text
+        )
+        _shot(browser, "users")
+        request = urllib.request.Request(f"{base}/api/jobs")
+        request.add_header("Authorization", f"Bearer {viewer_token}")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
 
         # a viewer: no action buttons, no patient identifiers, and the API says 403
         _sign_in(browser, base, VIEWER)

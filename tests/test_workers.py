@@ -87,6 +87,7 @@ def test_worker_processes_share_the_http_port_and_answer_as_the_node(tmp_path: P
                 "status": "ok",
                 "ae_title": "AIROUTER",
                 "dimse_port": node.dimse_port,
+                "dimse_tls_port": None,
                 "triton_ready": False,
                 "models_ready": a["models_ready"],
                 "triton_pid": None,

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,59 +117,71 @@ def _send(args: argparse.Namespace) -> int:
     return 0 if failed == 0 else 3
 
 
-def _request(url: str, token: str | None, method: str = "GET") -> Any:
-    """A request to the node's API, with the bearer token if one is given (--token or
-    AIROUTER_TOKEN; needed once the node has users)."""
-    import urllib.request
+class _Api:
+    """The node's REST API as the CLI reaches it: ``--http-host``/``--http-port``, HTTPS
+    with ``--https`` (verified against ``--ca-file`` or the system's CAs), the bearer token of
+    ``--token`` or AIROUTER_TOKEN (needed once the node has users)."""
 
-    request = urllib.request.Request(url, method=method)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    return request
+    def __init__(self, args: argparse.Namespace) -> None:
+        scheme = "https" if args.https else "http"
+        self.base = f"{scheme}://{args.http_host}:{args.http_port}/api"
+        self.token: str | None = args.token
+        ca = str(args.ca_file) if args.ca_file else None
+        self.tls = ssl.create_default_context(cafile=ca) if args.https else None
 
+    def _open(self, path: str, method: str) -> Any:
+        import urllib.error
+        import urllib.request
 
-def _get(url: str, token: str | None) -> Any:
-    import urllib.error
-    import urllib.request
+        request = urllib.request.Request(self.base + path, method=method)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            return urllib.request.urlopen(request, timeout=10, context=self.tls)
+        except urllib.error.HTTPError:
+            raise
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"cannot reach the node at {self.base}: {reason}") from exc
 
-    try:
-        with urllib.request.urlopen(_request(url, token), timeout=10) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise ConfigError(f"{url}: {json.load(exc).get('error')}") from exc
+    def get(self, path: str) -> Any:
+        """GET the JSON answer; :class:`ConfigError` with the node's error."""
+        import urllib.error
 
+        try:
+            with self._open(path, "GET") as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:
+            raise ConfigError(f"{self.base}{path}: {json.load(exc).get('error')}") from exc
 
-def _post(url: str, token: str | None = None) -> int:
-    """POST to the node's API; print its answer, or its error on stderr (exit status 1)."""
-    import urllib.error
-    import urllib.request
+    def post(self, path: str) -> int:
+        """POST; print the answer, or the node's error on stderr (exit status 1)."""
+        import urllib.error
 
-    request = _request(url, token, "POST")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            print(json.dumps(json.load(response), indent=2))
-    except urllib.error.HTTPError as exc:
-        print(f"airouter: {json.load(exc).get('error')}", file=sys.stderr)
-        return 1
-    return 0
+        try:
+            with self._open(path, "POST") as response:
+                print(json.dumps(json.load(response), indent=2))
+        except urllib.error.HTTPError as exc:
+            print(f"airouter: {json.load(exc).get('error')}", file=sys.stderr)
+            return 1
+        return 0
 
 
 def _jobs(args: argparse.Namespace) -> int:
     import getpass
     import urllib.parse
-    import urllib.request
 
-    base = f"http://{args.http_host}:{args.http_port}/api/jobs"
+    api = _Api(args)
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # a container user without a passwd entry
         user = "unknown"
     actor = urllib.parse.quote(f"{user} (CLI)")
     if args.retry is not None:
-        return _post(f"{base}/{args.retry}/retry?actor={actor}", args.token)
+        return api.post(f"/jobs/{args.retry}/retry?actor={actor}")
     if args.cancel is not None:
-        return _post(f"{base}/{args.cancel}/cancel?actor={actor}", args.token)
-    jobs: list[dict[str, Any]] = _get(base, args.token)
+        return api.post(f"/jobs/{args.cancel}/cancel?actor={actor}")
+    jobs: list[dict[str, Any]] = api.get("/jobs")
     for job in jobs:
         kinds = ",".join(o["kind"] for o in job["outputs"])
         print(
@@ -178,12 +191,11 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _deliveries(args: argparse.Namespace) -> int:
-
-    base = f"http://{args.http_host}:{args.http_port}/api/deliveries"
+    api = _Api(args)
     if args.retry is not None:
-        return _post(f"{base}/{args.retry}/retry", args.token)
+        return api.post(f"/deliveries/{args.retry}/retry")
     query = f"?state={args.state}" if args.state else ""
-    for d in _get(base + query, args.token):
+    for d in api.get("/deliveries" + query):
         print(
             f"{d['id']:>6} job {d['job_id']:<5} {d['kind']:<9} {d['destination']:<12} "
             f"{d['state']:<8} attempts {d['attempts']:<3} {d['last_status'] or ''}"
@@ -233,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs.add_argument("--http-host", default="127.0.0.1")
     jobs.add_argument("--http-port", type=int, default=8080)
     jobs.add_argument("--token", default=os.environ.get("AIROUTER_TOKEN"), help=TOKEN_HELP)
+    jobs.add_argument("--https", action="store_true", help="the node serves HTTPS")
+    jobs.add_argument("--ca-file", type=Path, help="the CA of its certificate (--https)")
     jobs.set_defaults(func=_jobs)
 
     deliveries = sub.add_parser("deliveries", help="the outbox; retry a failed or dead delivery")
@@ -241,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     deliveries.add_argument("--http-host", default="127.0.0.1")
     deliveries.add_argument("--http-port", type=int, default=8080)
     deliveries.add_argument("--token", default=os.environ.get("AIROUTER_TOKEN"), help=TOKEN_HELP)
+    deliveries.add_argument("--https", action="store_true", help="the node serves HTTPS")
+    deliveries.add_argument("--ca-file", type=Path, help="the CA of its certificate (--https)")
     deliveries.set_defaults(func=_deliveries)
 
     from airouter.app.models_cli import add_parser as add_models_parser

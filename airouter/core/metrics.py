@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -76,6 +77,26 @@ SEND_SECONDS = Histogram(
     ["destination", "outcome"],
     buckets=_FAST,
 )
+
+
+MAX_CALLING_AE_LABELS = 100  # per process; any AE title a sender claims would be a new series
+OTHER_AE = "(other)"
+_calling_aes: set[str] = set()
+_labels_lock = threading.Lock()
+
+
+def calling_ae_label(ae: str | None) -> str:
+    """The calling AE as a label value: the first ``MAX_CALLING_AE_LABELS`` titles a process
+    sees are their own series, later ones count as ``(other)`` (a sender inventing titles
+    cannot grow the metrics without bound)."""
+    title = (ae or "").strip()
+    with _labels_lock:
+        if title in _calling_aes:
+            return title
+        if len(_calling_aes) < MAX_CALLING_AE_LABELS:
+            _calling_aes.add(title)
+            return title
+    return OTHER_AE
 
 
 def observe_stages(timings: dict[str, float], models: list[str]) -> None:

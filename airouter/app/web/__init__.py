@@ -17,6 +17,7 @@ from airouter.app.web import auth
 from airouter.app.web.api import jobs_router, outbox_router, rules_router, status_router
 from airouter.app.web.dashboard import dashboard_router, root_router
 from airouter.app.web.dicomweb import dicomweb_router
+from airouter.app.web.users import users_router
 from airouter.core.db import Store
 from airouter.core.tracker import AssociationTracker
 from inference.cards import ModelCard
@@ -94,6 +95,7 @@ def create_app(
     app.include_router(outbox_router(store, on_retry))
     app.include_router(status_router(store, health))
     app.include_router(jobs_router(store, on_job_queued))
+    app.include_router(users_router(store))
     app.include_router(dashboard_router(store, health, ruleset, cards or {}, data_dir, log_phi))
     app.include_router(root_router())
     if metrics is not None:

@@ -67,7 +67,7 @@ def needed_role(method: str, path: str) -> Role | None:
     """The least role a request needs (None: anyone)."""
     if any(path == p or (p.endswith("/") and path.startswith(p)) for p in _PUBLIC):
         return None
-    if path.startswith(("/api/users", "/dashboard/users")):
+    if path.startswith(("/api/users", "/api/tokens", "/dashboard/users")):
         return Role.ADMIN
     return Role.VIEWER if method in _READS else Role.OPERATOR
 

@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from airouter.app import accounts
 from airouter.app.accounts import Principal
 from airouter.app.web.auth import TEMPLATES
 from airouter.core.db import Delivery, Event, Instance, Job, Output, Series, Store, Study, Transfer
@@ -48,6 +49,7 @@ def _render(request: Request, page: str, context: dict[str, Any]) -> Response:
         "principal": who,
         "may_act": who.role.may(Role.OPERATOR),
         "may_see_phi": who.role.may(Role.OPERATOR),
+        "is_admin": who.role.may(Role.ADMIN),
         "page": page,
         "csrf": who.csrf or "",
     }
@@ -377,6 +379,19 @@ def dashboard_router(
                 "paging": paging,
                 "kinds": kinds,
                 "query": {"kind": kind, "study": study, "user": user},
+            },
+        )
+
+    @app.get("/users", response_class=HTMLResponse)
+    def users(request: Request) -> Response:
+        """Users, their roles and tokens; add, remove, make and revoke (admin only)."""
+        return _render(
+            request,
+            "users",
+            {
+                "users": accounts.list_users(store),
+                "tokens": accounts.list_tokens(store),
+                "roles": [r.value for r in Role],
             },
         )
 

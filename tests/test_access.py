@@ -460,3 +460,42 @@ def test_a_sender_inventing_ae_titles_cannot_grow_the_metrics() -> None:
     assert len(seen) <= metrics.MAX_CALLING_AE_LABELS + 1
     assert metrics.OTHER_AE in seen
     assert metrics.calling_ae_label("AE0") in ("AE0", metrics.OTHER_AE)  # stable once seen
+
+
+def test_hostile_login_and_user_forms_get_a_clear_answer(store: Store) -> None:
+    """An oversized form is refused with 413 unread; bytes that are not UTF-8, a missing
+    field, a non-JSON body and a next= pointing elsewhere get an answer, never a crash."""
+    accounts.add_user(store, "ada", Role.ADMIN, PASSWORD)
+    client = _app(store)
+    client.get("/login")
+    csrf = client.cookies.get(LOGIN_CSRF_COOKIE)
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    huge = client.post("/login", content=b"username=" + b"a" * 100_000, headers=form)
+    assert huge.status_code == 413 and huge.json()["status"] == 413
+    garbled = client.post(
+        "/login", content=b"username=\xff\xfe&password=\x80&csrf=" + csrf.encode(), headers=form,
+        follow_redirects=False,
+    )  # fmt: skip
+    assert garbled.status_code == 303 and "error=" in garbled.headers["location"]
+    elsewhere = client.post(
+        "/login",
+        content=f"username=ada&password={PASSWORD.replace(' ', '+')}&csrf={csrf}"
+        "&next=//evil.example/x",
+        headers=form,
+        follow_redirects=False,
+    )
+    assert elsewhere.status_code == 303 and elsewhere.headers["location"] == "/dashboard"
+    admin = ("ada", PASSWORD)
+    not_json = client.post(
+        "/api/users", content=b"{not json", headers={"content-type": "application/json"}, auth=admin
+    )
+    assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]
+    listed = client.post("/api/users", json=["a", "list"], auth=admin)
+    assert listed.status_code == 400
+    empty = client.post("/api/users", json={}, auth=admin)
+    assert empty.status_code == 400
+    client.cookies.clear()  # signed out: only the header speaks
+    garbage_basic = client.get("/api/jobs", headers={"Authorization": "Basic %%%"})
+    assert garbage_basic.status_code == 401
+    unknown_scheme = client.get("/api/jobs", headers={"Authorization": "Negotiate abc"})
+    assert unknown_scheme.status_code == 401

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -178,6 +178,20 @@ class Gate:
         return self.identify(request)
 
 
+FORM_LIMIT = 16384  # a login, logout or user form is a few hundred bytes
+
+
+async def small_body(request: Request, limit: int = FORM_LIMIT) -> bytes:
+    """The body of a form or a small JSON request; 413 (HTTPException) past ``limit``
+    bytes, read no further."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"the request body is larger than {limit} bytes")
+    return bytes(body)
+
+
 def _address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
@@ -213,7 +227,7 @@ def login_router(gate: Gate) -> APIRouter:
     @app.post("/login")
     async def sign_in(request: Request) -> Response:
         """Check the form; a session cookie and a redirect, or the form again with why."""
-        form = urllib.parse.parse_qs((await request.body())[:8192].decode("utf-8", "replace"))
+        form = urllib.parse.parse_qs((await small_body(request)).decode("utf-8", "replace"))
         field = {k: v[0] for k, v in form.items() if v}
         target = _safe_next(field.get("next"))
         if not accounts.same_secret(field.get("csrf"), request.cookies.get(LOGIN_CSRF_COOKIE)):
@@ -244,7 +258,7 @@ def login_router(gate: Gate) -> APIRouter:
     async def sign_out(request: Request) -> Response:
         """End the session (the form carries its CSRF token)."""
         who = getattr(request.state, "principal", None)
-        form = urllib.parse.parse_qs((await request.body())[:4096].decode("utf-8", "replace"))
+        form = urllib.parse.parse_qs((await small_body(request)).decode("utf-8", "replace"))
         token = (form.get("csrf") or [request.headers.get(CSRF_HEADER, "")])[0]
         cookie = request.cookies.get(SESSION_COOKIE)
         if who is not None and who.via == "session" and cookie:

@@ -12,13 +12,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from airouter.app import accounts
+from airouter.app.web.auth import small_body
 from airouter.core.db import Store
 from airouter.core.vocab import Role
 
 
 async def _fields(request: Request) -> dict[str, str]:
     """The request's fields, from JSON or a form (the dashboard's)."""
-    body = (await request.body())[:16384]
+    body = await small_body(request)
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
             data = json.loads(body or b"{}")

@@ -120,13 +120,14 @@ class Received:
 def count_outcome(status: StoreStatus, received: Received, size: int = 0) -> None:
     """Count an instance stored (``size`` new bytes) or refused (Prometheus,
     ``airouter.core.metrics``)."""
-    ae, source = metrics.calling_ae_label(received.calling_ae), received.source.value
     if status == StoreStatus.SUCCESS:
-        metrics.INSTANCES_RECEIVED.labels(ae, source).inc()
+        instances, stored = metrics.received_counters(received.calling_ae, received.source.value)
+        instances.inc()
         if size:
-            metrics.BYTES_RECEIVED.labels(source).inc(size)
-    else:
-        metrics.INSTANCES_REFUSED.labels(ae, source, f"{int(status):04X}").inc()
+            stored.inc(size)
+        return
+    ae, source = metrics.calling_ae_label(received.calling_ae), received.source.value
+    metrics.INSTANCES_REFUSED.labels(ae, source, f"{int(status):04X}").inc()
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import shutil
 import threading
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
@@ -97,6 +98,21 @@ def calling_ae_label(ae: str | None) -> str:
             _calling_aes.add(title)
             return title
     return OTHER_AE
+
+
+_received: dict[tuple[str | None, str], tuple[Any, Any]] = {}
+
+
+def received_counters(ae: str | None, source: str) -> tuple[Any, Any]:
+    """The instances and bytes counters of one calling AE and source (looked up once: the
+    ingest counts every instance)."""
+    found = _received.get((ae, source))
+    if found is None:
+        label = calling_ae_label(ae)
+        found = (INSTANCES_RECEIVED.labels(label, source), BYTES_RECEIVED.labels(source))
+        if len(_received) < 4 * MAX_CALLING_AE_LABELS:
+            _received[(ae, source)] = found
+    return found
 
 
 def observe_stages(timings: dict[str, float], models: list[str]) -> None:

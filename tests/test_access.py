@@ -270,6 +270,12 @@ def test_the_node_refuses_open_http_off_loopback_then_serves_its_users(tmp_path:
     assert token.startswith("air_")
     listed = _cli("users", "list", "--data-dir", str(data))
     assert "ops" in listed.stdout and "operator" in listed.stdout
+    changed = _cli("users", "password", "ops", "--data-dir", str(data), "--password-stdin",
+                   stdin="a new and longer password\n")  # fmt: skip
+    assert changed.returncode == 0, changed.stderr
+    store = Store(f"sqlite:///{data / 'airouter.db'}")
+    assert accounts.Passwords(store).check("ops", "a new and longer password") is not None
+    assert accounts.Passwords(store).check("ops", PASSWORD) is None
 
     node = start_node(
         tmp_path / "node",

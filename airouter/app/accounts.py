@@ -84,6 +84,19 @@ def remove_user(store: Store, name: str) -> None:
         s.add(Event(kind="user_removed", detail=f"user {name}", actor=name))
 
 
+def set_password(store: Store, name: str, password: str) -> None:
+    """Give user ``name`` a new password; their browser sessions end (tokens stay)."""
+    if len(password) < MIN_PASSWORD:
+        raise AccountError(f"the password must have at least {MIN_PASSWORD} characters")
+    with store.session() as s:
+        user = s.scalar(select(User).where(User.name == name))
+        if user is None:
+            raise AccountError(f"no user {name!r}")
+        user.password_hash = _HASHER.hash(password)
+        s.execute(delete(WebSession).where(WebSession.user_id == user.id))
+        s.add(Event(kind="password_changed", detail=f"user {name}", actor=name))
+
+
 def list_users(store: Store) -> list[tuple[str, Role, int]]:
     """Each user's name, role and number of tokens in force."""
     with store.session() as s:

@@ -1,4 +1,4 @@
-"""``airouter users add | list | remove`` and ``airouter tokens create | list | revoke``.
+"""``airouter users add | list | password | remove`` and ``airouter tokens create | list | revoke``.
 
 They work on the node's state store (the settings name it: ``--config``, ``--data-dir``,
 ``--database-url``), so they run where the node's configuration is, whether the node runs or
@@ -44,6 +44,9 @@ def _run(action: str, args: argparse.Namespace) -> int:
         if action == "users add":
             accounts.add_user(store, args.name, Role(args.role), _password(args))
             print(f"user {args.name} added as {args.role}")
+        elif action == "users password":
+            accounts.set_password(store, args.name, _password(args))
+            print(f"password of {args.name} changed; their dashboard sessions ended")
         elif action == "users remove":
             accounts.remove_user(store, args.name)
             print(f"user {args.name} removed, with their tokens and sessions")
@@ -85,8 +88,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     remove = users_sub.add_parser("remove", help="remove a user, their tokens and sessions")
     remove.add_argument("name")
+    password = users_sub.add_parser("password", help="set a user's password (sessions end)")
+    password.add_argument("name")
+    password.add_argument("--password-stdin", action="store_true", help="read it from stdin")
     listing = users_sub.add_parser("list", help="the users and their roles")
-    for p, action in ((add, "users add"), (remove, "users remove"), (listing, "users list")):
+    user_actions = (
+        (add, "users add"),
+        (remove, "users remove"),
+        (password, "users password"),
+        (listing, "users list"),
+    )
+    for p, action in user_actions:
         _common(p)
         p.set_defaults(func=lambda args, action=action: _run(action, args))
 

@@ -168,6 +168,8 @@ def test_operator_watches_a_study_go_through_and_retries_dead_deliveries(
         series = browser.find_element(By.ID, "series").text
         assert "CT" in series and "140" in series
         assert len(_rows(browser, "deliveries")) == 3
+        facts = [dt.text for dt in browser.find_elements(By.CSS_SELECTOR, "dl.facts dt")]
+        assert "Patient" in facts  # an operator may see who it is (a viewer may not: below)
         _shot(browser, "study")
 
         # the PACS comes up; the operator retries the dead deliveries from the outbox
@@ -258,6 +260,11 @@ def test_operator_watches_a_study_go_through_and_retries_dead_deliveries(
         assert not browser.find_elements(By.CSS_SELECTOR, ".retry-delivery")
         browser.get(f"{base}/dashboard/studies")
         assert "Patient ID" not in browser.find_element(By.ID, "studies").text
+        patient = pydicom.dcmread(files[0], stop_before_pixels=True)
+        browser.get(f"{base}/dashboard/studies/{study_uid}")
+        facts = [dt.text for dt in browser.find_elements(By.CSS_SELECTOR, "dl.facts dt")]
+        assert facts and "Patient" not in facts and "Accession" not in facts
+        assert str(patient.PatientID) not in browser.find_element(By.TAG_NAME, "main").text
         refused = _post(f"{base}/api/jobs/{job['id']}/retry", VIEWER)
         assert refused == 403
         assert _post(f"{base}/api/deliveries/1/retry", VIEWER) == 403

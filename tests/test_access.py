@@ -307,7 +307,8 @@ def _same_certificate(port: int, cert: Path) -> bool:
 
 
 def test_dicom_tls_with_client_certificates_and_https(tmp_path: Path) -> None:
-    """storescu +tls with a certificate of the configured CA stores over DICOM TLS; one with
+    """storescu +tls with a certificate of the configured CA stores over DICOM TLS (whichever
+    of the node's two processes takes the association); one with
     a certificate of another CA is refused at the handshake and nothing of it is stored;
     HTTPS serves QIDO-RS with the configured certificate."""
     pki = tmp_path / "pki"
@@ -322,6 +323,7 @@ def test_dicom_tls_with_client_certificates_and_https(tmp_path: Path) -> None:
         wait_triton=False,
         ca_file=ca.cert,
         scp={
+            "processes": 2,  # both serve the TLS port, as they do the plain one
             "tls": {
                 "port": tls_port,
                 "cert_file": str(server.cert),
@@ -373,6 +375,7 @@ def test_dicom_tls_with_client_certificates_and_https(tmp_path: Path) -> None:
     finally:
         stop_process(node.process)
     log = node.log_text()
+    assert log.count("DIMSE (TLS) listening on") == 2  # the node and its worker process
     assert "DICOM TLS connection from 127.0.0.1 refused" in log
     assert "Traceback" not in log
 

@@ -113,6 +113,7 @@ class Node:
         self.dimse: Any = None
         self.dimse_tls: Any = None
         self._dimse_socket: socket.socket | None = None
+        self._tls_socket: socket.socket | None = None
         self.processes: workers.Workers | None = None
         self.health = Health(
             self.store,
@@ -273,9 +274,16 @@ class Node:
             [commitment],
             self._dimse_socket,
         )
-        if s.tls is not None:  # DICOM TLS: a port of its own, served by this process
+        if s.tls is not None:  # DICOM TLS: a port of its own, shared with the workers too
+            self._tls_socket = dimse_listener(s.dimse_host, s.tls.port, s.listen_backlog)
             self.dimse_tls = start_dimse(
-                s, self.ingest, self.tracker, self.settings.incoming_dir, [commitment], tls=s.tls
+                s,
+                self.ingest,
+                self.tracker,
+                self.settings.incoming_dir,
+                [commitment],
+                self._tls_socket,
+                tls=s.tls,
             )
 
     def _schedule(self) -> None:
@@ -371,6 +379,7 @@ class Node:
                 self._client.url,
                 self.triton.pid_path if self.triton else None,
                 workers.rules_in_force(self.settings),
+                self._tls_socket,
             )
             self.processes.start()
         self._schedule()

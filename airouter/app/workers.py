@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS_ENV = "AIROUTER_WORKER_SETTINGS"
 DIMSE_FD_ENV = "AIROUTER_WORKER_DIMSE_FD"  # the node's DIMSE listening socket, inherited
+TLS_FD_ENV = "AIROUTER_WORKER_TLS_FD"  # its DICOM TLS listening socket, when it has one
 TRITON_PID_ENV = "AIROUTER_WORKER_TRITON_PID"  # the file where the node's Triton pid is
 RULES_ENV = "AIROUTER_WORKER_RULES_IN_FORCE"  # the node's copy of the rules in force
 WAKE = signal.SIGUSR1  # worker -> node: a job or a delivery is due now
@@ -68,7 +69,7 @@ RESTART_EVERY_S = 5.0
 class _Worker:
     name: str
     env: dict[str, str]
-    fd: int
+    fds: list[int]
     process: subprocess.Popen[bytes] | None = None
     started: float = field(default=0.0)
 
@@ -89,6 +90,7 @@ class Workers:
         triton_url: str,
         triton_pid_file: Path | None,
         rules: Path,
+        tls: socket.socket | None = None,
     ) -> None:
         self._workers: list[_Worker] = []
         for k in range(1, settings.scp.processes):
@@ -101,7 +103,13 @@ class Workers:
             env[TRITON_PID_ENV] = str(triton_pid_file or "")
             env[RULES_ENV] = str(rules)
             env[DIMSE_FD_ENV] = str(dimse.fileno())
-            self._workers.append(_Worker(child.node_name, env, dimse.fileno()))
+            fds = [dimse.fileno()]
+            if tls is not None and child.scp.tls is not None:
+                child.scp.tls.port = tls.getsockname()[1]
+                env[SETTINGS_ENV] = child.model_dump_json()
+                env[TLS_FD_ENV] = str(tls.fileno())
+                fds.append(tls.fileno())
+            self._workers.append(_Worker(child.node_name, env, fds))
         self._stopping = False
 
     def start(self) -> None:
@@ -111,7 +119,7 @@ class Workers:
 
     def _launch(self, worker: _Worker) -> None:
         worker.process = subprocess.Popen(
-            [sys.executable, "-m", "airouter.app.workers"], env=worker.env, pass_fds=[worker.fd]
+            [sys.executable, "-m", "airouter.app.workers"], env=worker.env, pass_fds=worker.fds
         )
         worker.started = time.monotonic()
         log.info("worker %s started (pid %s)", worker.name, worker.process.pid)
@@ -161,7 +169,13 @@ def _read_pid(path: str) -> int | None:
         return None
 
 
-def run(settings: Settings, triton_pid_file: str, rules: Path, dimse: socket.socket) -> None:
+def run(
+    settings: Settings,
+    triton_pid_file: str,
+    rules: Path,
+    dimse: socket.socket,
+    tls: socket.socket | None = None,
+) -> None:
     """One worker process: DIMSE and HTTP on the shared ports until SIGTERM or the node is
     gone."""
     store = Store(settings.db_url, settings.scp.sync_index_commits)
@@ -201,6 +215,17 @@ def run(settings: Settings, triton_pid_file: str, rules: Path, dimse: socket.soc
     dimse_server = start_dimse(
         settings.scp, ingest, tracker, settings.incoming_dir, [commitment_service(store)], dimse
     )
+    tls_server = None
+    if tls is not None and settings.scp.tls is not None:  # DICOM TLS, from the node's socket
+        tls_server = start_dimse(
+            settings.scp,
+            ingest,
+            tracker,
+            settings.incoming_dir,
+            [commitment_service(store)],
+            tls,
+            tls=settings.scp.tls,
+        )
     # HTTP last: a worker that answers HTTP serves DIMSE already
     sock = shared_listener(settings.http.host, settings.http.port, settings.scp.listen_backlog)
     server = uvicorn.Server(uvicorn_config(app, settings))
@@ -229,6 +254,8 @@ def run(settings: Settings, triton_pid_file: str, rules: Path, dimse: socket.soc
     finally:
         server.should_exit = True
         dimse_server.shutdown()
+        if tls_server is not None:
+            tls_server.shutdown()
         log.info("worker %s stopped", identity.name)
 
 
@@ -242,7 +269,10 @@ def main() -> None:
         metrics.enable_multiprocess(Path(os.environ[metrics.MULTIPROC_ENV]), fresh=False)
     try:
         dimse = socket.socket(fileno=int(os.environ[DIMSE_FD_ENV]))
-        run(settings, os.environ.get(TRITON_PID_ENV, ""), Path(os.environ[RULES_ENV]), dimse)
+        tls = (
+            socket.socket(fileno=int(os.environ[TLS_FD_ENV])) if TLS_FD_ENV in os.environ else None
+        )
+        run(settings, os.environ.get(TRITON_PID_ENV, ""), Path(os.environ[RULES_ENV]), dimse, tls)
     except ConfigError as exc:
         log.error("worker %s cannot start: %s", settings.node_name, exc)
         sys.exit(2)

@@ -211,7 +211,7 @@ class ScpSettings(_Strict):
     min_free_space_mb: float = Field(default=256.0, ge=0)
     # A deflated data set that inflates beyond this is refused (0xA700): no decompression bomb.
     max_inflated_mb: float = Field(default=1024.0, gt=0)
-    # DICOM TLS on a second port, served by the node's first process (pynetdicom).
+    # DICOM TLS on a second port (pynetdicom), shared by the node's processes as the first is.
     tls: ScpTlsSettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)

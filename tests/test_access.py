@@ -329,7 +329,7 @@ def test_dicom_tls_with_client_certificates_and_https(tmp_path: Path) -> None:
                 "cert_file": str(server.cert),
                 "key_file": str(server.key),
                 "ca_file": str(ca.cert),
-            }
+            },
         },
         http={"cert_file": str(server.cert), "key_file": str(server.key)},
         router={"rules_dir": str(tmp_path / "no-rules")},
@@ -508,3 +508,41 @@ def test_hostile_login_and_user_forms_get_a_clear_answer(store: Store) -> None:
     assert garbage_basic.status_code == 401
     unknown_scheme = client.get("/api/jobs", headers={"Authorization": "Negotiate abc"})
     assert unknown_scheme.status_code == 401
+
+
+def test_the_dimse_port_itself_may_speak_tls(tmp_path: Path) -> None:
+    """``scp.tls.same_port``: the DIMSE port takes DICOM TLS only; clear text is refused
+    there, and no second port opens."""
+    pki = tmp_path / "pki"
+    ca = make_ca(pki, "site-ca")
+    server, client = issue(ca, pki, "airouter"), issue(ca, pki, "modality")
+    (tmp_path / "no-rules").mkdir()
+    tls = {"same_port": True, "cert_file": str(server.cert), "key_file": str(server.key)}
+    node = start_node(
+        tmp_path / "node",
+        None,
+        wait_triton=False,
+        scp={"tls": {**tls, "ca_file": str(ca.cert)}},
+        router={"rules_dir": str(tmp_path / "no-rules")},
+    )
+    try:
+        assert node.get("/api/health")["dimse_tls_port"] == node.dimse_port
+        files = fresh_copy(head_ct_files(), tmp_path / "ct", count=3)
+        plain = storescu(node.dimse_port, files)
+        assert plain.returncode != 0  # clear text: the handshake fails, nothing stored
+        study = _study_uid(files[0])
+        assert node.get(f"/dicomweb/studies?StudyInstanceUID={study}") == []
+        sent = storescu(
+            node.dimse_port, files, "AIROUTER",
+            "+tls", str(client.key), str(client.cert), "+cf", str(ca.cert),
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        found = wait_for(
+            lambda: node.get(f"/dicomweb/studies?StudyInstanceUID={study}"), 30, "the study"
+        )
+        assert found[0]["00201208"]["Value"] == [3]
+    finally:
+        stop_process(node.process)
+    log = node.log_text()
+    assert log.count("DIMSE (TLS) listening on") == 1 and "DIMSE listening on" not in log
+    assert "Traceback" not in log

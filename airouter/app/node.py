@@ -122,8 +122,15 @@ class Node:
             lambda: self._client,
             lambda: self.dimse.server_address[1] if self.dimse else None,
             lambda: self.triton.process.pid if self.triton and self.triton.process else None,
-            lambda: self.dimse_tls.server_address[1] if self.dimse_tls else None,
+            self._tls_port,
         )
+
+    def _tls_port(self) -> int | None:
+        """The port DICOM TLS is served on (the DIMSE port itself with ``same_port``)."""
+        tls = self.settings.scp.tls
+        if tls is not None and tls.same_port and self.dimse is not None:
+            return int(self.dimse.server_address[1])
+        return int(self.dimse_tls.server_address[1]) if self.dimse_tls else None
 
     @property
     def rules(self) -> tuple[Rule, ...]:
@@ -273,8 +280,9 @@ class Node:
             self.settings.incoming_dir,
             [commitment],
             self._dimse_socket,
+            tls=s.tls if s.tls is not None and s.tls.same_port else None,
         )
-        if s.tls is not None:  # DICOM TLS: a port of its own, shared with the workers too
+        if s.tls is not None and not s.tls.same_port:  # a TLS port of its own, shared too
             self._tls_socket = dimse_listener(s.dimse_host, s.tls.port, s.listen_backlog)
             self.dimse_tls = start_dimse(
                 s,

@@ -192,6 +192,9 @@ def run(
     s = settings.inference
     client = InferenceClient(s.triton_url, s.protocol, s.request_timeout_s)
     parent = os.getppid()
+    scp_tls = settings.scp.tls
+    same_port = scp_tls is not None and scp_tls.same_port
+    tls_port = None if scp_tls is None else settings.scp.dimse_port if same_port else scp_tls.port
     health = Health(
         store,
         cards,
@@ -199,7 +202,7 @@ def run(
         lambda: client,
         lambda: settings.scp.dimse_port,
         lambda: _read_pid(triton_pid_file),
-        lambda: settings.scp.tls.port if settings.scp.tls else None,  # the node serves it
+        lambda: tls_port,
     )
     app = http_app(
         settings,
@@ -213,10 +216,16 @@ def run(
         scraper(store, health, settings.data_dir),
     )
     dimse_server = start_dimse(
-        settings.scp, ingest, tracker, settings.incoming_dir, [commitment_service(store)], dimse
+        settings.scp,
+        ingest,
+        tracker,
+        settings.incoming_dir,
+        [commitment_service(store)],
+        dimse,
+        tls=settings.scp.tls if same_port else None,
     )
     tls_server = None
-    if tls is not None and settings.scp.tls is not None:  # DICOM TLS, from the node's socket
+    if tls is not None and scp_tls is not None:  # DICOM TLS, from the node's socket
         tls_server = start_dimse(
             settings.scp,
             ingest,

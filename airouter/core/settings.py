@@ -159,6 +159,9 @@ class ScpTlsSettings(_Strict):
     signed, or its connection is refused at the handshake."""
 
     port: int = Field(default=2762, ge=0, le=65535)  # 2762: DICOM over TLS (IANA); 0: any
+    # true: the DIMSE port itself speaks TLS (clear-text DICOM is refused there), no second
+    # port (``port`` is not used).
+    same_port: bool = False
     cert_file: Path
     key_file: Path
     ca_file: Path | None = None  # None: no client certificate asked for

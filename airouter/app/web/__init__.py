@@ -17,6 +17,7 @@ from airouter.app.web import auth
 from airouter.app.web.api import jobs_router, outbox_router, rules_router, status_router
 from airouter.app.web.dashboard import dashboard_router, root_router
 from airouter.app.web.dicomweb import dicomweb_router
+from airouter.app.web.qido import qido_router
 from airouter.app.web.users import users_router
 from airouter.core.db import Store
 from airouter.core.tracker import AssociationTracker
@@ -90,6 +91,7 @@ def create_app(
     async def _json_error(_: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse({"error": exc.detail, "status": exc.status_code}, exc.status_code)
 
+    app.include_router(qido_router(store))
     app.include_router(dicomweb_router(store, ingest, tracker, max_request_bytes, body_idle_s))
     app.include_router(rules_router(store, ruleset, log_phi))
     app.include_router(outbox_router(store, on_retry))

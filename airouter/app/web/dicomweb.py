@@ -1,5 +1,6 @@
-"""DICOMweb of the node's archive (PS3.18): QIDO-RS and WADO-RS of what it received and
-produced, STOW-RS into the receivers (``scp.stow``). Errors are JSON with a status."""
+"""DICOMweb of the node's archive (PS3.18): WADO-RS of what it received and produced,
+STOW-RS into the receivers (``scp.stow``); QIDO-RS is in ``qido``. Errors are JSON with a
+status."""
 
 from __future__ import annotations
 
@@ -7,64 +8,19 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from airouter.core.db import Instance, Series, Store, Study, instance_counts
+from airouter.core.db import Instance, Store
 from airouter.core.spool import is_valid_uid
 from airouter.core.tracker import AssociationTracker
 from scp.ingest import Ingest
 from scp.stow import Part, PartWriter, StowError, boundary_of, store_parts
 
 DICOM_JSON = "application/dicom+json"
-
-
-def _attr(vr: str, value: Any) -> dict[str, Any]:
-    if value is None or value == "":
-        return {"vr": vr}
-    if vr == "PN":
-        return {"vr": vr, "Value": [{"Alphabetic": str(value)}]}
-    return {"vr": vr, "Value": [value]}
-
-
-def _study_json(study: Study, n_series: int, n_instances: int) -> dict[str, Any]:
-    return {
-        "0020000D": _attr("UI", study.study_uid),
-        "00080020": _attr("DA", study.study_date),
-        "00080030": _attr("TM", study.study_time),
-        "00080050": _attr("SH", study.accession_number),
-        "00081030": _attr("LO", study.study_description),
-        "00100010": _attr("PN", study.patient_name),
-        "00100020": _attr("LO", study.patient_id),
-        "00201206": _attr("IS", n_series),
-        "00201208": _attr("IS", n_instances),
-    }
-
-
-def _series_json(series: Series, n_instances: int) -> dict[str, Any]:
-    return {
-        "0020000D": _attr("UI", series.study_uid),
-        "0020000E": _attr("UI", series.series_uid),
-        "00080060": _attr("CS", series.modality),
-        "0008103E": _attr("LO", series.series_description),
-        "00200011": _attr("IS", series.series_number),
-        "00201209": _attr("IS", n_instances),
-    }
-
-
-def _instance_json(inst: Instance) -> dict[str, Any]:
-    return {
-        "0020000D": _attr("UI", inst.study_uid),
-        "0020000E": _attr("UI", inst.series_uid),
-        "00080016": _attr("UI", inst.sop_class_uid),
-        "00080018": _attr("UI", inst.sop_instance_uid),
-        "00200013": _attr("IS", inst.instance_number),
-        "00083002": _attr("UI", inst.transfer_syntax),
-    }
 
 
 def check_uids(*uids: str) -> None:
@@ -151,58 +107,6 @@ def dicomweb_router(
     async def store_study_instances(study: str, request: Request) -> JSONResponse:
         check_uids(study)
         return await _stow(request, study)
-
-    @app.get("/studies")
-    def search_studies(StudyInstanceUID: str | None = None) -> JSONResponse:  # noqa: N803
-        with store.session() as s:
-            q = select(Study)
-            if StudyInstanceUID:
-                q = q.where(Study.study_uid == StudyInstanceUID)
-            rows = []
-            for study in s.scalars(q.order_by(Study.created_at)).all():
-                n_series = (
-                    s.scalar(
-                        select(func.count())
-                        .select_from(Series)
-                        .where(Series.study_uid == study.study_uid)
-                    )
-                    or 0
-                )
-                n_inst = (
-                    s.scalar(
-                        select(func.count())
-                        .select_from(Instance)
-                        .where(Instance.study_uid == study.study_uid)
-                    )
-                    or 0
-                )
-                rows.append(_study_json(study, n_series, n_inst))
-        return JSONResponse(rows, media_type=DICOM_JSON)
-
-    @app.get("/studies/{study}/series")
-    def search_series(study: str) -> JSONResponse:
-        check_uids(study)
-        with store.session() as s:
-            if s.get(Study, study) is None:
-                raise HTTPException(404, "study not found")
-            counts = instance_counts(s, study)
-            series = s.scalars(select(Series).where(Series.study_uid == study)).all()
-            rows = [_series_json(se, counts.get(se.series_uid, 0)) for se in series]
-        return JSONResponse(rows, media_type=DICOM_JSON)
-
-    @app.get("/studies/{study}/series/{series}/instances")
-    def search_instances(study: str, series: str) -> JSONResponse:
-        check_uids(study, series)
-        with store.session() as s:
-            rows = s.scalars(
-                select(Instance)
-                .where(Instance.study_uid == study, Instance.series_uid == series)
-                .order_by(Instance.instance_number, Instance.id)
-            ).all()
-            if not rows:
-                raise HTTPException(404, "series not found")
-            body = [_instance_json(i) for i in rows]
-        return JSONResponse(body, media_type=DICOM_JSON)
 
     def _paths(**where: str) -> list[str]:
         with store.session() as s:

@@ -22,13 +22,12 @@ def _one(mode: str) -> float:
 
     if mode == "multiprocess":
         metrics.enable_multiprocess(Path(tempfile.mkdtemp()) / "metrics", fresh=True)
-    from airouter.core.vocab import StoreStatus
-    from scp.ingest import Received, count_outcome
+    from airouter.core.vocab import Source, StoreStatus
+    from scp.ingest import count_outcome
 
-    received = Received("1.2.840.10008.1.2.1", calling_ae="MODALITY")
     t0 = time.perf_counter()
     for _ in range(N):
-        count_outcome(StoreStatus.SUCCESS, received, 525_000)
+        count_outcome(StoreStatus.SUCCESS, "MODALITY", Source.DIMSE, 525_000)
     return (time.perf_counter() - t0) / N * 1e6
 
 

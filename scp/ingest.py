@@ -117,17 +117,19 @@ class Received:
     synced: Future[int] | None = None
 
 
-def count_outcome(status: StoreStatus, received: Received, size: int = 0) -> None:
+def count_outcome(
+    status: StoreStatus, calling_ae: str | None, source: Source, size: int = 0
+) -> None:
     """Count an instance stored (``size`` new bytes) or refused (Prometheus,
     ``airouter.core.metrics``)."""
     if status == StoreStatus.SUCCESS:
-        instances, stored = metrics.received_counters(received.calling_ae, received.source.value)
+        instances, stored = metrics.received_counters(calling_ae, source.value)
         instances.inc()
         if size:
             stored.inc(size)
         return
-    ae, source = metrics.calling_ae_label(received.calling_ae), received.source.value
-    metrics.INSTANCES_REFUSED.labels(ae, source, f"{int(status):04X}").inc()
+    label = metrics.calling_ae_label(calling_ae)
+    metrics.INSTANCES_REFUSED.labels(label, source.value, f"{int(status):04X}").inc()
 
 
 @dataclass(frozen=True)
@@ -178,19 +180,24 @@ class Ingest:
     ) -> Outcome:
         """Persist and index one instance (see :meth:`_store_instance`), counted in the
         metrics."""
+        size = 0
         try:
             size = received.path.stat().st_size if received.path else len(received.data or b"")
-        except OSError:
-            size = 0
-        outcome = self._store_instance(ds, received, full_header)
-        count_outcome(outcome.status, received, 0 if outcome.reason == "duplicate" else size)
+        except OSError as exc:  # the received file is gone: nothing to store
+            log.error("cannot persist: %s", exc)
+            outcome = Outcome(StoreStatus.OUT_OF_RESOURCES, f"cannot persist: {exc.strerror}")
+        else:
+            outcome = self._store_instance(ds, received, full_header, size)
+        new = outcome.status == StoreStatus.SUCCESS and outcome.reason != "duplicate"
+        count_outcome(outcome.status, received.calling_ae, received.source, size if new else 0)
         return outcome
 
     def _store_instance(
         self,
         ds: Dataset,
         received: Received,
-        full_header: Callable[[], Dataset] | None = None,
+        full_header: Callable[[], Dataset] | None,
+        size: int,
     ) -> Outcome:
         """Persist and index one instance. Never raises: every failure is a status.
 
@@ -210,7 +217,6 @@ class Ingest:
             if free_bytes(self.spool_root) - pending < self.reserve_bytes:
                 log.warning("refusing %s: free space below the reserve", sop_uid)
                 return Outcome(StoreStatus.OUT_OF_RESOURCES, "storage below the free-space reserve")
-            size = received.path.stat().st_size if received.path is not None else pending
             arrival = _Arrival(ds, full_header, received, ids, path, size)
             attempts = _INDEX_ATTEMPTS
             with self._counted() as alone:

@@ -40,7 +40,7 @@ from airouter.core import metrics
 from airouter.core.settings import ScpSettings, ScpTlsSettings
 from airouter.core.spool import fsync_file
 from airouter.core.tracker import AssociationTracker
-from airouter.core.vocab import StoreStatus
+from airouter.core.vocab import Source, StoreStatus
 from scp.header import index_header
 from scp.ingest import Ingest, Outcome, Received, count_outcome
 from scp.limits import TooLarge
@@ -105,10 +105,10 @@ def store_received(
             ds, full = whole_header(), None
     except TooLarge as exc:
         outcome = Outcome(StoreStatus.OUT_OF_RESOURCES, str(exc))
-        count_outcome(outcome.status, Received("", calling_ae=request.calling_ae))
+        count_outcome(outcome.status, request.calling_ae, Source.DIMSE)
     except Exception as exc:
         log.warning("assoc %s: cannot decode data set: %s", request.label, exc)
-        count_outcome(StoreStatus.CANNOT_UNDERSTAND, Received("", calling_ae=request.calling_ae))
+        count_outcome(StoreStatus.CANNOT_UNDERSTAND, request.calling_ae, Source.DIMSE)
         return StoreStatus.CANNOT_UNDERSTAND, f"cannot decode data set: {exc}"
     else:
         received = Received(

@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from airouter.core.db import Delivery, Job, Store
+from airouter.core.db import Delivery, Store, jobs_by_state, queued_by_priority
 from airouter.core.metrics import MULTIPROC_ENV
 from airouter.core.vocab import DeliveryState, JobState, Priority
 
@@ -33,14 +33,7 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """One family per gauge."""
         with self.store.session() as s:
-            queued = dict(
-                s.execute(
-                    select(Job.priority, func.count())
-                    .where(Job.state == JobState.QUEUED)
-                    .group_by(Job.priority)
-                ).all()
-            )
-            jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            queued, jobs = queued_by_priority(s), jobs_by_state(s)
             deliveries = s.execute(
                 select(Delivery.state, Delivery.destination, func.count()).group_by(
                     Delivery.state, Delivery.destination

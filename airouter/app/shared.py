@@ -15,12 +15,11 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from pynetdicom import evt
-from sqlalchemy import func, select
 
 from airouter.app.accounts import AccountError, add_user, any_users
 from airouter.app.web import create_app
 from airouter.app.web.auth import AuthPolicy
-from airouter.core.db import Job, Store
+from airouter.core.db import Store, jobs_by_state
 from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import Role
@@ -121,7 +120,7 @@ class Health:
 
     def __call__(self) -> dict[str, Any]:
         with self.store.session() as s:
-            counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            counts = jobs_by_state(s)
         ready, models = self._prober.submit(self._readiness).result()
         return {
             "status": "ok",

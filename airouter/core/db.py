@@ -356,6 +356,22 @@ def instance_counts(s: Session, study_uid: str) -> dict[str, int]:
     return {str(uid): int(n) for uid, n in rows}
 
 
+def jobs_by_state(s: Session) -> dict[JobState, int]:
+    """How many jobs are in each state (states without any left out)."""
+    rows = s.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {JobState(state): int(n) for state, n in rows}
+
+
+def queued_by_priority(s: Session) -> dict[int, int]:
+    """How many jobs are queued, by priority rank (``Priority.rank``)."""
+    rows = s.execute(
+        select(Job.priority, func.count())
+        .where(Job.state == JobState.QUEUED)
+        .group_by(Job.priority)
+    ).all()
+    return {int(rank): int(n) for rank, n in rows}
+
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK = 0x41495254  # the PostgreSQL advisory lock nodes take to migrate, one at a time
 

@@ -24,7 +24,19 @@ from sqlalchemy.orm import Session
 from airouter.app import accounts
 from airouter.app.accounts import Principal
 from airouter.app.web.auth import TEMPLATES
-from airouter.core.db import Delivery, Event, Instance, Job, Output, Series, Store, Study, Transfer
+from airouter.core.db import (
+    Delivery,
+    Event,
+    Instance,
+    Job,
+    Output,
+    Series,
+    Store,
+    Study,
+    Transfer,
+    jobs_by_state,
+    queued_by_priority,
+)
 from airouter.core.spool import is_valid_uid
 from airouter.core.vocab import DeliveryState, JobState, Priority, Role, StudyState
 from inference.cards import ModelCard
@@ -58,8 +70,14 @@ def _render(request: Request, page: str, context: dict[str, Any]) -> Response:
     return TEMPLATES.TemplateResponse(request, name, context)
 
 
+def _window(offset: int, limit: int) -> tuple[int, int]:
+    """A list's offset and page size as asked, within bounds (at most 500 a page)."""
+    return max(0, offset), max(1, min(limit, 500))
+
+
 def _paging(offset: int, limit: int, shown: int) -> dict[str, int | None]:
-    limit = max(1, min(limit, 500))
+    """The links of a page of ``limit`` at ``offset`` that fetched ``shown`` (limit + 1 when
+    there is a next page)."""
     return {
         "offset": offset,
         "limit": limit,
@@ -127,14 +145,7 @@ def dashboard_router(
         with store.session() as s:
             receiving = s.scalar(select(func.count()).where(Study.state == StudyState.RECEIVING))
             transfers = s.scalar(select(func.count(Transfer.id)))
-            queued = dict(
-                s.execute(
-                    select(Job.priority, func.count())
-                    .where(Job.state == JobState.QUEUED)
-                    .group_by(Job.priority)
-                ).all()
-            )
-            states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            queued, states = queued_by_priority(s), jobs_by_state(s)
             failing = dict(
                 s.execute(
                     select(Delivery.state, func.count())
@@ -179,7 +190,7 @@ def dashboard_router(
         """Studies, newest first, searched by date, modality, calling AE (and patient ID for
         roles that may see it)."""
         who = _principal(request)
-        paging = _paging(offset, limit, 0)
+        offset, limit = _window(offset, limit)
         with store.session() as s:
             q = select(Study)
             if date_from:
@@ -197,9 +208,7 @@ def dashboard_router(
                     )
                 )
             found = s.scalars(
-                q.order_by(Study.created_at.desc())
-                .offset(paging["offset"])
-                .limit(int(paging["limit"] or PAGE) + 1)
+                q.order_by(Study.created_at.desc()).offset(offset).limit(limit + 1)
             ).all()
             uids = [x.study_uid for x in found]
             modalities: dict[str, set[str]] = {}
@@ -222,7 +231,7 @@ def dashboard_router(
                 "instances": counts.get(x.study_uid, 0),
                 "created": _z(x.created_at),
             }
-            for x in found[: paging["limit"]]
+            for x in found[:limit]
         ]
         query = {
             "date_from": date_from,
@@ -275,13 +284,14 @@ def dashboard_router(
         request: Request, state: JobState | None = None, offset: int = 0, limit: int = PAGE
     ) -> Response:
         """Jobs, newest first: state, stage timings, error; retry and cancel."""
+        offset, limit = _window(offset, limit)
         with store.session() as s:
             q = select(Job)
             if state is not None:
                 q = q.where(Job.state == state)
             found = list(s.scalars(q.order_by(Job.id.desc()).offset(offset).limit(limit + 1)).all())
             paging = _paging(offset, limit, len(found))
-            rows = _jobs_with_outputs(s, found[: paging["limit"]])
+            rows = _jobs_with_outputs(s, found[:limit])
         return _render(
             request,
             "jobs",
@@ -307,15 +317,16 @@ def dashboard_router(
             where.append(Delivery.state == state)
         if destination:
             where.append(Delivery.destination == destination)
+        offset, limit = _window(offset, limit)
         with store.session() as s:
-            rows = _deliveries(s, where, offset, max(1, min(limit, 500)))
+            rows = _deliveries(s, where, offset, limit)
             destinations = sorted(s.scalars(select(Delivery.destination).distinct()).all())
         paging = _paging(offset, limit, len(rows))
         return _render(
             request,
             "outbox",
             {
-                "rows": rows[: paging["limit"]],
+                "rows": rows[:limit],
                 "paging": paging,
                 "states": [x.value for x in DeliveryState],
                 "destinations": destinations,
@@ -360,6 +371,7 @@ def dashboard_router(
         limit: int = PAGE,
     ) -> Response:
         """The audit trail, newest first, filtered by kind, study and user."""
+        offset, limit = _window(offset, limit)
         with store.session() as s:
             q = select(Event)
             if kind:
@@ -375,7 +387,7 @@ def dashboard_router(
             request,
             "audit",
             {
-                "rows": [(e, _z(e.at)) for e in found[: paging["limit"]]],
+                "rows": [(e, _z(e.at)) for e in found[:limit]],
                 "paging": paging,
                 "kinds": kinds,
                 "query": {"kind": kind, "study": study, "user": user},

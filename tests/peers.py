@@ -136,6 +136,19 @@ class Orthanc:
     def get(self, path: str) -> Any:
         return http_json(self.url + path, auth=self.auth)
 
+    def post(self, path: str, body: Any, timeout_s: float = 60.0) -> Any:
+        """POST ``body`` as JSON to its REST API; its JSON answer (an HTTP error raises)."""
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), method="POST"
+        )
+        request.add_header("Content-Type", "application/json")
+        if self.auth is not None:
+            basic = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {basic}")
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            text = response.read()
+        return json.loads(text) if text.strip() else None
+
 
 def start_orthanc(
     workdir: Path,

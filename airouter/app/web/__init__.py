@@ -19,6 +19,7 @@ from airouter.app.web.dashboard import dashboard_router, root_router
 from airouter.app.web.dicomweb import dicomweb_router
 from airouter.app.web.qido import qido_router
 from airouter.app.web.users import users_router
+from airouter.app.web.wado import wado_router
 from airouter.core.db import Store
 from airouter.core.tracker import AssociationTracker
 from inference.cards import ModelCard
@@ -92,6 +93,7 @@ def create_app(
         return JSONResponse({"error": exc.detail, "status": exc.status_code}, exc.status_code)
 
     app.include_router(qido_router(store))
+    app.include_router(wado_router(store))
     app.include_router(dicomweb_router(store, ingest, tracker, max_request_bytes, body_idle_s))
     app.include_router(rules_router(store, ruleset, log_phi))
     app.include_router(outbox_router(store, on_retry))

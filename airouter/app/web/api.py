@@ -14,7 +14,7 @@ from fastapi import APIRouter, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from airouter.app.web.dicomweb import check_uids
+from airouter.app.web.wado import check_uids
 from airouter.core.db import Delivery, Event, Job, Output, Store, Study, utcnow
 from airouter.core.vocab import DeliveryState, JobState
 from airouter.jobs.lifecycle import JobActionError, cancel_job, retry_job

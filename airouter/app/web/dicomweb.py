@@ -1,47 +1,22 @@
-"""DICOMweb of the node's archive (PS3.18): WADO-RS of what it received and produced,
-STOW-RS into the receivers (``scp.stow``); QIDO-RS is in ``qido``. Errors are JSON with a
+"""STOW-RS (PS3.18 10.5) into the node's receivers (``scp.stow``); WADO-RS of the archive is
+in ``wado``, QIDO-RS in ``qido``. Errors are JSON with a
 status."""
 
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import select
+from fastapi.responses import JSONResponse
 
-from airouter.core.db import Instance, Store
-from airouter.core.spool import is_valid_uid
+from airouter.app.web.wado import check_uids, public_base
+from airouter.core.db import Store
 from airouter.core.tracker import AssociationTracker
 from scp.ingest import Ingest
 from scp.stow import Part, PartWriter, StowError, boundary_of, store_parts
 
 DICOM_JSON = "application/dicom+json"
-
-
-def check_uids(*uids: str) -> None:
-    """400 unless each value is a valid UID (they become paths and queries)."""
-    for uid in uids:
-        if not is_valid_uid(uid):
-            raise HTTPException(400, f"not a valid UID: {uid[:70]!r}")
-
-
-def _multipart(paths: list[str]) -> StreamingResponse:
-    boundary = uuid.uuid4().hex
-
-    def body() -> Iterator[bytes]:
-        for path in paths:
-            yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            yield Path(path).read_bytes()
-            yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode()
-
-    media = f'multipart/related; type="application/dicom"; boundary={boundary}'
-    return StreamingResponse(body(), media_type=media)
 
 
 async def _receive_parts(
@@ -72,13 +47,13 @@ def dicomweb_router(
     max_request_bytes: int = 1 << 30,
     body_idle_s: float = 30.0,
 ) -> APIRouter:
-    """QIDO-RS and WADO-RS of the archive; STOW-RS when an ingest is given."""
+    """STOW-RS of the archive (405 when no ingest is given)."""
     app = APIRouter(prefix="/dicomweb")
 
     async def _stow(request: Request, study: str | None) -> JSONResponse:
         if ingest is None or tracker is None:
             raise HTTPException(405, "this node does not accept STOW-RS")
-        base = str(request.base_url).rstrip("/") + "/dicomweb"
+        base = public_base(request)
         client = request.client.host if request.client else None
         writer: PartWriter | None = None
         try:
@@ -107,30 +82,5 @@ def dicomweb_router(
     async def store_study_instances(study: str, request: Request) -> JSONResponse:
         check_uids(study)
         return await _stow(request, study)
-
-    def _paths(**where: str) -> list[str]:
-        with store.session() as s:
-            q = select(Instance.path)
-            for column, value in where.items():
-                q = q.where(getattr(Instance, column) == value)
-            paths = list(s.scalars(q.order_by(Instance.series_uid, Instance.instance_number)))
-        if not paths:
-            raise HTTPException(404, "not found")
-        return paths
-
-    @app.get("/studies/{study}")
-    def retrieve_study(study: str) -> StreamingResponse:
-        check_uids(study)
-        return _multipart(_paths(study_uid=study))
-
-    @app.get("/studies/{study}/series/{series}")
-    def retrieve_series(study: str, series: str) -> StreamingResponse:
-        check_uids(study, series)
-        return _multipart(_paths(study_uid=study, series_uid=series))
-
-    @app.get("/studies/{study}/series/{series}/instances/{sop}")
-    def retrieve_instance(study: str, series: str, sop: str) -> StreamingResponse:
-        check_uids(study, series, sop)
-        return _multipart(_paths(study_uid=study, series_uid=series, sop_instance_uid=sop))
 
     return app

@@ -29,7 +29,15 @@ from airouter.core.leases import Identity
 from airouter.core.phi import REGISTRY
 from airouter.core.settings import RETURN_TO_SENDER, DicomNode, DispatchSettings
 from airouter.core.spool import instance_path, write_durable
-from airouter.core.vocab import CommitmentState, DeliveryState, JobState, OutputKind, Source
+from airouter.core.vocab import (
+    CommitmentState,
+    DeliveryState,
+    JobState,
+    OutputKind,
+    Review,
+    RunMode,
+    Source,
+)
 from dispatch.senders import send
 
 log = logging.getLogger(__name__)
@@ -109,23 +117,47 @@ class Outbox:
             self.add_deliveries(s, job, output)
         return len(instances)
 
+    def _sender(self, s: Session, job: Job) -> str | None:
+        """The configured DICOM destination whose AE title is the study's calling AE."""
+        study = s.get(Study, job.study_uid)
+        calling = study.calling_ae if study is not None else None
+        for name, node in self.settings.destinations.items():
+            if isinstance(node, DicomNode) and calling and node.ae_title == calling.strip():
+                return name
+        return None
+
+    def _is_test(self, s: Session, job: Job, destination: str) -> bool:
+        """Whether ``destination`` (or the sender it stands for) is marked ``test: true``."""
+        name = self._sender(s, job) if destination == RETURN_TO_SENDER else destination
+        node = self.settings.destinations.get(name or "")
+        return bool(node is not None and node.test)
+
+    def shadow_withheld(self, s: Session, job: Job) -> list[str]:
+        """The destinations a shadow run of ``job`` sends nothing to (not marked test)."""
+        return [d for d in job.destinations if not self._is_test(s, job, d)]
+
     def add_deliveries(self, s: Session, job: Job, output: Output) -> None:
         """One outbox entry per destination of the job; "@sender" becomes the configured DICOM
-        destination whose AE title is the study's calling AE, or a dead entry saying why not."""
+        destination whose AE title is the study's calling AE, or a dead entry saying why not.
+
+        A job whose rule wants a review queues its entries awaiting review (nothing leaves
+        until someone approves). A shadow run's entries go only to destinations marked
+        ``test``; the others are never queued (the job's events say which)."""
+        options = job.options or {}
+        held = options.get("review") == Review.REQUIRED
+        state = DeliveryState.AWAITING_REVIEW if held else DeliveryState.PENDING
         for destination in job.destinations:
-            if destination != RETURN_TO_SENDER:
-                s.add(Delivery(output_id=output.id, destination=destination))
+            if options.get("mode") == RunMode.SHADOW and not self._is_test(s, job, destination):
                 continue
-            study = s.get(Study, job.study_uid)
-            calling = study.calling_ae if study is not None else None
-            names = [
-                name
-                for name, node in self.settings.destinations.items()
-                if isinstance(node, DicomNode) and calling and node.ae_title == calling.strip()
-            ]
-            if names:
-                s.add(Delivery(output_id=output.id, destination=names[0]))
+            if destination != RETURN_TO_SENDER:
+                s.add(Delivery(output_id=output.id, destination=destination, state=state))
+                continue
+            name = self._sender(s, job)
+            if name is not None:
+                s.add(Delivery(output_id=output.id, destination=name, state=state))
             else:
+                study = s.get(Study, job.study_uid)
+                calling = study.calling_ae if study is not None else None
                 s.add(
                     Delivery(
                         output_id=output.id,

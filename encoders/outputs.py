@@ -65,6 +65,7 @@ class OutputRequest:
     kinds: frozenset[OutputKind]
     seg_type: SegType = SegType.BINARY
     version: int = 1  # 2, 3 ...: amended results say so in their series description
+    shadow: bool = False  # a shadow run's outputs say so in their series description
 
 
 @dataclass
@@ -88,10 +89,19 @@ def provenance_of(settings: EncoderSettings) -> Provenance:
     )
 
 
-def _identity(settings: EncoderSettings, kind: OutputKind, version: int) -> SeriesIdentity:
-    """A new series per output kind and job; amended results say which version they are."""
+SHADOW_PREFIX = "SHADOW "  # the series description of a shadow run's outputs starts so
+
+
+def _identity(
+    settings: EncoderSettings, kind: OutputKind, request: OutputRequest
+) -> SeriesIdentity:
+    """A new series per output kind and job; amended results say which version they are,
+    a shadow run's that they are one (whatever the description's length, the prefix stays)."""
     spec = settings.output_series[kind]
+    version = request.version
     description = spec.description if version == 1 else f"{spec.description} v{version}"
+    if request.shadow:
+        description = SHADOW_PREFIX + description
     return SeriesIdentity(hd.UID(), spec.number, description[:64], hd.UID())
 
 
@@ -147,7 +157,7 @@ def encode_outputs(
             source_images=source.referenced,
             structures=[replace(s, mask=source.to_instance_order(s.mask)) for s in found],
             provenance=provenance,
-            series=_identity(settings, OutputKind.SEG, request.version),
+            series=_identity(settings, OutputKind.SEG, request),
             seg_type=request.seg_type,
         )
         if OutputKind.SEG in kinds or OutputKind.SR in kinds:
@@ -161,7 +171,7 @@ def encode_outputs(
             classifications=classifications,
             provenance=provenance,
             device_uid=device_uid,
-            series=_identity(settings, OutputKind.SR, request.version),
+            series=_identity(settings, OutputKind.SR, request),
         )
         result.objects.append((OutputKind.SR, sr))
     if rt_future is not None:
@@ -187,7 +197,7 @@ def _start_rtstruct(
             source_images=source.slices,
             structures=found,
             provenance=provenance,
-            series=_identity(settings, OutputKind.RTSTRUCT, request.version),
+            series=_identity(settings, OutputKind.RTSTRUCT, request),
         )
     finally:
         pool.shutdown(wait=False)
@@ -220,6 +230,6 @@ def _probability_map(
             if s.probability is not None
         ],
         provenance=provenance,
-        series=_identity(settings, OutputKind.PROBABILITY_MAP, request.version),
+        series=_identity(settings, OutputKind.PROBABILITY_MAP, request),
     )
     result.objects.append((OutputKind.PROBABILITY_MAP, fractional))

@@ -10,7 +10,7 @@ from typing import Annotated
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from airouter.core.vocab import Activation, OutputKind, RTROIType
+from airouter.core.vocab import Activation, OutputKind, RTROIType, RunMode
 
 
 class CodedConcept(BaseModel):
@@ -136,6 +136,8 @@ class ModelCard(BaseModel):
     # What it was trained on and how it measures up (free-form, shown by `models list`).
     training: dict[str, object] = Field(default_factory=dict)
     checksum: str = ""  # sha256 of the card file, filled in at load
+    # shadow: every job that runs it is a shadow run (archived, sent to test destinations)
+    mode: RunMode = RunMode.CLINICAL
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

@@ -10,12 +10,23 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from airouter.core.db import Event, Instance, Job, Series, Store, Study, instance_counts, utcnow
-from airouter.core.vocab import Action, JobState, Priority, Source
+from airouter.core.vocab import Action, JobState, Priority, Review, RunMode, Source
 from router.engine import SeriesInfo, StudyContext, decide, required_series_present
 from router.rules import Rule
 from router.schedule import OffHours, local_now
 
 log = logging.getLogger(__name__)
+
+
+def job_options(rule: Rule) -> dict[str, str]:
+    """What of the rule a job carries beyond its columns: its review and its mode, when
+    they are not the defaults."""
+    options = {}
+    if rule.review is not Review.NONE:
+        options["review"] = rule.review.value
+    if rule.mode is not RunMode.CLINICAL:
+        options["mode"] = rule.mode.value
+    return options
 
 
 def study_series(s: Session, study_uid: str) -> list[SeriesInfo]:
@@ -95,6 +106,7 @@ def route_study(
             seg_type=d.rule.seg_type if d.rule.action is Action.RUN else None,
             destinations=list(d.rule.destinations),
             priority=d.rule.priority.rank,
+            options=job_options(d.rule),
         )
         s.add(job)
         jobs.append(job)

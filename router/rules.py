@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydicom.datadict import tag_for_keyword
 
-from airouter.core.vocab import Action, OutputKind, Priority, SegType
+from airouter.core.vocab import Action, OutputKind, Priority, Review, RunMode, SegType
 
 
 class Orientation(enum.StrEnum):
@@ -256,6 +256,10 @@ class Rule(_KeywordMatch):
     )
     seg_type: SegType = SegType.BINARY
     destinations: list[str] = Field(default_factory=list)
+    # required: results are archived, their deliveries wait for an operator's approval
+    review: Review = Review.NONE
+    # shadow: run and archive, send only to destinations marked test: true
+    mode: RunMode = RunMode.CLINICAL
     # Once every required series is present (and the senders are done), the study completes
     # without waiting for the quiet period.
     require_series: list[RequiredSeries] = Field(default_factory=list)

@@ -129,11 +129,14 @@ class _Api:
         ca = str(args.ca_file) if args.ca_file else None
         self.tls = ssl.create_default_context(cafile=ca) if args.https else None
 
-    def _open(self, path: str, method: str) -> Any:
+    def _open(self, path: str, method: str, body: Any = None) -> Any:
         import urllib.error
         import urllib.request
 
-        request = urllib.request.Request(self.base + path, method=method)
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
@@ -154,12 +157,13 @@ class _Api:
         except urllib.error.HTTPError as exc:
             raise ConfigError(f"{self.base}{path}: {json.load(exc).get('error')}") from exc
 
-    def post(self, path: str) -> int:
-        """POST; print the answer, or the node's error on stderr (exit status 1)."""
+    def post(self, path: str, body: Any = None) -> int:
+        """POST (``body`` as JSON); print the answer, or the node's error on stderr (exit
+        status 1)."""
         import urllib.error
 
         try:
-            with self._open(path, "POST") as response:
+            with self._open(path, "POST", body) as response:
                 print(json.dumps(json.load(response), indent=2))
         except urllib.error.HTTPError as exc:
             print(f"airouter: {json.load(exc).get('error')}", file=sys.stderr)
@@ -181,6 +185,14 @@ def _jobs(args: argparse.Namespace) -> int:
         return api.post(f"/jobs/{args.retry}/retry?actor={actor}")
     if args.cancel is not None:
         return api.post(f"/jobs/{args.cancel}/cancel?actor={actor}")
+    if args.approve is not None:
+        chosen = {"structures": args.structure} if args.structure else {}
+        return api.post(f"/jobs/{args.approve}/approve?actor={actor}", chosen)
+    if args.reject is not None:
+        if not args.reason:
+            print("airouter: --reject needs --reason", file=sys.stderr)
+            return 2
+        return api.post(f"/jobs/{args.reject}/reject?actor={actor}", {"reason": args.reason})
     jobs: list[dict[str, Any]] = api.get("/jobs")
     for job in jobs:
         kinds = ",".join(o["kind"] for o in job["outputs"])
@@ -239,9 +251,17 @@ def main(argv: list[str] | None = None) -> int:
     send.add_argument("--calling-ae", default="AIROUTER-SCU")
     send.set_defaults(func=_send)
 
-    jobs = sub.add_parser("jobs", help="list the node's jobs; retry a failed one, cancel one")
+    jobs = sub.add_parser(
+        "jobs", help="list the node's jobs; retry a failed one, cancel one, review one"
+    )
     jobs.add_argument("--retry", type=int, metavar="ID", help="run failed job ID again")
     jobs.add_argument("--cancel", type=int, metavar="ID", help="cancel queued job ID")
+    jobs.add_argument("--approve", type=int, metavar="ID", help="send job ID's reviewed results")
+    jobs.add_argument(
+        "--structure", action="append", metavar="NAME", help="with --approve: send only these"
+    )
+    jobs.add_argument("--reject", type=int, metavar="ID", help="withhold job ID's results")
+    jobs.add_argument("--reason", help="with --reject: why (kept with the job)")
     jobs.add_argument("--http-host", default="127.0.0.1")
     jobs.add_argument("--http-port", type=int, default=8080)
     jobs.add_argument("--token", default=os.environ.get("AIROUTER_TOKEN"), help=TOKEN_HELP)

@@ -61,6 +61,7 @@ class DicomNode(_Strict):
     """A remote DICOM application entity we send to by C-STORE (PACS, TPS)."""
 
     kind: Literal["dicom"] = "dicom"
+    test: bool = False  # a test system: shadow runs send to it (clinical ones too)
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -76,6 +77,7 @@ class DicomWebNode(_Strict):
     """A DICOMweb server we send to by STOW-RS (``url`` is the service root)."""
 
     kind: Literal["dicomweb"]
+    test: bool = False  # a test system: shadow runs send to it
     url: str = Field(pattern=r"^https?://")
     token: str | None = None  # bearer token (AIROUTER_DESTINATIONS__<NAME>__TOKEN)
     username: str | None = None  # basic authentication
@@ -88,6 +90,7 @@ class OrthancNode(_Strict):
     """An Orthanc server we upload to through its REST API (orthanc-api-client)."""
 
     kind: Literal["orthanc"]
+    test: bool = False  # a test system: shadow runs send to it
     url: str = Field(pattern=r"^https?://")
     username: str | None = None
     password: str | None = None
@@ -97,6 +100,7 @@ class FolderNode(_Strict):
     """A folder we write to (``<path>/<study>/<series>/<sop>.dcm``, durable before "sent")."""
 
     kind: Literal["folder"]
+    test: bool = False  # a test system: shadow runs send to it
     path: Path
 
 

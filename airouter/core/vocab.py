@@ -20,17 +20,20 @@ class StudyState(enum.StrEnum):
 
 
 class JobState(enum.StrEnum):
-    """``queued -> running -> (waiting_inference) -> encoding -> dispatching -> done``, or an
-    end with a reason: ``failed`` (retry makes a new version) or ``cancelled``."""
+    """``queued -> running -> (waiting_inference) -> encoding -> (awaiting_review) ->
+    dispatching -> done``, or an end with a reason: ``failed`` (retry makes a new version),
+    ``cancelled`` or ``rejected`` (a reviewer's; nothing was sent)."""
 
     QUEUED = "queued"
     RUNNING = "running"
     WAITING_INFERENCE = "waiting_inference"  # Triton unavailable: retried, never failed for it
     ENCODING = "encoding"
+    AWAITING_REVIEW = "awaiting_review"  # results archived; deliveries wait for a reviewer
     DISPATCHING = "dispatching"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    REJECTED = "rejected"
 
     @property
     def in_flight(self) -> bool:
@@ -40,7 +43,7 @@ class JobState(enum.StrEnum):
     @property
     def ended(self) -> bool:
         """Nothing more happens to the job unless someone retries it."""
-        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.REJECTED)
 
 
 class Role(enum.StrEnum):
@@ -68,6 +71,8 @@ class DeliveryState(enum.StrEnum):
     SENT = "sent"
     FAILED = "failed"  # will be retried
     DEAD = "dead"  # gave up after the configured attempts
+    AWAITING_REVIEW = "awaiting_review"  # held until a reviewer approves the job's results
+    WITHHELD = "withheld"  # never sent: rejected by a reviewer, or replaced by a subset
 
 
 class CommitmentState(enum.StrEnum):
@@ -78,6 +83,21 @@ class CommitmentState(enum.StrEnum):
     REQUESTED = "requested"  # N-ACTION accepted, report awaited
     COMMITTED = "committed"
     FAILED = "failed"
+
+
+class Review(enum.StrEnum):
+    """Whether a rule's results wait for a person before they leave the node."""
+
+    NONE = "none"
+    REQUIRED = "required"
+
+
+class RunMode(enum.StrEnum):
+    """A rule's or a model's mode: ``shadow`` runs and archives, and sends only to
+    destinations marked ``test: true`` (commissioning a model beside the clinical flow)."""
+
+    CLINICAL = "clinical"
+    SHADOW = "shadow"
 
 
 class Source(enum.StrEnum):

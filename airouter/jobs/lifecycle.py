@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import pydicom
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from airouter.core.db import Event, Job, Store, utcnow
+from airouter.core.db import Delivery, Event, Job, Output, Store, utcnow
 from airouter.core.leases import expired
-from airouter.core.vocab import JobState
+from airouter.core.vocab import DeliveryState, JobState, OutputKind
 
 log = logging.getLogger(__name__)
 
@@ -89,30 +90,35 @@ def _job_in(s: Session, job_id: int, states: tuple[JobState, ...], verb: str) ->
     return job
 
 
+def _next_version(s: Session, job: Job) -> Job:
+    """A queued copy of ``job`` as the next version of its rule's results on the study (its
+    options, review and mode among them, carried over)."""
+    latest = s.scalar(
+        select(func.max(Job.version)).where(Job.study_uid == job.study_uid, Job.rule == job.rule)
+    )
+    return Job(
+        study_uid=job.study_uid,
+        series_uid=job.series_uid,
+        rule=job.rule,
+        action=job.action,
+        models=list(job.models),
+        outputs=list(job.outputs),
+        destinations=list(job.destinations),
+        instance_count=job.instance_count,
+        version=(latest or job.version) + 1,
+        priority=job.priority,
+        seg_type=job.seg_type,
+        options=dict(job.options or {}),
+    )
+
+
 def retry_job(store: Store, job_id: int, actor: str) -> int:
     """Queue a failed or cancelled job again as the next version of its rule's results on
     the study; returns the new job's id."""
     with store.session() as s:
         job = _job_in(s, job_id, (JobState.FAILED, JobState.CANCELLED), "retried")
-        latest = s.scalar(
-            select(func.max(Job.version)).where(
-                Job.study_uid == job.study_uid, Job.rule == job.rule
-            )
-        )
-        again = Job(
-            study_uid=job.study_uid,
-            series_uid=job.series_uid,
-            rule=job.rule,
-            action=job.action,
-            models=list(job.models),
-            outputs=list(job.outputs),
-            destinations=list(job.destinations),
-            instance_count=job.instance_count,
-            version=(latest or job.version) + 1,
-            priority=job.priority,
-            seg_type=job.seg_type,
-            retry_of=job.id,
-        )
+        again = _next_version(s, job)
+        again.retry_of = job.id
         s.add(again)
         s.flush()
         s.add(
@@ -142,3 +148,143 @@ def cancel_job(store: Store, job_id: int, actor: str) -> None:
             )
         )
     log.info("job %s: cancelled by %s", job_id, actor)
+
+
+def structure_names(store: Store, job_id: int) -> list[str]:
+    """The structures a job's results hold: its SEG's segment labels and its RTSTRUCT's ROI
+    names, in the order written (what a reviewer may choose among)."""
+    with store.session() as s:
+        outputs = s.execute(
+            select(Output.kind, Output.path).where(
+                Output.job_id == job_id, Output.kind.in_([OutputKind.SEG, OutputKind.RTSTRUCT])
+            )
+        ).all()
+    names: list[str] = []
+    for kind, path in outputs:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if kind is OutputKind.SEG:
+            found = [str(item.SegmentLabel) for item in ds.get("SegmentSequence", [])]
+        else:
+            found = [str(item.ROIName) for item in ds.get("StructureSetROISequence", [])]
+        names.extend(n for n in found if n not in names)
+    return names
+
+
+def _held(s: Session, job_id: int) -> list[Delivery]:
+    return list(
+        s.scalars(
+            select(Delivery)
+            .join(Output, Output.id == Delivery.output_id)
+            .where(Output.job_id == job_id, Delivery.state == DeliveryState.AWAITING_REVIEW)
+        ).all()
+    )
+
+
+def approve_job(
+    store: Store, job_id: int, actor: str, structures: list[str] | None = None
+) -> int | None:
+    """Approve a job's results that await review: its deliveries are queued.
+
+    With ``structures`` (some of :func:`structure_names`), only those are sent: the job's
+    own deliveries are withheld and a new version of its results holding only them is
+    queued, approved already (the objects sent are new instances whose references hold);
+    its id is returned. Audited with the user."""
+    chosen = None
+    if structures is not None:
+        known = structure_names(store, job_id)
+        unknown = [n for n in structures if n not in known]
+        if unknown:
+            raise JobActionError(
+                400,
+                f"not a structure of job {job_id}: {', '.join(unknown)} "
+                f"(it has {', '.join(known) or 'none'})",
+            )
+        if not structures:
+            raise JobActionError(400, "no structure chosen: reject the job instead")
+        if set(structures) != set(known):
+            chosen = [n for n in known if n in structures]
+    with store.session() as s:
+        job = _job_in(s, job_id, (JobState.AWAITING_REVIEW,), "approved")
+        held = _held(s, job_id)
+        if chosen is None:
+            for d in held:
+                d.state = DeliveryState.PENDING
+                d.next_attempt_at = d.updated_at = utcnow()
+            job.state = JobState.DISPATCHING
+            detail = f"by {actor}: all structures" if structures else f"by {actor}"
+            s.add(
+                Event(
+                    kind="review_approved",
+                    job_id=job.id,
+                    study_uid=job.study_uid,
+                    detail=detail,
+                    actor=actor,
+                )
+            )
+            new_id = None
+        else:
+            again = _next_version(s, job)
+            again.options = {
+                **{k: v for k, v in (job.options or {}).items() if k != "review"},
+                "review": "approved",
+                "structures": chosen,
+                "reviewed_job": job.id,
+                "approved_by": actor,
+            }
+            s.add(again)
+            s.flush()
+            new_id = again.id
+            for d in held:
+                d.state = DeliveryState.WITHHELD
+                d.updated_at = utcnow()
+                d.last_status = f"replaced by job {new_id}: {actor} approved {', '.join(chosen)}"
+            job.state = JobState.DONE
+            job.finished_at = utcnow()
+            detail = f"by {actor}: only {', '.join(chosen)}, sent as job {new_id}"
+            s.add(
+                Event(
+                    kind="review_approved",
+                    job_id=job.id,
+                    study_uid=job.study_uid,
+                    detail=detail,
+                    actor=actor,
+                )
+            )
+            s.add(
+                Event(
+                    kind="job_queued",
+                    job_id=new_id,
+                    study_uid=job.study_uid,
+                    detail=f"the structures {actor} approved of job {job.id}",
+                    actor=actor,
+                )
+            )
+    log.info("job %s: approved by %s%s", job_id, actor, f" (as job {new_id})" if new_id else "")
+    return new_id
+
+
+def reject_job(store: Store, job_id: int, actor: str, reason: str) -> None:
+    """Reject a job's results that await review: nothing is sent; the job ends
+    ``rejected`` with the reviewer's reason. Audited with the user."""
+    reason = reason.strip()
+    if not reason:
+        raise JobActionError(400, "a rejection needs a reason")
+    with store.session() as s:
+        job = _job_in(s, job_id, (JobState.AWAITING_REVIEW,), "rejected")
+        for d in _held(s, job_id):
+            d.state = DeliveryState.WITHHELD
+            d.updated_at = utcnow()
+            d.last_status = f"rejected by {actor}"
+        job.state = JobState.REJECTED
+        job.finished_at = utcnow()
+        job.error = f"rejected by {actor}: {reason[:1000]}"
+        s.add(
+            Event(
+                kind="review_rejected",
+                job_id=job.id,
+                study_uid=job.study_uid,
+                detail=reason[:1000],
+                actor=actor,
+            )
+        )
+    log.info("job %s: rejected by %s", job_id, actor)  # the reason may name the patient

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from airouter.core.db import Instance, Job, Store, Study
 from airouter.core.phi import REGISTRY
 from airouter.core.settings import EncoderSettings, InferenceSettings
-from airouter.core.vocab import Action, JobState, OutputKind, SegType
+from airouter.core.vocab import Action, JobState, OutputKind, Review, RunMode, SegType
 from airouter.jobs.artefacts import save_masks, save_probabilities, save_scores
 from airouter.jobs.recorder import JobCancelled, JobRecorder
 from airouter.jobs.specs import classifications_of, structures_of
@@ -131,6 +132,7 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
     run.recorder.time(volume_s=time.perf_counter() - t0)
     run.stage = "inference"
     structures, classified = _infer(ctx, run, volume)
+    structures = _chosen(run, structures)
     run.stage = "encoding"
     run.recorder.transition(JobState.ENCODING)
     if not any(s.found for s in structures):
@@ -142,15 +144,57 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
     _encode_and_archive(ctx, run, volume, structures, classified)
 
 
+def _chosen(run: _Run, structures: list[Structure]) -> list[Structure]:
+    """The structures a reviewer chose to send (``options.structures``: the job approves a
+    subset of an earlier one's results), or all of them."""
+    names = (run.job.options or {}).get("structures")
+    if not names:
+        return structures
+    kept = [s for s in structures if s.spec.name in names]
+    run.recorder.event("review_subset", ", ".join(s.spec.name for s in kept))
+    return kept
+
+
+def is_shadow(job: Job, cards: dict[str, ModelCard]) -> bool:
+    """Whether the job is a shadow run: its rule says so, or one of its models'."""
+    if (job.options or {}).get("mode") == RunMode.SHADOW:
+        return True
+    return any(c.mode is RunMode.SHADOW for n in job.models if (c := cards.get(n)) is not None)
+
+
+def _note_shadow(ctx: PipelineContext, run: _Run, s: Session, job: Job) -> None:
+    withheld = ctx.outbox.shadow_withheld(s, job)
+    sent = [d for d in job.destinations if d not in withheld]
+    run.recorder.event(
+        "shadow_run",
+        f"archived; sent to {', '.join(sent) or 'no destination'}"
+        + (f"; not to {', '.join(withheld)} (not marked test)" if withheld else ""),
+    )
+
+
+def after_archive(job: Job) -> JobState:
+    """Where a job goes once its outputs are archived: awaiting review when its rule wants
+    one (and there is somewhere to send), else dispatching, or done with nowhere to send."""
+    if not job.destinations:
+        return JobState.DONE
+    if (job.options or {}).get("review") == Review.REQUIRED:
+        return JobState.AWAITING_REVIEW
+    return JobState.DISPATCHING
+
+
 def _forward(ctx: PipelineContext, run: _Run) -> None:
     """Send the selected series as received: its instances become the job's outputs."""
     run.stage = "forward"
     with ctx.store.session() as s:
         job = s.get(Job, run.job.id)
         assert job is not None
+        if is_shadow(job, ctx.cards):
+            job.options = {**(job.options or {}), "mode": RunMode.SHADOW.value}
         count = ctx.outbox.forward(s, job)
         run.recorder.time(dispatch_started_at=time.time())
-        run.recorder.apply(job, JobState.DISPATCHING)
+        if (job.options or {}).get("mode") == RunMode.SHADOW:
+            _note_shadow(ctx, run, s, job)
+        run.recorder.apply(job, after_archive(job))
         run.recorder.flush_events(s, job.study_uid)
     log.info("job %s: forwarding %d instances", run.job.id, count)
     ctx.on_outputs()
@@ -281,12 +325,14 @@ def _encode_and_archive(
     """The encoders build the output set; the outbox archives it and queues its deliveries,
     all in one transaction with the job's move to ``dispatching`` (or ``done``)."""
     job = run.job
+    shadow = is_shadow(job, ctx.cards)
     t0 = time.perf_counter()
     encoded = encode_outputs(
         request=OutputRequest(
             kinds=frozenset(OutputKind(k) for k in job.outputs),
             seg_type=job.seg_type or SegType((job.options or {}).get("seg_type", "binary")),
             version=job.version,
+            shadow=shadow,
         ),
         source=SourceSeries(volume.datasets, volume.sources, volume.in_source_order),
         structures=structures,
@@ -301,11 +347,15 @@ def _encode_and_archive(
     with ctx.store.session() as s:  # outputs and their deliveries appear together
         row = s.get(Job, job.id)
         assert row is not None
+        if shadow:  # the outbox sends a shadow run's results to test destinations only
+            row.options = {**(row.options or {}), "mode": RunMode.SHADOW.value}
         t0 = time.perf_counter()
         for kind, ds in encoded.objects:
             ctx.outbox.archive(s, row, kind, ds)
         run.recorder.time(archive_s=time.perf_counter() - t0, dispatch_started_at=time.time())
-        run.recorder.apply(row, JobState.DISPATCHING if row.destinations else JobState.DONE)
+        if shadow:
+            _note_shadow(ctx, run, s, row)
+        run.recorder.apply(row, after_archive(row))
         run.recorder.flush_events(s, row.study_uid)
     log.info("job %s: %d objects archived", job.id, len(encoded.objects))
     ctx.on_outputs()

@@ -98,9 +98,13 @@ def create_app(
     app.include_router(rules_router(store, ruleset, log_phi))
     app.include_router(outbox_router(store, on_retry))
     app.include_router(status_router(store, health))
-    app.include_router(jobs_router(store, on_job_queued))
+    app.include_router(jobs_router(store, on_job_queued, on_retry))
     app.include_router(users_router(store))
-    app.include_router(dashboard_router(store, health, ruleset, cards or {}, data_dir, log_phi))
+    app.include_router(
+        dashboard_router(
+            store, health, ruleset, cards or {}, data_dir, log_phi, on_retry, on_job_queued
+        )
+    )
     app.include_router(root_router())
     if metrics is not None:
         app.include_router(metrics_router(metrics))

@@ -1,4 +1,4 @@
-"""The REST API under ``/api``: jobs (retry, cancel), the outbox, the audit trail, the rules
+"""The REST API under ``/api``: jobs (retry, cancel, review), the outbox, the audit trail, the rules
 in force and their dry run on a stored study, health. Errors are JSON with a status.
 
 No answer here exists to show patient data: job errors and event details are redacted when
@@ -11,16 +11,38 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airouter.app.web.wado import check_uids
 from airouter.core.db import Delivery, Event, Job, Output, Store, Study, utcnow
 from airouter.core.vocab import DeliveryState, JobState
-from airouter.jobs.lifecycle import JobActionError, cancel_job, retry_job
+from airouter.jobs.lifecycle import (
+    JobActionError,
+    approve_job,
+    cancel_job,
+    reject_job,
+    retry_job,
+    structure_names,
+)
 from router.engine import explain
 from router.queue import study_context
 from router.registry import RuleSet
+
+
+class Approval(BaseModel):
+    """An approval: all the job's structures, or only those named."""
+
+    model_config = ConfigDict(extra="forbid")
+    structures: list[str] | None = Field(default=None, max_length=500)
+
+
+class Rejection(BaseModel):
+    """A rejection and why."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=1000)
 
 
 def _actor(request: Request, claimed: str) -> str:
@@ -55,6 +77,7 @@ def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> di
         "state": job.state.value,
         "attempts": job.attempts,
         "error": job.error,
+        "options": job.options or {},  # review, mode, the structures a reviewer chose
         "timings": {k: v for k, v in job.timings.items() if not k.endswith("_at")},
         "created_at": job.created_at.isoformat() + "Z",
         "finished_at": job.finished_at.isoformat() + "Z" if job.finished_at else None,
@@ -225,8 +248,13 @@ def status_router(store: Store, health: Callable[[], dict[str, Any]]) -> APIRout
     return app
 
 
-def jobs_router(store: Store, on_job_queued: Callable[[], None] | None) -> APIRouter:
-    """Jobs: list, one, retry a failed one (a new version), cancel a queued one."""
+def jobs_router(
+    store: Store,
+    on_job_queued: Callable[[], None] | None,
+    on_retry: Callable[[], None] | None = None,
+) -> APIRouter:
+    """Jobs: list, one, retry a failed one (a new version), cancel a queued one, approve or
+    reject one awaiting review."""
     app = APIRouter(prefix="/api")
 
     @app.get("/jobs")
@@ -256,6 +284,47 @@ def jobs_router(store: Store, on_job_queued: Callable[[], None] | None) -> APIRo
             on_job_queued()
         with store.session() as s:
             job = s.get(Job, new_id)
+            assert job is not None
+            return _job_details(s, job)
+
+    @app.get("/jobs/{job_id}/structures")
+    def structures(job_id: int) -> dict[str, Any]:
+        """The structures a job's results hold (what a reviewer may choose among)."""
+        with store.session() as s:
+            if s.get(Job, job_id) is None:
+                raise HTTPException(404, f"job {job_id} not found")
+        return {"job": job_id, "structures": structure_names(store, job_id)}
+
+    @app.post("/jobs/{job_id}/approve")
+    def approve(
+        request: Request, job_id: int, body: Approval | None = None, actor: str = "api"
+    ) -> dict[str, Any]:
+        """Send a job's reviewed results (all, or only the structures named)."""
+        chosen = body.structures if body is not None else None
+        try:
+            new_id = approve_job(store, job_id, _actor(request, actor), chosen)
+        except JobActionError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        if new_id is not None and on_job_queued is not None:
+            on_job_queued()
+        if new_id is None and on_retry is not None:
+            on_retry()  # the outbox sends what was held
+        with store.session() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            return {**_job_details(s, job), "sent_as_job": new_id}
+
+    @app.post("/jobs/{job_id}/reject")
+    def reject(
+        request: Request, job_id: int, body: Rejection, actor: str = "api"
+    ) -> dict[str, Any]:
+        """Withhold a job's reviewed results, with the reason."""
+        try:
+            reject_job(store, job_id, _actor(request, actor), body.reason)
+        except JobActionError as exc:
+            raise HTTPException(exc.status, str(exc)) from exc
+        with store.session() as s:
+            job = s.get(Job, job_id)
             assert job is not None
             return _job_details(s, job)
 

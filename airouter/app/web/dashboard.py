@@ -11,19 +11,22 @@ them. Patient ID and name show, and may be searched, only for roles that may act
 
 from __future__ import annotations
 
+import html
 import shutil
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from airouter.app import accounts
 from airouter.app.accounts import Principal
-from airouter.app.web.auth import TEMPLATES
+from airouter.app.web.auth import TEMPLATES, small_body
 from airouter.core.db import (
     Delivery,
     Event,
@@ -39,6 +42,7 @@ from airouter.core.db import (
 )
 from airouter.core.spool import is_valid_uid
 from airouter.core.vocab import DeliveryState, JobState, Priority, Role, StudyState
+from airouter.jobs.lifecycle import JobActionError, approve_job, reject_job, structure_names
 from inference.cards import ModelCard
 from router.engine import explain
 from router.queue import study_context
@@ -105,6 +109,8 @@ def _jobs_with_outputs(s: Session, jobs: list[Job]) -> list[dict[str, Any]]:
             },
             "retryable": j.state in (JobState.FAILED, JobState.CANCELLED),
             "cancellable": j.state in (JobState.QUEUED, JobState.WAITING_INFERENCE),
+            "reviewable": j.state is JobState.AWAITING_REVIEW,
+            "shadow": (j.options or {}).get("mode") == "shadow",
             "created": _z(j.created_at),
         }
         for j in jobs
@@ -134,6 +140,8 @@ def dashboard_router(
     cards: dict[str, ModelCard],
     data_dir: Path | None,
     log_phi: bool,
+    on_retry: Callable[[], None] | None = None,
+    on_job_queued: Callable[[], None] | None = None,
 ) -> APIRouter:
     """The dashboard's pages."""
     app = APIRouter(prefix="/dashboard", include_in_schema=False)
@@ -278,6 +286,55 @@ def dashboard_router(
                 "events": [(e, _z(e.at)) for e in events],
             }
         return _render(request, "study", context)
+
+    @app.get("/jobs/{job_id}/review", response_class=HTMLResponse)
+    def review(request: Request, job_id: int) -> Response:
+        """A job's results awaiting review: its structures to choose among, the viewer on
+        its study, approve or reject (with a reason)."""
+        with store.session() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise HTTPException(404, f"job {job_id} not found")
+            row = _jobs_with_outputs(s, [job])[0]
+            held = _deliveries(s, [Output.job_id == job_id], 0, 1000)
+        context = {
+            "r": row,
+            "structures": structure_names(store, job_id),
+            "deliveries": held,
+            "destinations": sorted({d["d"].destination for d in held}),
+        }
+        return _render(request, "review", context)
+
+    @app.post("/jobs/{job_id}/review", response_class=HTMLResponse)
+    async def decide(request: Request, job_id: int) -> Response:
+        """The review form (htmx): approve (the structures ticked) or reject (a reason); on
+        success the browser goes to the study's page."""
+        form = urllib.parse.parse_qs((await small_body(request)).decode(errors="replace"))
+        decision = (form.get("decision") or [""])[0]
+        actor = _principal(request).name
+        try:
+            if decision == "approve":
+                chosen = form.get("structure", [])
+                new_id = await run_in_threadpool(
+                    approve_job, store, job_id, actor, chosen if "structures" in form else None
+                )
+                wake = on_job_queued if new_id is not None else on_retry
+                if wake is not None:
+                    wake()
+            elif decision == "reject":
+                reason = (form.get("reason") or [""])[0]
+                await run_in_threadpool(reject_job, store, job_id, actor, reason)
+            else:
+                raise JobActionError(400, "decision is approve or reject")
+        except JobActionError as exc:
+            return HTMLResponse(
+                f'<p class="error" id="review-error">{html.escape(str(exc))}</p>', exc.status
+            )
+        with store.session() as s:
+            job = s.get(Job, job_id)
+            study_uid = job.study_uid if job is not None else ""
+        target = f"/dashboard/studies/{study_uid}"
+        return HTMLResponse("", 200, headers={"HX-Redirect": target})
 
     @app.get("/jobs", response_class=HTMLResponse)
     def jobs(

@@ -41,7 +41,17 @@ $(HTMX):
 	cp .npm-vendor/node_modules/htmx.org/dist/htmx.min.js $(HTMX)
 	rm -rf .npm-vendor
 
-install: system-deps $(STAMP) $(HTMX)
+# The viewer: OHIF's prebuilt app from npm (pinned), rewritten to live under /viewer/ by
+# airouter.app.web.viewer (its OHIF_VERSION must match). Not committed; about 200 MB unpacked.
+OHIF_VERSION := 3.13.2
+OHIF := airouter/app/web/static/vendor/ohif/.installed-$(OHIF_VERSION)
+$(OHIF): | $(STAMP)
+	rm -rf .npm-ohif && mkdir -p .npm-ohif
+	cd .npm-ohif && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	$(PY) -m airouter.app.web.viewer install .npm-ohif/ohif-app-$(OHIF_VERSION).tgz
+	rm -rf .npm-ohif
+
+install: system-deps $(STAMP) $(HTMX) $(OHIF)
 
 run: install
 	$(VENV)/bin/airouter serve

@@ -172,6 +172,8 @@ def encode_outputs(
             provenance=provenance,
             device_uid=device_uid,
             series=_identity(settings, OutputKind.SR, request),
+            # single-frame images: each structure also drawn on one of them (TID 1410)
+            planar_slices=source.slices if source.instances is None else None,
         )
         result.objects.append((OutputKind.SR, sr))
     if rt_future is not None:

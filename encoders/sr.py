@@ -1,4 +1,10 @@
-"""TID 1500 Measurement Report (Comprehensive 3D SR) with highdicom: volumes per structure."""
+"""TID 1500 Measurement Report (Comprehensive 3D SR) with highdicom: volumes per structure.
+
+Each structure found has a TID 1411 volumetric group (its SEG segment, volume, attenuation)
+and, on single-frame series, a TID 1410 planar group with the same tracking identifier: its
+outline and area on the slice where it is largest. Viewers that draw only image regions (OHIF
+merges the groups of one tracking identifier into one measurement) then show each structure
+with its measurements; the standard allows several groups per tracked finding."""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
@@ -17,6 +24,7 @@ from encoders.common import (
     SeriesIdentity,
     Structure,
 )
+from encoders.rtstruct import slice_contours
 
 MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
 
@@ -82,14 +90,62 @@ def _attenuation(stats: tuple[float, float, float] | None) -> list[hd.sr.Measure
     ]
 
 
+def _shoelace(points: np.ndarray) -> float:
+    x, y = points[:, 1], points[:, 0]
+    return float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2)
+
+
+def _planar(
+    s: Structure, tracking: hd.sr.TrackingIdentifier, slices: Sequence[Dataset]
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 for a structure on the slice where it is largest: its outer outline (the
+    longest boundary there) as a closed polyline, and its area on that slice."""
+    areas = s.mask.reshape(len(s.mask), -1).sum(axis=1)
+    k = int(np.argmax(areas))
+    contours = slice_contours(s.mask[k])
+    if not contours or k >= len(slices):
+        return None
+    outline = max(contours, key=_shoelace)
+    # SCOORD pixel coordinates: (column, row), 0.0 at the top left corner of the top left
+    # pixel, so a pixel's centre is at +0.5; a closed POLYLINE ends where it starts
+    points = np.column_stack([outline[:, 1] + 0.5, outline[:, 0] + 0.5])
+    points = np.vstack([points, points[:1]])
+    image = slices[k]
+    row_mm, col_mm = (float(v) for v in image.PixelSpacing)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=points.astype(np.float32),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=image.SOPClassUID,
+                referenced_sop_instance_uid=image.SOPInstanceUID,
+            ),
+        ),
+        finding_type=s.spec.type,
+        algorithm_id=_algorithm(s.spec),
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.SCT.Area,
+                value=round(float(areas[k]) * row_mm * col_mm, 1),
+                unit=codes.UCUM.SquareMillimeter,
+            )
+        ],
+    )
+
+
 def _volumetric(
-    s: Structure, number: int, seg: Dataset, source_series: hd.sr.SourceSeriesForSegmentation
+    s: Structure,
+    number: int,
+    seg: Dataset,
+    source_series: hd.sr.SourceSeriesForSegmentation,
+    tracking: hd.sr.TrackingIdentifier,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 for segment ``number`` of ``seg``: its volume and attenuation."""
     if s.volume_ml is None:
         raise EncodeError(f"{s.spec.tracking_id}: a found structure needs its volume")
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(s.spec),
+        tracking_identifier=tracking,
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,
@@ -117,12 +173,15 @@ def build_measurement_report(
     classifications: Sequence[Classification] = (),
     device_uid: str,
     series: SeriesIdentity,
+    planar_slices: Sequence[Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """One TID 1411 volumetric group per structure found (``structures[n]`` is segment
     ``n + 1`` of ``seg``; its ``volume_ml`` and ``intensities_hu`` are reported), one TID 1501
     group per structure the model looked for and did not find ("Absent"), and one TID 1501
     group per classification (the finding Present or Absent, with the score). With nothing
     found there is no SEG (``seg`` None, ``structures`` empty): the report says so.
+    With ``planar_slices`` (one single-frame image per slice of the masks, in their order),
+    each structure found also has a TID 1410 planar group (see the module's docstring).
     """
     if seg is None and structures:
         raise ValueError("structures that were found need the SEG that holds them")
@@ -137,11 +196,16 @@ def build_measurement_report(
         ),
     )
     source_series = hd.sr.SourceSeriesForSegmentation(source_images[0].SeriesInstanceUID)
-    groups: list[Any] = [
-        _volumetric(s, number, seg, source_series)
-        for number, s in enumerate(structures, start=1)
-        if seg is not None
-    ]
+    groups: list[Any] = []
+    for number, s in enumerate(structures, start=1):
+        if seg is None:
+            break
+        tracking = _tracking(s.spec)
+        groups.append(_volumetric(s, number, seg, source_series, tracking))
+        if planar_slices is not None:
+            planar = _planar(s, tracking, planar_slices)
+            if planar is not None:
+                groups.append(planar)
     groups += [_absent(spec) for spec in absent]
     groups += [_classified(c) for c in classifications]
     report = hd.sr.MeasurementReport(

@@ -90,8 +90,8 @@ def test_instances_as_stored_or_transcoded(archive: tuple[Api, dict[str, Any]]) 
     api, data = archive
     ct = data["ct"][0]
     stored = Path(head_ct_files()[0]).read_bytes()
-    for accept in (None, DICOM, f"{DICOM}; transfer-syntax=*", "*/*", "application/dicom"):
-        assert _split_multipart(_get(api, _path(ct), accept)) == [stored]
+    for accept in (None, DICOM, f"{DICOM}; transfer-syntax=*", "*/*"):
+        assert _split_multipart(_get(api, _path(ct), accept)) == [stored], accept
     study = _get(api, f"/dicomweb/studies/{ct.StudyInstanceUID}")
     assert len(_split_multipart(study)) == 3
     series = _get(api, f"/dicomweb/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}")
@@ -118,6 +118,14 @@ def test_instances_as_stored_or_transcoded(archive: tuple[Api, dict[str, Any]]) 
     _get(api, _path(ct), 'multipart/related; type="application/dicom+xml"', 406)
     _get(api, _path(ct), "image/png", 406)
     _get(api, _path(ct), f"{DICOM}; q=0", 406)
+    # one instance on its own (single part) when application/dicom itself is asked
+    single = _get(api, _path(ct), "application/dicom")
+    assert single.headers["content-type"].startswith("application/dicom")
+    assert single.content == stored
+    transcoded = _get(api, _path(j2k), "application/dicom; transfer-syntax=1.2.840.10008.1.2.1")
+    assert pydicom.dcmread(io.BytesIO(transcoded.content)).file_meta.TransferSyntaxUID == (
+        "1.2.840.10008.1.2.1"
+    )
     _get(api, "/dicomweb/studies/1.2.3.4", None, 404)
     _get(api, "/dicomweb/studies/not-a-uid", None, 400)
 
@@ -146,6 +154,8 @@ def test_metadata_at_each_level(archive: tuple[Api, dict[str, Any]]) -> None:
     bulk_path = pixel["BulkDataURI"].split("testserver", 1)[1]
     bulk = _get(api, bulk_path, OCTETS)
     assert _split_multipart(bulk) == [ct.PixelData]
+    single = _get(api, bulk_path, "application/octet-stream")  # on its own, as OHIF asks
+    assert single.content == ct.PixelData
     _get(api, _path(ct, "/bulk/00100010"), None, 404)  # a name is no bulk data
     _get(api, _path(ct, "/bulk/zz"), None, 400)
     # the SEG: its segments' attributes are there, its frames are bulk data
@@ -218,6 +228,10 @@ def test_rendered_images(archive: tuple[Api, dict[str, Any]]) -> None:
     mask = np.asarray(Image.open(io.BytesIO(frame.content)))
     assert set(np.unique(mask)) <= {0, 255} and mask.max() == 255
     assert _get(api, _path(data["j2k"], "/rendered")).content[:2] == b"\xff\xd8"
+    series = f"/dicomweb/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}"
+    small = Image.open(io.BytesIO(_get(api, f"{series}/thumbnail").content))
+    assert max(small.size) == 128
+    assert _get(api, _path(ct, "/thumbnail"), "image/png").content[:4] == b"\x89PNG"
     _get(api, _path(ct, "/rendered"), "application/pdf", 406)
     _get(api, _path(ct, "/rendered?window=abc"), None, 400)
     _get(api, _path(ct, "/rendered?viewport=0,10"), None, 400)

@@ -19,6 +19,7 @@ from airouter.app.web.dashboard import dashboard_router, root_router
 from airouter.app.web.dicomweb import dicomweb_router
 from airouter.app.web.qido import qido_router
 from airouter.app.web.users import users_router
+from airouter.app.web.viewer import viewer_router
 from airouter.app.web.wado import wado_router
 from airouter.core.db import Store
 from airouter.core.tracker import AssociationTracker
@@ -105,6 +106,7 @@ def create_app(
             store, health, ruleset, cards or {}, data_dir, log_phi, on_retry, on_job_queued
         )
     )
+    app.include_router(viewer_router())
     app.include_router(root_router())
     if metrics is not None:
         app.include_router(metrics_router(metrics))

@@ -13,7 +13,10 @@ rendered images, each with Accept-header negotiation.
 - ``.../instances/{i}/bulk/{tag}``: one top-level value as ``application/octet-stream``.
 - ``.../instances/{i}/rendered`` and ``.../frames/{n}/rendered``: JPEG (the default) or PNG,
   windowed (``window=center,width``, else the instance's own window, else its range),
-  scaled into ``viewport=w,h``.
+  scaled into ``viewport=w,h``; ``.../series/{se}/thumbnail`` and ``.../instances/{i}/thumbnail``
+  the same, small (128 px unless ``viewport`` says).
+- One instance (``application/dicom``) and one bulk value (``application/octet-stream``) come
+  on their own when the Accept header asks for that media type rather than a multipart one.
 
 What the Accept header asks and cannot be given is a 406 that says what can be.
 """
@@ -140,6 +143,17 @@ def _part_media(r: MediaRange, default: str) -> str:
     if r.media in ("multipart/related", "multipart/*"):
         return r.params.get("type", default).lower()
     return r.media
+
+
+def _single_part(accept: list[MediaRange], media: str) -> bool:
+    """Whether the best range the server can meet asks for ``media`` on its own rather than
+    in a multipart body (PS3.18 8.7.3.1: single-part for one instance or one bulk value)."""
+    for r in accept:
+        if r.media == media:
+            return True
+        if r.media in ("multipart/related", "multipart/*", "*/*"):
+            return False
+    return False
 
 
 def _not_acceptable(what: str, offered: str) -> HTTPException:
@@ -453,9 +467,16 @@ def wado_router(store: Store) -> APIRouter:
 
     @app.get("/studies/{study}/series/{series}/instances/{sop}")
     def retrieve_instance(study: str, series: str, sop: str, request: Request) -> Response:
-        """One instance."""
+        """One instance: multipart, or on its own when ``application/dicom`` is asked."""
         check_uids(study, series, sop)
-        return retrieve(request, study_uid=study, series_uid=series, sop_instance_uid=sop)
+        accept = parse_accept(request.headers.get("accept"))
+        if not _single_part(accept, "application/dicom"):
+            return retrieve(request, study_uid=study, series_uid=series, sop_instance_uid=sop)
+        syntax = _instance_syntax(accept)
+        path, stored, *_ = rows(study_uid=study, series_uid=series, sop_instance_uid=sop)[0]
+        _check_transcodable([(path, stored)], syntax)
+        ((media, data),) = _instance_parts([(path, stored)], syntax)
+        return Response(data, media_type=media)
 
     @app.get("/studies/{study}/metadata")
     def study_metadata(study: str, request: Request) -> JSONResponse:
@@ -489,9 +510,7 @@ def wado_router(store: Store) -> APIRouter:
         return _multipart(iter(parts), part_type)
 
     @app.get("/studies/{study}/series/{series}/instances/{sop}/bulk/{tag}")
-    def retrieve_bulk(
-        study: str, series: str, sop: str, tag: str, request: Request
-    ) -> StreamingResponse:
+    def retrieve_bulk(study: str, series: str, sop: str, tag: str, request: Request) -> Response:
         """One top-level value of the instance (a BulkDataURI of its metadata)."""
         check_uids(study, series, sop)
         if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
@@ -510,6 +529,8 @@ def wado_router(store: Store) -> APIRouter:
             data = np.frombuffer(data, f">u{width}").astype(f"<u{width}").tobytes()
         syntax = stored if int(tag, 16) == _PIXEL_DATA else ExplicitVRLittleEndian
         part = f'{OCTETS}; transfer-syntax="{syntax}"'
+        if _single_part(accept, OCTETS):
+            return Response(data, media_type=part)
         return _multipart(iter([(part, data)]), OCTETS)
 
     def rendered(request: Request, where: dict[str, str], frame: int) -> Response:
@@ -528,6 +549,38 @@ def wado_router(store: Store) -> APIRouter:
             raise HTTPException(404, f"frame {frame} beyond the instance's {count}")
         try:
             image = render(ds, frame, media, window, viewport, int(quality_text))
+        except Exception as exc:  # pixel data no decoder reads: a clear answer
+            raise HTTPException(422, f"cannot render this instance: {exc}"[:300]) from exc
+        return Response(image, media_type=media)
+
+    @app.get("/studies/{study}/series/{series}/thumbnail")
+    def series_thumbnail(study: str, series: str, request: Request) -> Response:
+        """A small image of the series' middle instance (the dashboard's, a viewer's)."""
+        check_uids(study, series)
+        found = rows(study_uid=study, series_uid=series)
+        _, _, _, _, sop = found[len(found) // 2]
+        return thumbnail(
+            request, {"study_uid": study, "series_uid": series, "sop_instance_uid": sop}
+        )
+
+    @app.get("/studies/{study}/series/{series}/instances/{sop}/thumbnail")
+    def instance_thumbnail(study: str, series: str, sop: str, request: Request) -> Response:
+        """A small image of the instance."""
+        check_uids(study, series, sop)
+        return thumbnail(
+            request, {"study_uid": study, "series_uid": series, "sop_instance_uid": sop}
+        )
+
+    def thumbnail(request: Request, where: dict[str, str]) -> Response:
+        media = _rendered_media(parse_accept(request.headers.get("accept")))
+        viewport = _viewport(request.query_params.get("viewport")) or (128, 128)
+        path, *_ = rows(**where)[0]
+        ds = pydicom.dcmread(path)
+        if "PixelData" not in ds:
+            raise HTTPException(404, "this instance has no pixel data to render")
+        count = int(ds.get("NumberOfFrames", 1) or 1)
+        try:
+            image = render(ds, (count + 1) // 2, media, None, viewport, 80)
         except Exception as exc:  # pixel data no decoder reads: a clear answer
             raise HTTPException(422, f"cannot render this instance: {exc}"[:300]) from exc
         return Response(image, media_type=media)

@@ -74,7 +74,8 @@ def _read(path: str, **kwargs: Any) -> Dataset:
     return ds
 
 
-def _tls_context(node: DicomNode) -> ssl.SSLContext:
+def tls_context(node: DicomNode) -> ssl.SSLContext:
+    """The client TLS context of a DICOM destination (its CA, our certificate)."""
     assert node.tls is not None
     context = ssl.create_default_context(
         ssl.Purpose.SERVER_AUTH, cafile=str(node.tls.ca_file) if node.tls.ca_file else None
@@ -115,7 +116,7 @@ def send_dicom(
         contexts.append(build_context(STORAGE_COMMITMENT_PUSH))
     where = f"{node.ae_title}@{node.host}:{node.port}" + (" (TLS)" if node.tls else "")
     try:
-        tls_args = (_tls_context(node), node.host) if node.tls else None
+        tls_args = (tls_context(node), node.host) if node.tls else None
     except (OSError, ssl.SSLError) as exc:
         return [(i, False, f"TLS set-up for {where} failed: {exc}") for i, _ in datasets]
     assoc = ae.associate(

@@ -383,9 +383,14 @@ def build_ae(settings: ScpSettings, extra: Sequence[ExtraService] = ()) -> AE:
         ae.add_supported_context(
             service.sop_class, scu_role=service.scu_role, scp_role=service.scp_role
         )
+    # A C-GET requestor proposes the storage SOP classes with itself as SCP (role selection):
+    # accepted, so the instances go back to it on its association. Without role selection
+    # the usual roles hold (the sender is the SCU).
+    getting = any(s.event is evt.EVT_C_GET for s in extra)
+    roles = {"scu_role": True, "scp_role": True} if getting else {}
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, **roles)
     return ae
 
 

@@ -74,6 +74,12 @@ def test_dockerfiles_copy_only_what_exists_and_run_the_console_script() -> None:
     pinned = re.search(r"^HTMX_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), flags=re.M)
     assert pinned is not None and f"htmx.org@{pinned.group(1)}" in text
     assert "./airouter/app/web/static/vendor/" in text
+    # the viewer: one OHIF version in the Makefile, the image and the code that serves it
+    from airouter.app.web.viewer import OHIF_VERSION
+
+    ohif = re.search(r"^OHIF_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert ohif is not None and ohif.group(1) == OHIF_VERSION
+    assert f"@ohif/app@{OHIF_VERSION}" in text and "airouter.app.web.viewer install" in text
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'airouter = "airouter.app.cli:main"' in pyproject
     # every package the wheel holds is copied into the image before `pip install .`

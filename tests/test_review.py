@@ -245,3 +245,22 @@ def test_shadow_runs_reach_only_test_destinations(
     assert _in_orthanc(orthanc, study) == {}
     shadow = [e for e in _events(node, study) if e["kind"] == "shadow_run"]
     assert shadow and "not to pacs" in shadow[0]["detail"]
+
+
+def test_a_model_in_shadow_mode_makes_every_run_of_it_a_shadow_run() -> None:
+    from airouter.core.db import Job
+    from airouter.core.vocab import JobState, RunMode
+    from airouter.jobs.pipeline import after_archive, is_shadow
+    from inference.cards import load_cards
+
+    cards = load_cards(ROOT / "config" / "models")
+    job = Job(models=["ct-body", "ct-lungs"], destinations=["pacs"], options={})
+    assert not is_shadow(job, cards)
+    shadowed = {**cards, "ct-lungs": cards["ct-lungs"].model_copy(update={"mode": RunMode.SHADOW})}
+    assert is_shadow(job, shadowed)
+    assert is_shadow(Job(models=["ct-body"], options={"mode": "shadow"}), cards)
+    assert after_archive(job) is JobState.DISPATCHING
+    assert after_archive(Job(destinations=["pacs"], options={"review": "required"})) is (
+        JobState.AWAITING_REVIEW
+    )
+    assert after_archive(Job(destinations=[], options={"review": "required"})) is JobState.DONE

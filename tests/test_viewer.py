@@ -239,3 +239,31 @@ def test_operator_reviews_in_the_viewer_and_sends_chosen_structures(
     finally:
         stop_process(node.process)
     assert "Traceback" not in node.log_text()
+
+
+def test_rewrite_moves_a_root_build_under_the_prefix(tmp_path: Path) -> None:
+    """What the install changes in OHIF's build, on a miniature of it."""
+    from airouter.app.web.viewer import rewrite
+
+    (tmp_path / "index.html").write_text(
+        '<script>window.PUBLIC_URL="/"</script><link href="/app.bundle.css">'
+        '<script src="/app-config.js"></script><script src="/init-service-worker.js"></script>'
+        '<a href="//cdn.example">x</a>'
+    )
+    (tmp_path / "app.bundle.1234567890abcdef.js").write_text(
+        '__webpack_require__.p = "/";\n'
+        "const referencedSOPSequence = measurement.coords[0].ReferencedSOPSequence;\n"
+    )
+    (tmp_path / "app.bundle.css").write_text("@font-face{src:url(/a.woff2)}")
+    (tmp_path / "manifest.json").write_text('{"icons": [{"src": "/assets/x.png"}]}')
+    (tmp_path / "sw.js").write_text("")
+    assert rewrite(tmp_path, "/viewer/") == 4
+    index = (tmp_path / "index.html").read_text()
+    assert 'window.PUBLIC_URL="/viewer/"' in index and 'href="/viewer/app.bundle.css"' in index
+    assert 'src="/viewer/app-config.js"' in index and "init-service-worker" not in index
+    assert 'href="//cdn.example"' in index  # not a path of ours
+    js = (tmp_path / "app.bundle.1234567890abcdef.js").read_text()
+    assert '__webpack_require__.p = "/viewer/";' in js and "coords[0]?.Referenced" in js
+    assert "url(/viewer/a.woff2)" in (tmp_path / "app.bundle.css").read_text()
+    assert '"/viewer/assets/x.png"' in (tmp_path / "manifest.json").read_text()
+    assert not (tmp_path / "sw.js").exists()

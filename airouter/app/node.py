@@ -29,8 +29,8 @@ from airouter.app.shared import (
     Health,
     build_ingest,
     claim_port,
-    commitment_service,
     dimse_listener,
+    dimse_services,
     http_app,
     refuse_open_http,
     rule_check,
@@ -270,7 +270,7 @@ class Node:
     def _start_dimse(self) -> None:
         # Storage commitment reports come from the destinations we asked (they act as the
         # SCP of the SOP class on an association they start: role selection).
-        commitment = commitment_service(self.store)
+        services = dimse_services(self.store, self.settings)
         s = self.settings.scp
         self._dimse_socket = dimse_listener(s.dimse_host, s.dimse_port, s.listen_backlog)
         self.dimse = start_dimse(
@@ -278,7 +278,7 @@ class Node:
             self.ingest,
             self.tracker,
             self.settings.incoming_dir,
-            [commitment],
+            services,
             self._dimse_socket,
             tls=s.tls if s.tls is not None and s.tls.same_port else None,
         )
@@ -289,7 +289,7 @@ class Node:
                 self.ingest,
                 self.tracker,
                 self.settings.incoming_dir,
-                [commitment],
+                services,
                 self._tls_socket,
                 tls=s.tls,
             )

@@ -20,15 +20,17 @@ from airouter.app.accounts import AccountError, add_user, any_users
 from airouter.app.web import create_app
 from airouter.app.web.auth import AuthPolicy
 from airouter.core.db import Store, jobs_by_state
-from airouter.core.settings import RETURN_TO_SENDER, ConfigError, Settings
+from airouter.core.settings import RETURN_TO_SENDER, ConfigError, DicomNode, Settings
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import Role
 from dispatch.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
+from dispatch.senders import tls_context
 from inference.cards import ModelCard
 from inference.triton import InferenceClient
 from router.registry import RuleSet, Validator
 from router.rules import Rule, RuleError
 from scp.ingest import Ingest
+from scp.qr import ArchiveQR, MoveTarget
 from scp.server import ExtraService
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,30 @@ def commitment_service(store: Store) -> ExtraService:
         scu_role=True,
         scp_role=True,
     )
+
+
+def dimse_services(store: Store, settings: Settings) -> list[ExtraService]:
+    """What the node's DIMSE port serves beyond C-ECHO and C-STORE: storage commitment
+    reports, and query/retrieve of the archive (C-MOVE to the DICOM destinations)."""
+    services = [commitment_service(store)]
+    qr = settings.scp.query_retrieve
+    if qr.enabled:
+        targets = {
+            node.ae_title: MoveTarget(
+                node.ae_title,
+                node.host,
+                node.port,
+                tls_context(node) if node.tls is not None else None,
+                node.host if node.tls is not None and node.tls.verify_hostname else None,
+            )
+            for node in settings.dispatch.destinations.values()
+            if isinstance(node, DicomNode)
+        }
+        archive = ArchiveQR(
+            store, settings.scp.ae_title, targets, qr.allowed_calling_ae_titles, qr.max_matches
+        )
+        services += archive.services()
+    return services
 
 
 def build_ingest(store: Store, settings: Settings) -> Ingest:

@@ -37,7 +37,7 @@ from airouter.app.metrics import scraper
 from airouter.app.shared import (
     Health,
     build_ingest,
-    commitment_service,
+    dimse_services,
     http_app,
     rule_check,
     shared_listener,
@@ -220,7 +220,7 @@ def run(
         ingest,
         tracker,
         settings.incoming_dir,
-        [commitment_service(store)],
+        dimse_services(store, settings),
         dimse,
         tls=settings.scp.tls if same_port else None,
     )
@@ -231,7 +231,7 @@ def run(
             ingest,
             tracker,
             settings.incoming_dir,
-            [commitment_service(store)],
+            dimse_services(store, settings),
             tls,
             tls=settings.scp.tls,
         )

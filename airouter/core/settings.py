@@ -172,6 +172,20 @@ class ScpTlsSettings(_Strict):
     handshake_timeout_s: float = Field(default=10.0, gt=0)
 
 
+class QueryRetrieveSettings(_Strict):
+    """DIMSE query/retrieve of the archive (C-FIND, C-MOVE, C-GET; scp/qr.py)."""
+
+    enabled: bool = True
+    # Who may query and retrieve, by calling AE title (empty: every AE the port accepts).
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    max_matches: int = Field(default=10000, ge=1)  # answers to one C-FIND, at most
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _ae_list(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+
 class ScpSettings(_Strict):
     """The receivers: DIMSE (C-ECHO, C-STORE, storage commitment reports) and STOW-RS."""
 
@@ -220,6 +234,9 @@ class ScpSettings(_Strict):
     max_inflated_mb: float = Field(default=1024.0, gt=0)
     # DICOM TLS on a second port (pynetdicom), shared by the node's processes as the first is.
     tls: ScpTlsSettings | None = None
+    # C-FIND / C-MOVE / C-GET of the archive; C-MOVE sends to dispatch.destinations of kind
+    # dicom, by their AE title.
+    query_retrieve: QueryRetrieveSettings = Field(default_factory=QueryRetrieveSettings)
 
     _ae = field_validator("ae_title")(_check_ae_title)
 

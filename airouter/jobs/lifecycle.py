@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from airouter.core.db import Delivery, Event, Job, Output, Store, utcnow
 from airouter.core.leases import expired
+from airouter.core.phi import REGISTRY
 from airouter.core.vocab import DeliveryState, JobState, OutputKind
 
 log = logging.getLogger(__name__)
@@ -277,13 +278,13 @@ def reject_job(store: Store, job_id: int, actor: str, reason: str) -> None:
             d.last_status = f"rejected by {actor}"
         job.state = JobState.REJECTED
         job.finished_at = utcnow()
-        job.error = f"rejected by {actor}: {reason[:1000]}"
+        job.error = REGISTRY.redact(f"rejected by {actor}: {reason[:1000]}")
         s.add(
             Event(
                 kind="review_rejected",
                 job_id=job.id,
                 study_uid=job.study_uid,
-                detail=reason[:1000],
+                detail=REGISTRY.redact(reason[:1000]),
                 actor=actor,
             )
         )

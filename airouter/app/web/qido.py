@@ -12,123 +12,21 @@ no DICOM attribute, or a value the attribute cannot hold, is a 400.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from sqlalchemy import ColumnElement, func, select
-from sqlalchemy.orm import InstrumentedAttribute
 
 from airouter.core.db import Instance, Series, Store, Study
+from airouter.core.query import ATTRS, LEVELS, QueryError, condition, keyword_of
 from airouter.core.spool import is_valid_uid
 
 DICOM_JSON = "application/dicom+json"
 MAX_LIMIT = 1000  # a page holds at most this many results (a larger limit is capped)
 _CONTROL = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
-
-
-@dataclass(frozen=True)
-class _Attr:
-    keyword: str
-    vr: str
-    column: Any  # an InstrumentedAttribute, or a callable building the condition
-    level: str  # study, series, instance
-
-
-def _modalities_in_study(values: list[str]) -> ColumnElement[bool]:
-    return Study.study_uid.in_(select(Series.study_uid).where(Series.modality.in_(values)))
-
-
-_ATTRS: dict[str, _Attr] = {
-    a.keyword: a
-    for a in (
-        _Attr("StudyInstanceUID", "UI", Study.study_uid, "study"),
-        _Attr("PatientID", "LO", Study.patient_id, "study"),
-        _Attr("PatientName", "PN", Study.patient_name, "study"),
-        _Attr("StudyDate", "DA", Study.study_date, "study"),
-        _Attr("StudyTime", "TM", Study.study_time, "study"),
-        _Attr("AccessionNumber", "SH", Study.accession_number, "study"),
-        _Attr("StudyDescription", "LO", Study.study_description, "study"),
-        _Attr("ModalitiesInStudy", "CS", _modalities_in_study, "study"),
-        _Attr("SeriesInstanceUID", "UI", Series.series_uid, "series"),
-        _Attr("Modality", "CS", Series.modality, "series"),
-        _Attr("SeriesNumber", "IS", Series.series_number, "series"),
-        _Attr("SeriesDescription", "LO", Series.series_description, "series"),
-        _Attr("SOPInstanceUID", "UI", Instance.sop_instance_uid, "instance"),
-        _Attr("SOPClassUID", "UI", Instance.sop_class_uid, "instance"),
-        _Attr("InstanceNumber", "IS", Instance.instance_number, "instance"),
-    )
-}
-_LEVELS = ("study", "series", "instance")
-_DATE = re.compile(r"^\d{8}$")
-_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-
-
-def _keyword(key: str) -> str | None:
-    """The DICOM keyword of a query key (a keyword or 8 hex digits), None if it is none."""
-    if re.fullmatch(r"[0-9A-Fa-f]{8}", key):
-        try:
-            return keyword_for_tag(int(key, 16)) or None
-        except (KeyError, ValueError):
-            return None
-    return key if tag_for_keyword(key) is not None else None
-
-
-def _like(value: str) -> str:
-    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped.replace("*", "%").replace("?", "_")
-
-
-def _range(column: Any, value: str, pattern: re.Pattern[str], what: str) -> ColumnElement[bool]:
-    low, dash, high = value.partition("-")
-    for part in (low, high) if dash else (low,):
-        if part and not pattern.match(part):
-            raise HTTPException(400, f"not a {what} or {what} range: {value[:40]!r}")
-    if not dash:
-        return column == value
-    if not low and not high:
-        raise HTTPException(400, f"an empty {what} range: {value!r}")
-    conditions = []
-    if low:
-        conditions.append(column >= low)
-    if high:
-        conditions.append(column <= (high if what == "date" else high + "\uffff"))
-    return conditions[0] if len(conditions) == 1 else conditions[0] & conditions[1]
-
-
-def _condition(attr: _Attr, value: str) -> ColumnElement[bool] | None:
-    """The SQL condition of one matching key; None for universal matching (empty value)."""
-    if value == "":
-        return None
-    if callable(attr.column) and not isinstance(attr.column, InstrumentedAttribute):
-        return attr.column([v for v in re.split(r"[,\\]", value) if v])
-    column = attr.column
-    if attr.vr == "UI":
-        uids = [v for v in re.split(r"[,\\]", value) if v]
-        bad = [u for u in uids if not is_valid_uid(u)]
-        if bad:
-            raise HTTPException(400, f"{attr.keyword}: not a valid UID: {bad[0][:70]!r}")
-        return column.in_(uids)
-    if attr.vr == "DA":
-        return _range(column, value.replace(".", ""), _DATE, "date")
-    if attr.vr == "TM":
-        return _range(column, value.replace(":", ""), _TIME, "time")
-    if attr.vr == "IS":
-        if not re.fullmatch(r"[+-]?\d{1,10}", value.strip()):
-            raise HTTPException(400, f"{attr.keyword}: not an integer: {value[:40]!r}")
-        return column == int(value)
-    if "*" in value or "?" in value:
-        if attr.vr == "PN":
-            return func.lower(column).like(_like(value.lower()), escape="\\")
-        return column.like(_like(value), escape="\\")
-    if attr.vr == "PN":
-        return func.lower(column) == value.lower()
-    if attr.vr == "CS" and ("\\" in value or "," in value):
-        return column.in_([v for v in re.split(r"[,\\]", value) if v])
-    return column == value
 
 
 @dataclass
@@ -143,23 +41,26 @@ class _Query:
 def _parse(request: Request, level: str) -> _Query:
     """The request's matching keys, paging and includefield, for a query at ``level``."""
     params = request.query_params
-    allowed = set(_LEVELS[: _LEVELS.index(level) + 1])
+    allowed = set(LEVELS[: LEVELS.index(level) + 1])
     where: list[ColumnElement[bool]] = []
     warnings: list[str] = []
     include: set[str] = set()
     for key, value in params.multi_items():
         if key in _CONTROL:
             continue
-        keyword = _keyword(key)
+        keyword = keyword_of(key)
         if keyword is None:
             raise HTTPException(400, f"not a DICOM attribute (keyword or tag): {key[:64]!r}")
-        attr = _ATTRS.get(keyword)
+        attr = ATTRS.get(keyword)
         if attr is None or attr.level not in allowed:
             warnings.append(f"{keyword} is not a supported matching key here: ignored")
             continue
-        condition = _condition(attr, value)
-        if condition is not None:
-            where.append(condition)
+        try:
+            matching = condition(attr, value)
+        except QueryError as exc:
+            raise HTTPException(400, str(exc)) from exc
+        if matching is not None:
+            where.append(matching)
     for field in params.getlist("includefield"):
         for item in (f.strip() for f in field.split(",")):
             if not item:
@@ -167,7 +68,7 @@ def _parse(request: Request, level: str) -> _Query:
             if item == "all":
                 include.add("all")
                 continue
-            keyword = _keyword(item)
+            keyword = keyword_of(item)
             if keyword is None:
                 raise HTTPException(400, f"includefield: not a DICOM attribute: {item[:64]!r}")
             include.add(keyword)
@@ -207,7 +108,7 @@ def _put(out: dict[str, Any], keyword: str, value: Any) -> None:
 def _wanted(query: _Query, level: str) -> bool:
     """Whether includefield asks for the attributes of ``level`` (``all``, or one of them)."""
     return "all" in query.include or any(
-        (a := _ATTRS.get(k)) is not None and a.level == level for k in query.include
+        (a := ATTRS.get(k)) is not None and a.level == level for k in query.include
     )
 
 

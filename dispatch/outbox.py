@@ -318,6 +318,14 @@ class Dispatcher:
                 d.last_status = f"{answer}; but storage commitment failed"
             elif ok:
                 d.state = DeliveryState.SENT
+                # A job failed for a dead delivery that was retried: once one of its deliveries
+                # is sent it is dispatching again, and the next check ends it done (or failed,
+                # if one is dead still). The retry flips it too, but a check that read the
+                # delivery before the retry could have failed it again meanwhile.
+                output = s.get(Output, d.output_id)
+                job = s.get(Job, output.job_id) if output is not None else None
+                if job is not None and job.state is JobState.FAILED:
+                    job.state, job.error, job.finished_at = JobState.DISPATCHING, None, None
                 if d.created_at is not None:
                     latency = max(0.0, (d.updated_at - d.created_at).total_seconds())
                     metrics.DELIVERY_SECONDS.labels(d.destination).observe(latency)

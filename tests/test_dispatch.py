@@ -370,3 +370,41 @@ def test_storage_commitment_is_requested_and_the_pacs_report_recorded(tmp_path: 
     finally:
         stop_process(node.process)
         stop_process(pacs.process)
+
+
+def test_a_job_failed_by_a_stale_check_ends_done_once_its_retried_deliveries_are_sent(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The dashboard's retry race: a check read a delivery as dead just before an operator
+    retried it, and failed the job after the retry. Once the deliveries are sent, the job
+    ends done, not failed."""
+    from airouter.core.db import Delivery, Job, Output, Store
+    from airouter.core.settings import load_settings
+    from airouter.core.vocab import DeliveryState, JobState
+    from dispatch.outbox import Dispatcher
+
+    store = Store(database_url)
+    with store.session() as s:
+        job = Job(study_uid="1.2.3", series_uid="1.2.3.4", rule="r", models=[],
+                  outputs=["SEG"], destinations=["pacs"], state=JobState.FAILED,
+                  error="delivery to pacs failed: no association")  # fmt: skip
+        s.add(job)
+        s.flush()
+        ids = []
+        for n in range(2):
+            out = Output(job_id=job.id, kind="SEG", sop_instance_uid=f"1.2.3.4.{n}",
+                         series_uid="1", path="x")  # fmt: skip
+            s.add(out)
+            s.flush()
+            d = Delivery(output_id=out.id, destination="pacs", state=DeliveryState.PENDING)
+            s.add(d)
+            s.flush()
+            ids.append(d.id)
+        job_id = job.id
+    dispatcher = Dispatcher(store, load_settings(data_dir=tmp_path).dispatch)
+    for delivery_id in ids:  # both retried and sent; the job stayed failed meanwhile
+        dispatcher._record(delivery_id, True, "C-STORE status 0x0000")
+    dispatcher._finish_jobs()
+    with store.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state is JobState.DONE and job.error is None

@@ -11,7 +11,6 @@ settings name the node's DICOMweb, and a file it does not have is a 404."""
 
 from __future__ import annotations
 
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -84,11 +83,14 @@ def _shot(driver: WebDriver, name: str) -> None:
 
 
 def _open_viewer(driver: WebDriver, url: str) -> None:
+    # OHIF's first-use tour, marked as seen (as a user's "Skip all" would): it comes up at
+    # its own pace and would cover the viewport
+    if not urlparse(driver.current_url).path.startswith("/viewer/"):
+        driver.get(url.split("/viewer/", 1)[0] + "/viewer/app-config.js")
+    driver.execute_script("localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']))")
     driver.get(url)
     _until("the viewer's study browser", lambda: "AI segmentation" in _text(driver), 90)
-    time.sleep(1)
-    for skip in driver.find_elements(By.XPATH, "//*[text()='Skip all']"):  # the first-use tour
-        skip.click()
+    assert not driver.find_elements(By.XPATH, "//*[text()='Skip all']")
 
 
 def _load(driver: WebDriver, series_description: str) -> None:
@@ -227,6 +229,19 @@ def test_operator_reviews_in_the_viewer_and_sends_chosen_structures(
             "the study's page after approval",
             lambda: urlparse(browser.current_url).path == f"/dashboard/studies/{study}",
         )
+        # the study's page shows a thumbnail of each image series (the CT, the SEG)
+        thumbs = _until(
+            "the series thumbnails",
+            lambda: (
+                (t := browser.find_elements(By.CSS_SELECTOR, "#series td.thumb img"))
+                and len(t) >= 2
+                and all(
+                    browser.execute_script("return arguments[0].naturalWidth", i) > 0 for i in t
+                )
+                and t
+            ),
+        )
+        assert len(thumbs) >= 2
         written = wait_for(
             lambda: (f := sorted(outbox.rglob("*.dcm"))) and len(f) == 3 and f, 240, "3 objects"
         )

@@ -209,6 +209,7 @@ def test_rendered_images(archive: tuple[Api, dict[str, Any]]) -> None:
     ct = data["ct"][0]
     jpeg = _get(api, _path(ct, "/rendered"))
     assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+    assert "max-age" in jpeg.headers["cache-control"]  # the dashboard asks again and again
     assert Image.open(io.BytesIO(jpeg.content)).size == (ct.Columns, ct.Rows)
     png = _get(api, _path(ct, "/rendered"), "image/png")
     assert png.content[:8] == b"\x89PNG\r\n\x1a\n"

@@ -64,6 +64,11 @@ _FRAME_MEDIA = {
 }
 
 
+# An archived instance never changes (a SOP Instance UID names one content): a browser may
+# keep its rendered images (the dashboard's thumbnails are asked for at every refresh).
+_IMAGE_CACHE = {"Cache-Control": "private, max-age=3600"}
+
+
 def check_uids(*uids: str) -> None:
     """400 unless each value is a valid UID (they become paths and queries)."""
     for uid in uids:
@@ -551,7 +556,7 @@ def wado_router(store: Store) -> APIRouter:
             image = render(ds, frame, media, window, viewport, int(quality_text))
         except Exception as exc:  # pixel data no decoder reads: a clear answer
             raise HTTPException(422, f"cannot render this instance: {exc}"[:300]) from exc
-        return Response(image, media_type=media)
+        return Response(image, media_type=media, headers=_IMAGE_CACHE)
 
     @app.get("/studies/{study}/series/{series}/thumbnail")
     def series_thumbnail(study: str, series: str, request: Request) -> Response:
@@ -583,7 +588,7 @@ def wado_router(store: Store) -> APIRouter:
             image = render(ds, (count + 1) // 2, media, None, viewport, 80)
         except Exception as exc:  # pixel data no decoder reads: a clear answer
             raise HTTPException(422, f"cannot render this instance: {exc}"[:300]) from exc
-        return Response(image, media_type=media)
+        return Response(image, media_type=media, headers=_IMAGE_CACHE)
 
     @app.get("/studies/{study}/series/{series}/instances/{sop}/rendered")
     def instance_rendered(study: str, series: str, sop: str, request: Request) -> Response:

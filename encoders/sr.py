@@ -33,8 +33,17 @@ def _algorithm(spec: SegmentSpec) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=spec.algorithm_name, version=spec.algorithm_version)
 
 
-def _tracking(spec: SegmentSpec) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=spec.tracking_id)
+def _tracking(spec: SegmentSpec, uid: str | None = None) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=uid or hd.UID(), identifier=spec.tracking_id)
+
+
+def _segment_tracking_uid(seg: Dataset, number: int) -> str | None:
+    """The Tracking UID the SEG gave segment ``number``: the SR's groups of that structure
+    carry the same one, so a reader links each measurement to its segment."""
+    for item in seg.get("SegmentSequence", []):
+        if int(item.SegmentNumber) == number and "TrackingUID" in item:
+            return str(item.TrackingUID)
+    return None
 
 
 def _absent(spec: SegmentSpec) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -200,7 +209,7 @@ def build_measurement_report(
     for number, s in enumerate(structures, start=1):
         if seg is None:
             break
-        tracking = _tracking(s.spec)
+        tracking = _tracking(s.spec, _segment_tracking_uid(seg, number))
         groups.append(_volumetric(s, number, seg, source_series, tracking))
         if planar_slices is not None:
             planar = _planar(s, tracking, planar_slices)

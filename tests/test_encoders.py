@@ -130,10 +130,22 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
         provenance=PROVENANCE,
         device_uid=hd.UID(),
         series=SeriesIdentity(hd.UID(), 902, "AI measurements", hd.UID()),
+        planar_slices=images,
     )
     assert "Volume" in _valid_sr_dump(sr, tmp_path / "sr.dcm")
     report = hd.sr.srread(tmp_path / "sr.dcm")
     groups = report.content.get_volumetric_roi_measurement_groups()
+    # one identity per structure: the SEG segment, its volumetric group and its planar
+    # group (outline and area on its largest slice) share the tracking UID
+    segment_uids = [str(item.TrackingUID) for item in seg.SegmentSequence]
+    assert [str(g.tracking_uid) for g in groups] == segment_uids
+    planar = report.content.get_planar_roi_measurement_groups()
+    assert [str(g.tracking_uid) for g in planar] == segment_uids
+    for group, s in zip(planar, structures, strict=True):
+        (area,) = group.get_measurements(name=codes.SCT.Area)
+        spacing = [float(v) for v in images[0].PixelSpacing]
+        largest = int(s.mask.reshape(len(s.mask), -1).sum(axis=1).max())
+        assert area.value == pytest.approx(largest * spacing[0] * spacing[1], rel=1e-3)
     got = [g.get_measurements(name=codes.SCT.Volume)[0].value for g in groups]
     assert got == pytest.approx(volumes, rel=1e-3)
     for group, expected in zip(groups, intensities, strict=True):

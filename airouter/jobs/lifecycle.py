@@ -213,15 +213,6 @@ def approve_job(
                 d.next_attempt_at = d.updated_at = utcnow()
             job.state = JobState.DISPATCHING
             detail = f"by {actor}: all structures" if structures else f"by {actor}"
-            s.add(
-                Event(
-                    kind="review_approved",
-                    job_id=job.id,
-                    study_uid=job.study_uid,
-                    detail=detail,
-                    actor=actor,
-                )
-            )
             new_id = None
         else:
             again = _next_version(s, job)
@@ -244,15 +235,6 @@ def approve_job(
             detail = f"by {actor}: only {', '.join(chosen)}, sent as job {new_id}"
             s.add(
                 Event(
-                    kind="review_approved",
-                    job_id=job.id,
-                    study_uid=job.study_uid,
-                    detail=detail,
-                    actor=actor,
-                )
-            )
-            s.add(
-                Event(
                     kind="job_queued",
                     job_id=new_id,
                     study_uid=job.study_uid,
@@ -260,6 +242,15 @@ def approve_job(
                     actor=actor,
                 )
             )
+        s.add(
+            Event(
+                kind="review_approved",
+                job_id=job.id,
+                study_uid=job.study_uid,
+                detail=detail,
+                actor=actor,
+            )
+        )
     log.info("job %s: approved by %s%s", job_id, actor, f" (as job {new_id})" if new_id else "")
     return new_id
 

@@ -15,6 +15,7 @@ MIN_LUNG_ML = 250.0
 BONE_THRESHOLD_HU = 300
 TABLE_RADIUS_MM = 8.0  # the table and holders are thinner than 16 mm
 MAX_ENCLOSED_FRACTION = 0.5
+MIN_BODY_ISLAND_MM2 = 100.0  # a body outline: one surface per slice, plus islands this large
 
 # Label values of the models' outputs; the model cards name them.
 BODY = 1
@@ -37,36 +38,94 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(sizes))
 
 
-def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+def _edges(volume: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The four image borders of every axial slice, each (slices, length)."""
+    return volume[:, 0, :], volume[:, -1, :], volume[:, :, 0], volume[:, :, -1]
+
+
+def _cut_spans(edge: np.ndarray) -> np.ndarray:
+    """Along one border of every slice, the stretch from the first to the last pixel of the
+    mask: where the field of view cuts through the patient."""
+    length = edge.shape[1]
+    touches = edge.any(axis=1)
+    first = np.argmax(edge, axis=1)
+    last = length - 1 - np.argmax(edge[:, ::-1], axis=1)
+    index = np.arange(length)[None, :]
+    return touches[:, None] & (index >= first[:, None]) & (index <= last[:, None])
+
+
+def fill_holes_per_slice(mask: np.ndarray, truncated: bool = False) -> np.ndarray:
     """Fill enclosed holes in every axial slice (air inside the body belongs to the body).
 
     A hole is background not 4-connected, within its slice, to the slice's border: one
     labelling of the whole volume with an in-plane structuring element.
+
+    With ``truncated``, the field of view may cut the patient: where the mask touches a
+    border, the stretch of border between its first and last pixel there is taken as closed
+    (the patient goes on beyond the image). Air that reaches the border only within such a
+    stretch (a lung, bowel gas cut by the image edge) is then inside; air outside the patient
+    reaches the border somewhere else, and stays outside.
     """
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[1] = ndimage.generate_binary_structure(2, 1)
     background, count = ndimage.label(~mask, structure=in_plane)
     outside = np.zeros(count + 1, dtype=bool)
-    for edge in (
-        background[:, 0, :],
-        background[:, -1, :],
-        background[:, :, 0],
-        background[:, :, -1],
-    ):
-        outside[np.unique(edge)] = True
+    for labels, edge in zip(_edges(background), _edges(mask), strict=True):
+        if truncated:
+            labels = labels[~_cut_spans(edge)]
+        outside[np.unique(labels)] = True
     outside[0] = True  # label 0 is the mask itself
     return mask | ~outside[background]
 
 
+def truncated_slices(mask: np.ndarray) -> int:
+    """On how many axial slices a mask touches the image border (the field of view cuts it)."""
+    if mask.ndim != 3 or not mask.any():
+        return 0
+    touching = np.zeros(mask.shape[0], dtype=bool)
+    for edge in _edges(mask):
+        touching |= edge.any(axis=1)
+    return int(touching.sum())
+
+
+def drop_small_islands(mask: np.ndarray, affine: np.ndarray, min_mm2: float) -> np.ndarray:
+    """Per axial slice, remove islands under ``min_mm2`` (specks that a threshold leaves),
+    keeping each slice's largest island whatever its size."""
+    pixel_mm2 = float(np.linalg.norm(affine[:3, 1]) * np.linalg.norm(affine[:3, 2]))
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 2)
+    labels, count = ndimage.label(mask, structure=in_plane)
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = sizes * pixel_mm2 >= min_mm2
+    # each slice's largest island: its label is the one with the most pixels in that slice
+    slices = ndimage.find_objects(labels)
+    best: dict[int, tuple[int, int]] = {}
+    for label, box in enumerate(slices, start=1):
+        if box is None:
+            continue
+        k = box[0].start
+        if k not in best or sizes[label] > best[k][1]:
+            best[k] = (label, int(sizes[label]))
+    for label, _ in best.values():
+        keep[label] = True
+    keep[0] = False
+    return keep[labels]
+
+
 def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """ct-body: the patient's outline. HU threshold, largest component, the table cut off where
-    it touches the patient, holes filled per slice.
+    """ct-body: the patient's outline. HU threshold, largest component, holes filled per slice
+    (also where the field of view cuts the patient: lungs and bowel gas at the image border
+    are inside), the table cut off where it touches the patient, and specks under
+    MIN_BODY_ISLAND_MM2 dropped from each slice.
 
     Returns uint8 labels (0 background, 1 body).
     """
-    body = fill_holes_per_slice(largest_component(hu > BODY_THRESHOLD_HU))
+    body = fill_holes_per_slice(largest_component(hu > BODY_THRESHOLD_HU), truncated=True)
     if body.any():
         body = remove_thin_attachments(body, affine)
+        body = drop_small_islands(body, affine, MIN_BODY_ISLAND_MM2)
     return body.astype(np.uint8) * BODY
 
 

@@ -106,3 +106,52 @@ def test_real_gantry_tilted_series_runs_through_every_model() -> None:
     module = torch.jit.load(str(ROOT / "inference/model_repository/ct-lungs-unet/1/model.pt"))
     out = run_model(card, volume.hu, volume.affine, predict=torchscript_predictor(module))
     assert out.labels is not None and out.labels.shape == volume.hu.shape
+
+
+def test_body_holds_lungs_that_the_field_of_view_cuts() -> None:
+    """A chest phantom cropped so that both lungs touch the image's left and right borders:
+    the body still holds the lungs, and the air outside the patient stays outside."""
+    from inference.algorithms import truncated_slices
+
+    p = chest_phantom()
+    x = (np.arange(p.hu.shape[2]) - p.hu.shape[2] / 2 + 0.5) * 2.0
+    keep = np.abs(x) < 80.0  # the lungs reach |x| = 95 mm: the crop cuts through them
+    hu, body_truth = p.hu[:, :, keep], p.body[:, :, keep]
+    lungs = (p.right_lung | p.left_lung)[:, :, keep]
+    assert lungs[:, :, 0].any() and lungs[:, :, -1].any()  # the lungs do touch both borders
+    affine = p.affine.copy()
+    affine[:3, 3] = (p.affine @ [0, 0, int(np.argmax(keep)), 1])[:3]
+    body = segment_body(hu, affine).astype(bool)
+    assert (body & lungs).sum() >= 0.99 * lungs.sum()
+    outside = ~body_truth
+    assert (body & outside).sum() <= 0.02 * outside.sum()
+    assert truncated_slices(body) == hu.shape[0]
+    # and the lungs model, which looks for air inside the body, finds both
+    labels = segment_lungs(hu, affine)
+    assert dice(labels == RIGHT_LUNG, p.right_lung[:, :, keep]) > 0.97
+    assert dice(labels == LEFT_LUNG, p.left_lung[:, :, keep]) > 0.97
+    # the uncropped phantom does not touch the border
+    assert truncated_slices(segment_body(p.hu, p.affine).astype(bool)) == 0
+
+
+def test_body_outline_has_no_specks() -> None:
+    """Isolated voxels of tissue density beside the patient (noise, a cable) that reach the
+    body through a neighbouring slice do not become contours of their own."""
+    from scipy import ndimage
+
+    from inference.algorithms import MIN_BODY_ISLAND_MM2
+
+    p = chest_phantom(slices=12, size=256, pixel_mm=1.0)
+    row = p.hu.shape[1] // 2
+    edge = int(np.flatnonzero(p.body[0, row])[-1])  # the body's last pixel on that row
+    for r in range(row - 40, row + 40, 8):  # noise just outside the skin: a pixel ...
+        p.hu[:, r, edge + 2] = 40
+        p.hu[::2, r, edge + 1] = 40  # ... that touches the skin on every other slice only
+    body = segment_body(p.hu, p.affine).astype(bool)
+    pixel_mm2 = 1.0
+    for k in range(body.shape[0]):
+        labels, count = ndimage.label(body[k])
+        sizes = np.bincount(labels.ravel())[1:] * pixel_mm2
+        assert count >= 1
+        assert (sizes[sizes < sizes.max()] >= MIN_BODY_ISLAND_MM2).all()
+    assert dice(body, p.body) > 0.99

@@ -30,6 +30,7 @@ from airouter.jobs.specs import classifications_of, structures_of
 from dispatch.outbox import Outbox
 from encoders.common import Classification, EncodeError, Structure
 from encoders.outputs import OutputRequest, SourceSeries, encode_outputs
+from inference.algorithms import truncated_slices
 from inference.cards import ModelCard
 from inference.runner import ModelOutput, run_model
 from inference.triton import InferenceClient, InferenceError, InferenceUnavailable
@@ -216,10 +217,30 @@ def _infer(
         for s in structures_of(card, results[card.name], volume.hu, volume.voxel_volume_ml)
     ]
     classified = [c for card in cards for c in classifications_of(card, results[card.name])]
+    _note_truncation(run, structures)
     t0 = time.perf_counter()
     _keep_artefacts(ctx, run, structures, results)
     run.recorder.time(masks_s=time.perf_counter() - t0)
     return structures, classified
+
+
+def _note_truncation(run: _Run, structures: list[Structure]) -> None:
+    """Record the structures the field of view cuts: on how many slices each touches the
+    image border (a body there goes on beyond the image; its volume is a lower bound)."""
+    cut = {}
+    for s in structures:
+        slices = truncated_slices(s.mask) if s.found else 0
+        if slices:
+            cut[s.spec.name] = slices
+    if cut:
+        total = len(structures[0].mask)
+        run.recorder.event(
+            "structure_truncated",
+            "; ".join(
+                f"{name}: the field of view cuts it on {n} of {total} slices"
+                for name, n in cut.items()
+            ),
+        )
 
 
 def _keep_artefacts(

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb openssl postgresql chromium chromium-driver prometheus
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb openssl postgresql chromium chromium-driver prometheus pixelmed-apps
 SOURCES := airouter scp router inference encoders dispatch tests bench
 
 .PHONY: all install system-deps run test lint typecheck unit clean
@@ -17,7 +17,8 @@ system-deps:
 	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null \
 	    || ! command -v Orthanc >/dev/null || ! command -v openssl >/dev/null \
 	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] \
-	    || ! command -v chromedriver >/dev/null || ! command -v prometheus >/dev/null; then \
+	    || ! command -v chromedriver >/dev/null || ! command -v prometheus >/dev/null \
+	    || ! command -v DicomSRValidator >/dev/null; then \
 	  echo "installing Debian packages: $(APT_PACKAGES)"; \
 	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(APT_PACKAGES); \
 	fi

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,17 @@ class Outbox:
         self.archive_dir = archive_dir
         self.settings = settings
 
-    def archive(self, s: Session, job: Job, kind: OutputKind, ds: Dataset) -> Output:
-        """Write a produced object to the archive; index it and queue its deliveries in ``s``."""
+    def archive(
+        self,
+        s: Session,
+        job: Job,
+        kind: OutputKind,
+        ds: Dataset,
+        destinations: Sequence[str] | None = None,
+    ) -> Output:
+        """Write a produced object to the archive; index it and queue its deliveries in ``s``
+        (to ``destinations`` of the job only, when given: another template's objects go to
+        the others)."""
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         data = buffer.getvalue()
@@ -95,7 +105,7 @@ class Outbox:
         )
         s.add(output)
         s.flush()
-        self.add_deliveries(s, job, output)
+        self.add_deliveries(s, job, output, destinations)
         return output
 
     def forward(self, s: Session, job: Job) -> int:
@@ -136,8 +146,11 @@ class Outbox:
         """The destinations a shadow run of ``job`` sends nothing to (not marked test)."""
         return [d for d in job.destinations if not self._is_test(s, job, d)]
 
-    def add_deliveries(self, s: Session, job: Job, output: Output) -> None:
-        """One outbox entry per destination of the job; "@sender" becomes the configured DICOM
+    def add_deliveries(
+        self, s: Session, job: Job, output: Output, destinations: Sequence[str] | None = None
+    ) -> None:
+        """One outbox entry per destination of the job (of ``destinations``, when given);
+        "@sender" becomes the configured DICOM
         destination whose AE title is the study's calling AE, or a dead entry saying why not.
 
         A job whose rule wants a review queues its entries awaiting review (nothing leaves
@@ -146,7 +159,7 @@ class Outbox:
         options = job.options or {}
         held = options.get("review") == Review.REQUIRED
         state = DeliveryState.AWAITING_REVIEW if held else DeliveryState.PENDING
-        for destination in job.destinations:
+        for destination in job.destinations if destinations is None else destinations:
             if options.get("mode") == RunMode.SHADOW and not self._is_test(s, job, destination):
                 continue
             if destination != RETURN_TO_SENDER:

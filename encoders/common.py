@@ -219,6 +219,9 @@ class SegmentSpec:
     algorithm_name: str  # the model's name
     algorithm_version: str  # its version (and the card's checksum)
     tracking_id: str  # stable across versions of the results: "model:label"
+    # One UID per structure and job, shared by its SEG segment, SR groups and RTSTRUCT ROI.
+    tracking_uid: str = ""
+    observation_label: str = ""  # the RTSTRUCT's ROIObservationLabel (SH), if any
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,12 @@ class OutputRequest:
     seg_type: SegType = SegType.BINARY
     version: int = 1  # 2, 3 ...: amended results say so in their series description
     shadow: bool = False  # a shadow run's outputs say so in their series description
+    # research results: "NOT FOR CLINICAL USE" leads every series description
+    research: bool = False
+    structure_set_label: str = "AI"  # the RTSTRUCT's Structure Set Label (SH)
+    structure_set_name: str | None = None  # its Name (LO); the series description if None
+    # structures looked for and not found that the RTSTRUCT lists as ROIs without contours
+    placeholders: bool = False
 
 
 @dataclass
@@ -90,6 +96,7 @@ def provenance_of(settings: EncoderSettings) -> Provenance:
 
 
 SHADOW_PREFIX = "SHADOW "  # the series description of a shadow run's outputs starts so
+RESEARCH_PREFIX = "NOT FOR CLINICAL USE "  # ... and a research rule's
 
 
 def _identity(
@@ -100,6 +107,8 @@ def _identity(
     spec = settings.output_series[kind]
     version = request.version
     description = spec.description if version == 1 else f"{spec.description} v{version}"
+    if request.research:
+        description = RESEARCH_PREFIX + description
     if request.shadow:
         description = SHADOW_PREFIX + description
     return SeriesIdentity(hd.UID(), spec.number, description[:64], hd.UID())
@@ -150,7 +159,13 @@ def encode_outputs(
     found = [s for s in structures if s.found]
     absent = [s.spec for s in structures if not s.found]
     kinds = request.kinds
-    rt_future = _start_rtstruct(source, found, provenance, settings, request) if found else None
+    placeholders = [s for s in structures if not s.found] if request.placeholders else []
+    dropped: dict[str, int] = {}
+    rt_future = (
+        _start_rtstruct(source, found, placeholders, dropped, provenance, settings, request)
+        if found
+        else None
+    )
     seg = None
     if found:
         seg = build_seg(
@@ -174,10 +189,26 @@ def encode_outputs(
             series=_identity(settings, OutputKind.SR, request),
             # single-frame images: each structure also drawn on one of them (TID 1410)
             planar_slices=source.slices if source.instances is None else None,
+            # the Image Library: a multi-frame image once, described by its first frame's view
+            library_images=source.slices if source.instances is None else source.slices[:1],
         )
         result.objects.append((OutputKind.SR, sr))
     if rt_future is not None:
         result.objects.append((OutputKind.RTSTRUCT, rt_future.result()))  # raises its error
+        if dropped:
+            result.notes.append(
+                (
+                    "contours_dropped",
+                    "; ".join(
+                        f"{name}: {n} contours of fewer than 3 points or no area"
+                        for name, n in dropped.items()
+                    ),
+                )
+            )
+        if placeholders:
+            result.notes.append(
+                ("rtstruct_placeholders", ", ".join(s.spec.name for s in placeholders))
+            )
     if OutputKind.PROBABILITY_MAP in kinds:
         _probability_map(result, source, structures, provenance, settings, request)
     return result
@@ -186,6 +217,8 @@ def encode_outputs(
 def _start_rtstruct(
     source: SourceSeries,
     found: list[Structure],
+    placeholders: list[Structure],
+    dropped: dict[str, int],
     provenance: Provenance,
     settings: EncoderSettings,
     request: OutputRequest,
@@ -200,6 +233,17 @@ def _start_rtstruct(
             structures=found,
             provenance=provenance,
             series=_identity(settings, OutputKind.RTSTRUCT, request),
+            label=request.structure_set_label,
+            name=(
+                RESEARCH_PREFIX + request.structure_set_name
+                if request.research and request.structure_set_name
+                else request.structure_set_name
+            ),
+            description=(
+                "NOT FOR CLINICAL USE: results of a research rule" if request.research else None
+            ),
+            placeholders=placeholders,
+            dropped=dropped,
         )
     finally:
         pool.shutdown(wait=False)

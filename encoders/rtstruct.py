@@ -76,8 +76,15 @@ def slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
     return contours
 
 
+# "%.3f" keeps every value within the 16 bytes a DS may hold up to this magnitude (mm).
+_MAX_COORDINATE_MM = 1e9
+
+
 def _contour_data(xyz: np.ndarray) -> RawDataElement:
-    """ContourData, encoded once (DS, explicit VR little endian) instead of value by value."""
+    """ContourData, encoded once (DS, explicit VR little endian) instead of value by value;
+    every value "%.3f" (at most 16 bytes, as a DS must be)."""
+    if not np.isfinite(xyz).all() or np.abs(xyz).max() >= _MAX_COORDINATE_MM:
+        raise EncodeError("a contour lies outside any patient coordinate a DS can hold")
     values = xyz.ravel().tolist()
     text = ("\\".join(["%.3f"] * len(values)) % tuple(values)).encode("ascii")  # one C call
     if len(text) % 2:
@@ -113,16 +120,30 @@ def _keep_contour_data_raw(ds: Dataset) -> None:
     """Declare the contour items' encoding so that pydicom writes the pre-encoded ContourData
     as is, instead of parsing hundreds of thousands of DS values back into floats first."""
     for roi in ds.ROIContourSequence:
-        for item in roi.ContourSequence:
+        for item in roi.get("ContourSequence", []):
             item.set_original_encoding(False, True, item._character_set)
 
 
-def _contour_sequence(structure: Structure, images: Sequence[Dataset]) -> DicomSequence:
+def _degenerate(rc: np.ndarray) -> bool:
+    """A contour planning systems refuse: fewer than 3 distinct points, or no area."""
+    if len(np.unique(np.round(rc, 6), axis=0)) < 3:
+        return True
+    x, y = rc[:, 1], rc[:, 0]
+    return bool(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) < 1e-6)
+
+
+def _contour_sequence(
+    structure: Structure, images: Sequence[Dataset], dropped: dict[str, int] | None
+) -> DicomSequence:
     items = []
     for k, image in enumerate(images):
         if not structure.mask[k].any():
             continue
         for rc in slice_contours(structure.mask[k]):
+            if _degenerate(rc):
+                if dropped is not None:
+                    dropped[structure.spec.name] = dropped.get(structure.spec.name, 0) + 1
+                continue
             xyz = to_patient(rc, image)
             item = Dataset()
             item.ContourImageSequence = DicomSequence([_image_ref(image)])
@@ -140,8 +161,18 @@ def build_rtstruct(
     provenance: Provenance,
     series: SeriesIdentity,
     label: str = "AI",
+    name: str | None = None,
+    description: str | None = None,
+    placeholders: Sequence[Structure] = (),
+    dropped: dict[str, int] | None = None,
 ) -> Dataset:
-    """An RT Structure Set with one ROI per structure, referencing exactly ``source_images``."""
+    """An RT Structure Set with one ROI per structure, referencing exactly ``source_images``.
+
+    ``label`` and ``name`` are the Structure Set Label (SH) and Name (LO; the series
+    description by default), ``description`` its Structure Set Description. ``placeholders``
+    are structures looked for and not found that the site wants as ROIs without contours.
+    Contours a planning system would refuse (fewer than 3 points, no area) are left out and
+    counted per structure in ``dropped``."""
     first = source_images[0]
     if not first.get("FrameOfReferenceUID"):
         raise EncodeError("source images have no FrameOfReferenceUID: contours cannot be placed")
@@ -171,7 +202,9 @@ def build_rtstruct(
     if provenance.institution_name:
         ds.InstitutionName = provenance.institution_name
     ds.StructureSetLabel = label[:16]
-    ds.StructureSetName = series.series_description[:64]
+    ds.StructureSetName = (name or series.series_description)[:64]
+    if description:
+        ds.StructureSetDescription = description[:1024]
     ds.StructureSetDate = ds.InstanceCreationDate
     ds.StructureSetTime = ds.InstanceCreationTime
 
@@ -191,7 +224,7 @@ def build_rtstruct(
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
 
     rois, contours, observations = [], [], []
-    for number, s in enumerate(structures, start=1):
+    for number, s in enumerate([*structures, *placeholders], start=1):
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = frame_uid
@@ -202,11 +235,24 @@ def build_rtstruct(
         contour = Dataset()
         contour.ReferencedROINumber = number
         contour.ROIDisplayColor = list(s.spec.color)
-        contour.ContourSequence = _contour_sequence(s, source_images)
+        if s.found:  # a placeholder has no contour (ContourSequence is type 3)
+            contour.ContourSequence = _contour_sequence(s, source_images, dropped)
         contours.append(contour)
         obs = Dataset()
         obs.ObservationNumber = number
         obs.ReferencedROINumber = number
+        if s.spec.observation_label:
+            obs.ROIObservationLabel = s.spec.observation_label[:16]
+        # the structure's identity, shared with its SEG segment and SR groups
+        identity = f"Tracking ID {s.spec.tracking_id}"
+        if s.spec.tracking_uid:
+            identity += f"; Tracking UID {s.spec.tracking_uid}"
+        obs.ROIObservationDescription = identity[:1024]
+        code = Dataset()
+        code.CodeValue = s.spec.type.value
+        code.CodingSchemeDesignator = s.spec.type.scheme_designator
+        code.CodeMeaning = s.spec.type.meaning[:64]
+        obs.RTROIIdentificationCodeSequence = DicomSequence([code])
         obs.RTROIInterpretedType = s.spec.rt_roi_type.value
         obs.ROIInterpreter = ""
         observations.append(obs)

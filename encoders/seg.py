@@ -71,11 +71,24 @@ def _descriptions(structures: Sequence[Structure]) -> list[hd.seg.SegmentDescrip
                 family=codes.cid7162.ArtificialIntelligence,
                 version=s.spec.algorithm_version,
             ),
-            tracking_uid=hd.UID(),
+            tracking_uid=s.spec.tracking_uid or hd.UID(),
             tracking_id=s.spec.tracking_id,
+            display_color=hd.color.CIELabColor.from_rgb(*s.spec.color),
         )
         for number, s in enumerate(structures, start=1)
     ]
+
+
+def _general_series(ds: Dataset, source: Dataset) -> None:
+    """Body Part Examined and Laterality as the General Series module has them: the source's
+    (the segments lie in the same part of the body); Laterality (type 2C) only when the source
+    gives one."""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        value = source.get(keyword)
+        if value:
+            setattr(ds, keyword, value)
+        elif keyword in ds and not ds.get(keyword):
+            del ds[keyword]
 
 
 def build_seg(
@@ -141,6 +154,8 @@ def _segmentation(
     series: SeriesIdentity,
 ) -> hd.seg.Segmentation:
     extra: dict[str, object] = {}
+    # Content Creator's Name is type 2: the device made it, so no person is named (empty)
+    content_creator = None
     if kind is hd.seg.SegmentationTypeValues.FRACTIONAL:
         extra = {
             "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
@@ -161,10 +176,14 @@ def _segmentation(
         device_serial_number=provenance.device_serial_number,
         content_label="PROBABILITY" if extra else "SEGMENTATION",
         content_description=series.series_description[:64],
+        content_creator_name=content_creator,
         omit_empty_frames=True,
         **extra,  # type: ignore[arg-type]
     )
     seg.SeriesDescription = series.series_description
+    if "ContentCreatorName" not in seg:
+        seg.ContentCreatorName = ""
+    _general_series(seg, source_images[0])
     if provenance.institution_name:
         seg.InstitutionName = provenance.institution_name
     return seg

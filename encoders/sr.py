@@ -8,7 +8,7 @@ with its measurements; the standard allows several groups per tracked finding.""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -46,16 +46,29 @@ def _segment_tracking_uid(seg: Dataset, number: int) -> str | None:
     return None
 
 
-def _absent(spec: SegmentSpec) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501: the model looked for this structure and found none."""
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(spec),
+def _absent(
+    spec: SegmentSpec, reason: str | None = None
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501: the model looked for this structure and found none: "Absent", a definite
+    negative; or, with ``reason`` (the input defeated the model, a quality check failed, the
+    structure lies outside the scanned range), "Presence Undetermined" with the reason as a
+    comment: not assessable."""
+    value = codes.SCT.Absent if reason is None else codes.DCM.PresenceUndetermined
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(spec, spec.tracking_uid or None),
         finding_type=spec.type,
         algorithm_id=_algorithm(spec),
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=spec.type, value=codes.SCT.Absent)
-        ],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=spec.type, value=value)],
     )
+    if reason is not None:
+        group[0].ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=f"Not assessable: {reason}"[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return group
 
 
 def _classified(c: Classification) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -165,7 +178,10 @@ def _volumetric(
         algorithm_id=_algorithm(s.spec),
         measurements=[
             hd.sr.Measurement(
-                name=codes.SCT.Volume, value=round(float(s.volume_ml), 3), unit=MILLILITER
+                name=codes.SCT.Volume,
+                value=round(float(s.volume_ml), 3),
+                unit=MILLILITER,
+                algorithm_id=_algorithm(s.spec),  # TID 300's own place for it, too
             ),
             *_attenuation(s.intensities_hu),
         ],
@@ -183,6 +199,8 @@ def build_measurement_report(
     device_uid: str,
     series: SeriesIdentity,
     planar_slices: Sequence[Dataset] | None = None,
+    not_assessable: Mapping[str, str] | None = None,
+    library_images: Sequence[Dataset] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """One TID 1411 volumetric group per structure found (``structures[n]`` is segment
     ``n + 1`` of ``seg``; its ``volume_ml`` and ``intensities_hu`` are reported), one TID 1501
@@ -191,6 +209,11 @@ def build_measurement_report(
     found there is no SEG (``seg`` None, ``structures`` empty): the report says so.
     With ``planar_slices`` (one single-frame image per slice of the masks, in their order),
     each structure found also has a TID 1410 planar group (see the module's docstring).
+    ``not_assessable`` maps the tracking identifiers of absent structures the model could not
+    judge to the reason: those are reported "Presence Undetermined", not "Absent". The
+    report's Image Library (TID 1600) lists ``library_images`` (the source images by default;
+    a multi-frame image is given as a view of its first frame, with the geometry the library
+    describes).
     """
     if seg is None and structures:
         raise ValueError("structures that were found need the SEG that holds them")
@@ -209,18 +232,20 @@ def build_measurement_report(
     for number, s in enumerate(structures, start=1):
         if seg is None:
             break
-        tracking = _tracking(s.spec, _segment_tracking_uid(seg, number))
+        tracking = _tracking(s.spec, s.spec.tracking_uid or _segment_tracking_uid(seg, number))
         groups.append(_volumetric(s, number, seg, source_series, tracking))
         if planar_slices is not None:
             planar = _planar(s, tracking, planar_slices)
             if planar is not None:
                 groups.append(planar)
-    groups += [_absent(spec) for spec in absent]
+    reasons = not_assessable or {}
+    groups += [_absent(spec, reasons.get(spec.tracking_id)) for spec in absent]
     groups += [_classified(c) for c in classifications]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,
+        referenced_images=list(library_images or source_images),  # the Image Library (111028)
     )
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source_images, *([seg] if seg is not None else [])],

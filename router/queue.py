@@ -19,13 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def job_options(rule: Rule) -> dict[str, str]:
-    """What of the rule a job carries beyond its columns: its review and its mode, when
-    they are not the defaults."""
+    """What of the rule a job carries beyond its columns: its review, its mode and its
+    structure template, when they are not the defaults."""
     options = {}
     if rule.review is not Review.NONE:
         options["review"] = rule.review.value
     if rule.mode is not RunMode.CLINICAL:
         options["mode"] = rule.mode.value
+    if rule.template:
+        options["template"] = rule.template
     return options
 
 

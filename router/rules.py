@@ -26,6 +26,7 @@ from pydantic import (
 from pydicom.datadict import tag_for_keyword
 
 from airouter.core.vocab import Action, OutputKind, Priority, Review, RunMode, SegType
+from airouter.core.yamlconf import line_of
 
 
 class Orientation(enum.StrEnum):
@@ -260,6 +261,8 @@ class Rule(_KeywordMatch):
     review: Review = Review.NONE
     # shadow: run and archive, send only to destinations marked test: true
     mode: RunMode = RunMode.CLINICAL
+    # the site structure template of its results (names, colours, types; see config/templates)
+    template: str | None = None
     # Once every required series is present (and the senders are done), the study completes
     # without waiting for the quiet period.
     require_series: list[RequiredSeries] = Field(default_factory=list)
@@ -297,26 +300,6 @@ class RuleError(Exception):
     """A rule file that cannot be loaded; the message names the file, the line and the key."""
 
 
-def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """The line (1-based) of the YAML node at a validation error's location."""
-    node, line = root, None
-    for part in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
-            if not match:
-                break
-            line = match[0][0].start_mark.line + 1
-            node = match[0][1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            node = node.value[part] if part < len(node.value) else None
-            line = node.start_mark.line + 1 if node is not None else line
-        # pydantic adds locations of its own (union members, validators): skip them
-    return line
-
-
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Map model field names back to the rule file's keys."""
     names = {"all_of": "all", "any_of": "any", "not_": "not", "conditions": None, "keywords": None}
@@ -336,7 +319,7 @@ def parse_rules(text: str, source: str) -> list[Rule]:
         problems = []
         for err in exc.errors():
             loc = _clean_loc(tuple(err["loc"]))
-            line = _line_of(root, loc)
+            line = line_of(root, loc)
             where = f"{source}:{line}" if line else source
             problems.append(f"{where}: {'.'.join(str(p) for p in loc)}: {err['msg']}")
         raise RuleError("\n".join(problems)) from exc

@@ -35,6 +35,7 @@ from airouter.app.shared import (
     refuse_open_http,
     rule_check,
     shared_listener,
+    site_templates,
     uvicorn_config,
 )
 from airouter.core import metrics
@@ -49,6 +50,7 @@ from airouter.core.leases import (
     release_transfers,
 )
 from airouter.core.settings import ConfigError, Settings
+from airouter.core.templates import TemplateError
 from airouter.core.tracker import SharedTracker
 from airouter.core.vocab import SharedMemoryMode, StudyState
 from airouter.jobs.lifecycle import recover_jobs
@@ -87,15 +89,16 @@ class Node:
             directory.mkdir(parents=True, exist_ok=True)
         try:
             self.cards = load_cards(*settings.inference.card_dirs(settings.data_dir))
+            self.templates = site_templates(self.cards, settings)
             self.ruleset = RuleSet(
                 settings.router.rules_dir,
-                rule_check(self.cards, settings),
+                rule_check(self.cards, settings, self.templates),
                 in_force=workers.rules_in_force(settings),
             )
             self.off_hours = OffHours.parse(
                 settings.router.off_hours_start, settings.router.off_hours_end
             )
-        except (RuleError, ModelCardError) as exc:
+        except (RuleError, ModelCardError, TemplateError) as exc:
             raise ConfigError(str(exc)) from exc
         self.store = Store(settings.db_url, settings.scp.sync_index_commits)
         self.identity = Identity(settings.node_name, settings.jobs.lease_s)
@@ -339,6 +342,7 @@ class Node:
             jobs_dir=s.jobs_dir,
             inference=s.inference,
             encoders=s.encoders,
+            templates=self.templates,
             device_uid=generate_uid(
                 entropy_srcs=[s.scp.ae_title, s.encoders.device.device_serial_number]
             ),

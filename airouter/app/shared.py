@@ -21,6 +21,7 @@ from airouter.app.web import create_app
 from airouter.app.web.auth import AuthPolicy
 from airouter.core.db import Store, jobs_by_state
 from airouter.core.settings import RETURN_TO_SENDER, ConfigError, DicomNode, Settings
+from airouter.core.templates import Template, TemplateError, load_templates
 from airouter.core.tracker import AssociationTracker
 from airouter.core.vocab import Role
 from dispatch.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
@@ -85,12 +86,47 @@ def build_ingest(store: Store, settings: Settings) -> Ingest:
     )
 
 
-def rule_check(cards: dict[str, ModelCard], settings: Settings) -> Validator:
-    """Rules must name models with a card and configured destinations."""
+def site_templates(cards: dict[str, ModelCard], settings: Settings) -> dict[str, Template]:
+    """The site structure templates (``encoders.templates_dir``), checked against the model
+    cards (every entry names a model and a label it has) and against the settings that name
+    one (the site's default, each destination's). Raises TemplateError saying what is wrong."""
+    templates = load_templates(settings.encoders.templates_dir)
+    problems = []
+    for template in templates.values():
+        for entry in template.structures:
+            card = cards.get(entry.model)
+            if card is None:
+                problems.append(f"template {template.name}: no model card for {entry.model}")
+            elif entry.label not in {label.name for label in card.labels}:
+                problems.append(
+                    f"template {template.name}: model {entry.model} has no label {entry.label!r}"
+                )
+    named = [("encoders.template", settings.encoders.template)] + [
+        (f"dispatch.destinations.{name}.template", node.template)
+        for name, node in settings.dispatch.destinations.items()
+    ]
+    for where, name in named:
+        if name is not None and name not in templates:
+            problems.append(f"{where}: no template {name!r} in {settings.encoders.templates_dir}")
+    if problems:
+        raise TemplateError("\n".join(problems))
+    return templates
+
+
+def rule_check(
+    cards: dict[str, ModelCard], settings: Settings, templates: dict[str, Template] | None = None
+) -> Validator:
+    """Rules must name models with a card, configured destinations and known templates."""
     destinations = settings.dispatch.destinations
+    known = templates or {}
 
     def validate(rules: Sequence[Rule]) -> None:
         for rule in rules:
+            if rule.template is not None and rule.template not in known:
+                raise RuleError(
+                    f"rule {rule.name}: no template {rule.template!r} in "
+                    f"{settings.encoders.templates_dir}"
+                )
             missing = [m for m in rule.models if m not in cards]
             if missing:
                 raise RuleError(f"rule {rule.name}: no model card for {', '.join(missing)}")

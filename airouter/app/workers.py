@@ -41,12 +41,14 @@ from airouter.app.shared import (
     http_app,
     rule_check,
     shared_listener,
+    site_templates,
     uvicorn_config,
 )
 from airouter.core import metrics
 from airouter.core.db import Store
 from airouter.core.leases import Identity, NodeNameInUse, heartbeat, register
 from airouter.core.settings import ConfigError, Settings
+from airouter.core.templates import TemplateError
 from airouter.core.tracker import SharedTracker
 from inference.cards import ModelCardError, load_cards
 from inference.triton import InferenceClient
@@ -182,10 +184,10 @@ def run(
     identity = Identity(settings.node_name, settings.jobs.lease_s)
     try:
         cards = load_cards(*settings.inference.card_dirs(settings.data_dir))
-        check = rule_check(cards, settings)
+        check = rule_check(cards, settings, site_templates(cards, settings))
         ruleset = RuleSet(settings.router.rules_dir, check, in_force=rules, follow=True)
         register(store, identity)
-    except (NodeNameInUse, RuleError, ModelCardError) as exc:
+    except (NodeNameInUse, RuleError, ModelCardError, TemplateError) as exc:
         raise ConfigError(str(exc)) from exc
     tracker = SharedTracker(store, identity)
     ingest = build_ingest(store, settings)

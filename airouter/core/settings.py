@@ -62,6 +62,7 @@ class DicomNode(_Strict):
 
     kind: Literal["dicom"] = "dicom"
     test: bool = False  # a test system: shadow runs send to it (clinical ones too)
+    template: str | None = None  # site structure template of what is sent here
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
@@ -78,6 +79,7 @@ class DicomWebNode(_Strict):
 
     kind: Literal["dicomweb"]
     test: bool = False  # a test system: shadow runs send to it
+    template: str | None = None  # site structure template of what is sent here
     url: str = Field(pattern=r"^https?://")
     token: str | None = None  # bearer token (AIROUTER_DESTINATIONS__<NAME>__TOKEN)
     username: str | None = None  # basic authentication
@@ -91,6 +93,7 @@ class OrthancNode(_Strict):
 
     kind: Literal["orthanc"]
     test: bool = False  # a test system: shadow runs send to it
+    template: str | None = None  # site structure template of what is sent here
     url: str = Field(pattern=r"^https?://")
     username: str | None = None
     password: str | None = None
@@ -101,6 +104,7 @@ class FolderNode(_Strict):
 
     kind: Literal["folder"]
     test: bool = False  # a test system: shadow runs send to it
+    template: str | None = None  # site structure template of what is sent here
     path: Path
 
 
@@ -367,6 +371,10 @@ class EncoderSettings(_Strict):
 
     output_series: dict[OutputKind, OutputSeries] = Field(default_factory=default_output_series)
     device: DeviceSettings = Field(default_factory=DeviceSettings)
+    # Site structure templates (config/templates/*.yaml) and the site's default one; a rule
+    # or a destination may name another.
+    templates_dir: Path = Path("config/templates")
+    template: str | None = None
 
     @field_validator("output_series")
     @classmethod

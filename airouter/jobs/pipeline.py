@@ -23,13 +23,14 @@ from sqlalchemy.orm import Session
 from airouter.core.db import Instance, Job, Store, Study
 from airouter.core.phi import REGISTRY
 from airouter.core.settings import EncoderSettings, InferenceSettings
+from airouter.core.templates import Template
 from airouter.core.vocab import Action, JobState, OutputKind, Review, RunMode, SegType
 from airouter.jobs.artefacts import save_masks, save_probabilities, save_scores
 from airouter.jobs.recorder import JobCancelled, JobRecorder
-from airouter.jobs.specs import classifications_of, structures_of
+from airouter.jobs.specs import Templated, apply_template, classifications_of, structures_of
 from dispatch.outbox import Outbox
 from encoders.common import Classification, EncodeError, Structure
-from encoders.outputs import OutputRequest, SourceSeries, encode_outputs
+from encoders.outputs import EncodedOutputs, OutputRequest, SourceSeries, encode_outputs
 from inference.algorithms import truncated_slices
 from inference.cards import ModelCard
 from inference.runner import ModelOutput, run_model
@@ -52,6 +53,7 @@ class PipelineContext:
     inference: InferenceSettings
     encoders: EncoderSettings
     device_uid: str  # the SR's observer device
+    templates: dict[str, Template] = field(default_factory=dict)  # site structure templates
     stopping: threading.Event = field(default_factory=threading.Event)
     owner: str | None = None  # this node's lease owner (jobs it claims carry it)
 
@@ -224,6 +226,35 @@ def _infer(
     return structures, classified
 
 
+def _targets(ctx: PipelineContext, job: Job) -> list[tuple[Template | None, list[str]]]:
+    """The output sets a job writes: one per structure template among its destinations (a
+    destination's own, else the rule's, else the site's), each with the destinations it goes
+    to; one set, for the archive, when there is nowhere to send."""
+    default = (job.options or {}).get("template") or ctx.encoders.template
+    groups: dict[str | None, list[str]] = {}
+    for destination in job.destinations:
+        node = ctx.outbox.settings.destinations.get(destination)
+        name = node.template if node is not None and node.template else default
+        groups.setdefault(name, []).append(destination)
+    if not groups:
+        groups[default] = []
+    targets = []
+    for name, destinations in groups.items():
+        if name is not None and name not in ctx.templates:
+            raise JobError(f"no structure template {name!r} is loaded")
+        targets.append((ctx.templates[name] if name is not None else None, destinations))
+    return targets
+
+
+def _template_note(template: Template, destinations: list[str], templated: Templated) -> str:
+    note = f"{template.name} for {', '.join(destinations) or 'the archive'}"
+    if templated.left_out:
+        note += f"; not listed, not sent: {', '.join(templated.left_out)}"
+    if templated.missing:
+        note += f"; listed, from no model of this job: {', '.join(templated.missing)}"
+    return note
+
+
 def _note_truncation(run: _Run, structures: list[Structure]) -> None:
     """Record the structures the field of view cuts: on how many slices each touches the
     image border (a body there goes on beyond the image; its volume is a lower bound)."""
@@ -348,22 +379,44 @@ def _encode_and_archive(
     job = run.job
     shadow = is_shadow(job, ctx.cards)
     t0 = time.perf_counter()
-    encoded = encode_outputs(
-        request=OutputRequest(
-            kinds=frozenset(OutputKind(k) for k in job.outputs),
-            seg_type=job.seg_type or SegType((job.options or {}).get("seg_type", "binary")),
-            version=job.version,
-            shadow=shadow,
-        ),
-        source=SourceSeries(volume.datasets, volume.sources, volume.in_source_order),
-        structures=structures,
-        classifications=classified,
-        settings=ctx.encoders,
-        device_uid=ctx.device_uid,
-    )
+    sets: list[tuple[list[str] | None, EncodedOutputs]] = []
+    targets = _targets(ctx, job)
+    for template, destinations in targets:
+        templated = apply_template(template, structures)
+        if template is not None:
+            run.recorder.event(
+                "template_applied", _template_note(template, destinations, templated)
+            )
+        if not any(s.found for s in templated.structures) and OutputKind.SR not in job.outputs:
+            continue  # the template sends nothing that was found
+        encoded = encode_outputs(
+            request=OutputRequest(
+                kinds=frozenset(OutputKind(k) for k in job.outputs),
+                seg_type=job.seg_type or SegType((job.options or {}).get("seg_type", "binary")),
+                version=job.version,
+                shadow=shadow,
+                research=template is not None and template.research,
+                structure_set_label=template.structure_set.label if template else "AI",
+                structure_set_name=template.structure_set.name if template else None,
+                placeholders=template is not None and template.placeholders,
+            ),
+            source=SourceSeries(volume.datasets, volume.sources, volume.in_source_order),
+            structures=templated.structures,
+            classifications=classified,
+            settings=ctx.encoders,
+            device_uid=ctx.device_uid,
+        )
+        # one template for every destination: the deliveries go to all of the job's
+        sets.append((destinations if len(targets) > 1 else None, encoded))
     run.recorder.time(encode_s=time.perf_counter() - t0)
-    for kind, detail in encoded.notes:
-        run.recorder.event(kind, detail)
+    for _, produced in sets:
+        for kind, detail in produced.notes:
+            run.recorder.event(kind, detail)
+    if not any(produced.objects for _, produced in sets):
+        run.recorder.transition(
+            JobState.DONE, error="the structure template lists nothing this job found"
+        )
+        return
     run.stage = "archive"
     with ctx.store.session() as s:  # outputs and their deliveries appear together
         row = s.get(Job, job.id)
@@ -371,12 +424,13 @@ def _encode_and_archive(
         if shadow:  # the outbox sends a shadow run's results to test destinations only
             row.options = {**(row.options or {}), "mode": RunMode.SHADOW.value}
         t0 = time.perf_counter()
-        for kind, ds in encoded.objects:
-            ctx.outbox.archive(s, row, kind, ds)
+        for targeted, produced in sets:
+            for kind, ds in produced.objects:
+                ctx.outbox.archive(s, row, kind, ds, targeted)
         run.recorder.time(archive_s=time.perf_counter() - t0, dispatch_started_at=time.time())
         if shadow:
             _note_shadow(ctx, run, s, row)
         run.recorder.apply(row, after_archive(row))
         run.recorder.flush_events(s, row.study_uid)
-    log.info("job %s: %d objects archived", job.id, len(encoded.objects))
+    log.info("job %s: %d objects archived", job.id, sum(len(e.objects) for _, e in sets))
     ctx.on_outputs()

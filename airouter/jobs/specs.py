@@ -6,9 +6,13 @@ a card.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
+import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
 
+from airouter.core.templates import Template
 from airouter.core.vocab import OutputKind
 from encoders.common import Classification, SegmentSpec, Structure
 from inference.cards import CodedConcept as CardConcept
@@ -20,7 +24,7 @@ def _concept(c: CardConcept) -> CodedConcept:
     return CodedConcept(value=c.value, scheme_designator=c.scheme, meaning=c.meaning)
 
 
-def segment_spec(card: ModelCard, label: Label) -> SegmentSpec:
+def segment_spec(card: ModelCard, label: Label, tracking_uid: str = "") -> SegmentSpec:
     """How the objects describe ``label`` of ``card``; the algorithm version carries the
     first 12 hex digits of the card's checksum, so a changed card shows in every object."""
     return SegmentSpec(
@@ -32,6 +36,7 @@ def segment_spec(card: ModelCard, label: Label) -> SegmentSpec:
         algorithm_name=card.name,
         algorithm_version=f"{card.version} card:{card.checksum[:12]}",
         tracking_id=f"{card.name}:{label.name}",
+        tracking_uid=tracking_uid,
     )
 
 
@@ -50,7 +55,9 @@ def structures_of(
         values = hu[mask] if found else None
         structures.append(
             Structure(
-                spec=segment_spec(card, label),
+                # one tracking UID per structure and job: its SEG segment, SR groups and
+                # RTSTRUCT ROI all carry it
+                spec=segment_spec(card, label, tracking_uid=hd.UID()),
                 mask=mask,
                 volume_ml=float(mask.sum()) * voxel_ml if found else None,
                 intensities_hu=(
@@ -75,3 +82,45 @@ def classifications_of(card: ModelCard, output: ModelOutput) -> list[Classificat
         for label in card.labels
         if label.name in output.scores
     ]
+
+
+@dataclass
+class Templated:
+    """Structures as a site template names them, and what the template did (for the job)."""
+
+    structures: list[Structure]
+    left_out: list[str] = field(default_factory=list)  # not listed: not sent
+    missing: list[str] = field(default_factory=list)  # listed, from no model of this job
+
+
+def apply_template(template: Template | None, structures: list[Structure]) -> Templated:
+    """Rename, recolour and retype ``structures`` as ``template`` says (ROI name, segment
+    label and the SR's tracking identifier are the template's name); those it does not list
+    are left out when it sends only what it lists. Without a template, unchanged."""
+    if template is None:
+        return Templated(list(structures))
+    result = Templated([])
+    for s in structures:
+        entry = template.entry(s.spec.algorithm_name, s.spec.tracking_id.split(":", 1)[1])
+        if entry is None:
+            if template.only_listed:
+                result.left_out.append(s.spec.tracking_id)
+            else:
+                result.structures.append(s)
+            continue
+        spec = replace(
+            s.spec,
+            name=entry.name,
+            color=entry.color or s.spec.color,
+            rt_roi_type=entry.type or s.spec.rt_roi_type,
+            observation_label=entry.observation_label or "",
+            tracking_id=entry.name,
+        )
+        result.structures.append(replace(s, spec=spec))
+    produced = {s.spec.tracking_id for s in structures}
+    result.missing = [
+        f"{e.model}:{e.label}"
+        for e in template.structures
+        if f"{e.model}:{e.label}" not in produced
+    ]
+    return result

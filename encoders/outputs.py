@@ -22,6 +22,7 @@ from airouter.core.vocab import OutputKind, SegType
 from encoders.common import (
     Classification,
     Provenance,
+    SegmentSpec,
     SeriesIdentity,
     Structure,
     drop_unreadable,
@@ -31,7 +32,7 @@ from encoders.common import (
 )
 from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_probability_seg, build_seg
-from encoders.sr import build_measurement_report
+from encoders.sr import InputQuality, build_measurement_report
 
 
 def _same_order(array: np.ndarray) -> np.ndarray:
@@ -72,6 +73,9 @@ class OutputRequest:
     structure_set_name: str | None = None  # its Name (LO); the series description if None
     # structures looked for and not found that the RTSTRUCT lists as ROIs without contours
     placeholders: bool = False
+    # input quality checks that failed (the SR reports them; structures then not found are
+    # "not assessable", with the reason, rather than "Absent")
+    quality: InputQuality | None = None
 
 
 @dataclass
@@ -191,6 +195,8 @@ def encode_outputs(
             planar_slices=source.slices if source.instances is None else None,
             # the Image Library: a multi-frame image once, described by its first frame's view
             library_images=source.slices if source.instances is None else source.slices[:1],
+            quality=request.quality,
+            not_assessable=_not_assessable(request.quality, absent),
         )
         result.objects.append((OutputKind.SR, sr))
     if rt_future is not None:
@@ -212,6 +218,15 @@ def encode_outputs(
     if OutputKind.PROBABILITY_MAP in kinds:
         _probability_map(result, source, structures, provenance, settings, request)
     return result
+
+
+def _not_assessable(quality: InputQuality | None, absent: Sequence[SegmentSpec]) -> dict[str, str]:
+    """With failed input quality checks, a structure not found may be missed for it: not
+    assessable, for the reasons found, instead of a definite "Absent"."""
+    if quality is None or not quality.findings:
+        return {}
+    reason = "input quality: " + "; ".join(quality.findings)
+    return {spec.tracking_id: reason for spec in absent}
 
 
 def _start_rtstruct(

@@ -9,6 +9,7 @@ with its measurements; the standard allows several groups per tracked finding.""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import highdicom as hd
@@ -25,6 +26,16 @@ from encoders.common import (
     Structure,
 )
 from encoders.rtstruct import slice_contours
+
+
+@dataclass(frozen=True)
+class InputQuality:
+    """What the input quality checks found: whether the series was rejected for it, and each
+    failed check as the job says it (``check: value (accepted: ...)``)."""
+
+    rejected: bool
+    findings: tuple[str, ...]
+
 
 MILLILITER = hd.sr.CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
 
@@ -61,13 +72,38 @@ def _absent(
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=spec.type, value=value)],
     )
     if reason is not None:
-        group[0].ContentSequence.append(
-            hd.sr.TextContentItem(
-                name=codes.DCM.Comment,
-                value=f"Not assessable: {reason}"[:1024],
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        )
+        group[0].ContentSequence.append(_comment(f"Not assessable: {reason}"))
+    return group
+
+
+def _comment(text: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=codes.DCM.Comment,
+        value=text[:1024],
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _input_quality(
+    quality: InputQuality, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 on the input series itself: its image quality (rejected for quality reasons,
+    or usable below the site's standard) and each failed check, with the value found."""
+    value = (
+        codes.DCM.RejectedForQualityReasons
+        if quality.rejected
+        else codes.DCM.UsableDoesNotMeetTheQualityControlStandard
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="Input quality"),
+        finding_type=codes.DCM.ImagingSeriesQuality,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.DCM.ImageQuality, value=value)
+        ],
+    )
+    for finding in quality.findings:
+        group[0].ContentSequence.append(_comment(f"Quality check failed: {finding}"))
     return group
 
 
@@ -201,6 +237,7 @@ def build_measurement_report(
     planar_slices: Sequence[Dataset] | None = None,
     not_assessable: Mapping[str, str] | None = None,
     library_images: Sequence[Dataset] | None = None,
+    quality: InputQuality | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """One TID 1411 volumetric group per structure found (``structures[n]`` is segment
     ``n + 1`` of ``seg``; its ``volume_ml`` and ``intensities_hu`` are reported), one TID 1501
@@ -213,7 +250,8 @@ def build_measurement_report(
     judge to the reason: those are reported "Presence Undetermined", not "Absent". The
     report's Image Library (TID 1600) lists ``library_images`` (the source images by default;
     a multi-frame image is given as a view of its first frame, with the geometry the library
-    describes).
+    describes). ``quality``: the input quality checks that failed (an "Input quality"
+    finding first).
     """
     if seg is None and structures:
         raise ValueError("structures that were found need the SEG that holds them")
@@ -229,6 +267,15 @@ def build_measurement_report(
     )
     source_series = hd.sr.SourceSeriesForSegmentation(source_images[0].SeriesInstanceUID)
     groups: list[Any] = []
+    if quality is not None and quality.findings:
+        groups.append(
+            _input_quality(
+                quality,
+                hd.sr.AlgorithmIdentification(
+                    name=provenance.model_name, version=provenance.software_version
+                ),
+            )
+        )
     for number, s in enumerate(structures, start=1):
         if seg is None:
             break

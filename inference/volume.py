@@ -38,6 +38,7 @@ class Volume:
     # number (1-based) of each slice.
     sources: list[Dataset] | None = None
     frame_numbers: list[int] | None = None
+    duplicates: int = 0  # images left out: another image of the series lies at their position
 
     @property
     def source_images(self) -> list[Dataset]:
@@ -48,8 +49,9 @@ class Volume:
         """A (slices, rows, columns) array reordered to the source's frame order."""
         if self.frame_numbers is None:
             return mask
-        out = np.empty_like(mask)
-        out[np.asarray(self.frame_numbers) - 1] = mask
+        frames = int(self.sources[0].get("NumberOfFrames", len(mask))) if self.sources else 0
+        out = np.zeros((max(frames, len(mask)), *mask.shape[1:]), dtype=mask.dtype)
+        out[np.asarray(self.frame_numbers) - 1] = mask  # a dropped duplicate frame: empty
         return out
 
     @property
@@ -113,8 +115,17 @@ def _check_geometry(ds: Dataset) -> None:
             raise VolumeError(f"instance {uid}: {keyword} is unreadable") from exc
 
 
-def read_headers(paths: Iterable[Path | str]) -> list[Dataset]:
-    """Read and sort the images of one series along the slice normal."""
+def _drop_duplicates(datasets: list[Dataset], positions: np.ndarray) -> list[Dataset]:
+    """The sorted images less those at the position of the one before them."""
+    keep = np.concatenate([[True], np.diff(positions) >= 1e-3])
+    return [ds for ds, kept in zip(datasets, keep, strict=True) if kept]
+
+
+def read_headers(
+    paths: Iterable[Path | str], drop_duplicates: bool = False
+) -> tuple[list[Dataset], int]:
+    """Read and sort the images of one series along the slice normal; returns them and how
+    many were left out as duplicates of a position (an error unless ``drop_duplicates``)."""
     datasets: list[Dataset] = [_read(p) for p in paths]
     if not datasets:
         raise VolumeError("the series has no instances")
@@ -138,8 +149,11 @@ def read_headers(paths: Iterable[Path | str]) -> list[Dataset]:
         [np.dot(normal, np.asarray(d.ImagePositionPatient, float)) for d in datasets]
     )
     if len(positions) > 1 and np.min(np.diff(positions)) < 1e-3:
-        raise VolumeError("the series has two images at the same position")
-    return datasets
+        if not drop_duplicates:
+            raise VolumeError("the series has two images at the same position")
+        kept = _drop_duplicates(datasets, positions)
+        return kept, len(datasets) - len(kept)
+    return datasets, 0
 
 
 def affine_of(datasets: list[Dataset]) -> np.ndarray:
@@ -197,7 +211,7 @@ def _check_size(datasets: Sequence[Dataset], limit: int) -> None:
         )
 
 
-def _multiframe_volume(ds: Dataset, limit: int) -> Volume:
+def _multiframe_volume(ds: Dataset, limit: int, drop_duplicates: bool = False) -> Volume:
     """An enhanced (multi-frame) image: each frame's geometry from its functional groups."""
     frames = ds.get("PerFrameFunctionalGroupsSequence")
     count = int(ds.NumberOfFrames)
@@ -243,13 +257,18 @@ def _multiframe_volume(ds: Dataset, limit: int) -> Volume:
     positions = np.array(
         [np.dot(normal, np.asarray(views[n].ImagePositionPatient, float)) for n in order]
     )
+    duplicates = 0
     if count > 1 and np.min(np.diff(positions)) < 1e-3:
-        raise VolumeError("the multi-frame image has two frames at the same position")
+        if not drop_duplicates:
+            raise VolumeError("the multi-frame image has two frames at the same position")
+        keep = np.concatenate([[True], np.diff(positions) >= 1e-3])
+        duplicates = int((~keep).sum())
+        order = [n for n, kept in zip(order, keep, strict=True) if kept]
     try:
         pixels = ds.pixel_array
     except Exception as exc:
         raise VolumeError(f"cannot decode pixel data: {exc}") from exc
-    hu = np.empty((count, int(ds.Rows), int(ds.Columns)), dtype=np.int16)
+    hu = np.empty((len(order), int(ds.Rows), int(ds.Columns)), dtype=np.int16)
     for k, n in enumerate(order):
         slope, intercept = rescale[n]
         values = pixels[n].astype(np.float32) * slope + intercept
@@ -261,17 +280,23 @@ def _multiframe_volume(ds: Dataset, limit: int) -> Volume:
         datasets=sorted_views,
         sources=[ds],
         frame_numbers=[n + 1 for n in order],
+        duplicates=duplicates,
     )
 
 
 DEFAULT_MAX_VOLUME_BYTES = 4 << 30
 
 
-def build_volume(paths: Iterable[Path | str], max_bytes: int = DEFAULT_MAX_VOLUME_BYTES) -> Volume:
+def build_volume(
+    paths: Iterable[Path | str],
+    max_bytes: int = DEFAULT_MAX_VOLUME_BYTES,
+    drop_duplicates: bool = False,
+) -> Volume:
     """Read, sort, decode and rescale a series into a :class:`Volume` (single-frame images,
     or one multi-frame image with per-frame functional groups). A series whose headers say
     it decodes to more than ``max_bytes`` is refused before any pixel is decoded (a header
-    announcing 65535 x 65535 pixels is 8 GB a slice)."""
+    announcing 65535 x 65535 pixels is 8 GB a slice). Two images at one position are an
+    error, unless ``drop_duplicates``: then the first is kept and the volume counts the others."""
     paths = list(paths)
     if len(paths) == 1:
         single = _read(paths[0])
@@ -280,8 +305,8 @@ def build_volume(paths: Iterable[Path | str], max_bytes: int = DEFAULT_MAX_VOLUM
         except (Unreadable, TypeError, ValueError) as exc:
             raise VolumeError("NumberOfFrames is unreadable") from exc
         if frames > 1:
-            return _multiframe_volume(single, max_bytes)
-    datasets = read_headers(paths)
+            return _multiframe_volume(single, max_bytes, drop_duplicates)
+    datasets, duplicates = read_headers(paths, drop_duplicates)
     _check_size(datasets, max_bytes)
     hu = np.empty((len(datasets), datasets[0].Rows, datasets[0].Columns), dtype=np.int16)
     for index, ds in enumerate(datasets):
@@ -295,4 +320,4 @@ def build_volume(paths: Iterable[Path | str], max_bytes: int = DEFAULT_MAX_VOLUM
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         values = pixels.astype(np.float32) * slope + intercept
         hu[index] = np.clip(np.rint(values), -32768, 32767).astype(np.int16)
-    return Volume(hu=hu, affine=affine_of(datasets), datasets=datasets)
+    return Volume(hu=hu, affine=affine_of(datasets), datasets=datasets, duplicates=duplicates)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -18,16 +19,18 @@ from router.schedule import OffHours, local_now
 log = logging.getLogger(__name__)
 
 
-def job_options(rule: Rule) -> dict[str, str]:
-    """What of the rule a job carries beyond its columns: its review, its mode and its
-    structure template, when they are not the defaults."""
-    options = {}
+def job_options(rule: Rule) -> dict[str, Any]:
+    """What of the rule a job carries beyond its columns: its review, its mode, its
+    structure template and its input quality checks, when they are not the defaults."""
+    options: dict[str, Any] = {}
     if rule.review is not Review.NONE:
         options["review"] = rule.review.value
     if rule.mode is not RunMode.CLINICAL:
         options["mode"] = rule.mode.value
     if rule.template:
         options["template"] = rule.template
+    if rule.qc is not None:
+        options["qc"] = rule.qc.model_dump(mode="json", exclude_none=True)
     return options
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydicom.datadict import tag_for_keyword
 
+from airouter.core.qc import QualityChecks
 from airouter.core.vocab import Action, OutputKind, Priority, Review, RunMode, SegType
 from airouter.core.yamlconf import line_of
 
@@ -263,6 +264,8 @@ class Rule(_KeywordMatch):
     mode: RunMode = RunMode.CLINICAL
     # the site structure template of its results (names, colours, types; see config/templates)
     template: str | None = None
+    # input quality checks before any model runs, and what a failure does (airouter.core.qc)
+    qc: QualityChecks | None = None
     # Once every required series is present (and the senders are done), the study completes
     # without waiting for the quiet period.
     require_series: list[RequiredSeries] = Field(default_factory=list)

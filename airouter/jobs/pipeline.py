@@ -22,15 +22,24 @@ from sqlalchemy.orm import Session
 
 from airouter.core.db import Instance, Job, Store, Study
 from airouter.core.phi import REGISTRY
+from airouter.core.qc import QcAction, QualityChecks
 from airouter.core.settings import EncoderSettings, InferenceSettings
 from airouter.core.templates import Template
 from airouter.core.vocab import Action, JobState, OutputKind, Review, RunMode, SegType
 from airouter.jobs.artefacts import save_masks, save_probabilities, save_scores
+from airouter.jobs.qc import check_volume
 from airouter.jobs.recorder import JobCancelled, JobRecorder
-from airouter.jobs.specs import Templated, apply_template, classifications_of, structures_of
+from airouter.jobs.specs import (
+    Templated,
+    apply_template,
+    classifications_of,
+    looked_for_structures,
+    structures_of,
+)
 from dispatch.outbox import Outbox
 from encoders.common import Classification, EncodeError, Structure
 from encoders.outputs import EncodedOutputs, OutputRequest, SourceSeries, encode_outputs
+from encoders.sr import InputQuality
 from inference.algorithms import truncated_slices
 from inference.cards import ModelCard
 from inference.runner import ModelOutput, run_model
@@ -130,9 +139,30 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
     )
     run.stage = "volume"
     t0 = time.perf_counter()
-    volume = build_volume(paths, int(ctx.inference.max_volume_mb * 1024 * 1024))
+    qc_spec = (job.options or {}).get("qc")
+    checks = QualityChecks.model_validate(qc_spec) if qc_spec is not None else None
+    volume = build_volume(
+        paths,
+        int(ctx.inference.max_volume_mb * 1024 * 1024),
+        drop_duplicates=checks is not None and checks.duplicate_slices,
+    )
     REGISTRY.remember_dataset(volume.datasets[0])  # what the encoders' libraries may quote
     run.recorder.time(volume_s=time.perf_counter() - t0)
+    quality = None
+    if checks is not None:
+        run.stage = "qc"
+        t0 = time.perf_counter()
+        findings = check_volume(volume, checks)
+        run.recorder.time(qc_s=time.perf_counter() - t0)
+        if findings:
+            rejected = checks.action is QcAction.REJECT
+            quality = InputQuality(rejected, tuple(f.describe() for f in findings))
+            reasons = "; ".join(quality.findings)
+            run.recorder.event("qc_failed" if rejected else "qc_warning", reasons)
+            log.info("job %s: input quality: %s", job.id, reasons)
+            if rejected:
+                _reject_for_quality(ctx, run, volume, quality, checks)
+                return
     run.stage = "inference"
     structures, classified = _infer(ctx, run, volume)
     structures = _chosen(run, structures)
@@ -144,7 +174,29 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
         if OutputKind.SR not in job.outputs:
             run.recorder.transition(JobState.DONE, error="no structure found: nothing to encode")
             return
-    _encode_and_archive(ctx, run, volume, structures, classified)
+    _encode_and_archive(ctx, run, volume, structures, classified, quality)
+
+
+def _reject_for_quality(
+    ctx: PipelineContext,
+    run: _Run,
+    volume: Volume,
+    quality: InputQuality,
+    checks: QualityChecks,
+) -> None:
+    """No model runs on an input that failed its rule's checks: the job ends rejected with the
+    reasons, or, when the rule asks for a report, its SR says why (every structure the models
+    look for "not assessable") and goes where the results would have gone."""
+    error = "input quality: " + "; ".join(quality.findings)
+    if not checks.report:
+        run.recorder.transition(JobState.REJECTED, error=error)
+        return
+    missing = [name for name in run.job.models if name not in ctx.cards]
+    if missing:
+        raise JobError(f"no model card for {', '.join(missing)}")
+    looked_for = [s for name in run.job.models for s in looked_for_structures(ctx.cards[name])]
+    run.recorder.transition(JobState.ENCODING, error=error)
+    _encode_and_archive(ctx, run, volume, looked_for, [], quality, kinds=frozenset({OutputKind.SR}))
 
 
 def _chosen(run: _Run, structures: list[Structure]) -> list[Structure]:
@@ -373,9 +425,12 @@ def _encode_and_archive(
     volume: Volume,
     structures: list[Structure],
     classified: list[Classification],
+    quality: InputQuality | None = None,
+    kinds: frozenset[OutputKind] | None = None,
 ) -> None:
-    """The encoders build the output set; the outbox archives it and queues its deliveries,
-    all in one transaction with the job's move to ``dispatching`` (or ``done``)."""
+    """The encoders build the output set (``kinds``, or the job's outputs); the outbox
+    archives it and queues its deliveries, all in one transaction with the job's move to
+    ``dispatching`` (or ``done``)."""
     job = run.job
     shadow = is_shadow(job, ctx.cards)
     t0 = time.perf_counter()
@@ -387,11 +442,13 @@ def _encode_and_archive(
             run.recorder.event(
                 "template_applied", _template_note(template, destinations, templated)
             )
-        if not any(s.found for s in templated.structures) and OutputKind.SR not in job.outputs:
+        wanted = kinds or {OutputKind(k) for k in job.outputs}
+        if not any(s.found for s in templated.structures) and OutputKind.SR not in wanted:
             continue  # the template sends nothing that was found
         encoded = encode_outputs(
             request=OutputRequest(
-                kinds=frozenset(OutputKind(k) for k in job.outputs),
+                kinds=kinds or frozenset(OutputKind(k) for k in job.outputs),
+                quality=quality,
                 seg_type=job.seg_type or SegType((job.options or {}).get("seg_type", "binary")),
                 version=job.version,
                 shadow=shadow,

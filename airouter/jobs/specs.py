@@ -16,7 +16,7 @@ from airouter.core.templates import Template
 from airouter.core.vocab import OutputKind
 from encoders.common import Classification, SegmentSpec, Structure
 from inference.cards import CodedConcept as CardConcept
-from inference.cards import Label, ModelCard
+from inference.cards import Label, ModelCard, Task
 from inference.runner import ModelOutput
 
 
@@ -69,6 +69,18 @@ def structures_of(
             )
         )
     return structures
+
+
+def looked_for_structures(card: ModelCard) -> list[Structure]:
+    """Every label of a segmentation model, as not found (an empty mask): what a report on a
+    series the model never ran on says it would have looked for."""
+    if card.task is not Task.SEGMENTATION:
+        return []
+    empty = np.zeros((0, 0, 0), dtype=bool)
+    return [
+        Structure(spec=segment_spec(card, label, tracking_uid=hd.UID()), mask=empty)
+        for label in card.labels
+    ]
 
 
 def classifications_of(card: ModelCard, output: ModelOutput) -> list[Classification]:

@@ -224,6 +224,49 @@ def _volumetric(
     )
 
 
+def _add_image_library(report: hd.sr.MeasurementReport, images: Sequence[Dataset]) -> None:
+    """TID 1600 Image Library (111028), which viewers dereference: one group whose descriptors
+    (modality, frame of reference, size, spacing, orientation: what the series' images share)
+    are said once, with one entry per image. highdicom's ImageLibrary describes every image
+    in full (40 ms an image here: 40 s for 1,000 slices); this is the same information, once."""
+    if not images:
+        return
+    descriptors = hd.sr.ImageLibraryEntryDescriptors(images[0])
+    shared = [
+        d
+        for d in descriptors
+        if not d.ConceptNameCodeSequence[0].CodeMeaning.startswith("Image Position")
+    ]
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    entries = [
+        hd.sr.ImageContentItem(
+            name=codes.SCT.Source,
+            referenced_sop_class_uid=im.SOPClassUID,
+            referenced_sop_instance_uid=im.SOPInstanceUID,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+        for im in images
+    ]
+    group.ContentSequence = [*shared, *entries]  # type: ignore[assignment]
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = [group]  # type: ignore[assignment]
+    items = report[0].ContentSequence
+    # TID 1500 row 5: after the observation context and procedure, before the measurements
+    at = next(
+        (
+            n
+            for n, item in enumerate(items)
+            if item.ConceptNameCodeSequence[0].CodeValue == "126010"
+        ),
+        len(items),
+    )
+    items.insert(at, library)
+
+
 def build_measurement_report(
     *,
     source_images: Sequence[Dataset],
@@ -292,8 +335,8 @@ def build_measurement_report(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,
-        referenced_images=list(library_images or source_images),  # the Image Library (111028)
     )
+    _add_image_library(report, list(library_images or source_images))
     sr = hd.sr.Comprehensive3DSR(
         evidence=[*source_images, *([seg] if seg is not None else [])],
         content=report,

@@ -4,7 +4,8 @@ A study is *open* while any association or STOW-RS request that sent to it is st
 Once none is, it completes:
 
 - at once, when every series holds the instance count it announces
-  (ImagesInAcquisition x NumberOfTemporalPositions);
+  (ImagesInAcquisition x NumberOfTemporalPositions), when a rule's required series are all
+  there, or when a rule that applies says ``complete_on_release``;
 - otherwise after ``quiet_period_s`` without a new instance.
 
 ``study_deadline_s`` after it started receiving, a study completes whatever its state, with
@@ -122,7 +123,7 @@ class CompletionMonitor:
         if self._announced_counts_reached(s, study.study_uid):
             return "announced counts reached"
         if self.ready is not None and self.ready(s, study.study_uid):
-            return "required series present"
+            return "required series present, or released (a rule completes on release)"
         if study.interrupted_at is not None:
             return None  # cut off by a crash: a quiet study may be a partial one
         if study.last_received_at <= now - timedelta(seconds=self.policy.quiet_period_s):

@@ -61,9 +61,16 @@ def study_context(s: Session, study_uid: str) -> StudyContext:
 
 
 def required_series_ready(s: Session, study_uid: str, rules: Sequence[Rule]) -> bool:
-    """Some enabled rule states required series, and the study holds them all."""
+    """Some enabled rule states required series, and the study holds them all; or a rule
+    that completes on release applies to the study (the monitor asks only once its senders
+    have released their associations)."""
     series = study_series(s, study_uid)
-    return any(required_series_present(rule, series) for rule in rules)
+    if any(required_series_present(rule, series) for rule in rules):
+        return True
+    on_release = [r for r in rules if r.enabled and r.complete_on_release]
+    if not on_release:
+        return False
+    return any(d.series_uid is not None for d in decide(study_context(s, study_uid), on_release))
 
 
 def route_study(

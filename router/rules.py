@@ -269,6 +269,9 @@ class Rule(_KeywordMatch):
     # Once every required series is present (and the senders are done), the study completes
     # without waiting for the quiet period.
     require_series: list[RequiredSeries] = Field(default_factory=list)
+    # The study completes as soon as its senders have released their associations, without
+    # the quiet period: for modalities that send each series whole on one association.
+    complete_on_release: bool = False
     _file: str = PrivateAttr(default="")  # the file it was loaded from
 
     @property

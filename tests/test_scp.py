@@ -22,7 +22,7 @@ from airouter.core.vocab import StoreStatus
 from router.completion import CompletionMonitor, CompletionPolicy
 from scp.ingest import Ingest
 from scp.server import ExtraService, open_associations, start_dimse
-from tests.peers import free_port, head_ct_files, storescu, tool, wait_for
+from tests.peers import free_port, fresh_copy, head_ct_files, storescu, tool, wait_for
 
 
 class Node:
@@ -475,6 +475,40 @@ def test_required_series_complete_a_study_without_the_quiet_period(
     assoc = _send_open(node.port, head_ct_files()[2:3])
     assoc.release()  # type: ignore[attr-defined]
     assert monitor.check() == [pydicom.dcmread(head_ct_files()[0]).StudyInstanceUID]
+
+
+def test_a_rule_that_completes_on_release_needs_no_quiet_period(node: Node, tmp_path: Path) -> None:
+    """complete_on_release: the study completes when the sender releases, not while the
+    association is open, and only for a study the rule applies to."""
+    from router.queue import required_series_ready
+    from router.rules import load_rule_file
+
+    rule_file = tmp_path / "r.yaml"
+    rule_file.write_text(
+        "rules:\n  - name: r\n    models: [ct-body]\n    complete_on_release: true\n"
+        "    match: {Modality: CT}\n    select: {min_instances: 1}\n"
+    )
+    rules = load_rule_file(rule_file)
+    routed: list[str] = []
+    monitor = CompletionMonitor(
+        node.store,
+        node.tracker,
+        CompletionPolicy(quiet_period_s=3600.0),
+        lambda s, uid: routed.append(uid),
+        lambda s, uid: required_series_ready(s, uid, rules),
+    )
+    files = fresh_copy(head_ct_files()[:3], tmp_path / "ct")
+    assoc = _send_open(node.port, files)
+    assert monitor.check() == []  # the sender is still connected
+    assoc.release()  # type: ignore[attr-defined]
+    assert monitor.check() == [pydicom.dcmread(files[0]).StudyInstanceUID]
+    other = tmp_path / "other.yaml"  # a rule for MR only: the CT study waits for quiet
+    other.write_text(rule_file.read_text().replace("Modality: CT", "Modality: MR"))
+    rules[:] = load_rule_file(other)
+    files = fresh_copy(head_ct_files()[3:5], tmp_path / "ct2")
+    assoc = _send_open(node.port, files)
+    assoc.release()  # type: ignore[attr-defined]
+    assert monitor.check() == []
 
 
 def test_specific_character_sets_index_and_serve_names(node: Node) -> None:

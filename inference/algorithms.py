@@ -28,14 +28,46 @@ def voxel_ml(affine: np.ndarray) -> float:
     return abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
 
 
+SLAB = 16  # slices processed at a time by the per-slice operations (bounded memory)
+
+
+def _label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """Connected components in the narrowest label type that holds them (uint16 for up to
+    65,535 components: half the memory of scipy's default int32)."""
+    try:
+        labels = np.empty(mask.shape, dtype=np.uint16)
+        count = int(ndimage.label(mask, structure=structure, output=labels))
+    except RuntimeError:  # more components than uint16 holds
+        labels, count = ndimage.label(mask, structure=structure)
+    return labels, count
+
+
+def _sizes(labels: np.ndarray, count: int) -> np.ndarray:
+    """Voxels per label, counted a slab at a time (bincount copies its input to int64)."""
+    sizes = np.zeros(count + 1, dtype=np.int64)
+    for k in range(0, len(labels), SLAB):
+        sizes += np.bincount(labels[k : k + SLAB].ravel(), minlength=count + 1)
+    return sizes
+
+
+def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``table[labels]`` a slab at a time (the index array is never widened whole)."""
+    out = np.empty(labels.shape, dtype=table.dtype)
+    for k in range(0, len(labels), SLAB):
+        out[k : k + SLAB] = table[labels[k : k + SLAB]]
+    return out
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 6-connected component of a 3D mask (empty if the mask is empty)."""
-    labels, count = ndimage.label(mask)
+    labels, count = _label(mask)
     if count == 0:
         return np.zeros_like(mask, dtype=bool)
-    sizes = np.bincount(labels.ravel())
+    sizes = _sizes(labels, count)
     sizes[0] = 0
-    return labels == int(np.argmax(sizes))
+    keep = np.zeros(count + 1, dtype=bool)
+    keep[int(np.argmax(sizes))] = True
+    return _lookup(keep, labels)
 
 
 def _edges(volume: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -66,9 +98,20 @@ def fill_holes_per_slice(mask: np.ndarray, truncated: bool = False) -> np.ndarra
     stretch (a lung, bowel gas cut by the image edge) is then inside; air outside the patient
     reaches the border somewhere else, and stays outside.
     """
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    background, count = ndimage.label(~mask, structure=in_plane)
+    out = np.empty(mask.shape, dtype=bool)
+    for k in range(0, len(mask), SLAB):  # in-plane connectivity: slabs are independent
+        out[k : k + SLAB] = _fill_slab(mask[k : k + SLAB], truncated)
+    return out
+
+
+_IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+_IN_PLANE_8 = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE_8[1] = ndimage.generate_binary_structure(2, 2)
+
+
+def _fill_slab(mask: np.ndarray, truncated: bool) -> np.ndarray:
+    background, count = ndimage.label(~mask, structure=_IN_PLANE_4)
     outside = np.zeros(count + 1, dtype=bool)
     for labels, edge in zip(_edges(background), _edges(mask), strict=True):
         if truncated:
@@ -92,26 +135,17 @@ def drop_small_islands(mask: np.ndarray, affine: np.ndarray, min_mm2: float) -> 
     """Per axial slice, remove islands under ``min_mm2`` (specks that a threshold leaves),
     keeping each slice's largest island whatever its size."""
     pixel_mm2 = float(np.linalg.norm(affine[:3, 1]) * np.linalg.norm(affine[:3, 2]))
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 2)
-    labels, count = ndimage.label(mask, structure=in_plane)
-    if count == 0:
-        return mask
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    keep = sizes * pixel_mm2 >= min_mm2
-    # each slice's largest island: its label is the one with the most pixels in that slice
-    slices = ndimage.find_objects(labels)
-    best: dict[int, tuple[int, int]] = {}
-    for label, box in enumerate(slices, start=1):
-        if box is None:
-            continue
-        k = box[0].start
-        if k not in best or sizes[label] > best[k][1]:
-            best[k] = (label, int(sizes[label]))
-    for label, _ in best.values():
-        keep[label] = True
-    keep[0] = False
-    return keep[labels]
+    eight = ndimage.generate_binary_structure(2, 2)
+    out = np.zeros(mask.shape, dtype=bool)
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        labels, count = ndimage.label(mask[k], structure=eight)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        keep = sizes * pixel_mm2 >= min_mm2
+        sizes[0] = 0
+        keep[int(np.argmax(sizes))] = True  # the slice's largest island, whatever its size
+        keep[0] = False
+        out[k] = keep[labels]
+    return out
 
 
 def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -126,7 +160,7 @@ def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
     if body.any():
         body = remove_thin_attachments(body, affine)
         body = drop_small_islands(body, affine, MIN_BODY_ISLAND_MM2)
-    return body.astype(np.uint8) * BODY
+    return body.view(np.uint8)  # True is 1 (BODY): the same bytes, no copy
 
 
 def remove_thin_attachments(
@@ -140,13 +174,26 @@ def remove_thin_attachments(
     step = max(1, round(2.0 / max(pixel_mm, 1e-3)))
     coarse = mask[:, ::step, ::step]
     sampling = (1e4, pixel_mm * step, pixel_mm * step)  # no reach across slices
-    core = ndimage.distance_transform_edt(coarse, sampling=sampling) > radius_mm
+
+    def edt(volume: np.ndarray) -> np.ndarray:  # slab by slab: its index arrays stay small
+        out = np.empty(volume.shape, dtype=np.float32)
+        for k in range(0, len(volume), SLAB):
+            out[k : k + SLAB] = ndimage.distance_transform_edt(
+                volume[k : k + SLAB], sampling=sampling
+            )
+        return out
+
+    core = edt(coarse) > radius_mm
     if not core.any():
         return mask
     core = largest_component(core)  # the patient's core; what the opening cut off stays off
-    near = ndimage.distance_transform_edt(~core, sampling=sampling) <= radius_mm + pixel_mm * step
-    full = np.repeat(np.repeat(near, step, axis=1), step, axis=2)
-    return mask & full[:, : mask.shape[1], : mask.shape[2]]
+    near = edt(~core) <= radius_mm + pixel_mm * step
+    out = np.empty(mask.shape, dtype=bool)
+    rows, columns = mask.shape[1:]
+    for k in range(0, len(mask), SLAB):
+        full = np.repeat(np.repeat(near[k : k + SLAB], step, axis=1), step, axis=2)
+        out[k : k + SLAB] = mask[k : k + SLAB] & full[:, :rows, :columns]
+    return out
 
 
 def segment_lungs(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -156,28 +203,37 @@ def segment_lungs(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
     left). Returns uint8 labels (0 background, 1 right lung, 2 left lung); empty for a study
     without lungs (a head CT), which is a result, not an error.
     """
-    body = segment_body(hu, affine).astype(bool)
-    air = (hu < AIR_THRESHOLD_HU) & body
-    labels, count = ndimage.label(air)
+    body = segment_body(hu, affine).view(bool)
+    midline = _mean_x(body, affine) if body.any() else 0.0
+    air = hu < AIR_THRESHOLD_HU
+    air &= body
+    del body
+    labels, count = _label(air)
+    del air
     out = np.zeros(hu.shape, dtype=np.uint8)
     if count == 0:
         return out
-    sizes_ml = np.bincount(labels.ravel()) * voxel_ml(affine)
+    sizes = _sizes(labels, count)
+    sizes_ml = sizes * voxel_ml(affine)
     sizes_ml[0] = 0
     # Air enclosed by a closed ring of bone in its slices is intracranial (a skull), not lung:
     # ribs, spine and sternum do not close a ring around the lungs in an axial slice.
-    enclosed = np.bincount(labels[_inside_bone_ring(hu)], minlength=count + 1)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    enclosed = np.zeros(count + 1, dtype=np.int64)
+    for k in range(0, len(hu), SLAB):
+        ring = _inside_bone_ring(hu[k : k + SLAB])
+        enclosed += np.bincount(labels[k : k + SLAB][ring], minlength=count + 1)
     lung_like = (sizes_ml >= MIN_LUNG_ML) & (enclosed < MAX_ENCLOSED_FRACTION * sizes)
     lung_like[0] = False
-    keep = lung_like[labels]  # a lookup per voxel (np.isin sorts: much slower)
-    if not keep.any():
+    if not lung_like.any():
         return out
-    x = _patient_x(affine, hu.shape)
-    midline = _mean_x(body, affine)
-    left = keep & (x >= midline)
-    out[keep] = RIGHT_LUNG
-    out[left] = LEFT_LUNG
+    for k in range(0, len(hu), SLAB):  # a lookup per voxel (np.isin sorts: much slower)
+        keep = lung_like[labels[k : k + SLAB]]
+        if not keep.any():
+            continue
+        x = _patient_x(affine, keep.shape, first=k)
+        slab = out[k : k + SLAB]
+        slab[keep] = RIGHT_LUNG
+        slab[keep & (x >= midline)] = LEFT_LUNG
     return out
 
 
@@ -187,14 +243,22 @@ def _inside_bone_ring(hu: np.ndarray) -> np.ndarray:
     return fill_holes_per_slice(bone) & ~bone
 
 
-def _patient_x(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Patient x (LPS) of every voxel, broadcastable to ``shape``."""
-    k = np.arange(shape[0], dtype=np.float32)[:, None, None] * np.float32(affine[0, 0])
+def _patient_x(affine: np.ndarray, shape: tuple[int, ...], first: int = 0) -> np.ndarray:
+    """Patient x (LPS) of every voxel of a block of ``shape`` starting at slice ``first``."""
+    k = np.arange(first, first + shape[0], dtype=np.float32)[:, None, None] * np.float32(
+        affine[0, 0]
+    )
     j = np.arange(shape[1], dtype=np.float32)[None, :, None] * np.float32(affine[0, 1])
     i = np.arange(shape[2], dtype=np.float32)[None, None, :] * np.float32(affine[0, 2])
     return k + j + i + np.float32(affine[0, 3])
 
 
 def _mean_x(mask: np.ndarray, affine: np.ndarray) -> float:
-    k, j, i = (idx.astype(np.float64).mean() for idx in np.nonzero(mask))
+    """The mean patient x of a mask's voxels, from its counts along each axis (never the
+    voxels' index arrays: three int64 copies of a half-full 1,000-slice mask are 3 GB)."""
+    total = float(np.count_nonzero(mask))
+    k, j, i = (
+        float(np.dot(np.arange(n), mask.sum(axis=axes, dtype=np.int64))) / total
+        for n, axes in ((mask.shape[0], (1, 2)), (mask.shape[1], (0, 2)), (mask.shape[2], (0, 1)))
+    )
     return float(affine[0, 0] * k + affine[0, 1] * j + affine[0, 2] * i + affine[0, 3])

@@ -126,8 +126,11 @@ def _prepare(source: SourceSeries) -> list[tuple[str, str]]:
     which attributes changed (the keywords only: the values may identify the patient)."""
     headers = [*source.slices, *(source.instances or ())]
     dropped = drop_unreadable(headers)
-    repaired = normalise_values(headers)
-    shortened, overlong = fit_lengths(headers)
+    # what the objects copy comes from the first image (and a multi-frame image itself): only
+    # those are repaired and shortened (every slice's header would cost 5 ms each)
+    copied = [source.slices[0], *(source.instances or ())]
+    repaired = normalise_values(copied)
+    shortened, overlong = fit_lengths(copied)
     added = ensure_type2(source.slices)
     if source.instances is not None:
         added = sorted({*added, *ensure_type2(source.instances)})

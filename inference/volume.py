@@ -84,8 +84,8 @@ _OPTIONAL_NUMBERS = ("NumberOfFrames", "RescaleSlope", "RescaleIntercept", "Slic
 
 
 def _read(path: Path | str) -> Dataset:
-    try:
-        return pydicom.dcmread(path)
+    try:  # pixel data is read when decoded, one image at a time, not with the headers
+        return pydicom.dcmread(path, defer_size="64 KB")
     except Exception as exc:  # the spool holds what was received: a file may still be odd
         raise VolumeError(f"cannot read {Path(path).name}: {type(exc).__name__}") from exc
 
@@ -273,6 +273,7 @@ def _multiframe_volume(ds: Dataset, limit: int, drop_duplicates: bool = False) -
         slope, intercept = rescale[n]
         values = pixels[n].astype(np.float32) * slope + intercept
         hu[k] = np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+    del ds.PixelData  # decoded into hu; the encoders read only the headers (see build_volume)
     sorted_views = [views[n] for n in order]
     return Volume(
         hu=hu,
@@ -320,4 +321,8 @@ def build_volume(
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         values = pixels.astype(np.float32) * slope + intercept
         hu[index] = np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+        # the headers are kept for the encoders, which reference the images and never read
+        # their pixels: the encoded and the decoded pixels (cached by pydicom) would be two
+        # more copies of the volume
+        del ds.PixelData
     return Volume(hu=hu, affine=affine_of(datasets), datasets=datasets, duplicates=duplicates)

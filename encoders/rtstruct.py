@@ -125,8 +125,9 @@ def _keep_contour_data_raw(ds: Dataset) -> None:
 
 
 def _degenerate(rc: np.ndarray) -> bool:
-    """A contour planning systems refuse: fewer than 3 distinct points, or no area."""
-    if len(np.unique(np.round(rc, 6), axis=0)) < 3:
+    """A contour planning systems refuse: fewer than 3 points, or no area (all on one line,
+    or fewer than 3 distinct points)."""
+    if len(rc) < 3:
         return True
     x, y = rc[:, 1], rc[:, 0]
     return bool(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) < 1e-6)

@@ -478,3 +478,32 @@ def test_a_contour_that_a_planning_system_would_refuse_is_dropped_and_counted(
     slices = int(body.mask.any(axis=(1, 2)).sum())  # one sliver added on each slice with body
     notes = dict(encoded.notes)
     assert notes["contours_dropped"] == f"Body: {slices} contours of fewer than 3 points or no area"
+
+
+def test_the_node_checks_templates_against_its_model_cards(tmp_path: Path) -> None:
+    """A label a served model does not have is refused; a model this node does not serve is
+    only logged (a site template may name models installed elsewhere); a destination that
+    names an unknown template is refused."""
+    from airouter.app.shared import site_templates
+    from airouter.core.settings import Settings
+
+    (tmp_path / "site.yaml").write_text(
+        "templates:\n  - name: site\n    structures:\n"
+        "      - {model: ct-body, label: Body, name: External}\n"
+        "      - {model: not-installed, label: Liver, name: Liver}\n"
+    )
+    settings = Settings(encoders={"templates_dir": str(tmp_path)})
+    assert set(site_templates(CARDS, settings)) == {"site"}
+    (tmp_path / "typo.yaml").write_text(
+        "templates:\n  - name: typo\n    structures:\n"
+        "      - {model: ct-lungs, label: Right lung, name: Lung_R}\n"
+    )
+    with pytest.raises(TemplateError, match="model ct-lungs has no label 'Right lung'"):
+        site_templates(CARDS, settings)
+    (tmp_path / "typo.yaml").unlink()
+    pacs = {"ae_title": "PACS", "host": "127.0.0.1", "port": 104, "template": "nowhere"}
+    settings = Settings(
+        encoders={"templates_dir": str(tmp_path)}, dispatch={"destinations": {"pacs": pacs}}
+    )
+    with pytest.raises(TemplateError, match=r"dispatch\.destinations\.pacs\.template"):
+        site_templates(CARDS, settings)

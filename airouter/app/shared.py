@@ -88,15 +88,20 @@ def build_ingest(store: Store, settings: Settings) -> Ingest:
 
 def site_templates(cards: dict[str, ModelCard], settings: Settings) -> dict[str, Template]:
     """The site structure templates (``encoders.templates_dir``), checked against the model
-    cards (every entry names a model and a label it has) and against the settings that name
-    one (the site's default, each destination's). Raises TemplateError saying what is wrong."""
+    cards (an entry of a model with a card names a label it has; one of a model without a
+    card is only logged: it applies to nothing here) and against the settings that name one
+    (the site's default, each destination's). Raises TemplateError saying what is wrong."""
     templates = load_templates(settings.encoders.templates_dir)
     problems = []
     for template in templates.values():
         for entry in template.structures:
             card = cards.get(entry.model)
-            if card is None:
-                problems.append(f"template {template.name}: no model card for {entry.model}")
+            if card is None:  # a site's template may name models this node does not serve
+                log.warning(
+                    "template %s: no model card for %s (its entry applies to nothing here)",
+                    template.name,
+                    entry.model,
+                )
             elif entry.label not in {label.name for label in card.labels}:
                 problems.append(
                     f"template {template.name}: model {entry.model} has no label {entry.label!r}"

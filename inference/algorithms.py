@@ -106,8 +106,6 @@ def fill_holes_per_slice(mask: np.ndarray, truncated: bool = False) -> np.ndarra
 
 _IN_PLANE_4 = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE_4[1] = ndimage.generate_binary_structure(2, 1)
-_IN_PLANE_8 = np.zeros((3, 3, 3), dtype=bool)
-_IN_PLANE_8[1] = ndimage.generate_binary_structure(2, 2)
 
 
 def _fill_slab(mask: np.ndarray, truncated: bool) -> np.ndarray:

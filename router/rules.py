@@ -27,7 +27,7 @@ from pydicom.datadict import tag_for_keyword
 
 from airouter.core.qc import QualityChecks
 from airouter.core.vocab import Action, OutputKind, Priority, Review, RunMode, SegType
-from airouter.core.yamlconf import line_of
+from airouter.core.yamlconf import problem
 
 
 class Orientation(enum.StrEnum):
@@ -322,12 +322,9 @@ def parse_rules(text: str, source: str) -> list[Rule]:
     try:
         return RuleFile.model_validate(data).rules
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = _clean_loc(tuple(err["loc"]))
-            line = line_of(root, loc)
-            where = f"{source}:{line}" if line else source
-            problems.append(f"{where}: {'.'.join(str(p) for p in loc)}: {err['msg']}")
+        problems = [
+            problem(source, root, _clean_loc(tuple(err["loc"])), err["msg"]) for err in exc.errors()
+        ]
         raise RuleError("\n".join(problems)) from exc
 
 

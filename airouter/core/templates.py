@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from airouter.core.vocab import RTROIType
-from airouter.core.yamlconf import line_of
+from airouter.core.yamlconf import problem
 
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
 # TG-263: at most 16 characters; letters, digits, underscore, caret, hyphen; no spaces.
@@ -111,12 +111,6 @@ class TemplateFile(_Strict):
     templates: list[Template]
 
 
-def _problem(source: str, root: yaml.Node | None, loc: tuple[object, ...], msg: str) -> str:
-    line = line_of(root, loc)
-    where = f"{source}:{line}" if line else source
-    return f"{where}: {'.'.join(str(p) for p in loc)}: {msg}"
-
-
 def parse_templates(text: str, source: str) -> list[Template]:
     """Validate template-file text; errors as ``source:line: key: message``."""
     try:
@@ -128,7 +122,7 @@ def parse_templates(text: str, source: str) -> list[Template]:
     if duplicates:
         raise TemplateError(
             "\n".join(
-                _problem(
+                problem(
                     source,
                     root,
                     loc,
@@ -142,7 +136,7 @@ def parse_templates(text: str, source: str) -> list[Template]:
         return TemplateFile.model_validate(data).templates
     except ValidationError as exc:
         problems = [
-            _problem(source, root, tuple(err["loc"]), err["msg"].removeprefix("Value error, "))
+            problem(source, root, tuple(err["loc"]), err["msg"].removeprefix("Value error, "))
             for err in exc.errors()
         ]
         raise TemplateError("\n".join(problems)) from exc

@@ -25,3 +25,10 @@ def line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
             line = node.start_mark.line + 1 if node is not None else line
         # pydantic adds locations of its own (union members, validators): skip them
     return line
+
+
+def problem(source: str, root: yaml.Node | None, loc: tuple[Any, ...], message: str) -> str:
+    """One error as ``source:line: key.path: message`` (the line where the YAML has it)."""
+    line = line_of(root, loc)
+    where = f"{source}:{line}" if line else source
+    return f"{where}: {'.'.join(str(p) for p in loc)}: {message}"

@@ -435,6 +435,7 @@ def _encode_and_archive(
     shadow = is_shadow(job, ctx.cards)
     t0 = time.perf_counter()
     sets: list[tuple[list[str] | None, EncodedOutputs]] = []
+    wanted = kinds or frozenset(OutputKind(k) for k in job.outputs)
     targets = _targets(ctx, job)
     for template, destinations in targets:
         templated = apply_template(template, structures)
@@ -442,12 +443,11 @@ def _encode_and_archive(
             run.recorder.event(
                 "template_applied", _template_note(template, destinations, templated)
             )
-        wanted = kinds or {OutputKind(k) for k in job.outputs}
         if not any(s.found for s in templated.structures) and OutputKind.SR not in wanted:
             continue  # the template sends nothing that was found
         encoded = encode_outputs(
             request=OutputRequest(
-                kinds=kinds or frozenset(OutputKind(k) for k in job.outputs),
+                kinds=wanted,
                 quality=quality,
                 seg_type=job.seg_type or SegType((job.options or {}).get("seg_type", "binary")),
                 version=job.version,

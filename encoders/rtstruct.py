@@ -13,13 +13,12 @@ import datetime as dt
 from collections.abc import Sequence
 
 import numpy as np
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 from skimage.measure import find_contours
 
+from encoders import rawbytes as rb
 from encoders.common import (
     TYPE2_PATIENT_STUDY,
     EncodeError,
@@ -27,6 +26,7 @@ from encoders.common import (
     SeriesIdentity,
     Structure,
 )
+from encoders.contours import trace
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # Conventional Referenced SOP Class of the RT Referenced Study Sequence (Study Component
@@ -42,7 +42,6 @@ _COPIED_OPTIONAL = (
     "StudyDescription",
     "OtherPatientIDs",
 )
-CONTOUR_DATA = Tag(0x3006, 0x0050)
 
 
 def _drop_collinear(points: np.ndarray) -> np.ndarray:
@@ -80,16 +79,20 @@ def slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
 _MAX_COORDINATE_MM = 1e9
 
 
-def _contour_data(xyz: np.ndarray) -> RawDataElement:
-    """ContourData, encoded once (DS, explicit VR little endian) instead of value by value;
-    every value "%.3f" (at most 16 bytes, as a DS must be)."""
+def _contour_data(xyz: np.ndarray) -> bytes:
+    """ContourData's value, encoded at once (one C call for every value) instead of value by
+    value; every value "%.3f" (at most 16 bytes, as a DS must be)."""
     if not np.isfinite(xyz).all() or np.abs(xyz).max() >= _MAX_COORDINATE_MM:
         raise EncodeError("a contour lies outside any patient coordinate a DS can hold")
     values = xyz.ravel().tolist()
-    text = ("\\".join(["%.3f"] * len(values)) % tuple(values)).encode("ascii")  # one C call
-    if len(text) % 2:
-        text += b" "
-    return RawDataElement(CONTOUR_DATA, "DS", len(text), text, 0, False, True)
+    return ("\\".join(["%.3f"] * len(values)) % tuple(values)).encode("ascii")
+
+
+def mask_contours(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(slice index, (N, 2) row and column) of every closed boundary of a 3D mask, in slice
+    order: the outer boundary of every island and the boundary of every hole."""
+    traced = trace(mask)
+    return [(int(traced.slices[n]), traced.contour(n)) for n in range(len(traced))]
 
 
 def to_patient(points_rc: np.ndarray, image: Dataset) -> np.ndarray:
@@ -105,23 +108,27 @@ def to_patient(points_rc: np.ndarray, image: Dataset) -> np.ndarray:
     )
 
 
-def _image_ref(image: Dataset) -> Dataset:
-    """A reference to a slice: its instance, and its frame when it is one frame of a
-    multi-frame image (the volume's per-frame views carry ReferencedFrameNumber)."""
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = image.SOPClassUID
-    ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
+def _image_ref(image: Dataset) -> bytes:
+    """A reference to a slice, as an encoded item: its instance, and its frame when it is one
+    frame of a multi-frame image (the volume's per-frame views carry ReferencedFrameNumber)."""
+    ref = rb.text(0x00081150, "UI", str(image.SOPClassUID))
+    ref += rb.text(0x00081155, "UI", str(image.SOPInstanceUID))
     if "ReferencedFrameNumber" in image:
-        ref.ReferencedFrameNumber = image.ReferencedFrameNumber
-    return ref
+        ref += rb.text(0x00081160, "IS", str(int(image.ReferencedFrameNumber)))
+    return rb.item(ref)
 
 
-def _keep_contour_data_raw(ds: Dataset) -> None:
-    """Declare the contour items' encoding so that pydicom writes the pre-encoded ContourData
-    as is, instead of parsing hundreds of thousands of DS values back into floats first."""
+def _keep_encoded_parts_raw(ds: Dataset) -> None:
+    """Declare the encoding of the datasets that hold encoded parts, and of the object, so
+    that pydicom writes those as they are instead of parsing them back into elements first
+    (nothing here has an ambiguous VR for pydicom to correct)."""
+    rb.written_as_is(ds)
     for roi in ds.ROIContourSequence:
-        for item in roi.get("ContourSequence", []):
-            item.set_original_encoding(False, True, item._character_set)
+        rb.written_as_is(roi)
+    for frame in ds.ReferencedFrameOfReferenceSequence:
+        for study in frame.RTReferencedStudySequence:
+            for series in study.RTReferencedSeriesSequence:
+                rb.written_as_is(series)
 
 
 def _degenerate(rc: np.ndarray) -> bool:
@@ -134,25 +141,30 @@ def _degenerate(rc: np.ndarray) -> bool:
 
 
 def _contour_sequence(
-    structure: Structure, images: Sequence[Dataset], dropped: dict[str, int] | None
-) -> DicomSequence:
+    structure: Structure,
+    images: Sequence[Dataset],
+    refs: Sequence[bytes],
+    dropped: dict[str, int] | None,
+) -> list[bytes]:
+    """The Contour Sequence's items, encoded (:mod:`encoders.rawbytes`): a few hundred
+    thousand coordinates on a large CT, which pydicom would hold and write value by value."""
     items = []
-    for k, image in enumerate(images):
-        if not structure.mask[k].any():
+    closed = rb.text(0x30060042, "CS", "CLOSED_PLANAR")
+    for k, rc in mask_contours(structure.mask):
+        if _degenerate(rc):
+            if dropped is not None:
+                dropped[structure.spec.name] = dropped.get(structure.spec.name, 0) + 1
             continue
-        for rc in slice_contours(structure.mask[k]):
-            if _degenerate(rc):
-                if dropped is not None:
-                    dropped[structure.spec.name] = dropped.get(structure.spec.name, 0) + 1
-                continue
-            xyz = to_patient(rc, image)
-            item = Dataset()
-            item.ContourImageSequence = DicomSequence([_image_ref(image)])
-            item.ContourGeometricType = "CLOSED_PLANAR"
-            item.NumberOfContourPoints = len(xyz)
-            item[CONTOUR_DATA] = _contour_data(xyz)
-            items.append(item)
-    return DicomSequence(items)
+        xyz = to_patient(rc, images[k])
+        items.append(
+            rb.item(
+                rb.sequence(0x30060016, [refs[k]])  # Contour Image Sequence
+                + closed
+                + rb.text(0x30060046, "IS", str(len(xyz)))  # Number of Contour Points
+                + rb.element(0x30060050, "DS", _contour_data(xyz))
+            )
+        )
+    return items
 
 
 def build_rtstruct(
@@ -214,7 +226,8 @@ def build_rtstruct(
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     rt_series = Dataset()
     rt_series.SeriesInstanceUID = first.SeriesInstanceUID
-    rt_series.ContourImageSequence = DicomSequence([_image_ref(im) for im in source_images])
+    refs = [_image_ref(im) for im in source_images]
+    rb.put_sequence(rt_series, 0x30060016, refs)  # Contour Image Sequence: every instance
     rt_study = Dataset()
     rt_study.ReferencedSOPClassUID = STUDY_COMPONENT_MANAGEMENT
     rt_study.ReferencedSOPInstanceUID = first.StudyInstanceUID
@@ -237,7 +250,8 @@ def build_rtstruct(
         contour.ReferencedROINumber = number
         contour.ROIDisplayColor = list(s.spec.color)
         if s.found:  # a placeholder has no contour (ContourSequence is type 3)
-            contour.ContourSequence = _contour_sequence(s, source_images, dropped)
+            items = _contour_sequence(s, source_images, refs, dropped)
+            rb.put_sequence(contour, 0x30060040, items)  # Contour Sequence
         contours.append(contour)
         obs = Dataset()
         obs.ObservationNumber = number
@@ -261,7 +275,7 @@ def build_rtstruct(
     ds.ROIContourSequence = DicomSequence(contours)
     ds.RTROIObservationsSequence = DicomSequence(observations)
     ds.ApprovalStatus = "UNAPPROVED"
-    _keep_contour_data_raw(ds)
+    _keep_encoded_parts_raw(ds)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID

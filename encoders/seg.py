@@ -7,15 +7,21 @@ Segmentation SOP Class: one frame per source image, mutually exclusive labels) a
 
 from __future__ import annotations
 
+import struct
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import highdicom as hd
 import numpy as np
+from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_volume_positions
 from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import format_number_as_ds
 
 from airouter.core.vocab import SegType
+from encoders import rawbytes as rb
 from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure
 
 
@@ -66,13 +72,20 @@ def _box(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 
 def _any_overlap(pixels: np.ndarray) -> bool:
-    """Whether two segments of a (frames, rows, columns, segments) 0/1 array share a voxel:
-    each pair compared within the intersection of their bounding boxes only (20 organs
-    on 500 slices: 190 pairs, most of whose boxes do not even meet)."""
+    """Whether two segments of a (frames, rows, columns, segments) 0/1 array share a voxel."""
     count = pixels.shape[-1]
-    boxes = [_box(pixels[..., n]) for n in range(count)]
-    for a in range(count):
-        for b in range(a + 1, count):
+    return _masks_overlap([pixels[..., n] for n in range(count)])
+
+
+def _masks_overlap(
+    masks: Sequence[np.ndarray], boxes: Sequence[tuple[slice, ...] | None] | None = None
+) -> bool:
+    """Whether two of ``masks`` share a voxel: each pair compared within the intersection of
+    their bounding boxes only (20 organs on 500 slices: 190 pairs, most of whose boxes do not
+    even meet)."""
+    boxes = boxes if boxes is not None else [_box(m) for m in masks]
+    for a in range(len(masks)):
+        for b in range(a + 1, len(masks)):
             box_a, box_b = boxes[a], boxes[b]
             if box_a is None or box_b is None:
                 continue
@@ -82,8 +95,7 @@ def _any_overlap(pixels: np.ndarray) -> bool:
             )
             if any(m.start >= m.stop for m in meet):
                 continue
-            k, j, i = meet
-            if np.logical_and(pixels[k, j, i, a], pixels[k, j, i, b]).any():
+            if np.logical_and(masks[a][meet], masks[b][meet]).any():
                 return True
     return False
 
@@ -128,7 +140,7 @@ def build_seg(
     provenance: Provenance,
     series: SeriesIdentity,
     seg_type: SegType | str = SegType.BINARY,
-) -> hd.seg.Segmentation:
+) -> Dataset:
     """A BINARY or LABELMAP SEG of ``structures`` (segment n = structures[n-1]).
 
     Structures must be non-empty: an empty result is reported by the SR, not as a segment. A
@@ -137,6 +149,10 @@ def build_seg(
     """
     if not structures:
         raise ValueError("a SEG needs at least one non-empty structure")
+    if SegType(seg_type) is SegType.BINARY:
+        streamed = _streamed_binary(source_images, structures, provenance, series)
+        if streamed is not None:
+            return streamed
     # segments stacked along the first axis (each one's frames contiguous: highdicom reads
     # the array frame by frame) and seen as (frames, rows, columns, segments)
     pixels = np.moveaxis(
@@ -221,3 +237,178 @@ def _segmentation(
     if provenance.institution_name:
         seg.InstitutionName = provenance.institution_name
     return seg
+
+
+# The constant parts of every frame's functional groups (what highdicom writes for a frame
+# derived from a single-frame source image with its spatial locations preserved)
+_DERIVATION_CODE = rb.sequence(0x00089215, [rb.item(rb.code("113076", "DCM", "Segmentation"))])
+_PURPOSE = rb.sequence(
+    0x0040A170,
+    [rb.item(rb.code("121322", "DCM", "Source image for image processing operation"))],
+)
+
+
+def _streamed_binary(
+    source_images: Sequence[Dataset],
+    structures: Sequence[Structure],
+    provenance: Provenance,
+    series: SeriesIdentity,
+) -> Dataset | None:
+    """The BINARY SEG highdicom would write, with the frames written by us.
+
+    highdicom looks at every (source image, segment) plane for content, builds each frame's
+    functional groups as datasets and needs all masks stacked into one array: on a 500-slice
+    CT with 20 organs that is 2.6 GB and most of 20 s. Here each structure's frames come from
+    its bounding box and are packed straight into Pixel Data, and the per-frame functional
+    groups and the source references are encoded once as bytes (:mod:`encoders.rawbytes`);
+    highdicom still builds everything else (a one-frame SEG of the first source image, whose
+    frame-level parts are then replaced). Frame order, dimension indices, Segments Overlap,
+    Spacing Between Slices and the 3D dimension organisation follow highdicom's own rules
+    (tests compare the two).
+
+    Returns None where this does not apply (multi-frame sources, rows not a whole number of
+    bytes, inconsistent geometry, an empty structure): highdicom then builds the whole SEG and
+    gives its own errors.
+    """
+    first = source_images[0]
+    rows, columns = int(first.Rows), int(first.Columns)
+    shape = (len(source_images), rows, columns)
+    masks = [np.asarray(s.mask, dtype=bool) for s in structures]
+    if (
+        columns % 8
+        or any(m.shape != shape for m in masks)
+        or any(
+            "NumberOfFrames" in ds
+            or "ImagePositionPatient" not in ds
+            or ds.get("ImageOrientationPatient") != first.get("ImageOrientationPatient")
+            or (ds.Rows, ds.Columns) != (rows, columns)
+            for ds in source_images
+        )
+        or "ImageOrientationPatient" not in first
+    ):
+        return None
+    orientation = [float(v) for v in first.ImageOrientationPatient]
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in source_images])
+    normal = get_normal_vector(orientation, index_convention=VOLUME_INDEX_CONVENTION)
+    _, order = np.unique(positions @ normal, return_index=True)
+    boxes = [_box(m) for m in masks]
+    if len(order) != len(source_images) or any(b is None for b in boxes):
+        return None
+    present = []
+    for m, box in zip(masks, boxes, strict=True):
+        assert box is not None
+        k, j, i = box
+        hit = np.zeros(len(source_images), dtype=bool)
+        hit[k] = m[k, j, i].any(axis=(1, 2))
+        present.append(hit)
+    included = np.logical_or.reduce(present)
+    planes = [int(p) for p in order if included[p]]  # highdicom's plane order
+    rank = {p: n for n, p in enumerate(planes, start=1)}
+
+    # highdicom builds the modules, from one source image and a one-frame decoy
+    decoy = np.zeros((1, rows, columns, len(masks)), dtype=np.uint8)
+    for n in range(len(masks)):
+        decoy[0, n // columns, n % columns, n] = 1
+    seg = _segmentation(
+        [first], decoy, hd.seg.SegmentationTypeValues.BINARY, structures, provenance, series
+    )
+    ds = Dataset()
+    for elem in seg:
+        ds.add(elem)
+    ds.file_meta = seg.file_meta
+    ds.preamble = seg.preamble
+    # what pydicom's writer would have corrected (Pixel Data's "OB or OW") is corrected now:
+    # it writes the raw elements below only where it need not correct anything itself
+    correct_ambiguous_vr(ds, True)
+
+    measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    if "SpacingBetweenSlices" not in measures:
+        spacing, _ = get_volume_positions(
+            image_positions=positions.tolist(), image_orientation=orientation
+        )
+        if spacing is not None:
+            measures.SpacingBetweenSlices = format_number_as_ds(spacing)
+    if "DimensionOrganizationType" in ds:
+        del ds.DimensionOrganizationType
+    if len(masks) == 1 and len(planes) > 1:
+        spacing, _ = get_volume_positions(
+            image_positions=positions[np.flatnonzero(included)].tolist(),
+            image_orientation=orientation,
+            sort=False,
+        )
+        if spacing is not None and spacing > 0.0:
+            ds.DimensionOrganizationType = "3D"
+    ds.SegmentsOverlap = "YES" if _masks_overlap(masks, boxes) else "NO"
+
+    # source references: the Source Image Sequence and the Common Instance Reference module
+    references = [
+        rb.item(
+            rb.text(0x00081150, "UI", str(im.SOPClassUID))
+            + rb.text(0x00081155, "UI", str(im.SOPInstanceUID))
+        )
+        for im in source_images
+    ]
+    by_series: dict[str, list[bytes]] = defaultdict(list)
+    for im, ref in zip(source_images, references, strict=True):
+        by_series[str(im.SeriesInstanceUID)].append(ref)
+    rb.put_sequence(ds, 0x00082112, references)
+    rb.put_sequence(
+        ds,
+        0x00081115,
+        [
+            rb.item(rb.sequence(0x0008114A, refs) + rb.text(0x0020000E, "UI", uid))
+            for uid, refs in by_series.items()
+        ],
+    )
+
+    # frames: segment by segment, each in highdicom's plane order, only where it has content
+    frame_bytes = rows * columns // 8
+    total = sum(int(h.sum()) for h in present)
+    pixels = np.zeros((total, rows, columns // 8), dtype=np.uint8)
+    items: list[bytes] = []
+    derivation: dict[int, bytes] = {}
+    position: dict[int, bytes] = {}
+    start = 0
+    for number, (m, box, hit) in enumerate(zip(masks, boxes, present, strict=True), start=1):
+        assert box is not None
+        _, j, _ = box
+        own = [p for p in planes if hit[p]]
+        pixels[start : start + len(own), j, :] = np.packbits(
+            m[own, j, :], axis=-1, bitorder="little"
+        )
+        start += len(own)
+        # one segment: highdicom names it once, in the shared functional groups
+        segment = (
+            rb.sequence(
+                0x0062000A, [rb.item(rb.element(0x0062000B, "US", struct.pack("<H", number)))]
+            )
+            if len(masks) > 1
+            else b""
+        )
+        for p in own:
+            if p not in derivation:
+                im = source_images[p]
+                source = rb.item(
+                    rb.text(0x00081150, "UI", str(im.SOPClassUID))
+                    + rb.text(0x00081155, "UI", str(im.SOPInstanceUID))
+                    + rb.text(0x0028135A, "CS", "YES")
+                    + _PURPOSE
+                )
+                derivation[p] = rb.sequence(
+                    0x00089124, [rb.item(rb.sequence(0x00082112, [source]) + _DERIVATION_CODE)]
+                )
+                ipp = "\\".join(format_number_as_ds(float(v)) for v in positions[p])
+                position[p] = rb.sequence(0x00209113, [rb.item(rb.text(0x00200032, "DS", ipp))])
+            content = rb.sequence(
+                0x00209111,
+                [rb.item(rb.element(0x00209157, "UL", struct.pack("<II", number, rank[p])))],
+            )
+            items.append(rb.item(derivation[p] + content + position[p] + segment))
+    ds.NumberOfFrames = total
+    rb.put_sequence(ds, 0x52009230, items)
+    data = pixels.tobytes()
+    del pixels
+    ds.PixelData = data + b"\0" if len(data) % 2 else data
+    assert frame_bytes * total == len(data)
+    rb.written_as_is(ds)
+    return ds

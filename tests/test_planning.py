@@ -454,12 +454,16 @@ def test_a_contour_that_a_planning_system_would_refuse_is_dropped_and_counted(
     assert rtstruct._degenerate(np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 2.0]]))  # a line
     assert rtstruct._degenerate(np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))  # 2 points
     assert not rtstruct._degenerate(np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
-    real = rtstruct.slice_contours
+    real = rtstruct.mask_contours
 
-    def with_a_sliver(mask2d: np.ndarray) -> list[np.ndarray]:
-        return [*real(mask2d), np.array([[5.0, 5.0], [5.0, 6.0], [5.0, 7.0]])]
+    def with_a_sliver(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        found = real(mask)
+        slivers = [
+            (k, np.array([[5.0, 5.0], [5.0, 6.0], [5.0, 7.0]])) for k in {k for k, _ in found}
+        ]
+        return found + slivers
 
-    monkeypatch.setattr(rtstruct, "slice_contours", with_a_sliver)
+    monkeypatch.setattr(rtstruct, "mask_contours", with_a_sliver)
     volume = build_volume(head_ct_files()[40:50])
     labels = segment_body(volume.hu, volume.affine)
     (body,) = structures_of(

@@ -5,8 +5,8 @@ pixel (tests compare the two): every vertex is the midpoint of a pixel edge betw
 outside, ambiguous diagonal cells keep the outside connected (``fully_connected="low"``), and
 every contour runs the way scikit-image's does. scikit-image joins the segments in Python, one
 dictionary operation at a time (most of an RTSTRUCT's time on a large CT); here the segments
-of a whole slab of slices are found at once, linked by sorting, and the cycles walked over
-plain integer lists.
+of a whole slab of slices are found at once, linked by sorting, and the cycles they form put
+in order by pointer jumping.
 """
 
 from __future__ import annotations
@@ -105,31 +105,13 @@ def _trace_slab(mask: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarra
     end = np.concatenate([keys(_TO, 0, slice(None)), keys(_TO, 1, saddle)])
     order = np.argsort(start, kind="stable")
     following = order[np.searchsorted(start, end, sorter=order)]
-    # every vertex of a padded binary image begins one segment and ends another: the
-    # segments form disjoint cycles, walked here over plain lists
-    nxt = following.tolist()
-    seen = bytearray(len(nxt))
-    walk: list[int] = []
-    heads: list[int] = []
-    for first in range(len(nxt)):
-        if seen[first]:
-            continue
-        heads.append(len(walk))
-        i = first
-        while not seen[i]:
-            seen[i] = 1
-            walk.append(i)
-            i = nxt[i]
-    # contours in slice order (cycles start at their first segment in raster order)
-    bounds = np.asarray([*heads, len(walk)], dtype=np.int64)
-    walked = np.asarray(walk, dtype=np.int64)
-    first_k = start[walked[bounds[:-1]]] // (width * height)
+    path, bounds = _cycles(following)
+    # contours in slice order (a cycle of saddle cells' second segments only comes last)
+    first_k = start[path[bounds[:-1]]] // (width * height)
     if np.any(np.diff(first_k) < 0):
         cycles = np.argsort(first_k, kind="stable")
-        walked = np.concatenate([walked[bounds[n] : bounds[n + 1]] for n in cycles])
-        bounds = np.concatenate([[0], np.cumsum(np.diff(bounds)[cycles])])
-        heads = bounds[:-1].tolist()
-    path = walked
+        path = np.concatenate([path[bounds[n] : bounds[n + 1]] for n in cycles])
+        bounds = np.concatenate([[0], np.cumsum(np.diff(bounds)[cycles])]).astype(np.int64)
     key = start[path]
     r2 = (key // width) % height
     c2 = key % width
@@ -137,7 +119,7 @@ def _trace_slab(mask: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarra
     # drop points where the polygon goes straight on (exact: doubled integer coordinates)
     n = len(path)
     index = np.arange(n)
-    owner = np.repeat(np.arange(len(heads)), np.diff(bounds))
+    owner = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
     first_of = bounds[:-1][owner]
     last_of = bounds[1:][owner] - 1
     prev = np.where(index == first_of, last_of, index - 1)
@@ -150,3 +132,31 @@ def _trace_slab(mask: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarra
     points = np.column_stack([r2[keep] / 2.0 + (r0 - 1), c2[keep] / 2.0 + (c0 - 1)])
     slices = ks[0] + k_local[bounds[:-1]]
     return slices.astype(np.int64), np.concatenate([[0], np.cumsum(sizes)]), points
+
+
+def _cycles(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cycles of the permutation ``nxt`` (every vertex of a padded binary image begins
+    one segment and ends another, so the segments form disjoint cycles): the segments cycle
+    by cycle, each cycle from its smallest index on and cycles ordered by it, and where each
+    cycle begins. Pointer jumping: a logarithmic number of array steps instead of a Python
+    step per segment."""
+    n = len(nxt)
+    index = np.arange(n)
+    # each cycle's smallest index: the minimum over a window that doubles until it is the
+    # same all along every cycle (then it is the cycle's minimum)
+    label, jump = index.copy(), nxt.copy()
+    while not np.array_equal(label, label[nxt]):
+        label = np.minimum(label, label[jump])
+        jump = jump[jump]
+    head = label == index
+    # distance from the head along the cycle (list ranking, back along the predecessors)
+    back = np.empty_like(nxt)
+    back[nxt] = index
+    back[head] = index[head]
+    distance = (~head).astype(np.int64)
+    while np.any(back != back[back]):
+        distance += distance[back]
+        back = back[back]
+    order = np.lexsort((distance, label))
+    sizes = np.bincount(label, minlength=n)[index[head]]
+    return order, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

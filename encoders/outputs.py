@@ -3,14 +3,12 @@
 :func:`encode_outputs` writes, as the request asks, a SEG (BINARY or LABELMAP) of the structures
 found, a TID 1500 SR of their measurements (and of what was looked for and not found, and of
 classifications), an RTSTRUCT of their contours and a FRACTIONAL SEG of their probabilities.
-Provenance and the series identity of every object come from the encoder settings, once; the
-RTSTRUCT is built on a second thread while the SEG is built (it needs nothing from it).
+Provenance and the series identity of every object come from the encoder settings, once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import highdicom as hd
@@ -119,8 +117,8 @@ def _identity(
 
 
 def _prepare(source: SourceSeries) -> list[tuple[str, str]]:
-    """Make the in-memory source headers safe to copy: every element decoded now (so that
-    the RTSTRUCT thread and this one only read them) and the unreadable ones removed,
+    """Make the in-memory source headers safe to copy: every element decoded now (the encoders
+    then only read them) and the unreadable ones removed,
     malformed dates and times repaired or emptied, over-long text shortened (identifiers kept
     exact), type 2 attributes the headers lack added empty. Returns the job notes that say
     which attributes changed (the keywords only: the values may identify the patient)."""
@@ -168,11 +166,6 @@ def encode_outputs(
     kinds = request.kinds
     placeholders = [s for s in structures if not s.found] if request.placeholders else []
     dropped: dict[str, int] = {}
-    rt_future = (
-        _start_rtstruct(source, found, placeholders, dropped, provenance, settings, request)
-        if found
-        else None
-    )
     seg = None
     if found:
         seg = build_seg(
@@ -202,8 +195,9 @@ def encode_outputs(
             not_assessable=_not_assessable(request.quality, absent),
         )
         result.objects.append((OutputKind.SR, sr))
-    if rt_future is not None:
-        result.objects.append((OutputKind.RTSTRUCT, rt_future.result()))  # raises its error
+    if found and OutputKind.RTSTRUCT in kinds:
+        rtstruct = _rtstruct(source, found, placeholders, dropped, provenance, settings, request)
+        result.objects.append((OutputKind.RTSTRUCT, rtstruct))
         if dropped:
             result.notes.append(
                 (
@@ -232,7 +226,7 @@ def _not_assessable(quality: InputQuality | None, absent: Sequence[SegmentSpec])
     return {spec.tracking_id: reason for spec in absent}
 
 
-def _start_rtstruct(
+def _rtstruct(
     source: SourceSeries,
     found: list[Structure],
     placeholders: list[Structure],
@@ -240,31 +234,26 @@ def _start_rtstruct(
     provenance: Provenance,
     settings: EncoderSettings,
     request: OutputRequest,
-) -> Future[Dataset] | None:
-    if OutputKind.RTSTRUCT not in request.kinds:
-        return None
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtstruct")
-    try:
-        return pool.submit(
-            build_rtstruct,
-            source_images=source.slices,
-            structures=found,
-            provenance=provenance,
-            series=_identity(settings, OutputKind.RTSTRUCT, request),
-            label=request.structure_set_label,
-            name=(
-                RESEARCH_PREFIX + request.structure_set_name
-                if request.research and request.structure_set_name
-                else request.structure_set_name
-            ),
-            description=(
-                "NOT FOR CLINICAL USE: results of a research rule" if request.research else None
-            ),
-            placeholders=placeholders,
-            dropped=dropped,
-        )
-    finally:
-        pool.shutdown(wait=False)
+) -> Dataset:
+    # built after the SEG and SR, in this thread: a second thread for it made the three
+    # slower once their encoding was mostly Python (bench/encode.py)
+    return build_rtstruct(
+        source_images=source.slices,
+        structures=found,
+        provenance=provenance,
+        series=_identity(settings, OutputKind.RTSTRUCT, request),
+        label=request.structure_set_label,
+        name=(
+            RESEARCH_PREFIX + request.structure_set_name
+            if request.research and request.structure_set_name
+            else request.structure_set_name
+        ),
+        description=(
+            "NOT FOR CLINICAL USE: results of a research rule" if request.research else None
+        ),
+        placeholders=placeholders,
+        dropped=dropped,
+    )
 
 
 def _probability_map(

@@ -15,9 +15,12 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, write_dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 
+from encoders import rawbytes as rb
 from encoders.common import (
     Classification,
     EncodeError,
@@ -26,7 +29,7 @@ from encoders.common import (
     SeriesIdentity,
     Structure,
 )
-from encoders.rtstruct import slice_contours
+from encoders.contours import trace
 
 
 @dataclass(frozen=True)
@@ -159,9 +162,10 @@ def _planar(
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
     """TID 1410 for a structure on the slice where it is largest: its outer outline (the
     longest boundary there) as a closed polyline, and its area on that slice."""
-    areas = s.mask.reshape(len(s.mask), -1).sum(axis=1)
+    areas = np.array([np.count_nonzero(plane) for plane in s.mask])  # no int64 copy
     k = int(np.argmax(areas))
-    contours = slice_contours(s.mask[k])
+    traced = trace(s.mask[k : k + 1])
+    contours = [traced.contour(n) for n in range(len(traced))]
     if not contours or k >= len(slices):
         return None
     outline = max(contours, key=_shoelace)
@@ -243,17 +247,27 @@ def _container(code: Any, items: list[Dataset]) -> Dataset:
     return item
 
 
-def _library_entry(image: Dataset) -> Dataset:
-    """TID 1601: one IMAGE entry of the library."""
-    ref = Dataset()
-    ref.ReferencedSOPClassUID = image.SOPClassUID
-    ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
-    entry = Dataset()
-    entry.RelationshipType = "CONTAINS"
-    entry.ValueType = "IMAGE"
-    entry.ConceptNameCodeSequence = DicomSequence([_code(codes.SCT.Source)])
-    entry.ReferencedSOPSequence = DicomSequence([ref])
-    return entry
+def _library_entry(image: Dataset, source_code: bytes) -> bytes:
+    """TID 1601: one IMAGE entry of the library, encoded (:mod:`encoders.rawbytes`)."""
+    ref = rb.text(0x00081150, "UI", str(image.SOPClassUID))
+    ref += rb.text(0x00081155, "UI", str(image.SOPInstanceUID))
+    return rb.item(
+        rb.sequence(0x00081199, [rb.item(ref)])  # Referenced SOP Sequence
+        + rb.text(0x0040A010, "CS", "CONTAINS")  # Relationship Type
+        + rb.text(0x0040A040, "CS", "IMAGE")  # Value Type
+        + source_code  # Concept Name Code Sequence
+    )
+
+
+def _encoded_items(items: Sequence[Dataset]) -> list[bytes]:
+    """Content items built as datasets, encoded by pydicom's own writer."""
+    out = []
+    for item in items:
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        write_dataset(buffer, item)
+        out.append(rb.item(buffer.getvalue()))
+    return out
 
 
 def _add_image_library(sr: Dataset, images: Sequence[Dataset]) -> None:
@@ -262,7 +276,8 @@ def _add_image_library(sr: Dataset, images: Sequence[Dataset]) -> None:
     are said once, with one entry per image. Added to the document once highdicom has built
     it: highdicom's ImageLibrary describes every image in full (40 ms an image here), and the
     document copies and searches its whole content tree (another 10 ms an image); the images
-    are the document's evidence already."""
+    are the document's evidence already. The group's content is encoded once as bytes
+    (hundreds of entries of datasets took most of the SR's time to build and write)."""
     if not images:
         return
     descriptors = hd.sr.ImageLibraryEntryDescriptors(images[0])
@@ -271,7 +286,16 @@ def _add_image_library(sr: Dataset, images: Sequence[Dataset]) -> None:
         for d in descriptors
         if not d.ConceptNameCodeSequence[0].CodeMeaning.startswith("Image Position")
     ]
-    group = _container(codes.DCM.ImageLibraryGroup, [*shared, *map(_library_entry, images)])
+    source = codes.SCT.Source
+    source_code = rb.sequence(
+        0x0040A043, [rb.item(rb.code(source.value, source.scheme_designator, source.meaning))]
+    )
+    group = _container(codes.DCM.ImageLibraryGroup, [])
+    rb.put_sequence(
+        group,
+        0x0040A730,  # Content Sequence
+        [*_encoded_items(shared), *(_library_entry(im, source_code) for im in images)],
+    )
     library = _container(codes.DCM.ImageLibrary, [group])
     items = list(sr.ContentSequence)
     # TID 1500 row 5: after the observation context and procedure, before the measurements
@@ -284,7 +308,12 @@ def _add_image_library(sr: Dataset, images: Sequence[Dataset]) -> None:
         len(items),
     )
     items.insert(at, library)
+    # what pydicom's writer would correct is corrected now: it then writes the encoded
+    # group as it is, through the datasets that lead to it
+    correct_ambiguous_vr(sr, True)
     sr.ContentSequence = DicomSequence(items)
+    for ds in (sr, library, group):
+        rb.written_as_is(ds)
 
 
 def build_measurement_report(

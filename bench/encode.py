@@ -32,14 +32,15 @@ from tests.objects import structure
 from tests.peers import ROOT, head_ct_files
 
 NOTES = (
-    "Where the time goes (cProfile): SEG, highdicom building 420 per-frame functional groups "
-    "and packing the frames (its own overlap check, a per-voxel sum over the stacked "
-    "140x512x512x3 array that took 1.3 s, is replaced by a pairwise AND of our binary masks, "
-    "tested to give the same Segments Overlap and the same frames); RTSTRUCT, scikit-image's "
-    "find_contours with its pure-Python contour assembly (now on each mask's bounding box, not "
-    "the whole slice) and writing ~240k ContourData values. The pipeline builds the RTSTRUCT "
-    "on a second thread while SEG and SR are built. At the start of this work all three took "
-    "4.6 s one after another."
+    "Where the time goes now: the BINARY SEG's frames, per-frame functional groups and source "
+    "references are written by us (frames packed from each structure's bounding box, the "
+    "functional groups encoded once as explicit VR bytes; tests check it is the SEG highdicom "
+    "writes), highdicom builds the rest; the RTSTRUCT's contours are traced by array marching "
+    "squares (the same contours as scikit-image, whose Python contour assembly took most of "
+    "its time) over each structure's bounding box, one pass per voxel there, and its contour "
+    "items are encoded once as bytes; the SR is highdicom's TID 1500 (its evidence search and "
+    "copies of the content tree), with the Image Library encoded as bytes. Before this work "
+    "(same machine, quiet) the three took SEG 0.72 s, SR 0.26 s, RTSTRUCT 0.96 s."
 )
 
 
@@ -139,7 +140,7 @@ def main() -> None:
         "SR": [],
         "RTSTRUCT": [],
         "all three, one after another": [],
-        "all three as the pipeline builds them (encoders facade, RTSTRUCT on a second thread)": [],
+        "all three as the pipeline builds them (encoders facade)": [],
     }
 
     def seg() -> Any:
@@ -196,7 +197,7 @@ def main() -> None:
         for _, ds in encoded.objects:
             ds.save_as(io.BytesIO(), enforce_file_format=True)
         timings[
-            "all three as the pipeline builds them (encoders facade, RTSTRUCT on a second thread)"
+            "all three as the pipeline builds them (encoders facade)"
         ].append(time.perf_counter() - t0)
         print({k: round(v[-1], 3) for k, v in timings.items()}, flush=True)
     rows = "\n".join(
@@ -216,7 +217,7 @@ one with a hole), each built and written to bytes; {args.rounds} rounds.
 """
     pipeline = median(
         timings[
-            "all three as the pipeline builds them (encoders facade, RTSTRUCT on a second thread)"
+            "all three as the pipeline builds them (encoders facade)"
         ]
     )
     goal = (

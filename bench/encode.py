@@ -55,10 +55,8 @@ def multi_organ(rounds: int) -> None:
     from bench.common import fresh_copy
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-encode-"))
-    try:
-        volume = build_volume(fresh_copy(head_ct_files(), tmp, count=500))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    files = fresh_copy(head_ct_files(), tmp, count=500)
+    volume = build_volume(files)
     ensure_type2(volume.datasets)
     cards = load_cards(ROOT / "config" / "models")
     card = cards["ct-lungs"]
@@ -75,10 +73,11 @@ def multi_organ(rounds: int) -> None:
         structures.append(dataclasses.replace(s, spec=spec))
     times = []
     for _ in range(rounds):
+        headers = build_volume(files).datasets  # as a job has them: read, not yet decoded
         t0 = time.perf_counter()
         encoded = encode_outputs(
             request=OutputRequest(frozenset({OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT})),
-            source=SourceSeries(volume.datasets),
+            source=SourceSeries(headers),
             structures=structures,
             settings=EncoderSettings(),
             device_uid=hd.UID(),
@@ -87,11 +86,13 @@ def multi_organ(rounds: int) -> None:
             ds.save_as(io.BytesIO(), enforce_file_format=True)
         times.append(time.perf_counter() - t0)
         print(f"500 slices, 20 structures: {times[-1]:.2f} s", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     value = median(times)
     body_text = f"""
 SEG + TID 1500 SR + RTSTRUCT, as the pipeline builds them (encoders facade), for a 500-slice
 512x512 CT (the head CT repeated along z) with 20 structures: the ct-body mask and 19
-ellipsoids of 30-120 mm; each object written to bytes; {rounds} rounds.
+ellipsoids of 30-120 mm; each object written to bytes; {rounds} rounds, each from headers
+freshly read (as a job has them).
 
 | case | median s | per round |
 |---|---|---|
@@ -186,19 +187,20 @@ def main() -> None:
             ("all three, one after another", t3 - t0),
         ):
             timings[key].append(value)
+        headers = build_volume(head_ct_files()).datasets  # as a job has them: not yet decoded
         t0 = time.perf_counter()
         encoded = encode_outputs(
             request=OutputRequest(frozenset({OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT})),
-            source=SourceSeries(volume.datasets),
+            source=SourceSeries(headers),
             structures=structures,
             settings=EncoderSettings(),
             device_uid=hd.UID(),
         )
         for _, ds in encoded.objects:
             ds.save_as(io.BytesIO(), enforce_file_format=True)
-        timings[
-            "all three as the pipeline builds them (encoders facade)"
-        ].append(time.perf_counter() - t0)
+        timings["all three as the pipeline builds them (encoders facade)"].append(
+            time.perf_counter() - t0
+        )
         print({k: round(v[-1], 3) for k, v in timings.items()}, flush=True)
     rows = "\n".join(
         f"| {k} | {median(v):.2f} | {', '.join(f'{x:.2f}' for x in v)} |"
@@ -207,7 +209,9 @@ def main() -> None:
     body_text = f"""
 SEG (BINARY, 3 segments, empty frames omitted) + TID 1500 SR + RTSTRUCT for the 140-slice
 512x512 head CT with 3 structures (the ct-body mask and two synthetic lung-shaped volumes,
-one with a hole), each built and written to bytes; {args.rounds} rounds.
+one with a hole), each built and written to bytes; {args.rounds} rounds. The pipeline row
+starts each round from freshly read headers, as a job does (their first decoding is part of
+its time); the rows per object reuse one set of headers.
 
 | object | median s | per round |
 |---|---|---|
@@ -215,11 +219,7 @@ one with a hole), each built and written to bytes; {args.rounds} rounds.
 
 {{GOAL}}
 """
-    pipeline = median(
-        timings[
-            "all three as the pipeline builds them (encoders facade)"
-        ]
-    )
+    pipeline = median(timings["all three as the pipeline builds them (encoders facade)"])
     goal = (
         f"Goal: <= 0.5 s for all three: {'met' if pipeline <= 0.5 else 'not met'} "
         f"({pipeline:.2f} s as the pipeline builds them). {NOTES}"

@@ -8,6 +8,7 @@ measurements the SR reports. The job layer builds these from model cards.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,9 +17,10 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag, Tag
 
 from airouter.core.vocab import RTROIType
 
@@ -100,14 +102,40 @@ def normalise_values(datasets: Sequence[Dataset]) -> list[str]:
     return sorted(changed)
 
 
-def drop_unreadable(datasets: Sequence[Dataset]) -> list[str]:
-    """Decode every top-level element of the in-memory source headers (pydicom converts on
-    first access), removing those it cannot convert (an unknown VR, a corrupt value): the
-    objects copy only what reads. Returns the names removed (keywords, or tags of private
-    and unknown elements), never a value."""
+# What the encoders (and highdicom under them) read from every source image, besides the
+# first one, which the objects copy from: its references, geometry and grouping.
+PER_IMAGE = tuple(
+    Tag(tag_for_keyword(k) or 0)
+    for k in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+        "Modality",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "ReferencedFrameNumber",
+    )
+)
+
+
+def drop_unreadable(
+    datasets: Sequence[Dataset], *, only: Sequence[BaseTag] | None = None
+) -> list[str]:
+    """Decode the top-level elements of the in-memory source headers (pydicom converts on
+    first access; every element, or those of ``only``), removing those it cannot convert (an
+    unknown VR, a corrupt value): the objects copy only what reads. Returns the names removed
+    (keywords, or tags of private and unknown elements), never a value."""
     dropped: set[str] = set()
     for ds in datasets:
-        for tag in list(ds.keys()):
+        for tag in list(ds.keys()) if only is None else [t for t in only if t in ds]:
             try:
                 ds[tag]
             except Exception:
@@ -235,9 +263,9 @@ class Structure:
     intensities_hu: tuple[float, float, float] | None = None  # mean, min, max
     probability: np.ndarray | None = None  # uint8 0-255 on the same grid (FRACTIONAL SEG)
 
-    @property
+    @functools.cached_property
     def found(self) -> bool:
-        """Whether the model found the structure at all."""
+        """Whether the model found the structure at all (asked often: computed once)."""
         return bool(self.mask.any())
 
 

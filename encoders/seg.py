@@ -61,14 +61,15 @@ class _Segmentation(hd.seg.Segmentation):
 
 
 def _box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The bounding box of a 3D mask (None if empty)."""
-    spans = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return None
-        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(spans)
+    """The bounding box of a 3D mask (None if empty): its slices first (a fast reduction),
+    then rows and columns within those slices only."""
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    if slices.size == 0:
+        return None
+    k = slice(int(slices[0]), int(slices[-1]) + 1)
+    plane = mask[k].any(axis=0)
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return k, slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def _any_overlap(pixels: np.ndarray) -> bool:

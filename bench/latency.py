@@ -90,7 +90,9 @@ def main() -> None:
             "queue_wait_s",
             "volume_s",
             "inference_s",
+            "masks_s",
             "encode_s",
+            "archive_s",
             "dispatch_s",
         )
     )

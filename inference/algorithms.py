@@ -194,14 +194,20 @@ def remove_thin_attachments(
     return out
 
 
-def segment_lungs(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def segment_lungs(hu: np.ndarray, affine: np.ndarray, body: np.ndarray | None = None) -> np.ndarray:
     """ct-lungs: air regions inside the body of at least MIN_LUNG_ML, split left/right.
 
     The split is the body's sagittal midline in patient coordinates (LPS: +x is the patient's
     left). Returns uint8 labels (0 background, 1 right lung, 2 left lung); empty for a study
-    without lungs (a head CT), which is a result, not an error.
+    without lungs (a head CT), which is a result, not an error. ``body``: ct-body's mask of
+    this volume (0/1) when the caller has it, so that it is not computed a second time.
     """
-    body = segment_body(hu, affine).view(bool)
+    if body is None:
+        body = segment_body(hu, affine).view(bool)
+    elif body.shape != hu.shape or body.dtype.itemsize != 1:
+        raise ValueError(f"a body mask of {body.shape} {body.dtype} for a {hu.shape} volume")
+    else:
+        body = body.view(bool)
     midline = _mean_x(body, affine) if body.any() else 0.0
     air = hu < AIR_THRESHOLD_HU
     air &= body

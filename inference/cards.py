@@ -54,6 +54,19 @@ class InputMode(enum.StrEnum):
     SLICE = "slice"  # a 2D model applied to each axial slice, batched per request
 
 
+class UsesOutput(BaseModel):
+    """Another model's result a classic model can take as an extra input: the mask of
+    ``label`` in ``model``'s labels, sent as the uint8 tensor ``tensor``. Given when both run
+    in one job (the model then waits for the other and need not compute it again); the server
+    model computes it itself otherwise."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    label: int = Field(ge=1, le=255)
+    tensor: str
+
+
 class ModelInput(BaseModel):
     """The model's tensors on the server and how the volume is cut into requests."""
 
@@ -70,6 +83,7 @@ class ModelInput(BaseModel):
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     batch_size: int = Field(default=4, ge=1)  # patches or slices per request
     divisible_by: int = Field(default=1, ge=1)  # volume mode: pad spatial dims to a multiple
+    uses: UsesOutput | None = None  # hu_affine models: another model's result, if it runs too
 
 
 class IntensityScaling(BaseModel):

@@ -108,13 +108,19 @@ def run_model(
     affine: np.ndarray,
     client: InferenceClient | None = None,
     predict: Predictor | None = None,
+    uses: np.ndarray | None = None,
 ) -> ModelOutput:
-    """Run ``card`` on a volume (``hu``: (slices, rows, columns), ``affine``: index -> LPS)."""
+    """Run ``card`` on a volume (``hu``: (slices, rows, columns), ``affine``: index -> LPS).
+    ``uses``: the labels of the model the card's ``input.uses`` names, when it ran too."""
     if card.input.kind is InputKind.HU_AFFINE:
         if client is None:
             raise ValueError("a hu_affine model runs on the server: a client is needed")
+        extra = None
+        if uses is not None and card.input.uses is not None:
+            mask = (uses == card.input.uses.label).view(np.uint8)
+            extra = {card.input.uses.tensor: mask}
         t0 = time.perf_counter()
-        labels = client.segment(card.triton_model, hu, affine)
+        labels = client.segment(card.triton_model, hu, affine, extra)
         return ModelOutput(labels=labels, timings={"infer_s": time.perf_counter() - t0})
     if predict is None:
         if client is None:

@@ -390,11 +390,22 @@ class InferenceClient:
                 arrays[name] = value.astype(dtype, copy=False)
         return arrays
 
-    def segment(self, model: str, hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        """Run a classic (``hu_affine``) model on a volume; returns the uint8 label volume."""
+    def segment(
+        self,
+        model: str,
+        hu: np.ndarray,
+        affine: np.ndarray,
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Run a classic (``hu_affine``) model on a volume; returns the uint8 label volume.
+        ``extra`` are further inputs by tensor name (another model's mask, say)."""
         result = self.infer(
             model,
-            {"CT": hu.astype(np.int16, copy=False), "AFFINE": affine.astype(np.float64)},
+            {
+                "CT": hu.astype(np.int16, copy=False),
+                "AFFINE": affine.astype(np.float64),
+                **(extra or {}),
+            },
             {"LABELS": (np.dtype(np.uint8), tuple(hu.shape))},
         )
         return result["LABELS"]

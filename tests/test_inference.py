@@ -175,6 +175,55 @@ def test_every_model_gives_the_same_masks_over_http_grpc_and_shared_memory(
 
 
 @pytest.mark.integration
+def test_ct_lungs_takes_ct_bodys_body_over_triton_and_gives_the_same_lungs(
+    triton: LocalTriton,
+) -> None:
+    """ct-lungs' card uses ct-body's body: sent as the optional BODY input, the server model
+    takes it instead of computing it again, and the lungs are exactly those it finds alone.
+    A body of the wrong shape is refused with the reason."""
+    phantom = held_out_phantom(HELD_OUT_SEEDS[0])
+    cards = load_cards(CARDS)
+    assert cards["ct-lungs"].input.uses is not None
+    assert cards["ct-lungs"].input.uses.model == "ct-body"
+    client = InferenceClient(triton.url("http"), "http", shared_memory=True)
+    try:
+        body = run_model(cards["ct-body"], phantom.hu, phantom.affine, client=client).labels
+        alone = run_model(cards["ct-lungs"], phantom.hu, phantom.affine, client=client).labels
+        given = run_model(
+            cards["ct-lungs"], phantom.hu, phantom.affine, client=client, uses=body
+        ).labels
+        assert alone is not None and given is not None and alone.any()
+        assert np.array_equal(given, alone)
+        with pytest.raises(InferenceError, match="body mask"):
+            client.segment(
+                "ct-lungs", phantom.hu, phantom.affine, {"BODY": np.zeros((2, 2, 2), np.uint8)}
+            )
+    finally:
+        client.close()
+
+
+def test_a_model_that_uses_another_runs_after_it_and_a_cycle_runs_alone() -> None:
+    from airouter.jobs.pipeline import _provider_order
+    from inference.cards import UsesOutput
+
+    cards = load_cards(CARDS)
+    lungs, body = cards["ct-lungs"], cards["ct-body"]
+    ordered, chained = _provider_order([lungs, body])
+    assert [c.name for c in ordered] == ["ct-body", "ct-lungs"] and chained == {"ct-lungs"}
+    ordered, chained = _provider_order([lungs])  # ct-body not in the job: computed inside
+    assert [c.name for c in ordered] == ["ct-lungs"] and chained == set()
+    looped = body.model_copy(
+        update={
+            "input": body.input.model_copy(
+                update={"uses": UsesOutput(model="ct-lungs", label=1, tensor="X")}
+            )
+        }
+    )
+    ordered, chained = _provider_order([lungs, looped])
+    assert sorted(c.name for c in ordered) == ["ct-body", "ct-lungs"] and chained == set()
+
+
+@pytest.mark.integration
 def test_network_model_on_held_out_phantom_agrees_with_the_classic_model(
     triton: LocalTriton,
 ) -> None:

@@ -32,6 +32,13 @@ def test_lungs_on_phantom_are_found_and_sided_in_patient_coordinates() -> None:
     assert dice(mirrored == LEFT_LUNG, p.right_lung) > 0.98
 
 
+def test_lungs_given_the_body_are_the_lungs_found_alone() -> None:
+    """ct-lungs takes ct-body's mask when the job has it: the same lungs, to the voxel."""
+    p = chest_phantom()
+    body = segment_body(p.hu, p.affine)
+    assert np.array_equal(segment_lungs(p.hu, p.affine, body=body), segment_lungs(p.hu, p.affine))
+
+
 def test_head_ct_has_a_body_and_no_lungs() -> None:
     """The skull phantom is full of air; enclosed by bone, it is not lung."""
     volume = build_volume(head_ct_files())

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -399,24 +399,60 @@ def _check_ready(client: InferenceClient, cards: list[ModelCard]) -> None:
 def _run_models(
     run: _Run, volume: Volume, client: InferenceClient, cards: list[ModelCard]
 ) -> dict[str, ModelOutput]:
-    """The job's models concurrently (each Triton model instance is its own process)."""
+    """The job's models concurrently (each Triton model instance is its own process), except
+    that a model whose card ``uses`` another model's result in this job waits for it and gets
+    it (ct-lungs takes ct-body's body instead of computing the same body again)."""
+    futures: dict[str, Future[ModelOutput]] = {}
+    ordered, chained = _provider_order(cards)
 
     def call(card: ModelCard) -> ModelOutput:
+        uses = None
+        if card.input.uses is not None and card.name in chained:
+            uses = futures[card.input.uses.model].result().labels
         own = client.clone()
         try:
-            return run_model(card, volume.hu, volume.affine, client=own)
+            return run_model(card, volume.hu, volume.affine, client=own, uses=uses)
         finally:
             own.close()
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=len(cards), thread_name_prefix=f"job{run.job.id}") as pool:
-        outputs = dict(zip([c.name for c in cards], pool.map(call, cards), strict=True))
+        for card in ordered:
+            futures[card.name] = pool.submit(call, card)
+        outputs = {c.name: futures[c.name].result() for c in cards}
     timings = {"inference_s": time.perf_counter() - t0}
     for name, out in outputs.items():
         for key, seconds in out.timings.items():
             timings[f"{name}_{key}"] = seconds
     run.recorder.time(**timings)
     return outputs
+
+
+def _provider_order(cards: list[ModelCard]) -> tuple[list[ModelCard], set[str]]:
+    """The cards in an order where a model another one uses comes first, and the names of
+    those that get another model's result (its ``uses`` runs in the job; never in a cycle:
+    those compute it themselves)."""
+    ordered: list[ModelCard] = []
+    chained: set[str] = set()
+    pending = list(cards)
+    names = {c.name for c in cards}
+    while pending:
+        ready = [
+            c
+            for c in pending
+            if c.input.uses is None
+            or c.input.uses.model not in names
+            or c.input.uses.model in {o.name for o in ordered}
+        ]
+        if not ready:  # a cycle: the rest run on their own
+            ordered += pending
+            break
+        for card in ready:
+            if card.input.uses is not None and card.input.uses.model in names:
+                chained.add(card.name)
+            ordered.append(card)
+            pending.remove(card)
+    return ordered, chained
 
 
 def _encode_and_archive(

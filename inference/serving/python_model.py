@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 
-Segmenter = Callable[[np.ndarray, np.ndarray], np.ndarray]
+Segmenter = Callable[..., np.ndarray]
 
 
-def python_model(segment: Segmenter) -> type:
-    """A ``TritonPythonModel`` class that runs ``segment`` on each request."""
+def python_model(segment: Segmenter, optional: dict[str, str] | None = None) -> type:
+    """A ``TritonPythonModel`` class that runs ``segment(hu, affine)`` on each request;
+    ``optional`` maps optional input tensors to the keyword ``segment`` takes them as (given
+    only when the request has them)."""
     import triton_python_backend_utils as pb_utils
 
     class TritonPythonModel:
@@ -25,7 +27,12 @@ def python_model(segment: Segmenter) -> type:
                 try:
                     hu = pb_utils.get_input_tensor_by_name(request, "CT").as_numpy()
                     affine = pb_utils.get_input_tensor_by_name(request, "AFFINE").as_numpy()
-                    labels = np.ascontiguousarray(segment(hu, affine), dtype=np.uint8)
+                    extra = {}
+                    for tensor, keyword in (optional or {}).items():
+                        given = pb_utils.get_input_tensor_by_name(request, tensor)
+                        if given is not None:
+                            extra[keyword] = given.as_numpy()
+                    labels = np.ascontiguousarray(segment(hu, affine, **extra), dtype=np.uint8)
                     responses.append(
                         pb_utils.InferenceResponse(
                             output_tensors=[pb_utils.Tensor("LABELS", labels)]

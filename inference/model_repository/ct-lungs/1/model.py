@@ -3,4 +3,5 @@
 from inference.algorithms import segment_lungs
 from inference.serving.python_model import python_model
 
-TritonPythonModel = python_model(segment_lungs)
+# BODY: ct-body's mask, when the job runs ct-body too (optional: computed here otherwise)
+TritonPythonModel = python_model(segment_lungs, optional={"BODY": "body"})

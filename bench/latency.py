@@ -119,7 +119,7 @@ and RTSTRUCT are all queryable in Orthanc. Medians of {args.rounds} rounds;
 | queue: job queued -> a worker starts it | {m("queue_wait_s"):.2f} |
 | not accounted below (reading the index, Orthanc indexing and polling) | {waiting:.2f} |
 | volume build (read, sort, rescale 140 slices) | {m("volume_s"):.2f} |
-| inference, both models concurrently (wall) | {m("inference_s"):.2f} |
+| inference, both models (wall; ct-lungs waits for ct-body's body) | {m("inference_s"):.2f} |
 | of which ct-body (its own request) | {m("ct-body_infer_s"):.2f} |
 | of which ct-lungs (its own request) | {m("ct-lungs_infer_s"):.2f} |
 | saving the models' masks with the job | {m("masks_s"):.2f} |
@@ -128,8 +128,9 @@ and RTSTRUCT are all queryable in Orthanc. Medians of {args.rounds} rounds;
 | C-STORE of the 3 objects to Orthanc | {m("dispatch_s"):.2f} |
 
 Inference includes moving the 140x512x512 int16 volume to Triton and the labels back through
-shared memory (about 0.02 s; `bench/inference.py`). The two models share the 2 cores, and
-ct-body's table cut (an in-plane opening) runs in both (ct-lungs needs the body too).
+shared memory (about 0.02 s; `bench/inference.py`). ct-lungs takes ct-body's body as an input
+(its card's `input.uses`) and so runs after it; before, both ran at once on the 2 cores and
+ct-lungs computed the same body again.
 """
     title = "End-to-end latency: CT in, SEG + SR + RTSTRUCT in the PACS"
     record(title + (", complete on release" if args.on_release else ""), body)

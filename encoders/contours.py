@@ -58,6 +58,7 @@ class Contours:
         return len(self.slices)
 
     def contour(self, n: int) -> np.ndarray:
+        """The points of contour ``n``, (N, 2) row and column."""
         return self.points[self.starts[n] : self.starts[n + 1]]
 
 

@@ -63,6 +63,13 @@ def code(value: str, scheme: str, meaning: str) -> bytes:
     )
 
 
+def sop_reference(image: Dataset) -> bytes:
+    """Referenced SOP Class and Instance UID of ``image`` (the content of a reference item)."""
+    return text(0x00081150, "UI", str(image.SOPClassUID)) + text(
+        0x00081155, "UI", str(image.SOPInstanceUID)
+    )
+
+
 def put(ds: Dataset, tag: int, vr: str, value: bytes) -> None:
     """Place an already encoded value (the bytes after the length field) in ``ds``."""
     ds[Tag(tag)] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)

@@ -16,7 +16,6 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
-from skimage.measure import find_contours
 
 from encoders import rawbytes as rb
 from encoders.common import (
@@ -42,37 +41,6 @@ _COPIED_OPTIONAL = (
     "StudyDescription",
     "OtherPatientIDs",
 )
-
-
-def _drop_collinear(points: np.ndarray) -> np.ndarray:
-    """Remove points where a closed polygon goes straight on; the shape is unchanged."""
-    prev = points - np.roll(points, 1, axis=0)
-    nxt = np.roll(points, -1, axis=0) - points
-    cross = prev[:, 0] * nxt[:, 1] - prev[:, 1] * nxt[:, 0]
-    keep = np.abs(cross) > 1e-9
-    return points[keep] if keep.sum() >= 3 else points
-
-
-def slice_contours(mask2d: np.ndarray) -> list[np.ndarray]:
-    """Closed boundaries of a 2D mask as (N, 2) arrays of (row, column), without repeats.
-
-    Traced within the mask's bounding box (padded by one pixel so that every boundary closes):
-    the same contours as on the whole slice, for a fraction of the pixels."""
-    rows = np.flatnonzero(mask2d.any(axis=1))
-    if rows.size == 0:
-        return []
-    cols = np.flatnonzero(mask2d.any(axis=0))
-    r0, c0 = int(rows[0]), int(cols[0])
-    box = mask2d[r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
-    padded = np.pad(box.astype(np.uint8), 1)
-    offset = np.array([r0 - 1.0, c0 - 1.0])  # undo the pad and the crop
-    contours = []
-    for c in find_contours(padded, 0.5):
-        c = c[:-1] if len(c) > 1 and np.allclose(c[0], c[-1]) else c
-        c = _drop_collinear(c) + offset
-        if len(c) >= 3:
-            contours.append(c)
-    return contours
 
 
 # "%.3f" keeps every value within the 16 bytes a DS may hold up to this magnitude (mm).
@@ -111,8 +79,7 @@ def to_patient(points_rc: np.ndarray, image: Dataset) -> np.ndarray:
 def _image_ref(image: Dataset) -> bytes:
     """A reference to a slice, as an encoded item: its instance, and its frame when it is one
     frame of a multi-frame image (the volume's per-frame views carry ReferencedFrameNumber)."""
-    ref = rb.text(0x00081150, "UI", str(image.SOPClassUID))
-    ref += rb.text(0x00081155, "UI", str(image.SOPInstanceUID))
+    ref = rb.sop_reference(image)
     if "ReferencedFrameNumber" in image:
         ref += rb.text(0x00081160, "IS", str(int(image.ReferencedFrameNumber)))
     return rb.item(ref)

@@ -249,10 +249,8 @@ def _container(code: Any, items: list[Dataset]) -> Dataset:
 
 def _library_entry(image: Dataset, source_code: bytes) -> bytes:
     """TID 1601: one IMAGE entry of the library, encoded (:mod:`encoders.rawbytes`)."""
-    ref = rb.text(0x00081150, "UI", str(image.SOPClassUID))
-    ref += rb.text(0x00081155, "UI", str(image.SOPInstanceUID))
     return rb.item(
-        rb.sequence(0x00081199, [rb.item(ref)])  # Referenced SOP Sequence
+        rb.sequence(0x00081199, [rb.item(rb.sop_reference(image))])  # Referenced SOP Sequence
         + rb.text(0x0040A010, "CS", "CONTAINS")  # Relationship Type
         + rb.text(0x0040A040, "CS", "IMAGE")  # Value Type
         + source_code  # Concept Name Code Sequence

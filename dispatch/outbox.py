@@ -357,7 +357,9 @@ class Dispatcher:
                 )
             else:
                 d.state = DeliveryState.FAILED
-                delay = self.settings.backoff_s * 2 ** (d.attempts - 1)
+                delay = min(
+                    self.settings.backoff_max_s, self.settings.backoff_s * 2 ** (d.attempts - 1)
+                )
                 d.next_attempt_at = utcnow() + timedelta(seconds=delay)
         level = logging.INFO if ok else logging.WARNING
         log.log(level, "delivery %s: %s", delivery_id, answer)

@@ -17,7 +17,13 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from airouter.core.db import Delivery, Store, jobs_by_state, queued_by_priority
+from airouter.core.db import (
+    Delivery,
+    NotificationDelivery,
+    Store,
+    jobs_by_state,
+    queued_by_priority,
+)
 from airouter.core.metrics import MULTIPROC_ENV
 from airouter.core.vocab import DeliveryState, JobState, Priority
 
@@ -38,6 +44,11 @@ class StateCollector(Collector):
                 select(Delivery.state, Delivery.destination, func.count()).group_by(
                     Delivery.state, Delivery.destination
                 )
+            ).all()
+            notified = s.execute(
+                select(
+                    NotificationDelivery.state, NotificationDelivery.receiver, func.count()
+                ).group_by(NotificationDelivery.state, NotificationDelivery.receiver)
             ).all()
         queue = GaugeMetricFamily(
             "airouter_queue_depth",
@@ -64,6 +75,23 @@ class StateCollector(Collector):
                 n = seen.get((d_state, destination), 0)
                 outbox.add_metric([d_state.value, destination], n)
         yield outbox
+        notifications = GaugeMetricFamily(
+            "airouter_notifications",
+            "Notifications (webhook, FHIR) by state and receiver (the whole database)",
+            labels=["state", "receiver"],
+        )
+        told = {(DeliveryState(st), name): n for st, name, n in notified}
+        for receiver in sorted({name for _, name in told}):
+            for n_state in (
+                DeliveryState.PENDING,
+                DeliveryState.SENT,
+                DeliveryState.FAILED,
+                DeliveryState.DEAD,
+            ):
+                notifications.add_metric(
+                    [n_state.value, receiver], told.get((n_state, receiver), 0)
+                )
+        yield notifications
         status = self.health()
         triton = GaugeMetricFamily("airouter_triton_ready", "1 if the Triton server is ready")
         triton.add_metric([], 1 if status.get("triton_ready") else 0)

@@ -55,6 +55,7 @@ from airouter.core.tracker import SharedTracker
 from airouter.core.vocab import SharedMemoryMode, StudyState
 from airouter.jobs.lifecycle import recover_jobs
 from airouter.jobs.pipeline import PipelineContext, run_job
+from dispatch.notify import Notifier
 from dispatch.outbox import Dispatcher, Outbox
 from inference.cards import InputKind, ModelCardError, load_cards
 from inference.runner import warm_up
@@ -106,6 +107,7 @@ class Node:
         self.ingest = build_ingest(self.store, settings)
         self.outbox = Outbox(settings.archive_dir, settings.dispatch)
         self.dispatcher = Dispatcher(self.store, settings.dispatch, self.identity)
+        self.notifier = Notifier(self.store, settings.dispatch, self.identity)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.triton: LocalTriton | None = None
         self._client: InferenceClient | None = None
@@ -321,6 +323,13 @@ class Node:
             "interval",
             seconds=min(self.settings.dispatch.backoff_s, 5.0),
             id="dispatch",
+            **every,
+        )
+        self.scheduler.add_job(
+            self.notifier.run_due,
+            "interval",
+            seconds=min(self.settings.dispatch.backoff_s, 2.0),
+            id="notify",
             **every,
         )
         self.scheduler.add_job(

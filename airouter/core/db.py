@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -32,7 +33,15 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    attributes,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 
 from airouter.core.phi import REGISTRY
 from airouter.core.vocab import (
@@ -40,6 +49,7 @@ from airouter.core.vocab import (
     CommitmentState,
     DeliveryState,
     JobState,
+    Notify,
     OutputKind,
     Role,
     SegType,
@@ -202,6 +212,44 @@ class Delivery(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime)
 
 
+class Notification(Base):
+    """Something receivers are told about a job (:class:`Notify`): written in the transaction
+    that moves the job (see :func:`_note_job_states`), whatever the receivers configured then;
+    the dispatcher adds one :class:`NotificationDelivery` per receiver that wants it."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    event: Mapped[Notify] = mapped_column(_by_value(Notify, 16))
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # the job's version and error when it happened (a retry makes a later one)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    error: Mapped[str | None] = mapped_column(Text)
+    expanded: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    job: Mapped[Job] = relationship(lazy="raise")  # set when written (the job may be new)
+
+
+class NotificationDelivery(Base):
+    """One (notification, receiver), retried like a delivery. A node claims it by moving
+    ``next_attempt_at`` past its lease: a node that dies mid-send leaves it due again."""
+
+    __tablename__ = "notification_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id"), index=True)
+    receiver: Mapped[str] = mapped_column(String(64))
+    state: Mapped[DeliveryState] = mapped_column(
+        _by_name(DeliveryState), default=DeliveryState.PENDING, index=True
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_status: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+
+
 class Event(Base):
     """Append-only audit trail: what arrived, which rule matched, what was delivered."""
 
@@ -305,6 +353,7 @@ class Store:
             event.listen(self.engine, "connect", _postgres_async_commit)
         migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "before_flush", _note_job_states)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -370,6 +419,30 @@ def queued_by_priority(s: Session) -> dict[int, int]:
         .group_by(Job.priority)
     ).all()
     return {int(rank): int(n) for rank, n in rows}
+
+
+# The job states receivers are told about (STAT findings are added by the pipeline).
+_NOTIFIED = {
+    JobState.DONE: Notify.DONE,
+    JobState.FAILED: Notify.FAILED,
+    JobState.AWAITING_REVIEW: Notify.AWAITING_REVIEW,
+    JobState.REJECTED: Notify.REJECTED,
+    JobState.CANCELLED: Notify.CANCELLED,
+}
+
+
+def _note_job_states(session: Session, _context: Any, _instances: Any) -> None:
+    """Before each flush: a job whose state became one receivers are told about gets a
+    :class:`Notification` in the same transaction, wherever in the node it moved (the
+    pipeline, the outbox, a reviewer, a cancel). Bulk UPDATEs of jobs (claims, leases)
+    never move a job to such a state."""
+    for obj in list(session.new) + list(session.dirty):
+        if not isinstance(obj, Job):
+            continue
+        added = attributes.get_history(obj, "state").added
+        if not added or (event := _NOTIFIED.get(added[-1])) is None:
+            continue
+        session.add(Notification(job=obj, event=event, version=obj.version or 1, error=obj.error))
 
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -31,7 +31,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from airouter.core.vocab import DeadlineAction, OutputKind, SharedMemoryMode, TritonProtocol
+from airouter.core.vocab import (
+    DeadlineAction,
+    Notify,
+    OutputKind,
+    SharedMemoryMode,
+    TritonProtocol,
+)
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 6.2: default repertoire, no '\'
 
@@ -124,6 +130,51 @@ Destination = Annotated[
 # A rule's destination that means "the AE that sent the study", looked up among the
 # configured DICOM destinations by its AE title.
 RETURN_TO_SENDER = "@sender"
+
+
+_ALL_NOTIFY = list(Notify)
+_CLINICAL_NOTIFY = [Notify.DONE, Notify.AWAITING_REVIEW, Notify.STAT_FINDING]
+
+
+class WebhookReceiver(_Strict):
+    """An HTTP endpoint told about jobs: a JSON POST signed with HMAC-SHA256 of
+    ``<timestamp>.<body>`` under ``secret`` (headers ``X-Airouter-Signature: sha256=<hex>``,
+    ``X-Airouter-Timestamp``, ``X-Airouter-Event``, ``X-Airouter-Delivery``: the same on a
+    retry, so the receiver can drop a repeat)."""
+
+    kind: Literal["webhook"] = "webhook"
+    test: bool = False  # a test system: told about shadow runs too (only those are)
+    url: str = Field(pattern=r"^https?://")
+    secret: str = Field(min_length=16)  # AIROUTER_DISPATCH__RECEIVERS__<NAME>__SECRET
+    events: list[Notify] = Field(default_factory=lambda: list(_ALL_NOTIFY))
+    # Patient ID and accession number in the body (UIDs, states and measurements always).
+    phi: bool = False
+    ca_file: Path | None = None
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class FhirReceiver(_Strict):
+    """A FHIR server (R4) told about results: a transaction Bundle of a DiagnosticReport with
+    one Observation per measurement, referencing the ImagingStudy by its Study Instance UID
+    (conditional create on the report's identifier: a retry creates nothing twice)."""
+
+    kind: Literal["fhir"]
+    test: bool = False  # a test system: told about shadow runs too (only those are)
+    url: str = Field(pattern=r"^https?://")  # the FHIR base
+    events: list[Notify] = Field(default_factory=lambda: list(_CLINICAL_NOTIFY))
+    token: str | None = None  # bearer token
+    username: str | None = None
+    password: str | None = None
+    # The identifier system of Patient IDs without an Issuer of Patient ID.
+    patient_id_system: str = "urn:airouter:patient-id"
+    ca_file: Path | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+Receiver = Annotated[
+    Annotated[WebhookReceiver, Tag("webhook")] | Annotated[FhirReceiver, Tag("fhir")],
+    Discriminator(lambda v: v.get("kind", "webhook") if isinstance(v, dict) else v.kind),
+]
 
 
 class DeviceSettings(_Strict):
@@ -393,9 +444,13 @@ class DispatchSettings(_Strict):
     destinations: dict[str, Destination] = Field(default_factory=dict)
     max_attempts: int = Field(default=5, ge=1)
     backoff_s: float = Field(default=10.0, gt=0)  # first retry delay; doubles each attempt
+    backoff_max_s: float = Field(default=600.0, gt=0)  # ... up to this
     # Our AE title on outbound associations; None: the node's (scp.ae_title).
     calling_ae_title: str | None = None
     timeouts: DimseTimeouts = Field(default_factory=DimseTimeouts)
+    # Told when a job ends, waits for review, or has a STAT finding (kind webhook or fhir);
+    # retried with the destinations' max_attempts and backoff_s.
+    receivers: dict[str, Receiver] = Field(default_factory=dict)
 
     @field_validator("calling_ae_title")
     @classmethod

@@ -75,6 +75,19 @@ class DeliveryState(enum.StrEnum):
     WITHHELD = "withheld"  # never sent: rejected by a reviewer, or replaced by a subset
 
 
+class Notify(enum.StrEnum):
+    """What a notification receiver is told about: a job that ended (``done``, ``failed``,
+    ``rejected``, ``cancelled``), one whose results wait for a reviewer, and a STAT job's
+    finding (sent as soon as its results are archived, before review and delivery)."""
+
+    DONE = "done"
+    FAILED = "failed"
+    AWAITING_REVIEW = "awaiting_review"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+    STAT_FINDING = "stat_finding"
+
+
 class CommitmentState(enum.StrEnum):
     """Storage commitment of a delivery (PS3.4 J): recorded before the N-ACTION, then the
     destination's N-EVENT-REPORT says committed or failed."""

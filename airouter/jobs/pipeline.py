@@ -20,12 +20,21 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from airouter.core.db import Instance, Job, Store, Study
+from airouter.core.db import Instance, Job, Notification, Store, Study
 from airouter.core.phi import REGISTRY
 from airouter.core.qc import QcAction, QualityChecks
 from airouter.core.settings import EncoderSettings, InferenceSettings
 from airouter.core.templates import Template
-from airouter.core.vocab import Action, JobState, OutputKind, Review, RunMode, SegType
+from airouter.core.vocab import (
+    Action,
+    JobState,
+    Notify,
+    OutputKind,
+    Priority,
+    Review,
+    RunMode,
+    SegType,
+)
 from airouter.jobs.artefacts import save_masks, save_probabilities, save_scores
 from airouter.jobs.qc import check_volume
 from airouter.jobs.recorder import JobCancelled, JobRecorder
@@ -225,6 +234,22 @@ def _note_shadow(ctx: PipelineContext, run: _Run, s: Session, job: Job) -> None:
         f"archived; sent to {', '.join(sent) or 'no destination'}"
         + (f"; not to {', '.join(withheld)} (not marked test)" if withheld else ""),
     )
+
+
+def stat_finding(
+    job: Job, structures: list[Structure], classified: list[Classification]
+) -> str | None:
+    """What a STAT job found, said at once to the receivers (before review and delivery):
+    the findings its classification models call present, or, with none of those, the
+    structures its models found (a STAT rule exists so that someone looks now). None: not a
+    STAT job, or nothing found."""
+    if job.priority < Priority.STAT.rank:
+        return None
+    present = [c.spec.name for c in classified if c.score >= c.threshold]
+    if classified:
+        return f"present: {', '.join(present)}" if present else None
+    found = [s.spec.name for s in structures if s.found]
+    return f"found: {', '.join(found)}" if found else None
 
 
 def after_archive(job: Job) -> JobState:
@@ -523,6 +548,10 @@ def _encode_and_archive(
         run.recorder.time(archive_s=time.perf_counter() - t0, dispatch_started_at=time.time())
         if shadow:
             _note_shadow(ctx, run, s, row)
+        finding = stat_finding(row, structures, classified)
+        if finding is not None:
+            s.add(Notification(job_id=row.id, event=Notify.STAT_FINDING, version=row.version))
+            run.recorder.event("stat_finding", finding)
         run.recorder.apply(row, after_archive(row))
         run.recorder.flush_events(s, row.study_uid)
     log.info("job %s: %d objects archived", job.id, sum(len(e.objects) for _, e in sets))

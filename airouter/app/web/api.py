@@ -16,7 +16,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airouter.app.web.wado import check_uids
-from airouter.core.db import Delivery, Event, Job, Output, Store, Study, utcnow
+from airouter.core.db import (
+    Delivery,
+    Event,
+    Job,
+    Notification,
+    NotificationDelivery,
+    Output,
+    Store,
+    Study,
+    utcnow,
+)
 from airouter.core.vocab import DeliveryState, JobState
 from airouter.jobs.lifecycle import (
     JobActionError,
@@ -53,7 +63,12 @@ def _actor(request: Request, claimed: str) -> str:
     return f"{claimed[:32]} (HTTP API)"
 
 
-def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> dict[str, Any]:
+def _job_json(
+    job: Job,
+    outputs: list[Output],
+    deliveries: list[Delivery],
+    notified: list[tuple[Notification, NotificationDelivery | None]] | None = None,
+) -> dict[str, Any]:
     by_output: dict[int, list[dict[str, Any]]] = {}
     for d in deliveries:
         by_output.setdefault(d.output_id, []).append(
@@ -90,6 +105,19 @@ def _job_json(job: Job, outputs: list[Output], deliveries: list[Delivery]) -> di
             }
             for o in outputs
         ],
+        # what the receivers (webhooks, FHIR) were told, and what they answered
+        "notifications": [
+            {
+                "event": n.event.value,
+                "version": n.version,
+                "at": n.at.isoformat() + "Z",
+                "receiver": d.receiver if d else None,
+                "state": d.state.value if d else None,
+                "attempts": d.attempts if d else 0,
+                "last_status": d.last_status if d else None,
+            }
+            for n, d in notified or []
+        ],
     }
 
 
@@ -102,7 +130,13 @@ def _job_details(s: Session, job: Job) -> dict[str, Any]:
         if outputs
         else []
     )
-    return _job_json(job, outputs, deliveries)
+    notified = s.execute(
+        select(Notification, NotificationDelivery)
+        .outerjoin(NotificationDelivery, NotificationDelivery.notification_id == Notification.id)
+        .where(Notification.job_id == job.id)
+        .order_by(Notification.id, NotificationDelivery.id)
+    ).all()
+    return _job_json(job, outputs, deliveries, [(n, d) for n, d in notified])
 
 
 def rules_router(store: Store, ruleset: RuleSet | None, log_phi: bool) -> APIRouter:

@@ -289,6 +289,8 @@ class Rule(_KeywordMatch):
 
     @model_validator(mode="after")
     def _action_needs(self) -> Rule:
+        if self.action is Action.EVALUATE:
+            raise ValueError("action: evaluate is the node's own (a structure set sent back)")
         if self.action is Action.RUN and not self.models:
             raise ValueError("models: a rule that runs models needs at least one")
         if self.action is Action.FORWARD and not self.destinations:

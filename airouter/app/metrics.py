@@ -25,13 +25,22 @@ from airouter.core.db import (
     queued_by_priority,
 )
 from airouter.core.metrics import MULTIPROC_ENV
+from airouter.core.settings import MonitoringSettings
 from airouter.core.vocab import DeliveryState, JobState, Priority
+from airouter.jobs.monitoring import rejections, summarise
 
 
 class StateCollector(Collector):
     """Gauges read from the state store and the node's probes at each scrape."""
 
-    def __init__(self, store: Store, health: Callable[[], dict[str, Any]], data_dir: Path) -> None:
+    def __init__(
+        self,
+        store: Store,
+        health: Callable[[], dict[str, Any]],
+        data_dir: Path,
+        monitoring: MonitoringSettings | None = None,
+    ) -> None:
+        self.monitoring = monitoring or MonitoringSettings()
         self.store = store
         self.health = health
         self.data_dir = data_dir
@@ -45,6 +54,8 @@ class StateCollector(Collector):
                     Delivery.state, Delivery.destination
                 )
             ).all()
+            stats = summarise(s, self.monitoring)
+            refused = rejections(s)
             notified = s.execute(
                 select(
                     NotificationDelivery.state, NotificationDelivery.receiver, func.count()
@@ -92,6 +103,39 @@ class StateCollector(Collector):
                     [n_state.value, receiver], told.get((n_state, receiver), 0)
                 )
         yield notifications
+        labels = ["model", "version", "dimension", "value"]
+        dice = GaugeMetricFamily(
+            "airouter_model_dice_median",
+            "Median Dice against the structure sets clinicians sent back, by model version and "
+            "subgroup",
+            labels=labels,
+        )
+        cases = GaugeMetricFamily(
+            "airouter_model_evaluated_cases",
+            "Results compared, by model version and subgroup",
+            labels=labels,
+        )
+        flagged = GaugeMetricFamily(
+            "airouter_model_subgroup_flagged",
+            "1 if the subgroup's median Dice is below the threshold or the others' (the alert)",
+            labels=labels,
+        )
+        for x in stats:
+            key = [x.model, x.version, x.dimension, x.value]
+            dice.add_metric(key, x.median_dice)
+            cases.add_metric(key, x.cases)
+            flagged.add_metric(key, 1 if x.flagged else 0)
+        yield dice
+        yield cases
+        yield flagged
+        rejected = GaugeMetricFamily(
+            "airouter_model_reviews_rejected",
+            "Reviewed results rejected, by model and subgroup",
+            labels=["model", "dimension", "value"],
+        )
+        for r in refused:
+            rejected.add_metric([r["model"], r["dimension"], r["value"]], r["rejected"])
+        yield rejected
         status = self.health()
         triton = GaugeMetricFamily("airouter_triton_ready", "1 if the Triton server is ready")
         triton.add_metric([], 1 if status.get("triton_ready") else 0)
@@ -111,10 +155,13 @@ class StateCollector(Collector):
 
 
 def scraper(
-    store: Store, health: Callable[[], dict[str, Any]], data_dir: Path
+    store: Store,
+    health: Callable[[], dict[str, Any]],
+    data_dir: Path,
+    monitoring: MonitoringSettings | None = None,
 ) -> Callable[[], bytes]:
     """What ``/metrics`` answers, in Prometheus text format."""
-    state = StateCollector(store, health, data_dir)
+    state = StateCollector(store, health, data_dir, monitoring)
 
     def scrape() -> bytes:
         counted: CollectorRegistry = REGISTRY  # this process's counts

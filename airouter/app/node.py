@@ -54,6 +54,7 @@ from airouter.core.templates import TemplateError
 from airouter.core.tracker import SharedTracker
 from airouter.core.vocab import SharedMemoryMode, StudyState
 from airouter.jobs.lifecycle import recover_jobs
+from airouter.jobs.monitoring import queue_evaluations
 from airouter.jobs.pipeline import PipelineContext, run_job
 from dispatch.notify import Notifier
 from dispatch.outbox import Dispatcher, Outbox
@@ -185,6 +186,8 @@ class Node:
     # -- routing and work ------------------------------------------------------------------
     def _route(self, session: Session, study_uid: str) -> None:
         route_study(session, study_uid, self.rules, self.off_hours)
+        if self.settings.monitoring.enabled:  # a structure set sent back: compare it
+            queue_evaluations(session, study_uid)
 
     def _complete_studies(self, monitor: CompletionMonitor) -> None:
         """Completion check; workers are woken once the new jobs are committed."""
@@ -357,6 +360,7 @@ class Node:
             ),
             stopping=self._stop,
             owner=self.identity.owner,
+            monitoring=s.monitoring,
         )
 
     def _watch_workers(self) -> None:
@@ -428,7 +432,7 @@ class Node:
             self.ruleset,
             self._wake_all,
             self.cards,
-            scraper(self.store, self.health, self.settings.data_dir),
+            scraper(self.store, self.health, self.settings.data_dir, self.settings.monitoring),
         )
         http = self.settings.http
         config = uvicorn_config(app, self.settings)

@@ -239,6 +239,7 @@ def http_app(
         cards=cards,
         data_dir=settings.data_dir,
         metrics=metrics,
+        monitoring=settings.monitoring,
     )
 
 

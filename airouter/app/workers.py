@@ -215,7 +215,7 @@ def run(
         ruleset,
         lambda: os.kill(parent, WAKE),
         cards,
-        scraper(store, health, settings.data_dir),
+        scraper(store, health, settings.data_dir, settings.monitoring),
     )
     dimse_server = start_dimse(
         settings.scp,

@@ -250,6 +250,30 @@ class NotificationDelivery(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
 
 
+class Evaluation(Base):
+    """One structure of a result compared with the clinician's version of it (a structure
+    set sent back to the node), with the subgroup the case belongs to."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)  # the evaluation's
+    evaluated_job_id: Mapped[int] = mapped_column(Integer, index=True)  # the result's
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    reference_uid: Mapped[str] = mapped_column(String(64))  # the returned object's SOP UID
+    structure: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    dice: Mapped[float] = mapped_column()
+    hd95_mm: Mapped[float | None] = mapped_column()
+    surface_dice: Mapped[float | None] = mapped_column()
+    volume_ml: Mapped[float] = mapped_column()
+    reference_volume_ml: Mapped[float] = mapped_column()
+    # subgroup: dimension -> value (sex, age_band, manufacturer, scanner, site, thickness)
+    subgroup: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Event(Base):
     """Append-only audit trail: what arrived, which rule matched, what was delivered."""
 

@@ -458,6 +458,20 @@ class DispatchSettings(_Strict):
         return None if value is None else _check_ae_title(value)
 
 
+class MonitoringSettings(_Strict):
+    """Models watched on the structure sets clinicians send back (approved or edited)."""
+
+    # Compare a returned RTSTRUCT with the result of ours it delineates the series of.
+    enabled: bool = True
+    surface_tolerance_mm: float = Field(default=2.0, gt=0)  # of the surface Dice
+    # A subgroup (a model version's cases of one sex, age band, scanner, site ...) is flagged
+    # when its median Dice is below dice_threshold, or below the median of the model
+    # version's other cases by more than margin; only with min_cases cases in it.
+    dice_threshold: float = Field(default=0.8, ge=0, le=1)
+    margin: float = Field(default=0.1, ge=0, le=1)
+    min_cases: int = Field(default=5, ge=1)
+
+
 class JobSettings(_Strict):
     """The workers that run jobs."""
 
@@ -501,6 +515,7 @@ class Settings(BaseSettings):
     encoders: EncoderSettings = Field(default_factory=EncoderSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
     # Patient names, IDs and birth dates in log lines and API answers only when true.
     log_phi: bool = False

@@ -144,6 +144,8 @@ class Action(enum.StrEnum):
     RUN = "run"  # run the models, send their results
     FORWARD = "forward"  # send the selected series as received
     DISCARD = "discard"  # do nothing with the study (recorded)
+    # not a rule's: compare a structure set sent back (approved, edited) with our result
+    EVALUATE = "evaluate"
 
 
 class OutputKind(enum.StrEnum):

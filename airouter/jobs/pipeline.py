@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from airouter.core.db import Instance, Job, Notification, Store, Study
 from airouter.core.phi import REGISTRY
 from airouter.core.qc import QcAction, QualityChecks
-from airouter.core.settings import EncoderSettings, InferenceSettings
+from airouter.core.settings import EncoderSettings, InferenceSettings, MonitoringSettings
 from airouter.core.templates import Template
 from airouter.core.vocab import (
     Action,
@@ -36,6 +36,7 @@ from airouter.core.vocab import (
     SegType,
 )
 from airouter.jobs.artefacts import save_masks, save_probabilities, save_scores
+from airouter.jobs.monitoring import EvaluationError, evaluate
 from airouter.jobs.qc import check_volume
 from airouter.jobs.recorder import JobCancelled, JobRecorder
 from airouter.jobs.specs import (
@@ -74,6 +75,7 @@ class PipelineContext:
     templates: dict[str, Template] = field(default_factory=dict)  # site structure templates
     stopping: threading.Event = field(default_factory=threading.Event)
     owner: str | None = None  # this node's lease owner (jobs it claims carry it)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
 
 
 class JobError(Exception):
@@ -104,7 +106,14 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
             log.info("job %s: interrupted by shutdown, queued again", job_id)
             # A clean stop is not the job's fault: the attempt is given back.
             run.recorder.transition(JobState.QUEUED, attempts=max(run.job.attempts - 1, 0))
-        except (JobError, VolumeError, InferenceError, InferenceUnavailable, EncodeError) as exc:
+        except (
+            JobError,
+            VolumeError,
+            InferenceError,
+            InferenceUnavailable,
+            EncodeError,
+            EvaluationError,
+        ) as exc:
             run.recorder.fail(str(exc))
         except JobCancelled:
             raise
@@ -138,6 +147,11 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
         )
     if job.action is Action.FORWARD:
         _forward(ctx, run)
+        return
+    if job.action is Action.EVALUATE:
+        run.stage = "evaluation"
+        max_bytes = int(ctx.inference.max_volume_mb * 1024 * 1024)
+        evaluate(ctx.store, run.recorder, job, ctx.monitoring, max_bytes)
         return
     log.info(
         "job %s: series %s, %d instances, models %s",

@@ -14,7 +14,13 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from airouter.app.web import auth
-from airouter.app.web.api import jobs_router, outbox_router, rules_router, status_router
+from airouter.app.web.api import (
+    jobs_router,
+    monitoring_router,
+    outbox_router,
+    rules_router,
+    status_router,
+)
 from airouter.app.web.dashboard import dashboard_router, root_router
 from airouter.app.web.dicomweb import dicomweb_router
 from airouter.app.web.qido import qido_router
@@ -22,6 +28,7 @@ from airouter.app.web.users import users_router
 from airouter.app.web.viewer import viewer_router
 from airouter.app.web.wado import wado_router
 from airouter.core.db import Store
+from airouter.core.settings import MonitoringSettings
 from airouter.core.tracker import AssociationTracker
 from inference.cards import ModelCard
 from router.registry import RuleSet
@@ -71,6 +78,7 @@ def create_app(
     cards: dict[str, ModelCard] | None = None,
     data_dir: Path | None = None,
     metrics: Callable[[], bytes] | None = None,
+    monitoring: MonitoringSettings | None = None,
 ) -> FastAPI:
     """The node's HTTP application (STOW-RS when an ingest is given). With ``hosts``, every
     request (the API docs included) must name one of them as its Host, and a state-changing
@@ -99,11 +107,20 @@ def create_app(
     app.include_router(rules_router(store, ruleset, log_phi))
     app.include_router(outbox_router(store, on_retry))
     app.include_router(status_router(store, health))
+    app.include_router(monitoring_router(store, monitoring or MonitoringSettings()))
     app.include_router(jobs_router(store, on_job_queued, on_retry))
     app.include_router(users_router(store))
     app.include_router(
         dashboard_router(
-            store, health, ruleset, cards or {}, data_dir, log_phi, on_retry, on_job_queued
+            store,
+            health,
+            ruleset,
+            cards or {},
+            data_dir,
+            log_phi,
+            on_retry,
+            on_job_queued,
+            monitoring or MonitoringSettings(),
         )
     )
     app.include_router(viewer_router())

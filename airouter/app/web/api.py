@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from airouter.app.web.wado import check_uids
 from airouter.core.db import (
     Delivery,
+    Evaluation,
     Event,
     Job,
     Notification,
@@ -27,6 +28,7 @@ from airouter.core.db import (
     Study,
     utcnow,
 )
+from airouter.core.settings import MonitoringSettings
 from airouter.core.vocab import DeliveryState, JobState
 from airouter.jobs.lifecycle import (
     JobActionError,
@@ -36,6 +38,7 @@ from airouter.jobs.lifecycle import (
     retry_job,
     structure_names,
 )
+from airouter.jobs.monitoring import rejections, summarise
 from router.engine import explain
 from router.queue import study_context
 from router.registry import RuleSet
@@ -241,6 +244,47 @@ def outbox_router(store: Store, on_retry: Callable[[], None] | None) -> APIRoute
         if on_retry is not None:
             on_retry()
         return {"id": delivery_id, "state": DeliveryState.PENDING.value}
+
+    return app
+
+
+def monitoring_router(store: Store, settings: MonitoringSettings) -> APIRouter:
+    """Models against the structure sets clinicians sent back, per version and subgroup."""
+    app = APIRouter(prefix="/api")
+
+    @app.get("/monitoring")
+    def get_monitoring() -> dict[str, Any]:
+        """Per model version and subgroup: cases, median Dice, HD95, surface Dice and
+        volume difference, and whether flagged (why); reviewers' rejections per model and
+        subgroup; the evaluations themselves (no PHI: UIDs, names of structures, numbers)."""
+        with store.session() as s:
+            stats = summarise(s, settings)
+            rows = s.scalars(select(Evaluation).order_by(Evaluation.id)).all()
+            return {
+                "settings": settings.model_dump(),
+                "subgroups": [x.as_json() for x in stats],
+                "flagged": [x.as_json() for x in stats if x.flagged],
+                "rejections": rejections(s),
+                "evaluations": [
+                    {
+                        "job_id": e.job_id,
+                        "evaluated_job_id": e.evaluated_job_id,
+                        "study_uid": e.study_uid,
+                        "reference_uid": e.reference_uid,
+                        "structure": e.structure,
+                        "model": e.model,
+                        "model_version": e.model_version,
+                        "dice": e.dice,
+                        "hd95_mm": e.hd95_mm,
+                        "surface_dice": e.surface_dice,
+                        "volume_ml": e.volume_ml,
+                        "reference_volume_ml": e.reference_volume_ml,
+                        "volume_difference_ml": e.volume_ml - e.reference_volume_ml,
+                        "subgroup": e.subgroup,
+                    }
+                    for e in rows
+                ],
+            }
 
     return app
 

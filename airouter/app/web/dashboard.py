@@ -40,9 +40,11 @@ from airouter.core.db import (
     jobs_by_state,
     queued_by_priority,
 )
+from airouter.core.settings import MonitoringSettings
 from airouter.core.spool import is_valid_uid
 from airouter.core.vocab import DeliveryState, JobState, Priority, Role, StudyState
 from airouter.jobs.lifecycle import JobActionError, approve_job, reject_job, structure_names
+from airouter.jobs.monitoring import rejections, summarise
 from inference.cards import ModelCard
 from router.engine import explain
 from router.queue import study_context
@@ -142,8 +144,10 @@ def dashboard_router(
     log_phi: bool,
     on_retry: Callable[[], None] | None = None,
     on_job_queued: Callable[[], None] | None = None,
+    monitoring: MonitoringSettings | None = None,
 ) -> APIRouter:
     """The dashboard's pages."""
+    watch = monitoring or MonitoringSettings()
     app = APIRouter(prefix="/dashboard", include_in_schema=False)
 
     @app.get("", response_class=HTMLResponse)
@@ -416,7 +420,12 @@ def dashboard_router(
         rows = [
             {"card": card, "ready": bool(ready.get(name))} for name, card in sorted(cards.items())
         ]
-        return _render(request, "models", {"rows": rows})
+        with store.session() as s:
+            stats = summarise(s, watch)
+            refused = [r for r in rejections(s) if r["rejected"]]
+        return _render(
+            request, "models", {"rows": rows, "stats": stats, "rejections": refused, "watch": watch}
+        )
 
     @app.get("/audit", response_class=HTMLResponse)
     def audit(

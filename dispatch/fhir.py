@@ -102,11 +102,13 @@ def report_bundle(
     observation_status = "final" if status == "final" else "preliminary"
     if status == "cancelled":
         groups = []  # nothing measured stands
-    for group in groups:
+    for index, group in enumerate(groups, start=1):
         for m in group.measurements:
             what = [m.name.meaning] + ([m.derivation.meaning] if m.derivation else [])
-            key = f"{report_id}/{group.tracking_uid or group.tracking_identifier}/" + "/".join(
-                f"{c.scheme}-{c.value}" for c in (m.name, m.derivation) if c is not None
+            # a structure's groups share its tracking UID (a prior's comparison, planar ones)
+            key = (
+                f"{report_id}/{index}/{group.tracking_uid or group.tracking_identifier}/"
+                + "/".join(f"{c.scheme}-{c.value}" for c in (m.name, m.derivation) if c is not None)
             )
             observation: dict[str, Any] = {
                 "resourceType": "Observation",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import highdicom as hd
@@ -267,6 +267,19 @@ class Structure:
     def found(self) -> bool:
         """Whether the model found the structure at all (asked often: computed once)."""
         return bool(self.mask.any())
+
+
+@dataclass(frozen=True)
+class PriorStudy:
+    """The patient's previous comparable study and what the same models found in it: the SR
+    reports each structure's prior volume and its change (``encoders.sr``)."""
+
+    study_uid: str
+    study_date: str  # DA
+    interval_days: int  # from the prior study to this one
+    images: Sequence[Dataset]  # the prior series' images (the SR's Pertinent Other Evidence)
+    volumes: Mapping[str, float]  # tracking identifier -> volume (ml) in the prior study
+    model_versions: Mapping[str, str] = field(default_factory=dict)  # model -> version run
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from airouter.core.vocab import OutputKind, SegType
 from encoders.common import (
     PER_IMAGE,
     Classification,
+    PriorStudy,
     Provenance,
     SegmentSpec,
     SeriesIdentity,
@@ -75,6 +76,8 @@ class OutputRequest:
     # input quality checks that failed (the SR reports them; structures then not found are
     # "not assessable", with the reason, rather than "Absent")
     quality: InputQuality | None = None
+    # the patient's previous comparable study, measured by the same models (the SR compares)
+    prior: PriorStudy | None = None
 
 
 @dataclass
@@ -196,6 +199,7 @@ def encode_outputs(
             library_images=source.slices if source.instances is None else source.slices[:1],
             quality=request.quality,
             not_assessable=_not_assessable(request.quality, absent),
+            prior=request.prior,
         )
         result.objects.append((OutputKind.SR, sr))
     if found and OutputKind.RTSTRUCT in kinds:

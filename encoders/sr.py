@@ -24,6 +24,7 @@ from encoders import rawbytes as rb
 from encoders.common import (
     Classification,
     EncodeError,
+    PriorStudy,
     Provenance,
     SegmentSpec,
     SeriesIdentity,
@@ -229,6 +230,83 @@ def _volumetric(
     )
 
 
+# A local code (PS3.16 8.2: a "99" coding scheme is the creator's own): DICOM has no concept for
+# "change in volume since a prior study"; its meaning says exactly what the number is.
+VOLUME_CHANGE = hd.sr.CodedConcept(
+    value="VOLCHG", scheme_designator="99AIROUTER", meaning="Change in volume since prior study"
+)
+PERCENT = hd.sr.CodedConcept(value="%", scheme_designator="UCUM", meaning="Percent")
+DAY = hd.sr.CodedConcept(value="d", scheme_designator="UCUM", meaning="day")
+
+
+def _compared_with_prior(
+    s: Structure, tracking: hd.sr.TrackingIdentifier, prior: PriorStudy
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """TID 1501 for a structure the prior study has too: the same tracking identifier and UID
+    as the structure's TID 1411 group (TID 1500 tracks one structure across reports by its
+    Tracking Unique Identifier), a Time Point Context (TID 1502) naming the prior study,
+    and the prior volume, the change (absolute, and DCM's Fractional Change in percent of
+    the prior) and the interval (SCT Interval, days)."""
+    before = prior.volumes.get(s.spec.tracking_id)
+    if before is None or s.volume_ml is None:
+        return None
+    now = float(s.volume_ml)
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.SCT.Volume,
+            value=round(float(before), 3),
+            unit=MILLILITER,
+            algorithm_id=_algorithm(s.spec),
+        ),
+        hd.sr.Measurement(
+            name=VOLUME_CHANGE,
+            value=round(now - before, 3),
+            unit=MILLILITER,
+            algorithm_id=_algorithm(s.spec),
+        ),
+        hd.sr.Measurement(
+            name=hd.sr.CodedConcept("385673002", "SCT", "Interval"),
+            value=int(prior.interval_days),
+            unit=DAY,
+        ),
+    ]
+    if before > 0:
+        measurements.insert(
+            2,
+            hd.sr.Measurement(
+                name=codes.DCM.FractionalChange,
+                value=round(100.0 * (now - before) / before, 3),
+                unit=PERCENT,
+                algorithm_id=_algorithm(s.spec),
+            ),
+        )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=s.spec.type,
+        algorithm_id=_algorithm(s.spec),
+        time_point_context=hd.sr.TimePointContext(time_point=f"prior study of {prior.study_date}"),
+        measurements=measurements,
+    )
+
+
+def _pertinent_evidence(images: Sequence[Dataset]) -> Dataset:
+    """A Pertinent Other Evidence item (PS3.3 C.17.2.3): the prior study's series and images
+    the comparison measured."""
+    study = Dataset()
+    study.StudyInstanceUID = images[0].StudyInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = images[0].SeriesInstanceUID
+    refs = []
+    for image in images:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = image.SOPClassUID
+        ref.ReferencedSOPInstanceUID = image.SOPInstanceUID
+        refs.append(ref)
+    series.ReferencedSOPSequence = DicomSequence(refs)
+    study.ReferencedSeriesSequence = DicomSequence([series])
+    return study
+
+
 def _code(code: Any) -> Dataset:
     item = Dataset()
     item.CodeValue = code.value
@@ -328,6 +406,7 @@ def build_measurement_report(
     not_assessable: Mapping[str, str] | None = None,
     library_images: Sequence[Dataset] | None = None,
     quality: InputQuality | None = None,
+    prior: PriorStudy | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """One TID 1411 volumetric group per structure found (``structures[n]`` is segment
     ``n + 1`` of ``seg``; its ``volume_ml`` and ``intensities_hu`` are reported), one TID 1501
@@ -341,7 +420,9 @@ def build_measurement_report(
     report's Image Library (TID 1600) lists ``library_images`` (the source images by default;
     a multi-frame image is given as a view of its first frame, with the geometry the library
     describes). ``quality``: the input quality checks that failed (an "Input quality"
-    finding first).
+    finding first). ``prior``: the patient's previous study measured by the same models:
+    each structure it has gets a comparison group, and the report lists the prior images
+    as Pertinent Other Evidence.
     """
     if seg is None and structures:
         raise ValueError("structures that were found need the SEG that holds them")
@@ -371,6 +452,9 @@ def build_measurement_report(
             break
         tracking = _tracking(s.spec, s.spec.tracking_uid or _segment_tracking_uid(seg, number))
         groups.append(_volumetric(s, number, seg, source_series, tracking))
+        compared = _compared_with_prior(s, tracking, prior) if prior is not None else None
+        if compared is not None:
+            groups.append(compared)
         if planar_slices is not None:
             planar = _planar(s, tracking, planar_slices)
             if planar is not None:
@@ -395,6 +479,8 @@ def build_measurement_report(
         is_complete=True,
     )
     _add_image_library(sr, list(library_images or source_images))
+    if prior is not None and prior.images:
+        sr.PertinentOtherEvidenceSequence = [_pertinent_evidence(prior.images)]
     sr.SeriesDescription = series.series_description
     sr.ManufacturerModelName = provenance.model_name
     sr.SoftwareVersions = provenance.software_version

@@ -31,6 +31,8 @@ def job_options(rule: Rule) -> dict[str, Any]:
         options["template"] = rule.template
     if rule.qc is not None:
         options["qc"] = rule.qc.model_dump(mode="json", exclude_none=True)
+    if rule.compare_with_prior is not None:
+        options["prior"] = rule.compare_with_prior.model_dump(mode="json")
     return options
 
 

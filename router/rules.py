@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -238,6 +239,26 @@ class RequiredSeries(_KeywordMatch):
     min_instances: int = Field(default=1, ge=1)
 
 
+class PriorComparison(_Strict):
+    """``compare_with_prior``: the SR compares each structure with the patient's previous
+    study of the same modality (and body part, where both say), measured by the same models
+    on its images: found in the node's archive first, then in ``source`` (a configured DICOM
+    destination: C-FIND by Patient ID and issuer, C-GET of the series)."""
+
+    source: str | None = None
+    max_interval_days: int | None = Field(default=None, ge=1)  # an older study is no prior
+    min_instances: int = Field(default=5, ge=1)  # of the prior series
+
+
+def _prior(value: Any) -> Any:
+    """``compare_with_prior: true`` is the archive only; a mapping gives the options."""
+    if value is True:
+        return PriorComparison()
+    if value is False:
+        return None
+    return value
+
+
 class Rule(_KeywordMatch):
     """One rule: when it applies, which series it takes, what it does and where results go."""
 
@@ -272,6 +293,8 @@ class Rule(_KeywordMatch):
     # The study completes as soon as its senders have released their associations, without
     # the quiet period: for modalities that send each series whole on one association.
     complete_on_release: bool = False
+    # the SR compares with the patient's previous study (true, or {source: pacs, ...})
+    compare_with_prior: Annotated[PriorComparison | None, BeforeValidator(_prior)] = None
     _file: str = PrivateAttr(default="")  # the file it was loaded from
 
     @property

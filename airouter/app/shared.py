@@ -142,6 +142,13 @@ def rule_check(
                 raise RuleError(
                     f"rule {rule.name}: destination(s) not configured: {', '.join(unknown)}"
                 )
+            prior = rule.compare_with_prior
+            source = prior.source if prior is not None else None
+            if source is not None and not isinstance(destinations.get(source), DicomNode):
+                raise RuleError(
+                    f"rule {rule.name}: compare_with_prior.source {source!r} is not "
+                    "a configured DICOM destination"
+                )
 
     return validate
 

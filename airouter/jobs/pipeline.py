@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -37,6 +38,7 @@ from airouter.core.vocab import (
 )
 from airouter.jobs.artefacts import save_masks, save_probabilities, save_scores
 from airouter.jobs.monitoring import EvaluationError, evaluate
+from airouter.jobs.priors import PriorImages, find_prior, interval_days
 from airouter.jobs.qc import check_volume
 from airouter.jobs.recorder import JobCancelled, JobRecorder
 from airouter.jobs.specs import (
@@ -47,7 +49,7 @@ from airouter.jobs.specs import (
     structures_of,
 )
 from dispatch.outbox import Outbox
-from encoders.common import Classification, EncodeError, Structure
+from encoders.common import Classification, EncodeError, PriorStudy, Structure
 from encoders.outputs import EncodedOutputs, OutputRequest, SourceSeries, encode_outputs
 from encoders.sr import InputQuality
 from inference.algorithms import truncated_slices
@@ -189,6 +191,10 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
     run.stage = "inference"
     structures, classified = _infer(ctx, run, volume)
     structures = _chosen(run, structures)
+    prior = None
+    if (job.options or {}).get("prior") is not None:
+        run.stage = "prior"
+        prior = _measure_prior(ctx, run, volume, job.options["prior"])
     run.stage = "encoding"
     run.recorder.transition(JobState.ENCODING)
     if not any(s.found for s in structures):
@@ -197,7 +203,68 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
         if OutputKind.SR not in job.outputs:
             run.recorder.transition(JobState.DONE, error="no structure found: nothing to encode")
             return
-    _encode_and_archive(ctx, run, volume, structures, classified, quality)
+    _encode_and_archive(ctx, run, volume, structures, classified, quality, prior=prior)
+
+
+@dataclass(frozen=True)
+class _Prior:
+    """The prior study found for a job, and what the job's models found in it."""
+
+    found: PriorImages
+    interval_days: int
+    images: list[Any]
+    structures: list[Structure]
+
+    def for_template(self, template: Template | None) -> PriorStudy:
+        """The prior as the SR of ``template``'s output set names its structures."""
+        named = apply_template(template, self.structures).structures
+        return PriorStudy(
+            study_uid=self.found.study_uid or "",
+            study_date=self.found.study_date or "",
+            interval_days=self.interval_days,
+            images=self.images,
+            volumes={
+                s.spec.tracking_id: float(s.volume_ml)
+                for s in named
+                if s.found and s.volume_ml is not None
+            },
+        )
+
+
+def _measure_prior(
+    ctx: PipelineContext, run: _Run, volume: Volume, options: dict[str, Any]
+) -> _Prior | None:
+    """The patient's previous study (``airouter.jobs.priors``), measured by this job's models;
+    None, with the outcome recorded, when there is none to compare with."""
+    t0 = time.perf_counter()
+    header = volume.datasets[0]
+    folder = ctx.jobs_dir / str(run.job.id) / "prior"
+    found = find_prior(ctx.store, header, options, ctx.outbox.settings, folder)
+    if found.outcome != "compared":
+        run.recorder.event(f"prior_{found.outcome}", found.detail)
+        log.info("job %s: no prior compared (%s): %s", run.job.id, found.outcome, found.detail)
+        return None
+    before = build_volume(found.paths, int(ctx.inference.max_volume_mb * 1024 * 1024))
+    cards = [ctx.cards[name] for name in run.job.models]
+    results = _wait_and_run(ctx, run, before, cards)
+    structures = [
+        s
+        for card in cards
+        for s in structures_of(card, results[card.name], before.hu, before.voxel_volume_ml)
+    ]
+    days = interval_days(found.study_date or "", str(header.get("StudyDate", ""))) or 0
+    run.recorder.event(
+        "prior_compared",
+        {
+            "study": found.study_uid,
+            "series": found.series_uid,
+            "where": found.where,
+            "interval_days": days,
+            "detail": found.detail,
+        },
+    )
+    run.recorder.time(prior_s=time.perf_counter() - t0)
+    return _Prior(found, days, list(before.source_images), structures)
 
 
 def _reject_for_quality(
@@ -502,6 +569,7 @@ def _encode_and_archive(
     classified: list[Classification],
     quality: InputQuality | None = None,
     kinds: frozenset[OutputKind] | None = None,
+    prior: _Prior | None = None,
 ) -> None:
     """The encoders build the output set (``kinds``, or the job's outputs); the outbox
     archives it and queues its deliveries, all in one transaction with the job's move to
@@ -531,6 +599,7 @@ def _encode_and_archive(
                 structure_set_label=template.structure_set.label if template else "AI",
                 structure_set_name=template.structure_set.name if template else None,
                 placeholders=template is not None and template.placeholders,
+                prior=prior.for_template(template) if prior is not None else None,
             ),
             source=SourceSeries(volume.datasets, volume.sources, volume.in_source_order),
             structures=templated.structures,

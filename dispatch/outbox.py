@@ -10,6 +10,7 @@ destination's real answer, and failures are retried with exponential backoff unt
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import threading
 import time
@@ -19,16 +20,35 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from airouter.core import metrics
-from airouter.core.db import Delivery, Event, Instance, Job, Output, Series, Store, Study, utcnow
+from airouter.core.db import (
+    Delivery,
+    Event,
+    Instance,
+    Job,
+    Output,
+    Pseudonym,
+    Series,
+    Store,
+    Study,
+    utcnow,
+)
 from airouter.core.leases import Identity
 from airouter.core.phi import REGISTRY
-from airouter.core.settings import RETURN_TO_SENDER, DicomNode, DispatchSettings
+from airouter.core.settings import (
+    RETURN_TO_SENDER,
+    DeidentifySettings,
+    DicomNode,
+    DispatchSettings,
+)
 from airouter.core.spool import instance_path, write_durable
 from airouter.core.vocab import (
     CommitmentState,
@@ -39,6 +59,7 @@ from airouter.core.vocab import (
     RunMode,
     Source,
 )
+from dispatch.deidentify import burned_in_refusal, deidentify
 from dispatch.senders import send
 
 log = logging.getLogger(__name__)
@@ -163,6 +184,10 @@ class Outbox:
             if options.get("mode") == RunMode.SHADOW and not self._is_test(s, job, destination):
                 continue
             if destination != RETURN_TO_SENDER:
+                node = self.settings.destinations.get(destination)
+                if node is not None and node.deidentify is not None:
+                    self._add_deidentified(s, job, output, destination, node.deidentify, state)
+                    continue
                 s.add(Delivery(output_id=output.id, destination=destination, state=state))
                 continue
             name = self._sender(s, job)
@@ -182,6 +207,83 @@ class Outbox:
                         ),
                     )
                 )
+
+    def _add_deidentified(
+        self,
+        s: Session,
+        job: Job,
+        output: Output,
+        destination: str,
+        settings: DeidentifySettings,
+        state: DeliveryState,
+    ) -> None:
+        """Queue a de-identified copy of ``output`` for an off-site ``destination``
+        (:mod:`dispatch.deidentify`): written durable beside the archive, its UIDs' originals
+        kept in the database (a seed per destination: two off-site systems cannot link their
+        copies), or a dead entry saying why the series may not leave."""
+        ds = dcmread(output.path)
+        allowed = bool((job.options or {}).get("allow_burned_in"))
+        refusal = None if allowed else burned_in_refusal(ds, settings)
+        if refusal is not None:
+            log.warning(
+                "job %s: %s of series %s not sent to %s: %s",
+                job.id, output.sop_instance_uid, output.series_uid, destination, refusal,
+            )  # fmt: skip
+            s.add(
+                Delivery(
+                    output_id=output.id,
+                    destination=destination,
+                    state=DeliveryState.DEAD,
+                    last_status=f"not sent de-identified: {refusal}",
+                )
+            )
+            return
+        seeded = settings.model_copy(update={"seed": f"{settings.seed}:{destination}"})
+        copy, pairs = deidentify(ds, seeded, produced=output.kind is not OutputKind.ORIGINAL)
+        buffer = io.BytesIO()
+        copy.save_as(buffer, enforce_file_format=True)
+        path = instance_path(
+            self.archive_dir.parent / "deidentified" / destination,
+            copy.StudyInstanceUID,
+            copy.SeriesInstanceUID,
+            copy.SOPInstanceUID,
+        )
+        write_durable(path, buffer.getvalue())
+        twin = Output(
+            job_id=job.id,
+            kind=output.kind,
+            sop_instance_uid=copy.SOPInstanceUID,
+            series_uid=copy.SeriesInstanceUID,
+            path=str(path),
+        )
+        s.add(twin)
+        s.flush()
+        if pairs:
+            now = utcnow()
+            rows = [
+                {
+                    "pseudonym_uid": pseudonym,
+                    "original_uid": original,
+                    "study_uid": str(ds.StudyInstanceUID),
+                    "destination": destination,
+                    "created_at": now,
+                }
+                for original, pseudonym in pairs
+            ]
+            insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+            s.execute(
+                insert(Pseudonym)
+                .values(rows)
+                .on_conflict_do_nothing(index_elements=["pseudonym_uid"])
+            )
+        s.add(Delivery(output_id=twin.id, destination=destination, state=state))
+
+
+def _deidentified_for(path: str, destination: str) -> bool:
+    """Whether ``path`` is a copy :meth:`Outbox._add_deidentified` wrote for
+    ``destination``."""
+    parts = Path(path).parts
+    return any(a == "deidentified" and b == destination for a, b in itertools.pairwise(parts))
 
 
 class Dispatcher:
@@ -262,6 +364,14 @@ class Dispatcher:
                 for delivery_id, _ in items:
                     self._record(delivery_id, False, reason, final=True)
                 continue
+            if node.deidentify is not None:  # never the identified original (a retry)
+                kept = [(i, p) for i, p in items if _deidentified_for(p, destination)]
+                for delivery_id, _ in set(items) - set(kept):
+                    reason = "refused: an off-site destination gets de-identified copies only"
+                    self._record(delivery_id, False, reason, final=True)
+                if not kept:
+                    continue
+                items = kept
             commitments: dict[int, str] = {}
             transaction = None
             if isinstance(node, DicomNode) and node.storage_commitment:

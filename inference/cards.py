@@ -152,6 +152,10 @@ class ModelCard(BaseModel):
     checksum: str = ""  # sha256 of the card file, filled in at load
     # shadow: every job that runs it is a shadow run (archived, sent to test destinations)
     mode: RunMode = RunMode.CLINICAL
+    # Its server is outside the hospital: it gets voxels only (no DICOM attribute reaches
+    # Triton), and a series whose pixels may carry burned-in text (Burned In Annotation YES,
+    # or unknown for US, SC ...) is refused unless the rule has allow_burned_in.
+    deidentify: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def job_options(rule: Rule) -> dict[str, Any]:
     """What of the rule a job carries beyond its columns: its review, its mode, its
-    structure template and its input quality checks, when they are not the defaults."""
+    structure template, its input quality checks, its prior comparison and whether burned-in
+    annotations may go off-site, when they are not the defaults."""
     options: dict[str, Any] = {}
     if rule.review is not Review.NONE:
         options["review"] = rule.review.value
@@ -33,6 +34,8 @@ def job_options(rule: Rule) -> dict[str, Any]:
         options["qc"] = rule.qc.model_dump(mode="json", exclude_none=True)
     if rule.compare_with_prior is not None:
         options["prior"] = rule.compare_with_prior.model_dump(mode="json")
+    if rule.allow_burned_in:
+        options["allow_burned_in"] = True
     return options
 
 

@@ -295,6 +295,9 @@ class Rule(_KeywordMatch):
     complete_on_release: bool = False
     # the SR compares with the patient's previous study (true, or {source: pacs, ...})
     compare_with_prior: Annotated[PriorComparison | None, BeforeValidator(_prior)] = None
+    # a series whose pixels may carry burned-in text (Burned In Annotation YES, or unknown
+    # for US, SC ...) may go to its de-identifying (off-site) destinations: someone checked
+    allow_burned_in: bool = False
     _file: str = PrivateAttr(default="")  # the file it was loaded from
 
     @property

@@ -13,8 +13,9 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -153,8 +154,12 @@ class Ingest:
         max_inflated_bytes: int = 1 << 30,
         incoming_dir: Path | None = None,
         node_name: str | None = None,
+        reidentify: Callable[[Dataset, Callable[[], Dataset]], Dataset | None] | None = None,
     ) -> None:
         self.store = store
+        # (header, read the whole data set) -> the data set to store instead, or None: what
+        # an off-site destination sends back, re-identified (airouter.core.pseudonyms)
+        self.reidentify = reidentify
         self.spool_root = spool_root
         # where instances are written while they arrive (on the spool's filesystem)
         self.incoming_dir = incoming_dir or spool_root / ".incoming"
@@ -180,6 +185,17 @@ class Ingest:
     ) -> Outcome:
         """Persist and index one instance (see :meth:`_store_instance`), counted in the
         metrics."""
+        if self.reidentify is not None:
+            try:
+                rewritten = self._reidentified(ds, received)
+            except Exception as exc:  # refused, nothing stored under a pseudonym
+                log.warning("refusing an instance: cannot re-identify it (%s)", exc)
+                outcome = Outcome(StoreStatus.PROCESSING_FAILURE, f"cannot re-identify: {exc}")
+                count_outcome(outcome.status, received.calling_ae, received.source)
+                return outcome
+            if rewritten is not None:
+                ds, received = rewritten
+                full_header = None
         size = 0
         try:
             size = received.path.stat().st_size if received.path else len(received.data or b"")
@@ -191,6 +207,25 @@ class Ingest:
         new = outcome.status == StoreStatus.SUCCESS and outcome.reason != "duplicate"
         count_outcome(outcome.status, received.calling_ae, received.source, size if new else 0)
         return outcome
+
+    def _reidentified(self, ds: Dataset, received: Received) -> tuple[Dataset, Received] | None:
+        """The data set and its bytes as they are stored when the hook re-identifies it."""
+        assert self.reidentify is not None
+
+        def whole() -> Dataset:
+            source = received.path if received.path is not None else BytesIO(received.data or b"")
+            return dcmread(source, force=True)
+
+        mapped = self.reidentify(ds, whole)
+        if mapped is None:
+            return None
+        buffer = BytesIO()
+        mapped.save_as(buffer, enforce_file_format=True)
+        command_uid = received.command_sop_instance_uid and str(mapped.SOPInstanceUID)
+        return mapped, replace(
+            received, data=buffer.getvalue(), path=None, synced=None,
+            command_sop_instance_uid=command_uid,
+        )  # fmt: skip
 
     def _store_instance(
         self,

@@ -299,14 +299,15 @@ def start_node(
 
 
 def storescu(
-    port: int, files: list[Path], aec: str = "AIROUTER", *extra: str
+    port: int, files: list[Path], aec: str = "AIROUTER", *extra: str, aet: str = "MODALITY"
 ) -> subprocess.CompletedProcess[str]:
-    """DCMTK storescu as the modality (TCP_NODELAY avoids Debian DCMTK's 40 ms stalls)."""
+    """DCMTK storescu as the modality, calling as ``aet`` (TCP_NODELAY avoids Debian DCMTK's
+    40 ms stalls)."""
     env = {**os.environ, "TCP_NODELAY": "1"}
     cmd = [
         "storescu",
         "-aet",
-        "MODALITY",
+        aet,
         "-aec",
         aec,
         *extra,

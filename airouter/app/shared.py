@@ -20,6 +20,7 @@ from airouter.app.accounts import AccountError, add_user, any_users
 from airouter.app.web import create_app
 from airouter.app.web.auth import AuthPolicy
 from airouter.core.db import Store, jobs_by_state
+from airouter.core.pseudonyms import Reidentifier
 from airouter.core.settings import RETURN_TO_SENDER, ConfigError, DicomNode, Settings
 from airouter.core.templates import Template, TemplateError, load_templates
 from airouter.core.tracker import AssociationTracker
@@ -83,6 +84,7 @@ def build_ingest(store: Store, settings: Settings) -> Ingest:
         int(settings.scp.max_inflated_mb * 1024 * 1024),
         settings.incoming_dir,
         settings.node_name,
+        Reidentifier(store),
     )
 
 

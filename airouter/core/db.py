@@ -274,6 +274,20 @@ class Evaluation(Base):
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class Pseudonym(Base):
+    """A UID replaced in a copy sent de-identified to a destination, and the original: what
+    comes back referencing the pseudonym is mapped to the original before it goes anywhere."""
+
+    __tablename__ = "pseudonyms"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pseudonym_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    original_uid: Mapped[str] = mapped_column(String(64))
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)  # the original study
+    destination: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Event(Base):
     """Append-only audit trail: what arrived, which rule matched, what was delivered."""
 

@@ -63,6 +63,24 @@ class TlsSettings(_Strict):
     verify_hostname: bool = True
 
 
+class DeidentifySettings(_Strict):
+    """A destination outside the hospital: what it gets is a copy de-identified per PS3.15
+    E.1 (the Basic Application Level Confidentiality Profile, by dicognito: names, IDs,
+    addresses, institution replaced; UIDs replaced consistently, the pairs kept in the
+    database; private attributes removed), with the options the site chooses."""
+
+    # Retain Longitudinal Temporal Information with Modified Dates: dates shifted by an offset
+    # fixed per patient; otherwise dates and times are emptied.
+    retain_longitudinal_dates: bool = True
+    # Retain Device Identity: station name, device serial number and the like kept.
+    retain_device_identity: bool = False
+    # A series whose Burned In Annotation is YES, or unknown for a modality that burns in
+    # (US, SC, XA, ES ...), is refused unless this is true.
+    allow_burned_in: bool = False
+    # The secret that makes the pseudonyms (the same original, the same pseudonym).
+    seed: str = Field(default="airouter", min_length=1)
+
+
 class DicomNode(_Strict):
     """A remote DICOM application entity we send to by C-STORE (PACS, TPS)."""
 
@@ -76,6 +94,9 @@ class DicomNode(_Strict):
     # Ask the destination to commit to keeping what we sent (Storage Commitment Push Model,
     # N-ACTION); its N-EVENT-REPORT comes back to our AE (the destination must know it).
     storage_commitment: bool = False
+    # Off-site (an external AI service): it gets de-identified copies; what it sends back is
+    # re-identified on arrival (airouter.core.pseudonyms).
+    deidentify: DeidentifySettings | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
@@ -85,6 +106,7 @@ class DicomWebNode(_Strict):
 
     kind: Literal["dicomweb"]
     test: bool = False  # a test system: shadow runs send to it
+    deidentify: DeidentifySettings | None = None  # off-site: see DicomNode
     template: str | None = None  # site structure template of what is sent here
     url: str = Field(pattern=r"^https?://")
     token: str | None = None  # bearer token (AIROUTER_DESTINATIONS__<NAME>__TOKEN)
@@ -99,6 +121,7 @@ class OrthancNode(_Strict):
 
     kind: Literal["orthanc"]
     test: bool = False  # a test system: shadow runs send to it
+    deidentify: DeidentifySettings | None = None  # off-site: see DicomNode
     template: str | None = None  # site structure template of what is sent here
     url: str = Field(pattern=r"^https?://")
     username: str | None = None
@@ -110,6 +133,7 @@ class FolderNode(_Strict):
 
     kind: Literal["folder"]
     test: bool = False  # a test system: shadow runs send to it
+    deidentify: DeidentifySettings | None = None  # off-site: see DicomNode
     template: str | None = None  # site structure template of what is sent here
     path: Path
 

@@ -24,7 +24,12 @@ from sqlalchemy.orm import Session
 from airouter.core.db import Instance, Job, Notification, Store, Study
 from airouter.core.phi import REGISTRY
 from airouter.core.qc import QcAction, QualityChecks
-from airouter.core.settings import EncoderSettings, InferenceSettings, MonitoringSettings
+from airouter.core.settings import (
+    DeidentifySettings,
+    EncoderSettings,
+    InferenceSettings,
+    MonitoringSettings,
+)
 from airouter.core.templates import Template
 from airouter.core.vocab import (
     Action,
@@ -48,6 +53,7 @@ from airouter.jobs.specs import (
     looked_for_structures,
     structures_of,
 )
+from dispatch.deidentify import burned_in_refusal
 from dispatch.outbox import Outbox
 from encoders.common import Classification, EncodeError, PriorStudy, Structure
 from encoders.outputs import EncodedOutputs, OutputRequest, SourceSeries, encode_outputs
@@ -188,6 +194,12 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
             if rejected:
                 _reject_for_quality(ctx, run, volume, quality, checks)
                 return
+    offsite = [c.name for c in (ctx.cards.get(m) for m in job.models) if c and c.deidentify]
+    if offsite and not (job.options or {}).get("allow_burned_in"):
+        refusal = burned_in_refusal(volume.datasets[0], DeidentifySettings())
+        if refusal is not None:  # an off-site model would see the text in the pixels
+            run.recorder.fail(f"not sent to off-site model {', '.join(offsite)}: {refusal}")
+            return
     run.stage = "inference"
     structures, classified = _infer(ctx, run, volume)
     structures = _chosen(run, structures)

@@ -1,0 +1,165 @@
+"""What comes back from an off-site destination is re-identified before it goes anywhere.
+
+A destination marked ``deidentify`` got copies whose UIDs were replaced (the pairs are in the
+``pseudonyms`` table, written in the transaction that queued the copies). An instance that
+arrives in a study whose UID is one of those pseudonyms (an off-site model's SEG, SR or
+structure set, or the copy itself) is rewritten on arrival, before it is stored:
+
+- every UID the table knows (in any attribute, sequences and file meta included) becomes the
+  original again: the study, series, instances and frame of reference it references;
+- the patient and study identity (names, IDs, birth date, accession number, dates the
+  profile shifted) are those of the original study, read from an instance of it;
+- Patient Identity Removed and the de-identification method are removed.
+
+UIDs the off-site system made itself (its own SEG's series and instance) are kept. An arrival
+whose study is not a pseudonym costs one indexed lookup per study (negatives are cached: a
+pseudonym is made before any copy carrying it leaves, so a study seen as not one never
+becomes one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from sqlalchemy import select
+
+from airouter.core.db import Instance, Pseudonym, Store
+
+log = logging.getLogger(__name__)
+
+# The patient and study identity put back from the original study (PS3.3 C.7.1.1, C.7.2.1
+# and what the Basic Profile changes at that level); removed when the original lacks them.
+IDENTITY = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "PatientAddress",
+    "EthnicGroup",
+    "PatientComments",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "StudyDescription",
+    "ReferringPhysicianName",
+    "InstitutionName",
+    "InstitutionAddress",
+)
+REMOVED = ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence")
+
+
+class Reidentifier:
+    """The ingest's hook: ``(header, read_whole) -> the re-identified data set`` for an
+    arrival in a pseudonymous study, None for any other (nothing read)."""
+
+    def __init__(self, store: Store, cache_size: int = 4096) -> None:
+        self.store = store
+        self.cache_size = cache_size
+        self._not_pseudonyms: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, header: Dataset, read_whole: Callable[[], Dataset]) -> Dataset | None:
+        """The re-identified data set, or None when ``header``'s study is not a pseudonym."""
+        study_uid = str(header.get("StudyInstanceUID", "") or "")
+        if not study_uid:
+            return None
+        with self._lock:
+            if study_uid in self._not_pseudonyms:
+                self._not_pseudonyms.move_to_end(study_uid)
+                return None
+        with self.store.session() as s:
+            original_study = s.scalar(
+                select(Pseudonym.study_uid).where(Pseudonym.pseudonym_uid == study_uid)
+            )
+            if original_study is None:
+                with self._lock:
+                    self._not_pseudonyms[study_uid] = None
+                    while len(self._not_pseudonyms) > self.cache_size:
+                        self._not_pseudonyms.popitem(last=False)
+                return None
+            mapping = dict(
+                s.execute(
+                    select(Pseudonym.pseudonym_uid, Pseudonym.original_uid).where(
+                        Pseudonym.study_uid == original_study
+                    )
+                ).all()
+            )
+            source = s.scalar(
+                select(Instance.path).where(Instance.study_uid == original_study).limit(1)
+            )
+        ds = read_whole()
+        mapped = map_uids(ds, mapping)
+        if source is not None:
+            original = dcmread(source, stop_before_pixels=True)
+            restore_identity(ds, original)
+        else:  # the original study was deleted here: the UIDs are still the originals
+            log.warning("re-identified study %s: its original is no longer held", original_study)
+        for keyword in REMOVED:
+            if keyword in ds:
+                delattr(ds, keyword)
+        log.info(
+            "re-identified an arrival for study %s: %d UIDs mapped back",
+            original_study,
+            mapped,
+        )
+        return ds
+
+
+def map_uids(ds: Dataset, mapping: dict[str, str]) -> int:
+    """Replace every UID in ``ds`` (sequences and file meta too) that ``mapping`` knows;
+    returns how many values were replaced."""
+    count = 0
+
+    def walk(node: Dataset) -> None:
+        nonlocal count
+        for element in node:
+            if element.VR == "SQ":
+                for item in element.value:
+                    walk(item)
+            elif element.VR == "UI" and element.value:
+                if isinstance(element.value, MultiValue | list):
+                    values = [str(v) for v in element.value]
+                    new = [mapping.get(v, v) for v in values]
+                    if new != values:
+                        count += sum(a != b for a, b in zip(new, values, strict=True))
+                        element.value = new
+                elif str(element.value) in mapping:
+                    element.value = mapping[str(element.value)]
+                    count += 1
+
+    walk(ds)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        walk(meta)
+    return count
+
+
+def restore_identity(ds: Dataset, original: Dataset) -> None:
+    """Put the patient and study identity of ``original`` into ``ds`` (removing what the
+    original does not have), in the original's character set (both decoded first: what
+    the off-site system wrote is written again in that character set)."""
+    ds.decode()
+    original.decode()
+    for keyword in IDENTITY:
+        if keyword in original:
+            ds[original[keyword].tag] = original[keyword]
+        elif keyword in ds:
+            delattr(ds, keyword)
+    if "SpecificCharacterSet" in original:
+        ds.SpecificCharacterSet = original.SpecificCharacterSet

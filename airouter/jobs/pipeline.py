@@ -135,6 +135,16 @@ def run_job(ctx: PipelineContext, job_id: int) -> None:
         log.info("job %s stops in stage %s: %s", job_id, run.stage, exc)
 
 
+def offsite_refusal(job: Job, cards: dict[str, ModelCard], ds: Any) -> str | None:
+    """Why ``job``'s series must not go to its off-site models (cards with ``deidentify``):
+    its pixels may carry burned-in text and the rule does not allow it; None: it may."""
+    offsite = [c.name for c in (cards.get(m) for m in job.models) if c and c.deidentify]
+    if not offsite or (job.options or {}).get("allow_burned_in"):
+        return None
+    refusal = burned_in_refusal(ds, DeidentifySettings())
+    return f"not sent to off-site model {', '.join(offsite)}: {refusal}" if refusal else None
+
+
 def _claimed(store: Store, job_id: int) -> Job:
     with store.session() as s:
         job = s.get(Job, job_id)
@@ -194,12 +204,10 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
             if rejected:
                 _reject_for_quality(ctx, run, volume, quality, checks)
                 return
-    offsite = [c.name for c in (ctx.cards.get(m) for m in job.models) if c and c.deidentify]
-    if offsite and not (job.options or {}).get("allow_burned_in"):
-        refusal = burned_in_refusal(volume.datasets[0], DeidentifySettings())
-        if refusal is not None:  # an off-site model would see the text in the pixels
-            run.recorder.fail(f"not sent to off-site model {', '.join(offsite)}: {refusal}")
-            return
+    refusal = offsite_refusal(job, ctx.cards, volume.datasets[0])
+    if refusal is not None:  # an off-site model would see the text in the pixels
+        run.recorder.fail(refusal)
+        return
     run.stage = "inference"
     structures, classified = _infer(ctx, run, volume)
     structures = _chosen(run, structures)

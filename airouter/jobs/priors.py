@@ -9,7 +9,8 @@ received series of the same modality (and body part, where both say) of at least
 
 The outcome is explicit, and recorded in the job's events: ``compared``, ``no_prior`` (no
 earlier study of the patient), ``no_comparable_series`` (earlier studies, none with such a
-series), or ``prior_unavailable`` (the PACS could not be asked or did not send it).
+series), or ``unavailable`` (the PACS could not be asked or did not send it); the events
+are ``prior_<outcome>``.
 
 The same models (the versions of this job) are run on the prior images, so the comparison is
 between one model version's measurements; an earlier SR of another version is not reused.
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 class PriorImages:
     """What was found: the prior study and the files of its series (or why there is none)."""
 
-    outcome: str  # compared | no_prior | no_comparable_series | prior_unavailable
+    outcome: str  # compared | no_prior | no_comparable_series | unavailable (event prior_<it>)
     detail: str = ""
     study_uid: str | None = None
     study_date: str | None = None
@@ -171,7 +172,7 @@ def _in_archive(s: Session, want: _Want) -> PriorImages:
 def _in_pacs(want: _Want, source: str, dispatch: DispatchSettings, folder: Path) -> PriorImages:
     node = dispatch.destinations.get(source)
     if not isinstance(node, DicomNode):
-        return PriorImages("prior_unavailable", f"{source!r} is not a DICOM destination")
+        return PriorImages("unavailable", f"{source!r} is not a DICOM destination")
     peer = Peer(
         node.ae_title,
         node.host,
@@ -234,7 +235,7 @@ def _in_pacs(want: _Want, source: str, dispatch: DispatchSettings, folder: Path)
                 [str(f) for f in files],
             )
     except RetrieveError as exc:
-        return PriorImages("prior_unavailable", str(exc))
+        return PriorImages("unavailable", str(exc))
     return PriorImages(
         "no_comparable_series",
         f"{len(dated)} earlier stud(ies) in {source}, none with a {want.modality} series of "

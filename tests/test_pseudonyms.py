@@ -15,11 +15,12 @@ from sqlalchemy import select
 from airouter.core.db import Delivery, Instance, Job, Output, Pseudonym, Series, Store, Study
 from airouter.core.pseudonyms import Reidentifier, map_uids
 from airouter.core.settings import DeidentifySettings, DispatchSettings, FolderNode
-from airouter.core.vocab import Action, DeliveryState, OutputKind
+from airouter.core.vocab import Action, DeliveryState, OutputKind, StoreStatus
 from airouter.jobs.pipeline import offsite_refusal
 from dispatch.deidentify import burned_in_refusal, deidentify
 from dispatch.outbox import Outbox
 from inference.cards import load_cards
+from scp.ingest import Ingest, Received
 from tests.peers import ROOT, head_ct_files
 
 
@@ -204,3 +205,31 @@ def test_the_outbox_queues_copies_and_keeps_each_pseudonym_once(
     assert by_pseudonym[written.StudyInstanceUID] == original.StudyInstanceUID
     assert by_pseudonym[written.SOPInstanceUID] == original.SOPInstanceUID
     assert {p.study_uid for p in pseudonyms} == {original.StudyInstanceUID}
+
+
+def test_an_arrival_for_a_study_no_longer_held_is_refused(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Without the original study, the identity cannot be put back: the instance is refused
+    with a reason (never stored under the original study with a dummy patient)."""
+    store = Store(database_url)
+    with store.session() as s:
+        s.add(
+            Pseudonym(
+                pseudonym_uid="2.25.1", original_uid="1.2.3", study_uid="1.2.3", destination="x"
+            )
+        )
+    arrival = Dataset()
+    arrival.StudyInstanceUID = "2.25.1"
+    with pytest.raises(LookupError, match="no longer held"):
+        Reidentifier(store)(arrival, lambda: arrival)
+    ingest = Ingest(store, tmp_path / "spool", reidentify=Reidentifier(store))
+    arrival.SeriesInstanceUID, arrival.SOPInstanceUID = "2.25.2", "2.25.3"
+    arrival.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    outcome = ingest.store_instance(
+        arrival, Received(transfer_syntax="1.2.840.10008.1.2.1", data=b"x")
+    )
+    assert outcome.status == StoreStatus.PROCESSING_FAILURE
+    assert "no longer held" in outcome.reason
+    with store.session() as s:
+        assert s.scalar(select(Instance.sop_instance_uid)) is None

@@ -66,7 +66,9 @@ REMOVED = ("PatientIdentityRemoved", "DeidentificationMethod", "Deidentification
 
 class Reidentifier:
     """The ingest's hook: ``(header, read_whole) -> the re-identified data set`` for an
-    arrival in a pseudonymous study, None for any other (nothing read)."""
+    arrival in a pseudonymous study, None for any other (nothing read). Raises LookupError
+    when the original study is no longer held (the ingest refuses the instance: stored with
+    a dummy identity under the original study, it would be a wrong patient)."""
 
     def __init__(self, store: Store, cache_size: int = 4096) -> None:
         self.store = store
@@ -103,13 +105,14 @@ class Reidentifier:
             source = s.scalar(
                 select(Instance.path).where(Instance.study_uid == original_study).limit(1)
             )
+        if source is None:  # deleted here since: its identity cannot be put back
+            raise LookupError(
+                f"study {original_study}, which this pseudonym stands for, is no longer held "
+                "here: its identity cannot be put back"
+            )
         ds = read_whole()
         mapped = map_uids(ds, mapping)
-        if source is not None:
-            original = dcmread(source, stop_before_pixels=True)
-            restore_identity(ds, original)
-        else:  # the original study was deleted here: the UIDs are still the originals
-            log.warning("re-identified study %s: its original is no longer held", original_study)
+        restore_identity(ds, dcmread(source, stop_before_pixels=True))
         for keyword in REMOVED:
             if keyword in ds:
                 delattr(ds, keyword)

@@ -116,7 +116,9 @@ def _c_store_all(node: NodeProcess, corpus: list[tuple[Path, str, str]]) -> tupl
     try:
         for first in range(0, len(pairs), 100):
             ae = AE(ae_title="FUZZER")
-            ae.dimse_timeout = 5  # an aborted association is not waited on
+            # an aborted association is not waited on long; a slow answer (a busy machine) is
+            # still an answer
+            ae.dimse_timeout = 15
             group = pairs[first : first + 100]
             ae.requested_contexts = [build_context(c, [ts]) for c, ts in group]
             assoc = ae.associate("127.0.0.1", node.dimse_port, ae_title="AIROUTER")

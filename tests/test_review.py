@@ -179,8 +179,13 @@ def test_reviewed_results_leave_only_once_approved(
     assert reviewed["state"] == "done"
     assert {d["state"] for o in reviewed["outputs"] for d in o["deliveries"]} == {"withheld"}
     assert all(seg.SOPInstanceUID != o["sop_instance_uid"] for o in reviewed["outputs"])
-    subset = _job(node, study, "done")
-    assert subset["id"] == sent_as and subset["options"]["structures"] == [
+    # the reviewed job is done at approval; the subset's job once its objects are sent
+    subset = wait_for(
+        lambda: (j := node.get(f"/api/jobs/{sent_as}")) and j["state"] == "done" and j,
+        60,
+        "the approved subset's job done",
+    )
+    assert subset["options"]["structures"] == [
         "Right Lung",
         "Left Lung",
     ]

@@ -34,7 +34,7 @@ import copy
 from collections.abc import Iterator
 
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from airouter.core.settings import DeidentifySettings
@@ -209,7 +209,10 @@ def deidentify(
         item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
         items.append(item)
     out.DeidentificationMethodCodeSequence = DicomSequence(items)
-    if hasattr(out, "file_meta"):
-        out.file_meta = copy.deepcopy(ds.file_meta)
-        out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    if hasattr(ds, "file_meta"):  # a new meta: the original's names the sender's AE titles
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.file_meta.get("MediaStorageSOPClassUID", out.SOPClassUID)
+        meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+        meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
+        out.file_meta = meta
     return out, pairs

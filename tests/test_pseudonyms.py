@@ -26,6 +26,7 @@ from tests.peers import ROOT, head_ct_files
 
 def _ct() -> Dataset:
     ds = pydicom.dcmread(head_ct_files()[0])
+    ds.file_meta.SourceApplicationEntityTitle = "ELSEWHERE_CT1"
     ds.PatientName, ds.PatientID, ds.AccessionNumber = "ROE^RICHARD", "PID-123", "A-77"
     ds.PatientBirthDate, ds.InstitutionName = "19500101", "GENERAL HOSPITAL"
     ds.ImageComments = "Richard Roe, PID-123"
@@ -48,6 +49,7 @@ def test_the_profile_reaches_into_sequences_and_keeps_pseudonyms_consistent() ->
     assert originals[str(ds.StudyInstanceUID)] == copy.StudyInstanceUID
     assert originals[str(ds.SOPInstanceUID)] == copy.SOPInstanceUID
     assert copy.file_meta.MediaStorageSOPInstanceUID == copy.SOPInstanceUID
+    assert "SourceApplicationEntityTitle" not in copy.file_meta  # the sender's AE title
     referenced = str(ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID)
     assert copy.ReferencedImageSequence[0].ReferencedSOPInstanceUID == originals[referenced]
     again, _ = deidentify(_ct(), settings)

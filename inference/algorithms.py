@@ -6,8 +6,13 @@ importable and testable without a server.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 BODY_THRESHOLD_HU = -500
 AIR_THRESHOLD_HU = -400
@@ -31,15 +36,90 @@ def voxel_ml(affine: np.ndarray) -> float:
 SLAB = 16  # slices processed at a time by the per-slice operations (bounded memory)
 
 
-def _label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-    """Connected components in the narrowest label type that holds them (uint16 for up to
-    65,535 components: half the memory of scipy's default int32)."""
-    try:
-        labels = np.empty(mask.shape, dtype=np.uint16)
-        count = int(ndimage.label(mask, structure=structure, output=labels))
-    except RuntimeError:  # more components than uint16 holds
-        labels, count = ndimage.label(mask, structure=structure)
-    return labels, count
+LABEL_SLAB = 64  # slices labelled at a time: scipy's label keeps 8 bytes per voxel meanwhile
+
+
+@dataclass
+class _Components:
+    """The 6-connected components of a 3D mask, labelled ``slab`` slices at a time.
+
+    scipy's ``label`` works on an int64 array of the whole input whatever output it is
+    given (2 GB for a 1,000-slice 512x512 CT); here each slab is labelled on its own
+    (``local``, uint16), and the labels that touch across a slab boundary (the same row and
+    column on the two slices) are joined as a graph's connected components: ``ids`` maps
+    ``offsets[n] + local label`` of slab ``n`` to its component (1 ... ``count``; 0 the
+    background). The components are scipy's, numbered differently."""
+
+    local: np.ndarray
+    slab: int
+    offsets: list[int]
+    ids: np.ndarray
+    count: int
+
+    def _tables(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first slice, local label -> component) of each slab."""
+        for n, k in enumerate(range(0, len(self.local), self.slab)):
+            top = self.offsets[n + 1] - self.offsets[n]
+            table = np.zeros(top + 1, dtype=np.int64)
+            table[1:] = self.ids[self.offsets[n] + 1 : self.offsets[n + 1] + 1]
+            yield k, table
+
+    def sizes(self) -> np.ndarray:
+        """Voxels per component (index 0: the background)."""
+        sizes = np.zeros(self.count + 1, dtype=np.int64)
+        for k, table in self._tables():
+            counts = np.bincount(self.local[k : k + self.slab].ravel(), minlength=len(table))
+            np.add.at(sizes, table, counts[: len(table)])
+        return sizes
+
+    def relabel(self, values: np.ndarray) -> np.ndarray:
+        """``values[component]`` for every voxel, in ``values``' type; uses up ``local``
+        (written in place where the type has its size)."""
+        same = values.dtype.itemsize == self.local.dtype.itemsize
+        out = self.local.view(values.dtype) if same else np.empty(self.local.shape, values.dtype)
+        for k, table in self._tables():
+            out[k : k + self.slab] = values[table][self.local[k : k + self.slab]]
+        return out
+
+
+def _components(mask: np.ndarray, slab: int = LABEL_SLAB) -> _Components:
+    """The components of ``mask`` (see :class:`_Components`)."""
+    local = np.empty(mask.shape, dtype=np.uint16)
+    offsets = [0]
+    for k in range(0, len(mask), slab):
+        part, count = ndimage.label(mask[k : k + slab])
+        if count > np.iinfo(np.uint16).max:  # a slab of more components than uint16 holds
+            whole, total = ndimage.label(mask)
+            return _Components(whole, len(mask), [0, int(total)], np.arange(total + 1), total)
+        local[k : k + slab] = part
+        offsets.append(offsets[-1] + int(count))
+    total = offsets[-1]
+    heads, tails = [], []
+    for n, k in enumerate(range(slab, len(mask), slab), start=1):
+        below, above = local[k - 1], local[k]
+        both = (below > 0) & (above > 0)
+        if both.any():
+            pairs = np.unique(np.stack([below[both], above[both]], axis=1), axis=0)
+            heads.append(pairs[:, 0].astype(np.int64) + offsets[n - 1])
+            tails.append(pairs[:, 1].astype(np.int64) + offsets[n])
+    if heads:
+        a, b = np.concatenate(heads), np.concatenate(tails)
+        graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(total + 1,) * 2)
+        _, component = connected_components(graph, directed=False)
+    else:
+        component = np.arange(total + 1)
+    _, ids = np.unique(component, return_inverse=True)  # compact numbering
+    background = ids[0]
+    ids = np.where(ids == background, 0, np.where(ids == 0, background, ids))
+    return _Components(local, slab, offsets, ids, int(ids.max()) if total else 0)
+
+
+def _label(mask: np.ndarray, slab: int = LABEL_SLAB) -> tuple[np.ndarray, int]:
+    """6-connected components of a 3D mask in the narrowest label type that holds them
+    (uint16 for up to 65,535 components), labelled a slab at a time (:class:`_Components`)."""
+    found = _components(mask, slab)
+    dtype = np.uint16 if found.count <= np.iinfo(np.uint16).max else np.uint32
+    return found.relabel(np.arange(found.count + 1, dtype=dtype)), found.count
 
 
 def _sizes(labels: np.ndarray, count: int) -> np.ndarray:
@@ -60,14 +140,14 @@ def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 6-connected component of a 3D mask (empty if the mask is empty)."""
-    labels, count = _label(mask)
-    if count == 0:
+    found = _components(mask)
+    if found.count == 0:
         return np.zeros_like(mask, dtype=bool)
-    sizes = _sizes(labels, count)
+    sizes = found.sizes()
     sizes[0] = 0
-    keep = np.zeros(count + 1, dtype=bool)
+    keep = np.zeros(found.count + 1, dtype=bool)
     keep[int(np.argmax(sizes))] = True
-    return _lookup(keep, labels)
+    return found.relabel(keep)
 
 
 def _edges(volume: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -212,14 +292,24 @@ def segment_lungs(hu: np.ndarray, affine: np.ndarray, body: np.ndarray | None = 
     air = hu < AIR_THRESHOLD_HU
     air &= body
     del body
-    labels, count = _label(air)
+    found = _components(air)
     del air
     out = np.zeros(hu.shape, dtype=np.uint8)
-    if count == 0:
+    if found.count == 0:
         return out
-    sizes = _sizes(labels, count)
+    # only the components large enough to be a lung are numbered (a CT's air holds tens of
+    # thousands of small pockets): their labels fit in uint16 and replace the slabs' own
+    all_sizes = found.sizes()
+    big = np.flatnonzero(all_sizes * voxel_ml(affine) >= MIN_LUNG_ML)
+    big = big[big > 0]
+    if big.size == 0:
+        return out
+    renumber = np.zeros(found.count + 1, dtype=np.uint16)
+    renumber[big] = np.arange(1, big.size + 1)
+    labels, count = found.relabel(renumber), int(big.size)
+    del found
+    sizes = np.concatenate([[0], all_sizes[big]])
     sizes_ml = sizes * voxel_ml(affine)
-    sizes_ml[0] = 0
     # Air enclosed by a closed ring of bone in its slices is intracranial (a skull), not lung:
     # ribs, spine and sternum do not close a ring around the lungs in an axial slice.
     enclosed = np.zeros(count + 1, dtype=np.int64)

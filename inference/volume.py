@@ -288,6 +288,55 @@ def _multiframe_volume(ds: Dataset, limit: int, drop_duplicates: bool = False) -
 DEFAULT_MAX_VOLUME_BYTES = 4 << 30
 
 
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _native_pixels(ds: Dataset) -> np.ndarray | None:
+    """The stored values of an uncompressed little-endian 16-bit monochrome image, read
+    straight from Pixel Data (pydicom's own decoding costs more than the reading on a CT);
+    None for anything else, or where bits above Bits Stored are set (pydicom decides what
+    they mean), which pydicom then decodes."""
+    meta = getattr(ds, "file_meta", None)
+    try:
+        if (
+            meta is None
+            or str(meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE
+            or int(ds.get("BitsAllocated", 0)) != 16
+            or int(ds.get("SamplesPerPixel", 1)) != 1
+            or int(ds.get("NumberOfFrames", 1) or 1) != 1
+        ):
+            return None
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        stored = int(ds.get("BitsStored", 16))
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        data = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(data, bytes) or len(data) < rows * columns * 2:
+        return None
+    raw = np.frombuffer(data, dtype="<u2", count=rows * columns).reshape(rows, columns)
+    if stored < 16 and np.any(raw >> stored):
+        return None
+    if signed:
+        if stored < 16:
+            return None  # sign extension of a narrower value: pydicom's
+        return raw.view("<i2")
+    return raw
+
+
+def _rescale_into(out: np.ndarray, pixels: np.ndarray, slope: float, intercept: float) -> None:
+    """Modality LUT into int16 ``out``: rounded, clipped to int16. An integer intercept with
+    slope 1 is added in integers (the same values, none of the float passes)."""
+    if slope == 1.0 and intercept == int(intercept) and pixels.dtype.kind in "iu":
+        values = pixels.astype(np.int32)
+        values += int(intercept)
+        np.clip(values, -32768, 32767, out=values)
+        out[...] = values
+        return
+    values = pixels.astype(np.float32) * slope + intercept
+    out[...] = np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+
+
 def build_volume(
     paths: Iterable[Path | str],
     max_bytes: int = DEFAULT_MAX_VOLUME_BYTES,
@@ -311,16 +360,17 @@ def build_volume(
     _check_size(datasets, max_bytes)
     hu = np.empty((len(datasets), datasets[0].Rows, datasets[0].Columns), dtype=np.int16)
     for index, ds in enumerate(datasets):
-        try:
-            pixels = ds.pixel_array
-        except Exception as exc:
-            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            name = getattr(ts, "name", ts)
-            raise VolumeError(f"cannot decode pixel data ({name}): {exc}") from exc
+        pixels = _native_pixels(ds)
+        if pixels is None:
+            try:
+                pixels = ds.pixel_array
+            except Exception as exc:
+                ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+                name = getattr(ts, "name", ts)
+                raise VolumeError(f"cannot decode pixel data ({name}): {exc}") from exc
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        values = pixels.astype(np.float32) * slope + intercept
-        hu[index] = np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+        _rescale_into(hu[index], pixels, slope, intercept)
         # the headers are kept for the encoders, which reference the images and never read
         # their pixels: the encoded and the decoded pixels (cached by pydicom) would be two
         # more copies of the volume

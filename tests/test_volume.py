@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
-from inference.volume import VolumeError, build_volume
-from tests.peers import BODY_J2K, HEAD_SCOUT, head_ct_files
+from inference.volume import VolumeError, _native_pixels, _rescale_into, build_volume
+from tests.peers import BODY_J2K, HEAD_SCOUT, SHARED_DICOM, head_ct_files
 
 
 def test_head_ct_volume_is_sorted_and_rescaled() -> None:
@@ -86,3 +88,59 @@ def test_a_series_too_large_to_decode_is_refused_before_decoding(tmp_path) -> No
     assert build_volume(ct, max_bytes=2 * 512 * 512 * 2).hu.shape == (2, 512, 512)
     with pytest.raises(VolumeError, match=r"more than inference\.max_volume_mb"):
         build_volume(ct, max_bytes=2 * 512 * 512 * 2 - 1)
+
+
+def _every_image() -> list[Path]:
+    """Every single-frame file of the shared data that pydicom decodes (all syntaxes, MR,
+    CT, odd files)."""
+    images = []
+    for path in sorted(SHARED_DICOM.rglob("*")):
+        if not path.is_file() or path.suffix in (".txt", ".md", ".json") or path.name == "LICENSE":
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+            if "PixelData" not in ds or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+                continue
+            ds.pixel_array  # noqa: B018 - decodable at all
+        except Exception:
+            continue
+        images.append(path)
+    return images
+
+
+def test_the_direct_read_of_native_pixels_is_pydicoms_decoding() -> None:
+    """Uncompressed 16-bit images are read straight from Pixel Data (faster than pydicom's
+    decoding): on every decodable image of the shared data the stored values and the
+    rescaled HU equal pydicom's, and what the direct read does not take (other syntaxes,
+    widths, signed narrow values, set padding bits) it leaves to pydicom."""
+    taken = 0
+    for path in _every_image():
+        ds = pydicom.dcmread(path)
+        direct = _native_pixels(ds)
+        if direct is None:
+            continue
+        taken += 1
+        expected = ds.pixel_array
+        assert np.array_equal(direct, expected), path.name
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        out, reference = np.empty(direct.shape, np.int16), np.empty(direct.shape, np.int16)
+        _rescale_into(out, direct, slope, intercept)
+        floats = expected.astype(np.float32) * slope + intercept
+        reference[...] = np.clip(np.rint(floats), -32768, 32767).astype(np.int16)
+        assert np.array_equal(out, reference), path.name
+    assert taken >= 140  # the head CT at least
+    ds = pydicom.dcmread(head_ct_files()[0])
+    ds.PixelData = (np.frombuffer(ds.PixelData, "<u2") | 0x8000).tobytes()  # padding bits
+    assert _native_pixels(ds) is None
+    ds.PixelRepresentation = 1  # 12 stored bits, signed: pydicom's sign extension
+    assert _native_pixels(ds) is None
+
+
+def test_rescale_clips_and_rounds_as_the_float_path() -> None:
+    pixels = np.array([[0, 1, 40000, 65535]], dtype=np.uint16)
+    out = np.empty(pixels.shape, np.int16)
+    _rescale_into(out, pixels, 1.0, -1024.0)
+    assert out.tolist() == [[-1024, -1023, 32767, 32767]]
+    _rescale_into(out, pixels, 0.5, -0.25)
+    assert out.tolist() == [[0, 0, 20000, 32767]]

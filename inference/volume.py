@@ -328,10 +328,10 @@ def _rescale_into(out: np.ndarray, pixels: np.ndarray, slope: float, intercept: 
     """Modality LUT into int16 ``out``: rounded, clipped to int16. An integer intercept with
     slope 1 is added in integers (the same values, none of the float passes)."""
     if slope == 1.0 and intercept == int(intercept) and pixels.dtype.kind in "iu":
-        values = pixels.astype(np.int32)
-        values += int(intercept)
-        np.clip(values, -32768, 32767, out=values)
-        out[...] = values
+        whole = pixels.astype(np.int32)
+        whole += int(intercept)
+        np.clip(whole, -32768, 32767, out=whole)
+        out[...] = whole
         return
     values = pixels.astype(np.float32) * slope + intercept
     out[...] = np.clip(np.rint(values), -32768, 32767).astype(np.int16)

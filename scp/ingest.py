@@ -154,11 +154,13 @@ class Ingest:
         max_inflated_bytes: int = 1 << 30,
         incoming_dir: Path | None = None,
         node_name: str | None = None,
-        reidentify: Callable[[Dataset, Callable[[], Dataset]], Dataset | None] | None = None,
+        reidentify: Callable[[Dataset, Callable[[], Dataset], str | None], Dataset | None]
+        | None = None,
     ) -> None:
         self.store = store
-        # (header, read the whole data set) -> the data set to store instead, or None: what
-        # an off-site destination sends back, re-identified (airouter.core.pseudonyms)
+        # (header, read the whole data set, calling AE) -> the data set to store instead, or
+        # None: what an off-site destination sends back, re-identified
+        # (airouter.core.pseudonyms)
         self.reidentify = reidentify
         self.spool_root = spool_root
         # where instances are written while they arrive (on the spool's filesystem)
@@ -216,7 +218,7 @@ class Ingest:
             source = received.path if received.path is not None else BytesIO(received.data or b"")
             return dcmread(source, force=True)
 
-        mapped = self.reidentify(ds, whole)
+        mapped = self.reidentify(ds, whole, received.calling_ae)
         if mapped is None:
             return None
         buffer = BytesIO()

@@ -34,6 +34,7 @@ import yaml
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from airouter.core.spool import instance_path
 from tests.peers import (
     NodeProcess,
     Orthanc,
@@ -170,7 +171,14 @@ def sent(peers: Peers) -> list[Path]:
     """The CT through the node: the copies the off-site service received."""
     result = storescu(peers.node.dimse_port, peers.ct)
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: len(peers.received()) >= SLICES, 90, "the off-site copies")
+    study = str(pydicom.dcmread(peers.ct[0], stop_before_pixels=True).StudyInstanceUID)
+
+    def delivered() -> bool:  # each copy acknowledged by the receiver: its file is whole
+        jobs = _jobs(peers.node, study)
+        rows = [d for j in jobs for o in j["outputs"] for d in o["deliveries"]]
+        return len(rows) == SLICES and all(d["state"] == "sent" for d in rows)
+
+    wait_for(delivered, 90, "the off-site copies")
     return peers.received()
 
 
@@ -326,3 +334,38 @@ def test_burned_in_annotations_never_leave(peers: Peers, sent: list[Path], tmp_p
     row = wait_for(refused_again, 30, "the retry refused")
     assert "de-identified copies only" in row["last_status"]
     assert len(peers.received()) == before  # nothing of it left
+
+
+def test_an_answer_in_a_study_of_its_own_joins_the_original_study(
+    peers: Peers, sent: list[Path], tmp_path: Path
+) -> None:
+    """An off-site system that answers in a new study (its own Study Instance UID) but
+    references the copies it got: from the off-site destination's AE title, the answer is
+    recognised by what it references and stored re-identified, in the original study (the
+    node's own copy is read: the forwarding rule already sent this study's SEG series)."""
+    first = pydicom.dcmread(peers.ct[0], stop_before_pixels=True)
+    path = _offsite_seg(sent, tmp_path)
+    seg = pydicom.dcmread(path)
+    seg.StudyInstanceUID = hd.UID()  # the vendor's own study
+    seg.save_as(path)
+    result = storescu(peers.node.dimse_port, [path], "AIROUTER", "-R", aet="OFFSITE")
+    assert result.returncode == 0, result.stderr
+    stored = instance_path(
+        peers.node.data_dir / "spool",
+        str(first.StudyInstanceUID),
+        str(seg.SeriesInstanceUID),
+        str(seg.SOPInstanceUID),
+    )
+    assert stored.exists()  # acknowledged: durable, under the original study
+    back = pydicom.dcmread(stored)
+    assert back.StudyInstanceUID == first.StudyInstanceUID
+    assert back.PatientID == PATIENT_ID and str(back.PatientName) == NAME
+    assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    originals = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in peers.ct}
+    assert _referenced(back) == originals
+    assert not instance_path(
+        peers.node.data_dir / "spool",
+        str(seg.StudyInstanceUID),
+        str(seg.SeriesInstanceUID),
+        str(seg.SOPInstanceUID),
+    ).exists()

@@ -145,7 +145,8 @@ def test_the_reidentifier_maps_back_and_restores_the_identity(
     unrelated = Dataset()
     unrelated.StudyInstanceUID = "1.2.3.4"
     assert reidentify(unrelated, lambda: pytest.fail("read an unrelated arrival")) is None
-    back = reidentify(copy, lambda: copy)
+    pseudonym_sop = str(copy.SOPInstanceUID)
+    back = reidentify(copy, lambda: copy)  # (in place: read_whole gives the copy itself)
     assert back is not None
     assert back.StudyInstanceUID == original.StudyInstanceUID
     assert back.SOPInstanceUID == original.SOPInstanceUID
@@ -153,6 +154,18 @@ def test_the_reidentifier_maps_back_and_restores_the_identity(
     assert back.PatientName == "ROE^RICHARD" and back.PatientID == "PID-123"
     assert back.AccessionNumber == "A-77" and back.StudyDate == original.StudyDate
     assert "PatientIdentityRemoved" not in back
+    # an answer in a study of its own, citing a copy: taken only from the off-site AE title
+    answer = Dataset()
+    answer.StudyInstanceUID, answer.SOPInstanceUID = "2.25.999", "2.25.998"
+    cited = Dataset()
+    cited.ReferencedSOPInstanceUID = pseudonym_sop
+    answer.ReferencedImageSequence = [cited]
+    offsite = Reidentifier(store, ["OFFSITE"])
+    assert offsite(answer, lambda: pytest.fail("read an arrival from elsewhere"), "CT1") is None
+    joined = offsite(answer, lambda: answer, "OFFSITE ")
+    assert joined is not None and joined.StudyInstanceUID == original.StudyInstanceUID
+    assert joined.ReferencedImageSequence[0].ReferencedSOPInstanceUID == original.SOPInstanceUID
+    assert joined.SOPInstanceUID == "2.25.998" and joined.PatientID == "PID-123"
 
 
 def test_the_outbox_queues_copies_and_keeps_each_pseudonym_once(

@@ -84,7 +84,14 @@ def build_ingest(store: Store, settings: Settings) -> Ingest:
         int(settings.scp.max_inflated_mb * 1024 * 1024),
         settings.incoming_dir,
         settings.node_name,
-        Reidentifier(store),
+        Reidentifier(
+            store,
+            [
+                node.ae_title
+                for node in settings.dispatch.destinations.values()
+                if isinstance(node, DicomNode) and node.deidentify is not None
+            ],
+        ),
     )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -65,36 +65,44 @@ REMOVED = ("PatientIdentityRemoved", "DeidentificationMethod", "Deidentification
 
 
 class Reidentifier:
-    """The ingest's hook: ``(header, read_whole) -> the re-identified data set`` for an
-    arrival in a pseudonymous study, None for any other (nothing read). Raises LookupError
-    when the original study is no longer held (the ingest refuses the instance: stored with
-    a dummy identity under the original study, it would be a wrong patient)."""
+    """The ingest's hook: ``(header, read_whole, calling AE) -> the re-identified data set``
+    for an arrival in a pseudonymous study, None for any other (nothing read). An arrival
+    from the AE title of an off-site destination (``offsite_ae_titles``) in a study of its
+    own (a system that answers in a new study) is read whole: if it references pseudonyms,
+    it is re-identified too, into the original study. Raises LookupError when the original
+    study is no longer held (the ingest refuses the instance: stored with a dummy identity
+    under the original study, it would be a wrong patient)."""
 
-    def __init__(self, store: Store, cache_size: int = 4096) -> None:
+    def __init__(
+        self, store: Store, offsite_ae_titles: Iterable[str] = (), cache_size: int = 4096
+    ) -> None:
         self.store = store
+        self.offsite_ae_titles = {ae.strip() for ae in offsite_ae_titles}
         self.cache_size = cache_size
         self._not_pseudonyms: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def __call__(self, header: Dataset, read_whole: Callable[[], Dataset]) -> Dataset | None:
-        """The re-identified data set, or None when ``header``'s study is not a pseudonym."""
+    def __call__(
+        self,
+        header: Dataset,
+        read_whole: Callable[[], Dataset],
+        calling_ae: str | None = None,
+    ) -> Dataset | None:
+        """The re-identified data set, or None when the arrival is not an answer to a copy
+        sent de-identified."""
         study_uid = str(header.get("StudyInstanceUID", "") or "")
         if not study_uid:
             return None
-        with self._lock:
-            if study_uid in self._not_pseudonyms:
-                self._not_pseudonyms.move_to_end(study_uid)
+        ds = None
+        original_study = self._original_study(study_uid)
+        if original_study is None:
+            if (calling_ae or "").strip() not in self.offsite_ae_titles:
+                return None
+            ds = read_whole()  # an off-site system's answer in a study of its own?
+            original_study = self._referenced_study(ds)
+            if original_study is None:
                 return None
         with self.store.session() as s:
-            original_study = s.scalar(
-                select(Pseudonym.study_uid).where(Pseudonym.pseudonym_uid == study_uid)
-            )
-            if original_study is None:
-                with self._lock:
-                    self._not_pseudonyms[study_uid] = None
-                    while len(self._not_pseudonyms) > self.cache_size:
-                        self._not_pseudonyms.popitem(last=False)
-                return None
             mapping = dict(
                 s.execute(
                     select(Pseudonym.pseudonym_uid, Pseudonym.original_uid).where(
@@ -110,7 +118,8 @@ class Reidentifier:
                 f"study {original_study}, which this pseudonym stands for, is no longer held "
                 "here: its identity cannot be put back"
             )
-        ds = read_whole()
+        mapping.setdefault(study_uid, original_study)  # a study of its own: the original
+        ds = ds if ds is not None else read_whole()
         mapped = map_uids(ds, mapping)
         restore_identity(ds, dcmread(source, stop_before_pixels=True))
         for keyword in REMOVED:
@@ -122,6 +131,54 @@ class Reidentifier:
             mapped,
         )
         return ds
+
+    def _original_study(self, study_uid: str) -> str | None:
+        """The original study ``study_uid`` is the pseudonym of (negatives cached)."""
+        with self._lock:
+            if study_uid in self._not_pseudonyms:
+                self._not_pseudonyms.move_to_end(study_uid)
+                return None
+        with self.store.session() as s:
+            original = s.scalar(
+                select(Pseudonym.study_uid).where(Pseudonym.pseudonym_uid == study_uid)
+            )
+        if original is None:
+            with self._lock:
+                self._not_pseudonyms[study_uid] = None
+                while len(self._not_pseudonyms) > self.cache_size:
+                    self._not_pseudonyms.popitem(last=False)
+        return original
+
+    def _referenced_study(self, ds: Dataset) -> str | None:
+        """The original study of the pseudonyms ``ds`` references, if any (one study)."""
+        values = sorted({v for v in _uid_values(ds)})
+        if not values:
+            return None
+        with self.store.session() as s:
+            studies = set()
+            for k in range(0, len(values), 500):
+                studies |= set(
+                    s.scalars(
+                        select(Pseudonym.study_uid).where(
+                            Pseudonym.pseudonym_uid.in_(values[k : k + 500])
+                        )
+                    )
+                )
+        if len(studies) > 1:
+            raise LookupError(
+                "it references the pseudonyms of more than one study: which patient it "
+                "belongs to is not clear"
+            )
+        return next(iter(studies), None)
+
+
+def _uid_values(ds: Dataset) -> Iterator[str]:
+    for element in ds.iterall():
+        if element.VR == "UI" and element.value:
+            values = (
+                element.value if isinstance(element.value, MultiValue | list) else [element.value]
+            )
+            yield from (str(v) for v in values)
 
 
 def map_uids(ds: Dataset, mapping: dict[str, str]) -> int:

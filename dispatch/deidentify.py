@@ -178,14 +178,11 @@ def deidentify(
     (``produced``: an object the node wrote, see the module)."""
     from dicognito.anonymizer import Anonymizer
 
-    out = copy.deepcopy(ds)
+    out = copy.deepcopy(ds)  # ``ds`` stays as it was: what dicognito changed is told by it
     out.remove_private_tags()
-    before = dict(_uids(out))
-    device = {k: copy.deepcopy(out[k]) for k in DEVICE_KEYWORDS if k in out}
-    original = copy.deepcopy(out)
     Anonymizer(seed=settings.seed).anonymize(out)
-    _apply_table(out, original, produced)
-    after = dict(_uids(out))
+    _apply_table(out, ds, produced)
+    before, after = dict(_uids(ds)), dict(_uids(out))
     pairs = sorted(
         {(original, after[path]) for path, original in before.items()
          if path in after and after[path] != original}
@@ -193,9 +190,9 @@ def deidentify(
     if not settings.retain_longitudinal_dates:
         _dates_emptied(out)
     if settings.retain_device_identity:
-        for element in device.values():
-            out[element.tag] = element
-    out.remove_private_tags()  # anything dicognito added of its own
+        for keyword in DEVICE_KEYWORDS:
+            if keyword in ds:
+                out[ds[keyword].tag] = copy.deepcopy(ds[keyword])
     out.PatientIdentityRemoved = "YES"
     methods = [BASIC_PROFILE]
     if settings.retain_longitudinal_dates:

@@ -114,30 +114,6 @@ def _components(mask: np.ndarray, slab: int = LABEL_SLAB) -> _Components:
     return _Components(local, slab, offsets, ids, int(ids.max()) if total else 0)
 
 
-def _label(mask: np.ndarray, slab: int = LABEL_SLAB) -> tuple[np.ndarray, int]:
-    """6-connected components of a 3D mask in the narrowest label type that holds them
-    (uint16 for up to 65,535 components), labelled a slab at a time (:class:`_Components`)."""
-    found = _components(mask, slab)
-    dtype = np.uint16 if found.count <= np.iinfo(np.uint16).max else np.uint32
-    return found.relabel(np.arange(found.count + 1, dtype=dtype)), found.count
-
-
-def _sizes(labels: np.ndarray, count: int) -> np.ndarray:
-    """Voxels per label, counted a slab at a time (bincount copies its input to int64)."""
-    sizes = np.zeros(count + 1, dtype=np.int64)
-    for k in range(0, len(labels), SLAB):
-        sizes += np.bincount(labels[k : k + SLAB].ravel(), minlength=count + 1)
-    return sizes
-
-
-def _lookup(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``table[labels]`` a slab at a time (the index array is never widened whole)."""
-    out = np.empty(labels.shape, dtype=table.dtype)
-    for k in range(0, len(labels), SLAB):
-        out[k : k + SLAB] = table[labels[k : k + SLAB]]
-    return out
-
-
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 6-connected component of a 3D mask (empty if the mask is empty)."""
     found = _components(mask)

@@ -25,11 +25,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from sqlalchemy import select
 
 from airouter.core.db import Instance, Pseudonym, Store
+from airouter.core.tags import read_or_none
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,8 @@ class Reidentifier:
     ) -> Dataset | None:
         """The re-identified data set, or None when the arrival is not an answer to a copy
         sent de-identified."""
-        study_uid = str(header.get("StudyInstanceUID", "") or "")
-        if not study_uid:
+        study_uid = str(read_or_none(header, "StudyInstanceUID") or "")
+        if not study_uid:  # none, or unreadable: the ingest refuses it for that
             return None
         ds = None
         original_study = self._original_study(study_uid)
@@ -151,7 +153,7 @@ class Reidentifier:
 
     def _referenced_study(self, ds: Dataset) -> str | None:
         """The original study of the pseudonyms ``ds`` references, if any (one study)."""
-        values = sorted({v for v in _uid_values(ds)})
+        values = sorted({v for element in _uid_elements(ds) for v in _values(element)})
         if not values:
             return None
         with self.store.session() as s:
@@ -172,41 +174,30 @@ class Reidentifier:
         return next(iter(studies), None)
 
 
-def _uid_values(ds: Dataset) -> Iterator[str]:
-    for element in ds.iterall():
-        if element.VR == "UI" and element.value:
-            values = (
-                element.value if isinstance(element.value, MultiValue | list) else [element.value]
-            )
-            yield from (str(v) for v in values)
+def _uid_elements(ds: Dataset) -> Iterator[DataElement]:
+    """Every UI element of ``ds`` with a value, sequences and file meta included."""
+    meta = getattr(ds, "file_meta", None)
+    for node in (ds, meta) if meta is not None else (ds,):
+        for element in node.iterall():
+            if element.VR == "UI" and element.value:
+                yield element
+
+
+def _values(element: DataElement) -> list[str]:
+    value = element.value
+    return [str(v) for v in value] if isinstance(value, MultiValue | list) else [str(value)]
 
 
 def map_uids(ds: Dataset, mapping: dict[str, str]) -> int:
     """Replace every UID in ``ds`` (sequences and file meta too) that ``mapping`` knows;
     returns how many values were replaced."""
     count = 0
-
-    def walk(node: Dataset) -> None:
-        nonlocal count
-        for element in node:
-            if element.VR == "SQ":
-                for item in element.value:
-                    walk(item)
-            elif element.VR == "UI" and element.value:
-                if isinstance(element.value, MultiValue | list):
-                    values = [str(v) for v in element.value]
-                    new = [mapping.get(v, v) for v in values]
-                    if new != values:
-                        count += sum(a != b for a, b in zip(new, values, strict=True))
-                        element.value = new
-                elif str(element.value) in mapping:
-                    element.value = mapping[str(element.value)]
-                    count += 1
-
-    walk(ds)
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None:
-        walk(meta)
+    for element in _uid_elements(ds):
+        values = _values(element)
+        new = [mapping.get(v, v) for v in values]
+        if new != values:
+            count += sum(a != b for a, b in zip(new, values, strict=True))
+            element.value = new if len(new) > 1 else new[0]
     return count
 
 

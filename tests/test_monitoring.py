@@ -154,6 +154,11 @@ def test_returned_structure_sets_are_measured_and_a_worse_subgroup_flagged(
     assert left["dice"] < 0.95
     expected_ml = (int(ours.sum()) - int(theirs.sum())) * voxel_ml
     assert left["volume_difference_ml"] == pytest.approx(expected_ml, abs=1e-6)
+    print(  # the acceptance's figures (pytest -s)
+        f"\nmonitoring: Dice {left['dice']:.4f} (expected {dice(ours, theirs):.4f}),"
+        f" volume difference {left['volume_difference_ml']:.2f} ml (expected {expected_ml:.2f}),"
+        f" HD95 {left['hd95_mm']:.2f} mm, surface Dice {left['surface_dice']:.4f}"
+    )
     assert left["volume_ml"] == pytest.approx(int(ours.sum()) * voxel_ml, rel=1e-9)
     assert 0 < left["hd95_mm"] <= n * pixel[1] + 1e-6
     assert 0 <= left["surface_dice"] < 1  # moved 6 mm, more than the 2 mm tolerance

@@ -197,6 +197,11 @@ def test_the_later_study_reports_the_change_since_the_prior(
     assert current["nums"]["118565006"][0] == pytest.approx(prior_ml - lost_ml, rel=0.01)
     assert prior["nums"]["125314"] == (pytest.approx(-100 * lost_ml / prior_ml, rel=0.01), "%")
     assert prior["nums"]["385673002"] == (DAYS, "d")
+    print(  # the acceptance's figures (pytest -s)
+        f"\npriors A: prior {prior['nums']['118565006'][0]:.2f} ml (its own SEG {prior_ml:.2f}),"
+        f" change {change:.2f} ml (blanked {-lost_ml:.2f}),"
+        f" {prior['nums']['125314'][0]:.2f} % over {DAYS} d"
+    )
     # the comparison is valid DICOM and TID 1500 to dciodvfy and PixelMed, dcmqi reads it
     path = tmp_path / "compared-sr.dcm"
     sr.save_as(path, enforce_file_format=True)
@@ -236,5 +241,9 @@ def test_the_later_study_reports_the_change_since_the_prior(
     assert prior_b_group["nums"]["118565006"][0] == pytest.approx(prior_ml, rel=0.01)
     assert prior_b_group["nums"]["VOLCHG"][0] == pytest.approx(-lost_ml, rel=0.01)
     assert current_b["nums"]["118565006"][0] == pytest.approx(prior_ml - lost_ml, rel=0.01)
+    print(
+        f"priors B (from Orthanc): prior {prior_b_group['nums']['118565006'][0]:.2f} ml,"
+        f" change {prior_b_group['nums']['VOLCHG'][0]:.2f} ml"
+    )
     sr_b = _archived(node, third, "SR")
     assert sr_b.PertinentOtherEvidenceSequence[0].StudyInstanceUID == prior_b

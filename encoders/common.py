@@ -252,6 +252,39 @@ class SegmentSpec:
     observation_label: str = ""  # the RTSTRUCT's ROIObservationLabel (SH), if any
 
 
+Box = tuple[slice, slice, slice]  # (slices, rows, columns) of a 3D mask
+
+
+def _or_words(planes: np.ndarray) -> np.ndarray:
+    """Bitwise OR of the bytes of (n, m) uint8 ``planes`` along axis 0, eight bytes at a time
+    where the row length allows (a 500-slice mask: 2 ms instead of 6-60 ms for ``any``)."""
+    if planes.shape[1] % 8 == 0 and planes.flags.c_contiguous:
+        words = np.bitwise_or.reduce(planes.view(np.uint64), axis=0)
+        return np.asarray(words).view(np.uint8)
+    return np.bitwise_or.reduce(planes, axis=0)
+
+
+def bounding_box(mask: np.ndarray) -> Box | None:
+    """The bounding box of a 3D boolean mask, None if it is empty: the occupied slices first
+    (one pass over the mask, as 64-bit words), then rows and columns within those slices."""
+    mask = np.asarray(mask, dtype=bool)
+    n, rows, columns = mask.shape
+    if mask.flags.c_contiguous and (rows * columns) % 8 == 0:
+        per_slice = mask.reshape(n, -1).view(np.uint64).max(axis=1) != 0
+    else:
+        per_slice = mask.any(axis=(1, 2))
+    occupied = np.flatnonzero(per_slice)
+    if occupied.size == 0:
+        return None
+    k = slice(int(occupied[0]), int(occupied[-1]) + 1)
+    sub = mask[k]
+    plane = _or_words(np.ascontiguousarray(sub).reshape(sub.shape[0], -1).view(np.uint8))
+    plane = plane.reshape(rows, columns) != 0
+    r = np.flatnonzero(plane.any(axis=1))
+    c = np.flatnonzero(plane.any(axis=0))
+    return k, slice(int(r[0]), int(r[-1]) + 1), slice(int(c[0]), int(c[-1]) + 1)
+
+
 @dataclass(frozen=True)
 class Structure:
     """One structure of a job's result: its spec, its mask on the source grid and what the SR
@@ -264,9 +297,15 @@ class Structure:
     probability: np.ndarray | None = None  # uint8 0-255 on the same grid (FRACTIONAL SEG)
 
     @functools.cached_property
+    def box(self) -> Box | None:
+        """The mask's bounding box (None if empty), computed once: every encoder works
+        within it."""
+        return bounding_box(self.mask)
+
+    @functools.cached_property
     def found(self) -> bool:
         """Whether the model found the structure at all (asked often: computed once)."""
-        return bool(self.mask.any())
+        return self.box is not None
 
 
 @dataclass(frozen=True)

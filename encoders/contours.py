@@ -14,6 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components, depth_first_order
+
+from encoders.common import Box, bounding_box
 
 # Edges of a cell as offsets, in doubled pixel coordinates, from its top-left pixel: a vertex
 # at (2r + dr, 2c + dc) / 2 lies midway along that edge.
@@ -36,12 +40,16 @@ _CASES: dict[int, tuple[tuple[tuple[int, int], tuple[int, int]], ...]] = {
     13: ((_TOP, _RIGHT),),
     14: ((_LEFT, _TOP),),
 }
-# lookup tables: [slot, case] -> offsets; slot 1 only for the two saddle cases
-_FROM = np.zeros((2, 16, 2), dtype=np.int64)
-_TO = np.zeros((2, 16, 2), dtype=np.int64)
+# lookup tables: [slot, case] -> the edge (0 top, 1 bottom, 2 left, 3 right) a segment starts
+# and ends on; slot 1 only for the two saddle cases
+_EDGES = (_TOP, _BOTTOM, _LEFT, _RIGHT)
+_EDGE_OFFSET = np.array(_EDGES, dtype=np.int64)
+_OPPOSITE = np.array([1, 0, 3, 2])  # the edge a neighbour shares, seen from the neighbour
+_FROM_EDGE = np.zeros((2, 16), dtype=np.intp)
+_TO_EDGE = np.zeros((2, 16), dtype=np.intp)
 for _case, _segments in _CASES.items():
     for _slot, (_a, _b) in enumerate(_segments):
-        _FROM[_slot, _case], _TO[_slot, _case] = _a, _b
+        _FROM_EDGE[_slot, _case], _TO_EDGE[_slot, _case] = _EDGES.index(_a), _EDGES.index(_b)
 SLAB = 16  # slices traced at once (bounds the working arrays on a large CT)
 
 
@@ -62,61 +70,79 @@ class Contours:
         return self.points[self.starts[n] : self.starts[n + 1]]
 
 
-def trace(mask: np.ndarray) -> Contours:
+def trace(mask: np.ndarray, box: Box | None = None) -> Contours:
     """The closed boundaries of each slice of a 3D boolean mask, in slice order, with points
-    where the polygon goes straight on removed (the shape is unchanged)."""
+    where the polygon goes straight on removed (the shape is unchanged). ``box``, the mask's
+    bounding box if the caller has it, spares finding it again."""
     mask = np.asarray(mask, dtype=bool)
+    box = box if box is not None else bounding_box(mask)
+    empty = np.zeros(0, dtype=np.int64)
+    if box is None:
+        return Contours(empty, np.zeros(1, dtype=np.int64), np.zeros((0, 2)))
+    sub = mask[box]
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    occupied = np.flatnonzero(mask.any(axis=(1, 2)))
+    occupied = np.flatnonzero(sub.any(axis=(1, 2)))
     for s in range(0, len(occupied), SLAB):
         ks = occupied[s : s + SLAB]
-        parts.append(_trace_slab(mask, ks))
-    if not parts:
-        empty = np.zeros(0, dtype=np.int64)
-        return Contours(empty, np.zeros(1, dtype=np.int64), np.zeros((0, 2)))
-    slices = np.concatenate([p[0] for p in parts])
+        parts.append(_trace_slab(sub, ks))
+    slices = np.concatenate([p[0] for p in parts]) + box[0].start
     sizes = np.concatenate([np.diff(p[1]) for p in parts])
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     points = np.concatenate([p[2] for p in parts])
+    points += (box[1].start, box[2].start)
     return Contours(slices, starts, points)
 
 
 def _trace_slab(mask: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    sub = mask[ks[0] : ks[-1] + 1]
-    rows = np.flatnonzero(sub.any(axis=(0, 2)))
-    cols = np.flatnonzero(sub.any(axis=(0, 1)))
-    r0, c0 = int(rows[0]), int(cols[0])
-    box = np.pad(sub[:, r0 : rows[-1] + 1, c0 : cols[-1] + 1], ((0, 0), (1, 1), (1, 1)))
-    box = box.view(np.uint8)
-    case = box[:, :-1, :-1] | (box[:, :-1, 1:] << 1) | (box[:, 1:, :-1] << 2)
-    case |= box[:, 1:, 1:] << 3
-    cells = np.flatnonzero((case != 0) & (case != 15))
-    kk, rr, cc = np.unravel_index(cells, case.shape)
-    cases = case.ravel()[cells]
-    saddle = (cases == 6) | (cases == 9)
-    height, width = 2 * box.shape[1] + 1, 2 * box.shape[2] + 1
-
-    def keys(table: np.ndarray, slot: int, pick: np.ndarray | slice) -> np.ndarray:
-        offsets = table[slot, cases[pick]]
-        r = 2 * rr[pick] + offsets[:, 0]
-        c = 2 * cc[pick] + offsets[:, 1]
-        return (kk[pick].astype(np.int64) * height + r) * width + c
-
-    start = np.concatenate([keys(_FROM, 0, slice(None)), keys(_FROM, 1, saddle)])
-    end = np.concatenate([keys(_TO, 0, slice(None)), keys(_TO, 1, saddle)])
-    order = np.argsort(start, kind="stable")
-    following = order[np.searchsorted(start, end, sorter=order)]
+    sub = mask[ks[0] : ks[-1] + 1].view(np.uint8)
+    plane = sub[0].copy()
+    for other in sub[1:]:  # slice by slice: numpy's reduction along axis 0 of a view is slow
+        plane |= other
+    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    (r0, r1), (c0, c1) = (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+    box = np.zeros((sub.shape[0], r1 - r0 + 2, c1 - c0 + 2), dtype=np.uint8)
+    box[:, 1:-1, 1:-1] = sub[:, r0:r1, c0:c1]
+    # each cell's case: its four pixels as bits (a row's pairs first, then pairs of rows)
+    pairs = np.left_shift(box[:, :, 1:], 1)
+    pairs |= box[:, :, :-1]
+    case = np.left_shift(pairs[:, 1:], 2)
+    case |= pairs[:, :-1]
+    flat = case.ravel()
+    cells = np.flatnonzero(flat - np.uint8(1) < 14)  # neither all outside (0) nor inside (15)
+    cases = flat[cells]
+    saddles = np.flatnonzero((cases == 6) | (cases == 9))
+    n_first = len(cells)
+    # segment n: cell cells[n] (its first segment) for n < n_first, else the second segment
+    # of saddle cell cells[saddles[n - n_first]]
+    seg_cell = np.concatenate([cells, cells[saddles]])
+    seg_case = np.concatenate([cases, cases[saddles]])
+    seg_slot = np.repeat(np.array([0, 1], dtype=np.intp), [n_first, len(saddles)])
+    from_edge = _FROM_EDGE[seg_slot, seg_case]
+    to_edge = _TO_EDGE[seg_slot, seg_case]
+    # the segment that follows runs in the cell across the edge this one ends on, starting on
+    # that cell's opposite edge: its first segment, or its second where it is a saddle whose
+    # first segment starts elsewhere
+    width = case.shape[2]
+    step = np.array([-width, width, -1, 1])  # top, bottom, left, right
+    first_in = np.empty(flat.size, dtype=np.intp)
+    first_in[cells] = np.arange(n_first)
+    candidate = first_in[seg_cell + step[to_edge]]
+    second = np.zeros(n_first, dtype=np.intp)
+    second[saddles] = n_first + np.arange(len(saddles))
+    following = np.where(from_edge[candidate] == _OPPOSITE[to_edge], candidate, second[candidate])
     path, bounds = _cycles(following)
+    k_cell, in_slice = np.divmod(seg_cell, case.shape[1] * width)
+    r_cell, c_cell = np.divmod(in_slice, width)
     # contours in slice order (a cycle of saddle cells' second segments only comes last)
-    first_k = start[path[bounds[:-1]]] // (width * height)
+    first_k = k_cell[path[bounds[:-1]]]
     if np.any(np.diff(first_k) < 0):
         cycles = np.argsort(first_k, kind="stable")
         path = np.concatenate([path[bounds[n] : bounds[n + 1]] for n in cycles])
         bounds = np.concatenate([[0], np.cumsum(np.diff(bounds)[cycles])]).astype(np.int64)
-    key = start[path]
-    r2 = (key // width) % height
-    c2 = key % width
-    k_local = key // (width * height)
+    # each point: where its segment starts, in doubled pixel coordinates of the padded box
+    edge = from_edge[path]
+    r2 = 2 * r_cell[path] + _EDGE_OFFSET[edge, 0]
+    c2 = 2 * c_cell[path] + _EDGE_OFFSET[edge, 1]
     # drop points where the polygon goes straight on (exact: doubled integer coordinates)
     n = len(path)
     index = np.arange(n)
@@ -131,7 +157,7 @@ def _trace_slab(mask: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarra
     keep |= (kept < 3)[owner]  # a polygon that would lose its area keeps every point
     sizes = np.add.reduceat(keep.astype(np.int64), bounds[:-1])
     points = np.column_stack([r2[keep] / 2.0 + (r0 - 1), c2[keep] / 2.0 + (c0 - 1)])
-    slices = ks[0] + k_local[bounds[:-1]]
+    slices = ks[0] + first_k
     return slices.astype(np.int64), np.concatenate([[0], np.cumsum(sizes)]), points
 
 
@@ -139,25 +165,26 @@ def _cycles(nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The cycles of the permutation ``nxt`` (every vertex of a padded binary image begins
     one segment and ends another, so the segments form disjoint cycles): the segments cycle
     by cycle, each cycle from its smallest index on and cycles ordered by it, and where each
-    cycle begins. Pointer jumping: a logarithmic number of array steps instead of a Python
-    step per segment."""
+    cycle begins. Two passes in compiled code instead of a Python step per segment: the
+    cycles are scipy's connected components; then each cycle's last segment is made to lead
+    to the next cycle's head, which joins them into one path, and scipy's depth-first
+    search walks it."""
     n = len(nxt)
     index = np.arange(n)
-    # each cycle's smallest index: the minimum over a window that doubles until it is the
-    # same all along every cycle (then it is the cycle's minimum)
-    label, jump = index.copy(), nxt.copy()
-    while not np.array_equal(label, label[nxt]):
-        label = np.minimum(label, label[jump])
-        jump = jump[jump]
-    head = label == index
-    # distance from the head along the cycle (list ranking, back along the predecessors)
-    back = np.empty_like(nxt)
-    back[nxt] = index
-    back[head] = index[head]
-    distance = (~head).astype(np.int64)
-    while np.any(back != back[back]):
-        distance += distance[back]
-        back = back[back]
-    order = np.lexsort((distance, label))
-    sizes = np.bincount(label, minlength=n)[index[head]]
-    return order, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    step = csr_matrix((np.ones(n, dtype=np.int8), nxt, np.arange(n + 1)), shape=(n, n))
+    count, label = connected_components(step, directed=True, connection="weak")
+    heads = np.full(count, n, dtype=np.int64)
+    np.minimum.at(heads, label, index)
+    heads.sort()  # the cycles in the order they go out
+    sizes = np.bincount(label, minlength=count)[label[heads]]
+    previous = np.empty_like(nxt)
+    previous[nxt] = index
+    joined = nxt.copy()
+    joined[previous[heads]] = np.append(heads[1:], -1)  # the last cycle's end leads nowhere
+    leads = joined >= 0
+    path = csr_matrix(
+        (np.ones(n - 1, dtype=np.int8), joined[leads], np.concatenate([[0], np.cumsum(leads)])),
+        shape=(n, n),
+    )
+    order = depth_first_order(path, int(heads[0]), directed=True, return_predecessors=False)
+    return order.astype(np.int64), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

@@ -53,6 +53,13 @@ class SourceSeries:
     instances: Sequence[Dataset] | None = None
     to_instance_order: Callable[[np.ndarray], np.ndarray] = _same_order
 
+    def in_instance_order(self, structure: Structure) -> Structure:
+        """``structure`` with its mask in the order of the referenced instances (the same
+        structure, and what it has computed of its mask, for a single-frame series)."""
+        if self.to_instance_order is _same_order:
+            return structure
+        return replace(structure, mask=self.to_instance_order(structure.mask))
+
     @property
     def referenced(self) -> Sequence[Dataset]:
         """The instances the SEG and the SR reference."""
@@ -176,7 +183,7 @@ def encode_outputs(
     if found:
         seg = build_seg(
             source_images=source.referenced,
-            structures=[replace(s, mask=source.to_instance_order(s.mask)) for s in found],
+            structures=[source.in_instance_order(s) for s in found],
             provenance=provenance,
             series=_identity(settings, OutputKind.SEG, request),
             seg_type=request.seg_type,

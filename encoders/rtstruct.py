@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -25,7 +26,7 @@ from encoders.common import (
     SeriesIdentity,
     Structure,
 )
-from encoders.contours import trace
+from encoders.contours import Contours, trace
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # Conventional Referenced SOP Class of the RT Referenced Study Sequence (Study Component
@@ -43,37 +44,76 @@ _COPIED_OPTIONAL = (
 )
 
 
-# "%.3f" keeps every value within the 16 bytes a DS may hold up to this magnitude (mm).
+# Coordinates are written to the micrometre ("%.3f"): at most 9 digits before the point, so
+# every value fits the 16 bytes a DS may hold.
 _MAX_COORDINATE_MM = 1e9
+_POWERS = 10 ** np.arange(9, dtype=np.int64)
 
 
-def _contour_data(xyz: np.ndarray) -> bytes:
-    """ContourData's value, encoded at once (one C call for every value) instead of value by
-    value; every value "%.3f" (at most 16 bytes, as a DS must be)."""
-    if not np.isfinite(xyz).all() or np.abs(xyz).max() >= _MAX_COORDINATE_MM:
+def decimal_strings(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each value as the DS text "%.3f" writes (to the micrometre; negative zero as "0.000"),
+    every value followed by a backslash, in a few array passes instead of a Python format
+    per value (a multi-organ RTSTRUCT has a million coordinates): the text's bytes, and
+    where each value's text ends (its separator excluded)."""
+    values = np.asarray(values, dtype=float).ravel()
+    if not np.isfinite(values).all() or (
+        values.size and np.abs(values).max() >= _MAX_COORDINATE_MM
+    ):
         raise EncodeError("a contour lies outside any patient coordinate a DS can hold")
-    values = xyz.ravel().tolist()
-    return ("\\".join(["%.3f"] * len(values)) % tuple(values)).encode("ascii")
+    scaled = values * 1000.0
+    q = np.rint(scaled)
+    # where the product's own rounding may have moved a value across a tie, Python's
+    # correctly rounded format decides (a few values in a thousand)
+    tie = np.flatnonzero(np.abs(np.abs(scaled - np.trunc(scaled)) - 0.5) < 1e-6)
+    q[tie] = [round(float(f"{v:.3f}") * 1000.0) for v in values[tie].tolist()]
+    q = q.astype(np.int64)
+    negative = q < 0
+    whole, fraction = np.divmod(np.abs(q), 1000)
+    whole, fraction = whole.astype(np.int32), fraction.astype(np.int32)
+    digits = np.asarray(np.searchsorted(_POWERS[1:], whole, side="right"), dtype=np.int64) + 1
+    most = int(digits.max()) if len(digits) else 1
+    # columns: sign, `most` digits, ".", 3 digits, separator; unused ones stay 0, dropped
+    chars = np.zeros((len(values), most + 6), dtype=np.uint8)
+    chars[:, -1] = ord("\\")
+    chars[:, -2] = 48 + fraction % 10
+    chars[:, -3] = 48 + fraction // 10 % 10
+    chars[:, -4] = 48 + fraction // 100
+    chars[:, -5] = ord(".")
+    rest = whole
+    for d in range(most):
+        rest, digit = np.divmod(rest, 10)
+        chars[:, most - d] = np.where(digits > d, 48 + digit, 0)
+    rows = np.flatnonzero(negative)
+    chars[rows, most - digits[rows]] = ord("-")
+    text = chars[chars != 0]
+    ends = np.cumsum(digits + 5 + negative) - 1
+    return text, ends
 
 
-def mask_contours(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """(slice index, (N, 2) row and column) of every closed boundary of a 3D mask, in slice
-    order: the outer boundary of every island and the boundary of every hole."""
-    traced = trace(mask)
-    return [(int(traced.slices[n]), traced.contour(n)) for n in range(len(traced))]
+@dataclass(frozen=True)
+class _Geometry:
+    """Each slice's placement, read once: the patient position of its first pixel, and the
+    patient-space step (mm) of one column and of one row."""
 
+    origin: np.ndarray  # (slices, 3)
+    column_step: np.ndarray  # (slices, 3): along a row, one column further
+    row_step: np.ndarray  # (slices, 3): down a column, one row further
 
-def to_patient(points_rc: np.ndarray, image: Dataset) -> np.ndarray:
-    """(row, column) pixel coordinates of ``image`` to patient coordinates (mm), (N, 3)."""
-    iop = np.asarray(image.ImageOrientationPatient, dtype=float)
-    origin = np.asarray(image.ImagePositionPatient, dtype=float)
-    row_spacing, col_spacing = (float(v) for v in image.PixelSpacing)
-    along_row, along_col = iop[:3], iop[3:]
-    return (
-        origin
-        + np.outer(points_rc[:, 1] * col_spacing, along_row)
-        + np.outer(points_rc[:, 0] * row_spacing, along_col)
-    )
+    @classmethod
+    def of(cls, images: Sequence[Dataset]) -> _Geometry:
+        """The geometry of ``images``, one slice each."""
+        origin = np.array([[float(v) for v in im.ImagePositionPatient] for im in images])
+        iop = np.array([[float(v) for v in im.ImageOrientationPatient] for im in images])
+        spacing = np.array([[float(v) for v in im.PixelSpacing] for im in images])
+        return cls(origin, iop[:, :3] * spacing[:, 1:2], iop[:, 3:] * spacing[:, 0:1])
+
+    def to_patient(self, slices: np.ndarray, points_rc: np.ndarray) -> np.ndarray:
+        """(row, column) points on the given slices to patient coordinates (mm), (N, 3)."""
+        return (
+            self.origin[slices]
+            + points_rc[:, 1:2] * self.column_step[slices]
+            + points_rc[:, 0:1] * self.row_step[slices]
+        )
 
 
 def _image_ref(image: Dataset) -> bytes:
@@ -107,28 +147,52 @@ def _degenerate(rc: np.ndarray) -> bool:
     return bool(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) < 1e-6)
 
 
+def _degenerate_contours(traced: Contours) -> np.ndarray:
+    """:func:`_degenerate` for every contour at once: a boolean per contour."""
+    sizes = np.diff(traced.starts)
+    if not len(sizes) or not len(traced.points):
+        return sizes < 3
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    index = np.arange(len(traced.points))
+    first = traced.starts[:-1][owner]
+    prev = np.where(index == first, traced.starts[1:][owner] - 1, index - 1)
+    y, x = traced.points[:, 0], traced.points[:, 1]
+    cross = x * y[prev] - y * x[prev]
+    starts = np.minimum(traced.starts[:-1], len(index) - 1)
+    twice_area = np.where(sizes > 0, np.add.reduceat(cross, starts), 0.0)
+    return (sizes < 3) | (np.abs(twice_area) < 1e-6)
+
+
 def _contour_sequence(
     structure: Structure,
-    images: Sequence[Dataset],
+    geometry: _Geometry,
     refs: Sequence[bytes],
     dropped: dict[str, int] | None,
 ) -> list[bytes]:
     """The Contour Sequence's items, encoded (:mod:`encoders.rawbytes`): a few hundred
-    thousand coordinates on a large CT, which pydicom would hold and write value by value."""
+    thousand coordinates on a large CT, which pydicom would hold and write value by value.
+    Every contour's points are placed, and written as text, in one array pass."""
+    traced = trace(structure.mask, structure.box)
+    degenerate = _degenerate_contours(traced)
+    if dropped is not None and degenerate.any():
+        name = structure.spec.name
+        dropped[name] = dropped.get(name, 0) + int(degenerate.sum())
+    xyz = geometry.to_patient(np.repeat(traced.slices, np.diff(traced.starts)), traced.points)
+    text, ends = decimal_strings(xyz)
+    raw = text.tobytes()
+    # value v's text runs from just after value v - 1's separator to ends[v]
+    begins = np.concatenate([[0], ends + 1])
     items = []
     closed = rb.text(0x30060042, "CS", "CLOSED_PLANAR")
-    for k, rc in mask_contours(structure.mask):
-        if _degenerate(rc):
-            if dropped is not None:
-                dropped[structure.spec.name] = dropped.get(structure.spec.name, 0) + 1
-            continue
-        xyz = to_patient(rc, images[k])
+    for n in np.flatnonzero(~degenerate).tolist():
+        a, b = int(traced.starts[n]), int(traced.starts[n + 1])
+        data = raw[int(begins[3 * a]) : int(ends[3 * b - 1])]
         items.append(
             rb.item(
-                rb.sequence(0x30060016, [refs[k]])  # Contour Image Sequence
+                rb.sequence(0x30060016, [refs[int(traced.slices[n])]])  # Contour Image Sequence
                 + closed
-                + rb.text(0x30060046, "IS", str(len(xyz)))  # Number of Contour Points
-                + rb.element(0x30060050, "DS", _contour_data(xyz))
+                + rb.text(0x30060046, "IS", str(b - a))  # Number of Contour Points
+                + rb.element(0x30060050, "DS", data)
             )
         )
     return items
@@ -194,6 +258,7 @@ def build_rtstruct(
     rt_series = Dataset()
     rt_series.SeriesInstanceUID = first.SeriesInstanceUID
     refs = [_image_ref(im) for im in source_images]
+    geometry = _Geometry.of(source_images)
     rb.put_sequence(rt_series, 0x30060016, refs)  # Contour Image Sequence: every instance
     rt_study = Dataset()
     rt_study.ReferencedSOPClassUID = STUDY_COMPONENT_MANAGEMENT
@@ -217,7 +282,7 @@ def build_rtstruct(
         contour.ReferencedROINumber = number
         contour.ROIDisplayColor = list(s.spec.color)
         if s.found:  # a placeholder has no contour (ContourSequence is type 3)
-            items = _contour_sequence(s, source_images, refs, dropped)
+            items = _contour_sequence(s, geometry, refs, dropped)
             rb.put_sequence(contour, 0x30060040, items)  # Contour Sequence
         contours.append(contour)
         obs = Dataset()

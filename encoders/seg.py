@@ -22,7 +22,13 @@ from pydicom.valuerep import format_number_as_ds
 
 from airouter.core.vocab import SegType
 from encoders import rawbytes as rb
-from encoders.common import EncodeError, Provenance, SeriesIdentity, Structure
+from encoders.common import (
+    EncodeError,
+    Provenance,
+    SeriesIdentity,
+    Structure,
+    bounding_box,
+)
 
 
 class _Segmentation(hd.seg.Segmentation):
@@ -60,18 +66,6 @@ class _Segmentation(hd.seg.Segmentation):
         )
 
 
-def _box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The bounding box of a 3D mask (None if empty): its slices first (a fast reduction),
-    then rows and columns within those slices only."""
-    slices = np.flatnonzero(mask.any(axis=(1, 2)))
-    if slices.size == 0:
-        return None
-    k = slice(int(slices[0]), int(slices[-1]) + 1)
-    plane = mask[k].any(axis=0)
-    rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
-    return k, slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
-
-
 def _any_overlap(pixels: np.ndarray) -> bool:
     """Whether two segments of a (frames, rows, columns, segments) 0/1 array share a voxel."""
     count = pixels.shape[-1]
@@ -84,7 +78,7 @@ def _masks_overlap(
     """Whether two of ``masks`` share a voxel: each pair compared within the intersection of
     their bounding boxes only (20 organs on 500 slices: 190 pairs, most of whose boxes do not
     even meet)."""
-    boxes = boxes if boxes is not None else [_box(m) for m in masks]
+    boxes = boxes if boxes is not None else [bounding_box(m) for m in masks]
     for a in range(len(masks)):
         for b in range(a + 1, len(masks)):
             box_a, box_b = boxes[a], boxes[b]
@@ -292,7 +286,7 @@ def _streamed_binary(
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in source_images])
     normal = get_normal_vector(orientation, index_convention=VOLUME_INDEX_CONVENTION)
     _, order = np.unique(positions @ normal, return_index=True)
-    boxes = [_box(m) for m in masks]
+    boxes = [s.box for s in structures]
     if len(order) != len(source_images) or any(b is None for b in boxes):
         return None
     present = []

@@ -163,8 +163,13 @@ def _planar(
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
     """TID 1410 for a structure on the slice where it is largest: its outer outline (the
     longest boundary there) as a closed polyline, and its area on that slice."""
-    areas = np.array([np.count_nonzero(plane) for plane in s.mask])  # no int64 copy
-    k = int(np.argmax(areas))
+    box = s.box
+    if box is None:
+        return None
+    inside = s.mask[box]
+    areas = np.array([np.count_nonzero(plane) for plane in inside])  # no int64 copy
+    k = box[0].start + int(np.argmax(areas))
+    area = int(areas[k - box[0].start])
     traced = trace(s.mask[k : k + 1])
     contours = [traced.contour(n) for n in range(len(traced))]
     if not contours or k >= len(slices):
@@ -191,7 +196,7 @@ def _planar(
         measurements=[
             hd.sr.Measurement(
                 name=codes.SCT.Area,
-                value=round(float(areas[k]) * row_mm * col_mm, 1),
+                value=round(float(area) * row_mm * col_mm, 1),
                 unit=codes.UCUM.SquareMillimeter,
             )
         ],

@@ -654,6 +654,7 @@ def test_traced_contours_are_scikit_images(ct: list[Dataset]) -> None:
     slice, exactly the contours of scikit-image's find_contours at 0.5 on the padded slice:
     the same points in the same direction, holes and diagonal (saddle) cells included, on
     random masks and on a threshold of the real CT."""
+    from encoders.common import bounding_box
     from encoders.contours import trace
 
     rng = np.random.default_rng(7)
@@ -666,8 +667,15 @@ def test_traced_contours_are_scikit_images(ct: list[Dataset]) -> None:
         [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in ct]
     )
     masks.append(hu > 300)  # bone: many islands and holes
+    deep = np.zeros((40, 30, 30), dtype=bool)  # more slices than one slab, some empty
+    deep[3:37] = rng.random((34, 30, 30)) < 0.4
+    deep[20] = False
+    masks.append(deep)
     for mask in masks:
         traced = trace(mask)
+        boxed = trace(mask, bounding_box(mask))
+        assert np.array_equal(boxed.points, traced.points)
+        assert np.array_equal(boxed.starts, traced.starts)
         ours: dict[int, list[tuple[tuple[float, float], ...]]] = {}
         for n in range(len(traced)):
             ours.setdefault(int(traced.slices[n]), []).append(_canonical(traced.contour(n)))
@@ -675,6 +683,55 @@ def test_traced_contours_are_scikit_images(ct: list[Dataset]) -> None:
         for k in range(len(mask)):
             theirs = sorted(_canonical(c) for c in _skimage_contours(mask[k]))
             assert sorted(ours.get(k, [])) == theirs, k
+
+
+def test_a_masks_bounding_box_is_where_its_voxels_are() -> None:
+    """The box every encoder works within: the smallest one holding every voxel of the mask,
+    on word-aligned and odd shapes, views and empty masks alike."""
+    from encoders.common import bounding_box
+
+    rng = np.random.default_rng(3)
+    for shape in ((5, 16, 16), (7, 9, 13), (1, 1, 1), (30, 64, 40)):
+        for p in (0.0, 0.001, 0.3):
+            mask = rng.random(shape) < p
+            for m in (mask, mask[:, ::2], mask[1:]):
+                where = np.argwhere(m)
+                box = bounding_box(m)
+                if not len(where):
+                    assert box is None
+                    continue
+                assert box is not None
+                expected = [
+                    slice(int(where[:, a].min()), int(where[:, a].max()) + 1) for a in range(3)
+                ]
+                assert list(box) == expected, (shape, p)
+
+
+def test_contour_coordinates_are_written_as_printf_would() -> None:
+    """The RTSTRUCT's coordinates, formatted in array passes, are the text "%.3f" writes
+    (values on a rounding tie included), each within the 16 bytes of a DS; a value no DS can
+    hold is refused."""
+    from encoders.common import EncodeError
+    from encoders.rtstruct import decimal_strings
+
+    rng = np.random.default_rng(11)
+    values = np.concatenate(
+        [
+            rng.uniform(-600, 600, 20000),
+            rng.integers(-2000000, 2000000, 20000) * 0.0005,  # ties at the fourth decimal
+            [0.0, 0.0004, 12.5, 99.9995, 9.9996, -3.25, 999999999.4, -999999999.4],
+        ]
+    )
+    text, ends = decimal_strings(values)
+    written = text.tobytes().decode("ascii").split("\\")
+    assert written[-1] == "" and len(written) == len(values) + 1
+    assert written[:-1] == [f"{v:.3f}" for v in values]
+    assert max(map(len, written)) <= 16
+    assert ends[-1] == len(text) - 1
+    assert decimal_strings(np.array([-0.0001]))[0].tobytes() == b"0.000\\"  # never "-0.000"
+    for bad in (np.nan, np.inf, 1e9):
+        with pytest.raises(EncodeError):
+            decimal_strings(np.array([1.0, bad]))
 
 
 def test_legacy_dates_and_times_in_the_source_are_repaired_not_fatal(

@@ -450,20 +450,34 @@ def test_a_contour_that_a_planning_system_would_refuse_is_dropped_and_counted(
     """A boundary of fewer than 3 distinct points or without area is never written; the job
     hears how many were dropped, per structure."""
     import encoders.rtstruct as rtstruct
+    from encoders.common import Box
+    from encoders.contours import Contours
 
-    assert rtstruct._degenerate(np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 2.0]]))  # a line
-    assert rtstruct._degenerate(np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))  # 2 points
-    assert not rtstruct._degenerate(np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
-    real = rtstruct.mask_contours
+    line = [[0.0, 0.0], [0.0, 1.0], [0.0, 2.0]]
+    two_points = [[0.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    triangle = [[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    assert rtstruct._degenerate(np.array(line))
+    assert rtstruct._degenerate(np.array(two_points))
+    assert not rtstruct._degenerate(np.array(triangle))
+    together = Contours(
+        np.zeros(4, dtype=np.int64),
+        np.array([0, 3, 6, 9, 11]),
+        np.array([*line, *two_points, *triangle, [0.0, 0.0], [1.0, 1.0]]),
+    )
+    assert rtstruct._degenerate_contours(together).tolist() == [True, True, False, True]
+    real = rtstruct.trace
+    sliver = np.array([[5.0, 5.0], [5.0, 6.0], [5.0, 7.0]])
 
-    def with_a_sliver(mask: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        found = real(mask)
-        slivers = [
-            (k, np.array([[5.0, 5.0], [5.0, 6.0], [5.0, 7.0]])) for k in {k for k, _ in found}
-        ]
-        return found + slivers
+    def with_a_sliver(mask: np.ndarray, box: Box | None = None) -> Contours:
+        found = real(mask, box)
+        ks = np.unique(found.slices)
+        return Contours(
+            np.concatenate([found.slices, ks]),
+            np.concatenate([found.starts, found.starts[-1] + 3 * np.arange(1, len(ks) + 1)]),
+            np.concatenate([found.points, *([sliver] * len(ks))]),
+        )
 
-    monkeypatch.setattr(rtstruct, "mask_contours", with_a_sliver)
+    monkeypatch.setattr(rtstruct, "trace", with_a_sliver)
     volume = build_volume(head_ct_files()[40:50])
     labels = segment_body(volume.hu, volume.affine)
     (body,) = structures_of(

@@ -269,6 +269,8 @@ def bounding_box(mask: np.ndarray) -> Box | None:
     (one pass over the mask, as 64-bit words), then rows and columns within those slices."""
     mask = np.asarray(mask, dtype=bool)
     n, rows, columns = mask.shape
+    if mask.size == 0:  # a structure looked for on no grid at all (a report of a rejection)
+        return None
     if mask.flags.c_contiguous and (rows * columns) % 8 == 0:
         per_slice = mask.reshape(n, -1).view(np.uint64).max(axis=1) != 0
     else:

@@ -705,6 +705,8 @@ def test_a_masks_bounding_box_is_where_its_voxels_are() -> None:
                     slice(int(where[:, a].min()), int(where[:, a].max()) + 1) for a in range(3)
                 ]
                 assert list(box) == expected, (shape, p)
+    for shape in ((0, 0, 0), (0, 16, 16), (3, 0, 8)):  # no grid: a report of a rejection
+        assert bounding_box(np.zeros(shape, dtype=bool)) is None
 
 
 def test_contour_coordinates_are_written_as_printf_would() -> None:

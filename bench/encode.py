@@ -17,6 +17,7 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 
+from airouter.core.gcpause import collection_paused
 from airouter.core.settings import EncoderSettings
 from airouter.core.vocab import OutputKind
 from bench.common import median, record
@@ -75,15 +76,18 @@ def multi_organ(rounds: int) -> None:
     for _ in range(rounds):
         headers = build_volume(files).datasets  # as a job has them: read, not yet decoded
         t0 = time.perf_counter()
-        encoded = encode_outputs(
-            request=OutputRequest(frozenset({OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT})),
-            source=SourceSeries(headers),
-            structures=structures,
-            settings=EncoderSettings(),
-            device_uid=hd.UID(),
-        )
-        for _, ds in encoded.objects:
-            ds.save_as(io.BytesIO(), enforce_file_format=True)
+        with collection_paused():  # as the pipeline encodes and archives
+            encoded = encode_outputs(
+                request=OutputRequest(
+                    frozenset({OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT})
+                ),
+                source=SourceSeries(headers),
+                structures=structures,
+                settings=EncoderSettings(),
+                device_uid=hd.UID(),
+            )
+            for _, ds in encoded.objects:
+                ds.save_as(io.BytesIO(), enforce_file_format=True)
         times.append(time.perf_counter() - t0)
         print(f"500 slices, 20 structures: {times[-1]:.2f} s", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -189,15 +193,18 @@ def main() -> None:
             timings[key].append(value)
         headers = build_volume(head_ct_files()).datasets  # as a job has them: not yet decoded
         t0 = time.perf_counter()
-        encoded = encode_outputs(
-            request=OutputRequest(frozenset({OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT})),
-            source=SourceSeries(headers),
-            structures=structures,
-            settings=EncoderSettings(),
-            device_uid=hd.UID(),
-        )
-        for _, ds in encoded.objects:
-            ds.save_as(io.BytesIO(), enforce_file_format=True)
+        with collection_paused():  # as the pipeline encodes and archives
+            encoded = encode_outputs(
+                request=OutputRequest(
+                    frozenset({OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT})
+                ),
+                source=SourceSeries(headers),
+                structures=structures,
+                settings=EncoderSettings(),
+                device_uid=hd.UID(),
+            )
+            for _, ds in encoded.objects:
+                ds.save_as(io.BytesIO(), enforce_file_format=True)
         timings["all three as the pipeline builds them (encoders facade)"].append(
             time.perf_counter() - t0
         )

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from airouter.core.db import Instance, Job, Notification, Store, Study
+from airouter.core.gcpause import collection_paused
 from airouter.core.phi import REGISTRY
 from airouter.core.qc import QcAction, QualityChecks
 from airouter.core.settings import (
@@ -593,7 +594,23 @@ def _encode_and_archive(
 ) -> None:
     """The encoders build the output set (``kinds``, or the job's outputs); the outbox
     archives it and queues its deliveries, all in one transaction with the job's move to
-    ``dispatching`` (or ``done``)."""
+    ``dispatching`` (or ``done``). Python's cyclic garbage collector is paused meanwhile:
+    its full passes over every object the node holds took a quarter of a large output
+    set's time (:mod:`airouter.core.gcpause`)."""
+    with collection_paused():
+        _encode_and_archive_now(ctx, run, volume, structures, classified, quality, kinds, prior)
+
+
+def _encode_and_archive_now(
+    ctx: PipelineContext,
+    run: _Run,
+    volume: Volume,
+    structures: list[Structure],
+    classified: list[Classification],
+    quality: InputQuality | None,
+    kinds: frozenset[OutputKind] | None,
+    prior: _Prior | None,
+) -> None:
     job = run.job
     shadow = is_shadow(job, ctx.cards)
     t0 = time.perf_counter()

@@ -511,6 +511,36 @@ def test_a_rule_that_completes_on_release_needs_no_quiet_period(node: Node, tmp_
     assert monitor.check() == []
 
 
+def test_a_sender_that_releases_wakes_completion_once(node: Node, tmp_path: Path) -> None:
+    """The tracker tells completion (``on_release``) when an association that stored
+    something ends, so a study that completes on release is routed without waiting for the
+    next poll; an echo wakes nothing, and a failing wake-up loses nothing."""
+    woken: list[int] = []
+    node.tracker.on_release = lambda: woken.append(1)
+    echo = subprocess.run(
+        [tool("echoscu"), "-aec", "AIROUTER", "127.0.0.1", str(node.port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        check=False,
+    )
+    assert echo.returncode == 0
+    files = fresh_copy(head_ct_files()[:2], tmp_path / "ct")
+    assoc = _send_open(node.port, files)
+    assert woken == []  # still connected
+    assoc.release()  # type: ignore[attr-defined]
+    wait_for(lambda: woken == [1] or None, 10, "the wake-up")
+
+    def broken() -> None:
+        raise ProcessLookupError("the node is gone")
+
+    node.tracker.on_release = broken
+    files = fresh_copy(head_ct_files()[2:3], tmp_path / "ct2")
+    assoc = _send_open(node.port, files)
+    assoc.release()  # type: ignore[attr-defined]
+    wait_for(lambda: not node.tracker.busy_studies() or None, 10, "the association to end")
+    assert woken == [1] and node.count() == 3
+
+
 def test_specific_character_sets_index_and_serve_names(node: Node) -> None:
     """ISO 8859 variants, ISO 2022 (Japanese, Korean), UTF-8 and GB18030 (pydicom's own
     character-set files): names are indexed decoded and served by QIDO-RS."""

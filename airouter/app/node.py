@@ -110,6 +110,7 @@ class Node:
         self.dispatcher = Dispatcher(self.store, settings.dispatch, self.identity)
         self.notifier = Notifier(self.store, settings.dispatch, self.identity)
         self.scheduler = BackgroundScheduler(timezone=UTC)
+        self.tracker.on_release = self.wake_completion
         self.triton: LocalTriton | None = None
         self._client: InferenceClient | None = None
         self._stop = threading.Event()
@@ -206,6 +207,13 @@ class Node:
                 self._wake.clear()
                 continue
             run_job(ctx, job_id)
+
+    def wake_completion(self) -> None:
+        """A sender released its association: completion looks now rather than at its next
+        poll (a rule that completes on release routes the study at once)."""
+        job = self.scheduler.get_job("completion")
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
 
     def wake_dispatch(self) -> None:
         """New outputs: dispatch now rather than at the next tick."""
@@ -375,7 +383,7 @@ class Node:
         self._woken.set()  # only that: a signal handler may interrupt any code of this thread
 
     def _waker(self) -> None:
-        """Wake the job workers and dispatch when a worker process asks (it queued a retry)."""
+        """Wake completion, the job workers and dispatch when a worker process asks."""
         while True:
             self._woken.wait()
             if self._stop.is_set():
@@ -384,7 +392,9 @@ class Node:
             self._wake_all()
 
     def _wake_all(self) -> None:
-        """A retry was queued (a job or a delivery): the job workers and dispatch look now."""
+        """A worker process asks (a retry was queued, or a sender released an association it
+        served): completion, the job workers and dispatch look now."""
+        self.wake_completion()
         self.wake_workers()
         self.wake_dispatch()
 

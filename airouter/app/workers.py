@@ -194,6 +194,7 @@ def run(
     s = settings.inference
     client = InferenceClient(s.triton_url, s.protocol, s.request_timeout_s)
     parent = os.getppid()
+    tracker.on_release = lambda: os.kill(parent, WAKE)  # the node's completion looks now
     scp_tls = settings.scp.tls
     same_port = scp_tls is not None and scp_tls.same_port
     tls_port = None if scp_tls is None else settings.scp.dimse_port if same_port else scp_tls.port

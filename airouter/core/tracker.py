@@ -6,20 +6,37 @@ still busy. It lives in the core because both stages use it and neither may impo
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 
 from sqlalchemy import delete, select
 
 from airouter.core.db import Store, Transfer, utcnow
 from airouter.core.leases import Identity
 
+log = logging.getLogger(__name__)
+
 
 class AssociationTracker:
-    """Which studies each open association has touched; a study is busy while one is open."""
+    """Which studies each open association has touched; a study is busy while one is open.
+
+    ``on_release`` is called (outside the lock) when an association that stored something
+    ends: completion may then look at once rather than at its next poll (a study that
+    completes on release is routed as soon as its sender lets go)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: dict[int, set[str]] = {}
+        self.on_release: Callable[[], None] | None = None
+
+    def _released(self) -> None:
+        if self.on_release is None:
+            return
+        try:
+            self.on_release()
+        except Exception:  # a wake-up lost: completion's next poll still sees the study
+            log.exception("waking completion after an association ended failed")
 
     def touch(self, assoc_id: int, study_uid: str) -> None:
         """An association (or STOW-RS request) stored an instance of ``study_uid``."""
@@ -29,7 +46,9 @@ class AssociationTracker:
     def end(self, assoc_id: int) -> None:
         """The association ended: its studies are no longer busy because of it."""
         with self._lock:
-            self._open.pop(assoc_id, None)
+            had = self._open.pop(assoc_id, None)
+        if had:
+            self._released()
 
     def busy_studies(self) -> set[str]:
         """The studies some open association has touched."""
@@ -75,6 +94,7 @@ class SharedTracker(AssociationTracker):
                         Transfer.owner == self.identity.owner, Transfer.conn == str(assoc_id)
                     )
                 )
+            self._released()
 
     def busy_studies(self) -> set[str]:
         """The studies some live node (this one included) is receiving."""

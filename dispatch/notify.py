@@ -33,6 +33,7 @@ from urllib.parse import quote
 
 from pydicom import dcmread
 from sqlalchemy import select, update
+from sqlalchemy.orm import aliased
 
 from airouter.core.db import (
     Event,
@@ -55,6 +56,31 @@ from dispatch.report import Group, read_groups
 log = logging.getLogger(__name__)
 
 _DUE = (DeliveryState.PENDING, DeliveryState.FAILED)
+
+
+def _earlier_unsent() -> Any:
+    """Whether the outer query's NotificationDelivery has an earlier one to the same receiver
+    about the same job that is not yet sent (nor dead): a receiver hears of a job in order
+    (a FHIR server's preliminary report before the final one), whatever each one's backoff."""
+    earlier, theirs, ours = (
+        aliased(NotificationDelivery),
+        aliased(Notification),
+        aliased(Notification),
+    )
+    return (
+        select(earlier.id)
+        .join(theirs, theirs.id == earlier.notification_id)
+        .join(ours, ours.job_id == theirs.job_id)
+        .where(
+            ours.id == NotificationDelivery.notification_id,
+            earlier.receiver == NotificationDelivery.receiver,
+            earlier.id < NotificationDelivery.id,
+            earlier.state.in_(_DUE),
+        )
+        .exists()
+    )
+
+
 _ISSUER = "IssuerOfPatientID"
 
 
@@ -208,10 +234,11 @@ class Notifier:
                     .where(
                         NotificationDelivery.state.in_(_DUE),
                         NotificationDelivery.next_attempt_at <= now,
+                        ~_earlier_unsent(),
                     )
                     .order_by(NotificationDelivery.id)
                     .limit(50)
-                    .with_for_update(skip_locked=True)
+                    .with_for_update(skip_locked=True, of=NotificationDelivery)
                 )
             )
             if not ids:
@@ -311,6 +338,24 @@ class Notifier:
             summary.groups = read_groups(reports[0])
         return summary
 
+    @staticmethod
+    def _release_held(s: Any, d: NotificationDelivery) -> None:
+        """``d`` is settled: the later ones to its receiver about its job, held back behind
+        it (their backoff may have passed long ago), are due now."""
+        job_id = select(Notification.job_id).where(Notification.id == d.notification_id)
+        same_job = select(Notification.id).where(Notification.job_id == job_id.scalar_subquery())
+        s.execute(
+            update(NotificationDelivery)
+            .where(
+                NotificationDelivery.receiver == d.receiver,
+                NotificationDelivery.id > d.id,
+                NotificationDelivery.state.in_(_DUE),
+                NotificationDelivery.lease_owner.is_(None),
+                NotificationDelivery.notification_id.in_(same_job),
+            )
+            .values(next_attempt_at=utcnow())
+        )
+
     def _record(self, delivery_id: int, ok: bool, answer: str, final: bool = False) -> None:
         answer = REGISTRY.redact(answer)[:1000]
         with self.store.session() as s:
@@ -324,6 +369,7 @@ class Notifier:
             d.updated_at = utcnow()
             if ok:
                 d.state = DeliveryState.SENT
+                self._release_held(s, d)
             elif final or d.attempts >= self.settings.max_attempts:
                 d.state = DeliveryState.DEAD
                 n = s.get(Notification, d.notification_id)
@@ -335,6 +381,7 @@ class Notifier:
                         f"{d.attempts} attempt(s): {answer}",
                     )
                 )
+                self._release_held(s, d)
             else:
                 d.state = DeliveryState.FAILED
                 delay = min(

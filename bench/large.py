@@ -25,8 +25,8 @@ from typing import Any
 import pydicom
 
 from bench.common import fresh_copy, record
-from bench.latency import _objects_in_orthanc
-from tests.peers import head_ct_files, start_node, start_orthanc, stop_process, storescu
+from bench.latency import send_and_wait
+from tests.peers import head_ct_files, start_node, start_orthanc, stop_process
 
 
 def _children() -> dict[int, list[int]]:
@@ -130,21 +130,13 @@ def _one_study(node: Any, orthanc: Any, batch: list[Path]) -> dict[str, Any]:
     idle_pss, idle_rss, idle_names = _memory_mb(node.process.pid)
     sampler = Sampler(node.process.pid)
     sampler.start()
-    t0 = time.perf_counter()
-    sent = storescu(node.dimse_port, batch)
-    t_last = time.perf_counter()
-    assert sent.returncode == 0, sent.stderr
-    while _objects_in_orthanc(orthanc, study_uid) < 3:
-        if time.perf_counter() - t_last > 900:
-            raise TimeoutError("objects did not reach Orthanc")
-        time.sleep(0.1)
-    t_done = time.perf_counter()
+    send_s, latency_s = send_and_wait(node, orthanc, batch, timeout_s=900, poll_s=0.1)
     sampler.stop.set()
     sampler.join()
     job = next(j for j in node.get(f"/api/jobs?study={study_uid}"))
     return {
-        "send_s": t_last - t0,
-        "latency_s": t_done - t_last,
+        "send_s": send_s,
+        "latency_s": latency_s,
         "idle_pss": idle_pss,
         "idle_rss": idle_rss,
         "idle_by": sorted(idle_names.items(), key=lambda kv: -kv[1])[:3],

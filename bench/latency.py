@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pydicom
 import yaml
 
 from airouter.core.settings import RouterSettings
@@ -27,6 +28,25 @@ def _objects_in_orthanc(orthanc, study_uid: str) -> int:  # type: ignore[no-unty
     found = orthanc.get(f"/dicom-web/studies/{study_uid}/series") or []
     modalities = {s.get("00080060", {}).get("Value", [None])[0] for s in found}
     return len(modalities & {"SEG", "SR", "RTSTRUCT"})
+
+
+def send_and_wait(  # type: ignore[no-untyped-def]
+    node, orthanc, batch: list[Path], timeout_s: float = 300.0, poll_s: float = 0.05
+) -> tuple[float, float]:
+    """Send ``batch`` with storescu, then wait for its study's SEG, SR and RTSTRUCT in
+    Orthanc: (seconds sending, seconds from the last C-STORE response to the three)."""
+    import pydicom
+
+    study_uid = pydicom.dcmread(batch[0], stop_before_pixels=True).StudyInstanceUID
+    t0 = time.perf_counter()
+    sent = storescu(node.dimse_port, batch)
+    t_last = time.perf_counter()
+    assert sent.returncode == 0, sent.stderr
+    while _objects_in_orthanc(orthanc, study_uid) < 3:
+        if time.perf_counter() - t_last > timeout_s:
+            raise TimeoutError("objects did not reach Orthanc")
+        time.sleep(poll_s)
+    return t_last - t0, time.perf_counter() - t_last
 
 
 def main() -> None:
@@ -57,22 +77,12 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             batch = fresh_copy(head_ct_files(), tmp / f"round{r}")
-            import pydicom
-
+            send_s, latency_s = send_and_wait(node, orthanc, batch)
             study_uid = pydicom.dcmread(batch[0], stop_before_pixels=True).StudyInstanceUID
-            t0 = time.perf_counter()
-            sent = storescu(node.dimse_port, batch)
-            t_last = time.perf_counter()
-            assert sent.returncode == 0, sent.stderr
-            while _objects_in_orthanc(orthanc, study_uid) < 3:
-                if time.perf_counter() - t_last > 300:
-                    raise TimeoutError("objects did not reach Orthanc")
-                time.sleep(0.05)
-            t_done = time.perf_counter()
             job = next(j for j in node.get(f"/api/jobs?study={study_uid}"))
             timings = job["timings"]
             created = job["created_at"]
-            row = {"send_s": t_last - t0, "latency_s": t_done - t_last, **timings}
+            row = {"send_s": send_s, "latency_s": latency_s, **timings}
             rows.append(row)
             print(f"round {r}: latency {row['latency_s']:.2f} s, {timings} (job created {created})")
     finally:

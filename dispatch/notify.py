@@ -56,12 +56,15 @@ from dispatch.report import Group, read_groups
 log = logging.getLogger(__name__)
 
 _DUE = (DeliveryState.PENDING, DeliveryState.FAILED)
+_ISSUER = "IssuerOfPatientID"
 
 
 def _earlier_unsent() -> Any:
     """Whether the outer query's NotificationDelivery has an earlier one to the same receiver
     about the same job that is not yet sent (nor dead): a receiver hears of a job in order
-    (a FHIR server's preliminary report before the final one), whatever each one's backoff."""
+    (a FHIR server's preliminary report before the final one), whatever each one's backoff.
+    One held back is never attempted meanwhile: it is due as soon as the earlier one is
+    settled, in the same pass."""
     earlier, theirs, ours = (
         aliased(NotificationDelivery),
         aliased(Notification),
@@ -79,9 +82,6 @@ def _earlier_unsent() -> Any:
         )
         .exists()
     )
-
-
-_ISSUER = "IssuerOfPatientID"
 
 
 @dataclass
@@ -338,24 +338,6 @@ class Notifier:
             summary.groups = read_groups(reports[0])
         return summary
 
-    @staticmethod
-    def _release_held(s: Any, d: NotificationDelivery) -> None:
-        """``d`` is settled: the later ones to its receiver about its job, held back behind
-        it (their backoff may have passed long ago), are due now."""
-        job_id = select(Notification.job_id).where(Notification.id == d.notification_id)
-        same_job = select(Notification.id).where(Notification.job_id == job_id.scalar_subquery())
-        s.execute(
-            update(NotificationDelivery)
-            .where(
-                NotificationDelivery.receiver == d.receiver,
-                NotificationDelivery.id > d.id,
-                NotificationDelivery.state.in_(_DUE),
-                NotificationDelivery.lease_owner.is_(None),
-                NotificationDelivery.notification_id.in_(same_job),
-            )
-            .values(next_attempt_at=utcnow())
-        )
-
     def _record(self, delivery_id: int, ok: bool, answer: str, final: bool = False) -> None:
         answer = REGISTRY.redact(answer)[:1000]
         with self.store.session() as s:
@@ -369,7 +351,6 @@ class Notifier:
             d.updated_at = utcnow()
             if ok:
                 d.state = DeliveryState.SENT
-                self._release_held(s, d)
             elif final or d.attempts >= self.settings.max_attempts:
                 d.state = DeliveryState.DEAD
                 n = s.get(Notification, d.notification_id)
@@ -381,7 +362,6 @@ class Notifier:
                         f"{d.attempts} attempt(s): {answer}",
                     )
                 )
-                self._release_held(s, d)
             else:
                 d.state = DeliveryState.FAILED
                 delay = min(

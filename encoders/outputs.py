@@ -15,7 +15,6 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from airouter.core.gcpause import collection_paused
 from airouter.core.settings import EncoderSettings
 from airouter.core.vocab import OutputKind, SegType
 from encoders.common import (
@@ -170,21 +169,8 @@ def encode_outputs(
     ``structures`` are every structure the models looked for, found or not; each found one
     carries its volume and attenuation for the SR (and its probability map, if the model
     gives one). With nothing found there is no SEG or RTSTRUCT; the SR, if asked for, says
-    what was looked for. Python's cyclic garbage collector is paused meanwhile
-    (:mod:`airouter.core.gcpause`).
+    what was looked for.
     """
-    with collection_paused():
-        return _encode(request, source, structures, classifications, settings, device_uid)
-
-
-def _encode(
-    request: OutputRequest,
-    source: SourceSeries,
-    structures: Sequence[Structure],
-    classifications: Sequence[Classification],
-    settings: EncoderSettings,
-    device_uid: str,
-) -> EncodedOutputs:
     result = EncodedOutputs()
     result.notes.extend(_prepare(source))
     provenance = provenance_of(settings)

@@ -517,13 +517,7 @@ def test_a_sender_that_releases_wakes_completion_once(node: Node, tmp_path: Path
     next poll; an echo wakes nothing, and a failing wake-up loses nothing."""
     woken: list[int] = []
     node.tracker.on_release = lambda: woken.append(1)
-    echo = subprocess.run(
-        [tool("echoscu"), "-aec", "AIROUTER", "127.0.0.1", str(node.port)],
-        env={**os.environ, "TCP_NODELAY": "1"},
-        capture_output=True,
-        check=False,
-    )
-    assert echo.returncode == 0
+    assert _echo(node.port) == "accepted"
     files = fresh_copy(head_ct_files()[:2], tmp_path / "ct")
     assoc = _send_open(node.port, files)
     assert woken == []  # still connected

@@ -208,19 +208,21 @@ class Node:
                 continue
             run_job(ctx, job_id)
 
+    def _run_now(self, job_id: str) -> None:
+        """The scheduler's job ``job_id`` runs now rather than at its next tick."""
+        job = self.scheduler.get_job(job_id)
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
+
     def wake_completion(self) -> None:
         """A sender released its association: completion looks now rather than at its next
         poll (a rule that completes on release routes the study at once)."""
-        job = self.scheduler.get_job("completion")
-        if job is not None:
-            job.modify(next_run_time=datetime.now(UTC))
+        self._run_now("completion")
 
     def wake_dispatch(self) -> None:
         """New outputs: dispatch now rather than at the next tick."""
         self.dispatcher.request()
-        job = self.scheduler.get_job("dispatch")
-        if job is not None:
-            job.modify(next_run_time=datetime.now(UTC))
+        self._run_now("dispatch")
 
     def _recover(self) -> None:
         """After a restart: jobs interrupted mid-run are queued again (or failed, when they

@@ -6,13 +6,22 @@ importable and testable without a server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+from inference.blocks import (
+    block_area,
+    block_counts,
+    combine,
+    count_type,
+    grid_shape,
+    grid_step,
+)
 
 BODY_THRESHOLD_HU = -500
 AIR_THRESHOLD_HU = -400
@@ -64,12 +73,15 @@ class _Components:
             table[1:] = self.ids[self.offsets[n] + 1 : self.offsets[n + 1] + 1]
             yield k, table
 
-    def sizes(self) -> np.ndarray:
-        """Voxels per component (index 0: the background)."""
+    def sizes(self, weights: np.ndarray | None = None) -> np.ndarray:
+        """Voxels per component (index 0: the background); with ``weights`` (one per voxel),
+        their sum per component."""
         sizes = np.zeros(self.count + 1, dtype=np.int64)
         for k, table in self._tables():
-            counts = np.bincount(self.local[k : k + self.slab].ravel(), minlength=len(table))
-            np.add.at(sizes, table, counts[: len(table)])
+            local = self.local[k : k + self.slab].ravel()
+            weight = None if weights is None else weights[k : k + self.slab].ravel()
+            counts = np.bincount(local, weights=weight, minlength=len(table))
+            np.add.at(sizes, table, counts[: len(table)].astype(np.int64))
         return sizes
 
     def relabel(self, values: np.ndarray) -> np.ndarray:
@@ -187,19 +199,23 @@ def truncated_slices(mask: np.ndarray) -> int:
 
 def drop_small_islands(mask: np.ndarray, affine: np.ndarray, min_mm2: float) -> np.ndarray:
     """Per axial slice, remove islands under ``min_mm2`` (specks that a threshold leaves),
-    keeping each slice's largest island whatever its size."""
+    keeping each slice's largest island whatever its size. In place; returns ``mask``.
+
+    Islands are 4-connected, as the RTSTRUCT's contours are (``encoders/contours.py``: pixels
+    that touch only at a corner are two contours)."""
     pixel_mm2 = float(np.linalg.norm(affine[:3, 1]) * np.linalg.norm(affine[:3, 2]))
-    eight = ndimage.generate_binary_structure(2, 2)
-    out = np.zeros(mask.shape, dtype=bool)
-    for k in np.flatnonzero(mask.any(axis=(1, 2))):
-        labels, count = ndimage.label(mask[k], structure=eight)
+    for k, where in _boxes(mask, margin=0):
+        box = mask[k][where]  # a view
+        labels, count = ndimage.label(box)
+        if count < 2:
+            continue
         sizes = np.bincount(labels.ravel(), minlength=count + 1)
         keep = sizes * pixel_mm2 >= min_mm2
         sizes[0] = 0
         keep[int(np.argmax(sizes))] = True  # the slice's largest island, whatever its size
         keep[0] = False
-        out[k] = keep[labels]
-    return out
+        box[...] = keep[labels]
+    return mask
 
 
 def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -208,13 +224,49 @@ def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
     are inside), the table cut off where it touches the patient, and specks under
     MIN_BODY_ISLAND_MM2 dropped from each slice.
 
+    The component and the holes are found on the ~2 mm grid (``inference.blocks``: a block
+    holds tissue if one of its pixels does); the outline is drawn at full resolution: inside
+    the grid's body, a block away from the outside air, every pixel is the body's (holes
+    included), and on the blocks at the outside air the pixels above the threshold are.
+
     Returns uint8 labels (0 background, 1 body).
     """
-    body = fill_holes_per_slice(largest_component(hu > BODY_THRESHOLD_HU), truncated=True)
-    if body.any():
-        body = remove_thin_attachments(body, affine)
-        body = drop_small_islands(body, affine, MIN_BODY_ISLAND_MM2)
+    step = grid_step(affine)
+    tissue = np.empty(grid_shape(hu.shape, step), dtype=bool)
+    for k in range(0, len(hu), SLAB):
+        tissue[k : k + SLAB] = block_counts(hu[k : k + SLAB] > BODY_THRESHOLD_HU, step) > 0
+    filled = fill_holes_per_slice(largest_component(tissue), truncated=True)
+    del tissue
+    if not filled.any():
+        return np.zeros(hu.shape, dtype=np.uint8)
+    inner = _inner_blocks(filled, step)
+    body = np.empty(hu.shape, dtype=bool)  # the one full-size array: the answer
+    for k in range(0, len(hu), SLAB):
+        part = body[k : k + SLAB]
+        np.greater(hu[k : k + SLAB], BODY_THRESHOLD_HU, out=part)
+        combine(part, inner[k : k + SLAB], step, np.logical_or)
+        combine(part, filled[k : k + SLAB], step, np.logical_and)
+    del inner, filled
+    remove_thin_attachments(body, affine)
+    drop_small_islands(body, affine, MIN_BODY_ISLAND_MM2)
     return body.view(np.uint8)  # True is 1 (BODY): the same bytes, no copy
+
+
+_IN_PLANE_8 = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE_8[1] = True
+
+
+def _inner_blocks(filled: np.ndarray, step: int) -> np.ndarray:
+    """The blocks of ``filled`` whose in-plane neighbours are all in it (the image border
+    counts as inside: the field of view may cut the patient). At full resolution (``step``
+    1) the 4 neighbours: a hole, not 4-connected to the outside, is then always inner."""
+    structure = _IN_PLANE_8 if step > 1 else _IN_PLANE_4
+    out = np.empty_like(filled)
+    for k in range(0, len(filled), SLAB):
+        out[k : k + SLAB] = ndimage.binary_erosion(
+            filled[k : k + SLAB], structure=structure, border_value=1
+        )
+    return out
 
 
 def remove_thin_attachments(
@@ -222,60 +274,83 @@ def remove_thin_attachments(
 ) -> np.ndarray:
     """Cut structures thinner than ``2 * radius_mm`` in the axial plane (the table, head
     holders, cables) where they touch the patient: an in-plane opening (erosion then dilation
-    by a disk, as distance transforms) on a ~2 mm grid; the mask keeps its full resolution
-    within the opening's reach."""
+    by a disk, as distance transforms) on the ~2 mm grid; the mask keeps its full resolution
+    within the opening's reach. In place; returns ``mask``."""
     pixel_mm = float(min(np.linalg.norm(affine[:3, 1]), np.linalg.norm(affine[:3, 2])))
-    step = max(1, round(2.0 / max(pixel_mm, 1e-3)))
-    coarse = mask[:, ::step, ::step]
-    sampling = (1e4, pixel_mm * step, pixel_mm * step)  # no reach across slices
-
-    def edt(volume: np.ndarray) -> np.ndarray:  # slab by slab: its index arrays stay small
-        out = np.empty(volume.shape, dtype=np.float32)
-        for k in range(0, len(volume), SLAB):
-            out[k : k + SLAB] = ndimage.distance_transform_edt(
-                volume[k : k + SLAB], sampling=sampling
-            )
-        return out
-
-    core = edt(coarse) > radius_mm
+    step = grid_step(affine)
+    block_mm = pixel_mm * step
+    coarse = np.ascontiguousarray(mask[:, ::step, ::step])
+    # each slice's transforms cover the mask's box and what the dilation can reach from it
+    boxes = list(_boxes(coarse, margin=int(np.ceil(radius_mm / block_mm)) + 2))
+    core = np.zeros(coarse.shape, dtype=bool)
+    for k, box in boxes:
+        distance = ndimage.distance_transform_edt(coarse[k][box], sampling=block_mm)
+        core[k][box] = distance > radius_mm
     if not core.any():
         return mask
     core = largest_component(core)  # the patient's core; what the opening cut off stays off
-    near = edt(~core) <= radius_mm + pixel_mm * step
-    out = np.empty(mask.shape, dtype=bool)
-    rows, columns = mask.shape[1:]
+    near = np.zeros(coarse.shape, dtype=bool)
+    for k, box in boxes:
+        if core[k][box].any():
+            distance = ndimage.distance_transform_edt(~core[k][box], sampling=block_mm)
+            near[k][box] = distance <= radius_mm + block_mm
     for k in range(0, len(mask), SLAB):
-        full = np.repeat(np.repeat(near[k : k + SLAB], step, axis=1), step, axis=2)
-        out[k : k + SLAB] = mask[k : k + SLAB] & full[:, :rows, :columns]
-    return out
+        combine(mask[k : k + SLAB], near[k : k + SLAB], step, np.logical_and)
+    return mask
 
 
-def segment_lungs(hu: np.ndarray, affine: np.ndarray, body: np.ndarray | None = None) -> np.ndarray:
+def _boxes(mask: np.ndarray, margin: int) -> Iterator[tuple[int, tuple[slice, slice]]]:
+    """(slice, its box) of every slice of ``mask`` that has a True pixel: the rows and columns
+    from its first to its last True pixel, ``margin`` more on each side within the image."""
+    on_rows, on_columns = mask.any(axis=2), mask.any(axis=1)
+    rows, columns = mask.shape[1:]
+    for k in np.flatnonzero(on_rows.any(axis=1)):
+        r, c = np.flatnonzero(on_rows[k]), np.flatnonzero(on_columns[k])
+        yield (
+            int(k),
+            (
+                slice(max(0, int(r[0]) - margin), min(rows, int(r[-1]) + 1 + margin)),
+                slice(max(0, int(c[0]) - margin), min(columns, int(c[-1]) + 1 + margin)),
+            ),
+        )
+
+
+def segment_lungs(
+    hu: np.ndarray,
+    affine: np.ndarray,
+    body: np.ndarray | None = None,
+    body_bits: np.ndarray | None = None,
+) -> np.ndarray:
     """ct-lungs: air regions inside the body of at least MIN_LUNG_ML, split left/right.
 
     The split is the body's sagittal midline in patient coordinates (LPS: +x is the patient's
     left). Returns uint8 labels (0 background, 1 right lung, 2 left lung); empty for a study
     without lungs (a head CT), which is a result, not an error. ``body``: ct-body's mask of
-    this volume (0/1) when the caller has it, so that it is not computed a second time.
+    this volume (0/1) when the caller has it, so that it is not computed a second time;
+    ``body_bits`` the same packed along each row (numpy ``packbits``), unpacked a slab at a
+    time.
+
+    The air's components are found on the ~2 mm grid (a block is air if most of its pixels
+    are); a lung's pixels are the air pixels of its blocks and of the part-air blocks beside
+    them.
     """
-    if body is None:
-        body = segment_body(hu, affine).view(bool)
-    elif body.shape != hu.shape or body.dtype.itemsize != 1:
-        raise ValueError(f"a body mask of {body.shape} {body.dtype} for a {hu.shape} volume")
-    else:
-        body = body.view(bool)
-    midline = _mean_x(body, affine) if body.any() else 0.0
-    air = hu < AIR_THRESHOLD_HU
-    air &= body
-    del body
-    found = _components(air)
-    del air
+    body_slab = _body_slabs(hu, affine, body, body_bits)
     out = np.zeros(hu.shape, dtype=np.uint8)
+    midline = _mean_x(body_slab, hu.shape, affine)
+    if midline is None:  # no body
+        return out
+    step = grid_step(affine)
+    air_count: np.ndarray = np.empty(grid_shape(hu.shape, step), dtype=count_type(step))
+    for k in range(0, len(hu), SLAB):
+        air = hu[k : k + SLAB] < AIR_THRESHOLD_HU
+        air &= body_slab(k)
+        air_count[k : k + SLAB] = block_counts(air, step)
+    found = _components(air_count > block_area(hu.shape, step) // 2)  # mostly air
     if found.count == 0:
         return out
     # only the components large enough to be a lung are numbered (a CT's air holds tens of
     # thousands of small pockets): their labels fit in uint16 and replace the slabs' own
-    all_sizes = found.sizes()
+    all_sizes = found.sizes(weights=air_count)  # air pixels, not blocks
     big = np.flatnonzero(all_sizes * voxel_ml(affine) >= MIN_LUNG_ML)
     big = big[big > 0]
     if big.size == 0:
@@ -285,21 +360,31 @@ def segment_lungs(hu: np.ndarray, affine: np.ndarray, body: np.ndarray | None = 
     labels, count = found.relabel(renumber), int(big.size)
     del found
     sizes = np.concatenate([[0], all_sizes[big]])
-    sizes_ml = sizes * voxel_ml(affine)
     # Air enclosed by a closed ring of bone in its slices is intracranial (a skull), not lung:
     # ribs, spine and sternum do not close a ring around the lungs in an axial slice.
     enclosed = np.zeros(count + 1, dtype=np.int64)
     for k in range(0, len(hu), SLAB):
-        ring = _inside_bone_ring(hu[k : k + SLAB])
-        enclosed += np.bincount(labels[k : k + SLAB][ring], minlength=count + 1)
-    lung_like = (sizes_ml >= MIN_LUNG_ML) & (enclosed < MAX_ENCLOSED_FRACTION * sizes)
+        ring = _inside_bone_ring(hu[k : k + SLAB], step)
+        weight = air_count[k : k + SLAB][ring]
+        enclosed += np.bincount(
+            labels[k : k + SLAB][ring], weights=weight, minlength=count + 1
+        ).astype(np.int64)
+    lung_like = (sizes * voxel_ml(affine) >= MIN_LUNG_ML) & (
+        enclosed < MAX_ENCLOSED_FRACTION * sizes
+    )
     lung_like[0] = False
     if not lung_like.any():
         return out
-    for k in range(0, len(hu), SLAB):  # a lookup per voxel (np.isin sorts: much slower)
-        keep = lung_like[labels[k : k + SLAB]]
-        if not keep.any():
+    lung = lung_like[labels]  # a lookup per block (np.isin sorts: much slower)
+    del labels
+    if step > 1:  # the lungs' edges: the part-air blocks beside their blocks
+        lung |= (air_count > 0) & ndimage.binary_dilation(lung, structure=_IN_PLANE_8)
+    for k in range(0, len(hu), SLAB):
+        if not lung[k : k + SLAB].any():
             continue
+        keep = hu[k : k + SLAB] < AIR_THRESHOLD_HU
+        keep &= body_slab(k)
+        combine(keep, lung[k : k + SLAB], step, np.logical_and)
         x = _patient_x(affine, keep.shape, first=k)
         slab = out[k : k + SLAB]
         slab[keep] = RIGHT_LUNG
@@ -307,9 +392,10 @@ def segment_lungs(hu: np.ndarray, affine: np.ndarray, body: np.ndarray | None = 
     return out
 
 
-def _inside_bone_ring(hu: np.ndarray) -> np.ndarray:
-    """Voxels enclosed by bone (HU > BONE_THRESHOLD_HU) within their axial slice."""
-    bone = hu > BONE_THRESHOLD_HU
+def _inside_bone_ring(hu: np.ndarray, step: int) -> np.ndarray:
+    """The blocks enclosed by bone (a block with a pixel over BONE_THRESHOLD_HU) within their
+    axial slice."""
+    bone = block_counts(hu > BONE_THRESHOLD_HU, step) > 0
     return fill_holes_per_slice(bone) & ~bone
 
 
@@ -323,12 +409,46 @@ def _patient_x(affine: np.ndarray, shape: tuple[int, ...], first: int = 0) -> np
     return k + j + i + np.float32(affine[0, 3])
 
 
-def _mean_x(mask: np.ndarray, affine: np.ndarray) -> float:
-    """The mean patient x of a mask's voxels, from its counts along each axis (never the
-    voxels' index arrays: three int64 copies of a half-full 1,000-slice mask are 3 GB)."""
-    total = float(np.count_nonzero(mask))
-    k, j, i = (
-        float(np.dot(np.arange(n), mask.sum(axis=axes, dtype=np.int64))) / total
-        for n, axes in ((mask.shape[0], (1, 2)), (mask.shape[1], (0, 2)), (mask.shape[2], (0, 1)))
+def _body_slabs(
+    hu: np.ndarray, affine: np.ndarray, body: np.ndarray | None, bits: np.ndarray | None
+) -> Callable[[int], np.ndarray]:
+    """slice index -> the body mask (bool) of the SLAB slices from there, from a mask given as
+    bytes, as bits, or computed here."""
+    if bits is not None:
+        packed = (*hu.shape[:2], -(-hu.shape[2] // 8))
+        if bits.shape != packed or bits.dtype != np.uint8:
+            raise ValueError(
+                f"a packed body mask of {bits.shape} {bits.dtype} for a {hu.shape} volume "
+                f"(expected {packed} uint8)"
+            )
+        columns = hu.shape[2]
+        return lambda k: np.unpackbits(bits[k : k + SLAB], axis=-1, count=columns).view(bool)
+    if body is None:
+        body = segment_body(hu, affine)
+    elif body.shape != hu.shape or body.dtype.itemsize != 1:
+        raise ValueError(f"a body mask of {body.shape} {body.dtype} for a {hu.shape} volume")
+    mask = body.view(bool)
+    return lambda k: mask[k : k + SLAB]
+
+
+def _mean_x(
+    body_slab: Callable[[int], np.ndarray], shape: tuple[int, ...], affine: np.ndarray
+) -> float | None:
+    """The mean patient x of a mask's voxels (None if it has none), from its counts along
+    each axis, slab by slab (never the voxels' index arrays: three int64 copies of a
+    half-full 1,000-slice mask are 3 GB)."""
+    per_slice = np.zeros(shape[0], dtype=np.int64)
+    per_row = np.zeros(shape[1], dtype=np.int64)
+    per_column = np.zeros(shape[2], dtype=np.int64)
+    for k in range(0, shape[0], SLAB):
+        part = body_slab(k)
+        per_slice[k : k + len(part)] = part.sum(axis=(1, 2), dtype=np.int64)
+        per_row += part.sum(axis=(0, 2), dtype=np.int64)
+        per_column += part.sum(axis=(0, 1), dtype=np.int64)
+    total = float(per_slice.sum())
+    if total == 0:
+        return None
+    mk, mj, mi = (
+        float(np.dot(np.arange(len(c)), c)) / total for c in (per_slice, per_row, per_column)
     )
-    return float(affine[0, 0] * k + affine[0, 1] * j + affine[0, 2] * i + affine[0, 3])
+    return float(affine[0, 0] * mk + affine[0, 1] * mj + affine[0, 2] * mi + affine[0, 3])

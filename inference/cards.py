@@ -58,13 +58,16 @@ class UsesOutput(BaseModel):
     """Another model's result a classic model can take as an extra input: the mask of
     ``label`` in ``model``'s labels, sent as the uint8 tensor ``tensor``. Given when both run
     in one job (the model then waits for the other and need not compute it again); the server
-    model computes it itself otherwise."""
+    model computes it itself otherwise. With ``packed`` the mask goes as bits, eight pixels a
+    byte along each row (numpy ``packbits``, shape (slices, rows, ceil(columns / 8))): an
+    eighth of the bytes to copy and to hold on both sides."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str
     label: int = Field(ge=1, le=255)
     tensor: str
+    packed: bool = False
 
 
 class ModelInput(BaseModel):

@@ -102,6 +102,17 @@ def timed_in_process(
     }
 
 
+def mask_tensor(labels: np.ndarray, label: int, packed: bool) -> np.ndarray:
+    """The mask of ``label`` as a uint8 tensor: 0/1 per voxel, or ``packed`` as bits along
+    each row (see ``UsesOutput``); slab by slab, never a full-size temporary."""
+    if not packed:
+        return (labels == label).view(np.uint8)
+    out = np.empty((*labels.shape[:-1], -(-labels.shape[-1] // 8)), dtype=np.uint8)
+    for k in range(0, len(labels), 16):
+        out[k : k + 16] = np.packbits(labels[k : k + 16] == label, axis=-1)
+    return out
+
+
 def run_model(
     card: ModelCard,
     hu: np.ndarray,
@@ -117,8 +128,8 @@ def run_model(
             raise ValueError("a hu_affine model runs on the server: a client is needed")
         extra = None
         if uses is not None and card.input.uses is not None:
-            mask = (uses == card.input.uses.label).view(np.uint8)
-            extra = {card.input.uses.tensor: mask}
+            wanted = card.input.uses
+            extra = {wanted.tensor: mask_tensor(uses, wanted.label, packed=wanted.packed)}
         t0 = time.perf_counter()
         labels = client.segment(card.triton_model, hu, affine, extra)
         return ModelOutput(labels=labels, timings={"infer_s": time.perf_counter() - t0})

@@ -37,6 +37,15 @@ def test_lungs_given_the_body_are_the_lungs_found_alone() -> None:
     p = chest_phantom()
     body = segment_body(p.hu, p.affine)
     assert np.array_equal(segment_lungs(p.hu, p.affine, body=body), segment_lungs(p.hu, p.affine))
+    # the same body as bits (what the node sends: an eighth of the bytes), on an odd width
+    hu, body = p.hu[:, :, 3:], body[:, :, 3:]
+    from inference.runner import mask_tensor
+
+    bits = mask_tensor(body, 1, packed=True)
+    assert bits.shape == (*hu.shape[:2], -(-hu.shape[2] // 8))
+    alone = segment_lungs(hu, p.affine, body=body)
+    assert alone.any()
+    assert np.array_equal(segment_lungs(hu, p.affine, body_bits=bits), alone)
 
 
 def test_head_ct_has_a_body_and_no_lungs() -> None:

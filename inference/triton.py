@@ -10,6 +10,7 @@ so the virtual environment's ``bin`` goes first there.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -18,7 +19,9 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,7 @@ class LocalTriton:
             "--allow-metrics=false",
             "--exit-timeout-secs=3",
             "--log-verbose=0",
+            "--backend-config=python,shm-growth-byte-size=268435456",
         ]
         log.info("starting tritonserver (http %s, grpc %s)", self.http_port, self.grpc_port)
         with open(self.log_path, "ab") as out:
@@ -176,13 +180,81 @@ def is_local(url: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+@dataclass
+class _Region:
+    """A POSIX shared-memory region and whether the server has it registered."""
+
+    name: str
+    handle: Any
+    size: int
+    registered: bool = False
+    returned_at: float = 0.0
+
+
+class _RegionPool:
+    """The shared-memory regions of a client and its clones that no request holds now.
+
+    A clone closes after its job; its regions come back here, still registered, for the next
+    clone: on this host memory touched for the first time is slow (about 7 ms per MB, so a
+    new 500 MB region costs 3.5 s to fill and a kept one 0.1 s). Regions unused for a while
+    are freed (:meth:`InferenceClient.close_idle`). The regions outlive the connections,
+    which belong to the thread that made them."""
+
+    def __init__(self) -> None:
+        self._free: list[_Region] = []
+        self._lock = threading.Lock()
+        self._numbers = itertools.count()
+
+    def new_name(self) -> str:
+        """A region name unique on this host."""
+        return f"airouter_{os.getpid()}_{id(self):x}_{next(self._numbers)}"
+
+    def take(self, size: int) -> _Region | None:
+        """The smallest free region of at least ``size`` bytes, if any."""
+        with self._lock:
+            fitting = [r for r in self._free if r.size >= size]
+            if not fitting:
+                return None
+            region = min(fitting, key=lambda r: r.size)
+            self._free.remove(region)
+            return region
+
+    def give(self, region: _Region) -> None:
+        """A region back, for the next request."""
+        region.returned_at = time.monotonic()
+        with self._lock:
+            self._free.append(region)
+
+    def stale(self, idle_s: float) -> list[_Region]:
+        """Take out the regions returned more than ``idle_s`` ago."""
+        cutoff = time.monotonic() - idle_s
+        with self._lock:
+            out = [r for r in self._free if r.returned_at <= cutoff]
+            self._free = [r for r in self._free if r.returned_at > cutoff]
+        return out
+
+    def __del__(self) -> None:  # nobody closed the first client: at least unlink the names
+        import tritonclient.utils.shared_memory as shm
+
+        for region in getattr(self, "_free", []):
+            with contextlib.suppress(Exception):
+                shm.destroy_shared_memory_region(region.handle)
+
+    def unregister_all(self) -> None:
+        """The server forgot every region (it restarted)."""
+        with self._lock:
+            for region in self._free:
+                region.registered = False
+
+
 class InferenceClient:
     """tritonclient over HTTP or gRPC with binary tensors, or system shared memory.
 
     With ``shared_memory`` the tensors travel through POSIX shared-memory regions that this
-    client creates and registers with the server (only when the server runs on this host); the
-    request then carries only their names. The regions are kept and reused while large enough,
-    and registered again if the server restarted and forgot them.
+    client registers with the server (only when the server runs on this host); the request
+    then carries only their names. A client and its clones share their regions: a clone's come
+    back when it closes, still registered, for the next clone (see ``_RegionPool``); they
+    are registered again if the server restarted and forgot them.
     """
 
     def __init__(
@@ -191,13 +263,15 @@ class InferenceClient:
         protocol: TritonProtocol | str = TritonProtocol.HTTP,
         request_timeout_s: float = 300.0,
         shared_memory: bool = False,
+        _pool: _RegionPool | None = None,
     ) -> None:
         self.url = url
         self.protocol = TritonProtocol(protocol)
         self.request_timeout_s = request_timeout_s
         self.shared_memory = shared_memory
-        self._regions: dict[str, tuple[Any, int]] = {}  # role -> (handle, byte size)
-        self._registered: set[str] = set()
+        self._regions: dict[str, _Region] = {}  # role (in_CT, out_LABELS) -> region held
+        self._owns_pool = _pool is None  # the clones' first client frees them all on close
+        self._pool = _pool or _RegionPool()
         if self.protocol is TritonProtocol.GRPC:
             import tritonclient.grpc as grpcclient
 
@@ -212,26 +286,45 @@ class InferenceClient:
             )
 
     def clone(self) -> InferenceClient:
-        """A client with its own connection and regions (one per thread: not thread-safe)."""
-        return InferenceClient(self.url, self.protocol, self.request_timeout_s, self.shared_memory)
+        """A client with its own connection (one per thread: not thread-safe), drawing on the
+        same kept regions."""
+        return InferenceClient(
+            self.url, self.protocol, self.request_timeout_s, self.shared_memory, self._pool
+        )
 
     def close(self) -> None:
-        """Unregister and free this client's shared-memory regions."""
-        import tritonclient.utils.shared_memory as shm
-
-        for name, (handle, _) in list(self._regions.items()):
-            if name in self._registered:
-                with contextlib.suppress(Exception):
-                    self._client.unregister_system_shared_memory(self._region_name(name))
-            with contextlib.suppress(Exception):
-                shm.destroy_shared_memory_region(handle)
+        """Close the connection. A clone's regions go back to the pool; the first client's
+        close (the node stopping) unregisters and frees every kept region."""
+        for region in self._regions.values():
+            self._pool.give(region)
         self._regions.clear()
-        self._registered.clear()
+        if self._owns_pool:
+            self.close_idle(-1.0)
         with contextlib.suppress(Exception):
             self._client.close()
 
+    def close_idle(self, idle_s: float) -> int:
+        """Unregister and free the kept regions no request used for ``idle_s`` (all of them
+        with a negative ``idle_s``); returns how many. Any thread may call it."""
+        import tritonclient.utils.shared_memory as shm
+
+        stale = self._pool.stale(idle_s)
+        if not stale:
+            return 0
+        helper = self.clone()  # a connection of the calling thread's own
+        try:
+            for region in stale:
+                if region.registered:
+                    with contextlib.suppress(Exception):
+                        helper._client.unregister_system_shared_memory(region.name)
+                with contextlib.suppress(Exception):
+                    shm.destroy_shared_memory_region(region.handle)
+        finally:
+            helper.close()
+        return len(stale)
+
     def __del__(self) -> None:
-        if self._regions:
+        if getattr(self, "_regions", None):
             self.close()
 
     # -- state -----------------------------------------------------------------------------
@@ -286,29 +379,32 @@ class InferenceClient:
         return out
 
     # -- requests --------------------------------------------------------------------------
-    def _region_name(self, role: str) -> str:
-        return f"airouter_{os.getpid()}_{id(self):x}_{role}"
-
-    def _region(self, role: str, size: int) -> Any:
+    def _region(self, role: str, size: int) -> _Region:
         """A registered shared-memory region of at least ``size`` bytes for ``role``."""
         import tritonclient.utils.shared_memory as shm
 
-        name = self._region_name(role)
         current = self._regions.get(role)
-        if current is not None and current[1] < size:
-            with contextlib.suppress(Exception):
-                self._client.unregister_system_shared_memory(name)
-            shm.destroy_shared_memory_region(current[0])
-            self._registered.discard(role)
+        if current is not None and current.size < size:
+            self._pool.give(current)  # another request may fit in it
             current = None
         if current is None:
-            handle = shm.create_shared_memory_region(name, "/" + name, size)
-            current = (handle, size)
+            current = self._pool.take(size)
+            if current is None:
+                name = self._pool.new_name()
+                handle = shm.create_shared_memory_region(name, "/" + name, size)
+                current = _Region(name, handle, size)
             self._regions[role] = current
-        if role not in self._registered:
-            self._client.register_system_shared_memory(name, "/" + name, current[1])
-            self._registered.add(role)
-        return current[0]
+        if not current.registered:
+            name = current.name
+            self._client.register_system_shared_memory(name, "/" + name, current.size)
+            current.registered = True
+        return current
+
+    def _forget_registrations(self) -> None:
+        """The server may have restarted: register every region again before its use."""
+        for region in self._regions.values():
+            region.registered = False
+        self._pool.unregister_all()
 
     def infer(
         self, model: str, inputs: dict[str, np.ndarray], outputs: OutputSpec
@@ -322,14 +418,14 @@ class InferenceClient:
         except InferenceServerException as exc:
             message = exc.message() or str(exc)
             if not self.is_ready():
-                self._registered.clear()  # a restarted server knows no regions
+                self._forget_registrations()  # a restarted server knows no regions
                 raise InferenceUnavailable(f"Triton at {self.url}: {message}") from exc
             if "shared memory" in message.lower() and "region" in message.lower():
-                self._registered.clear()
+                self._forget_registrations()
                 raise InferenceUnavailable(f"Triton at {self.url}: {message}") from exc
             raise InferenceError(f"model {model}: {message}") from exc
         except (ConnectionError, OSError, TimeoutError) as exc:
-            self._registered.clear()
+            self._forget_registrations()
             raise InferenceUnavailable(f"Triton at {self.url}: {exc}") from exc
 
     def _infer(
@@ -344,9 +440,9 @@ class InferenceClient:
             datatype = _NP_TO_TRITON[array.dtype]
             tensor = self._mod.InferInput(name, list(array.shape), datatype)
             if use_shm:
-                handle = self._region(f"in_{name}", array.nbytes)
-                shm.set_shared_memory_region(handle, [array])
-                tensor.set_shared_memory(self._region_name(f"in_{name}"), array.nbytes)
+                region = self._region(f"in_{name}", array.nbytes)
+                shm.set_shared_memory_region(region.handle, [array])
+                tensor.set_shared_memory(region.name, array.nbytes)
             elif self.protocol is TritonProtocol.GRPC:
                 tensor.set_data_from_numpy(array)
             else:
@@ -360,8 +456,7 @@ class InferenceClient:
                 out = self._mod.InferRequestedOutput(name, binary_data=True)
             if use_shm:
                 size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-                self._region(f"out_{name}", size)
-                out.set_shared_memory(self._region_name(f"out_{name}"), size)
+                out.set_shared_memory(self._region(f"out_{name}", size).name, size)
             requested.append(out)
         grpc = self.protocol is TritonProtocol.GRPC
         # over HTTP the client's network_timeout bounds the request
@@ -378,7 +473,7 @@ class InferenceClient:
                     raise InferenceError(
                         f"model {model}: output {name} has shape {got}, not {shape}"
                     )
-                handle = self._regions[f"out_{name}"][0]
+                handle = self._regions[f"out_{name}"].handle
                 arrays[name] = np.array(shm.get_contents_as_numpy(handle, np.dtype(dtype), shape))
             else:
                 value = result.as_numpy(name)

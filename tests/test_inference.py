@@ -178,9 +178,9 @@ def test_every_model_gives_the_same_masks_over_http_grpc_and_shared_memory(
 def test_ct_lungs_takes_ct_bodys_body_over_triton_and_gives_the_same_lungs(
     triton: LocalTriton,
 ) -> None:
-    """ct-lungs' card uses ct-body's body: sent as the optional BODY input, the server model
-    takes it instead of computing it again, and the lungs are exactly those it finds alone.
-    A body of the wrong shape is refused with the reason."""
+    """ct-lungs' card uses ct-body's body: sent as bits (the optional BODY_BITS input), the
+    server model takes it instead of computing it again, and the lungs are exactly those it
+    finds alone. A body of the wrong shape is refused with the reason, as bytes or as bits."""
     phantom = held_out_phantom(HELD_OUT_SEEDS[0])
     cards = load_cards(CARDS)
     assert cards["ct-lungs"].input.uses is not None
@@ -198,6 +198,10 @@ def test_ct_lungs_takes_ct_bodys_body_over_triton_and_gives_the_same_lungs(
             client.segment(
                 "ct-lungs", phantom.hu, phantom.affine, {"BODY": np.zeros((2, 2, 2), np.uint8)}
             )
+        assert cards["ct-lungs"].input.uses.packed
+        with pytest.raises(InferenceError, match="packed body mask"):
+            bits = np.zeros(phantom.hu.shape, np.uint8)  # bytes where bits are expected
+            client.segment("ct-lungs", phantom.hu, phantom.affine, {"BODY_BITS": bits})
     finally:
         client.close()
 
@@ -349,9 +353,49 @@ def test_shared_memory_regions_are_private_to_the_node(triton: LocalTriton) -> N
 
     client = InferenceClient(triton.url("http"), shared_memory=True)
     try:
-        client._region("input", 4096)
-        path = f"/dev/shm/{client._region_name('input')}"
+        path = f"/dev/shm/{client._region('input', 4096).name}"
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     finally:
         client.close()
     assert not os.path.exists(path)  # closed: gone
+
+
+def test_a_jobs_regions_are_kept_for_the_next_job_and_freed_when_idle(triton: LocalTriton) -> None:
+    """A clone (one per job and thread) gives its regions back when it closes, still
+    registered; the next clone, made in another thread, writes into the same regions and gets
+    the same answer. close_idle frees those left unused, and the first client's close the
+    rest."""
+    import os
+    import threading
+
+    phantom = held_out_phantom(HELD_OUT_SEEDS[0])
+    client = InferenceClient(triton.url("http"), shared_memory=True)
+    answers: list[np.ndarray] = []
+    names: list[set[str]] = []
+
+    def job() -> None:  # a worker thread: its own connection, as the pipeline's
+        own = client.clone()
+        try:
+            answers.append(own.segment("ct-body", phantom.hu, phantom.affine))
+            names.append({r.name for r in own._regions.values()})
+        finally:
+            own.close()
+
+    try:
+        for _ in range(2):
+            worker = threading.Thread(target=job)
+            worker.start()
+            worker.join()
+        assert len(answers) == 2 and answers[0].any()
+        assert np.array_equal(answers[0], answers[1])
+        assert names[0] == names[1] and len(names[0]) == 3  # CT, AFFINE, LABELS
+        assert all(os.path.exists(f"/dev/shm/{n}") for n in names[0])
+        assert client.close_idle(600.0) == 0  # just used: kept
+        assert client.close_idle(0.0) == 3
+        assert not any(os.path.exists(f"/dev/shm/{n}") for n in names[0])
+        job()  # new regions, registered afresh
+        assert np.array_equal(answers[2], answers[0])
+        assert names[2].isdisjoint(names[0])
+    finally:
+        client.close()
+    assert not any(os.path.exists(f"/dev/shm/{n}") for n in names[-1])

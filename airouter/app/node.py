@@ -184,6 +184,11 @@ class Node:
         self.store.record("triton_restarted", f"exit code {code}")
         self.triton.start()
 
+    def _free_idle_regions(self) -> None:
+        """Free the shared-memory regions no job has used for ``shared_memory_keep_s``."""
+        if self._client is not None:
+            self._client.close_idle(self.settings.inference.shared_memory_keep_s)
+
     # -- routing and work ------------------------------------------------------------------
     def _route(self, session: Session, study_uid: str) -> None:
         route_study(session, study_uid, self.rules, self.off_hours)
@@ -349,6 +354,9 @@ class Node:
             self._heartbeat, "interval", seconds=self.identity.lease_s / 3, id="leases", **every
         )
         self.scheduler.add_job(self._watch_triton, "interval", seconds=2.0, id="triton", **every)
+        self.scheduler.add_job(
+            self._free_idle_regions, "interval", seconds=5.0, id="regions", **every
+        )
         self.scheduler.add_job(self._watch_workers, "interval", seconds=2.0, id="workers", **every)
         self.scheduler.add_job(self._reload_rules, "interval", seconds=1.0, id="rules", **every)
         self.scheduler.start()
@@ -479,6 +487,8 @@ class Node:
             self.scheduler.shutdown(wait=False)
         for t in self._workers:
             t.join(timeout=5)
+        if self._client is not None:
+            self._client.close()
         if self.triton is not None:
             self.triton.stop()
         log.info("node stopped")

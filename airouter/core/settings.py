@@ -428,6 +428,9 @@ class InferenceSettings(_Strict):
     # Jobs wait while Triton is unavailable, retrying with backoff up to this interval.
     retry_max_s: float = Field(default=10.0, gt=0)
     shared_memory: SharedMemoryMode = SharedMemoryMode.AUTO
+    # The shared-memory regions a job's requests wrote are kept this long for the next job
+    # (filled again at memory speed, not first touched); 0 frees them after each job.
+    shared_memory_keep_s: float = Field(default=120.0, ge=0)
     # A series whose headers say it decodes to more than this is refused before decoding.
     max_volume_mb: float = Field(default=4096.0, gt=0)
 
@@ -637,6 +640,7 @@ MOVED_KEYS: dict[str, str] = {
             "request_timeout_s",
             "retry_max_s",
             "shared_memory",
+            "shared_memory_keep_s",
         )
     },
     "workers": "jobs.workers",

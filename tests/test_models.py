@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from inference.algorithms import LEFT_LUNG, RIGHT_LUNG, segment_body, segment_lungs
 from inference.volume import build_volume
@@ -201,3 +202,28 @@ def test_components_labelled_in_slabs_are_scipys() -> None:
     assert _label(snake, slab=7)[1] == 2
     sizes = np.bincount(ndimage.label(snake)[0].ravel())
     assert largest_component(snake).sum() == sizes[1:].max()
+
+
+def test_the_block_grid_changes_the_answer_by_almost_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a noisy 0.7 mm chest phantom (3x3 pixel blocks; 512 is not a multiple of 3, so
+    partial blocks too) the models on the ~2 mm grid and the same models at full resolution
+    (one pixel a block) agree to a few voxels in 100,000 for the body and exactly for the
+    lungs; both find the truth."""
+    import inference.blocks
+    from inference.blocks import grid_step
+    from inference.training.phantoms import random_chest_phantom
+
+    p = random_chest_phantom(np.random.default_rng(1), slices=24, size=512, pixel_mm=0.7)
+    assert grid_step(p.affine) == 3
+    body = segment_body(p.hu, p.affine).astype(bool)
+    lungs = segment_lungs(p.hu, p.affine)
+    monkeypatch.setattr(inference.blocks, "GRID_MM", 0.01)
+    assert grid_step(p.affine) == 1
+    exact_body = segment_body(p.hu, p.affine).astype(bool)
+    exact_lungs = segment_lungs(p.hu, p.affine)
+    assert (body ^ exact_body).sum() <= 1e-3 * exact_body.sum()
+    assert (lungs != exact_lungs).sum() <= 1e-3 * (exact_lungs > 0).sum()
+    assert dice(body, p.body) > 0.999
+    assert dice(lungs > 0, p.right_lung | p.left_lung) > 0.97

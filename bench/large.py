@@ -102,26 +102,37 @@ an AMD EPYC host (the code before, just before on that host: 7,540 MB and 65.8 s
 encoders' later work (bounding boxes shared, contours walked by scipy's graph routines, the
 garbage collector paused) brought encode from 3.9 s to about 1 s.
 
+On 2026-12-03 (second session, same host, slower that hour: storescu 8.4 s where it took
+5.0 s in the morning) three changes, measured one after another with this bench: ct-body and
+ct-lungs decide connectivity on a ~2 mm block grid and draw the boundary at full resolution
+(`inference/blocks.py`; on this volume in one process ct-body 18.5 -> 3.6 s, ct-lungs 9.0 ->
+1.0 s; on a noisy 0.7 mm phantom the grid and full resolution differ by 3 voxels in 100,000):
+63.3 s / 37.3 s (first study / second); the inference client's shared-memory regions kept
+between jobs instead of new ones per job and model: 56.2 s / 26.6 s; ct-body's body sent to
+ct-lungs as bits (33 MB instead of 262 MB): the figures above, ct-lungs 13.4 s / 1.15 s.
+
 What this machine adds: memory a process touches for the first time costs about 7 ms per MB
 here (a Firecracker VM whose host backs guest memory on first touch and takes freed memory
-back: a new 262 MB array costs 2 s to fill, the same array refilled 0.03 s). A node's first
-large study pays it in every process for every new array; later ones reuse what the Python
-backend stubs keep (ct-body alone on this volume through Triton: 23.3 s the first request,
-11.3-11.5 s the next ones; 13.1 s in one process from cold). The goals are not met. What is
-left, largest first: ct-body's own work (its largest connected component of 262 M voxels
-about 6 s, holes filled per slice, the opening's distance transforms, islands per slice about
-1.2 s each), ct-lungs, the volume build (6 s: 500 MB read into new memory), the node's share
-of the peak (the volume, the models' label volumes, one boolean mask per structure) and
-tritonserver's shared-memory regions (a new pair per job). The repeated head CT holds one
+back within seconds: a new 262 MB array costs 2 s to fill, the same array refilled 0.03 s).
+A node's first large study pays it in every process for every new buffer: the CT copied into
+each Python backend stub's pool (3.5-6 s each), the labels through the pools and the regions,
+the volume itself (500 MB). The second study finds the pools and the kept regions already
+there. The goals are not met. What is left, largest first, on the second study: ct-body
+through Triton (6.6 s, of which its own work about 3.6 s and its fresh 262 MB answer in the
+stub about 2 s), the volume build (5.9 s: 500 MB of pixels read into new memory), the quiet
+period (2 s; the rule option `complete_on_release` takes it off), the C-STORE to Orthanc
+(1.3 s), the encoders (0.9 s). On the first study the Python backend's copies of the CT
+dominate; sending the CT to one Python model that answers for both (one copy instead of two),
+building the volume straight into a kept region, and answering labels as bits are what would
+cut the first-study time and the peak; not done in this issue. The repeated head CT holds one
 patient per 140 slices: ct-body keeps the largest one, so the body is drawn on about 140 of
 the 1,000 slices.
 
-After a first study this large the node's processes hold about 2 GB more while idle (the
-second column's "before the send"): the Python backend's shared-memory pool of each model,
-mapped by its stub and by tritonserver, grows to hold the largest request's tensors (ct-body:
-the 500 MB CT and its 250 MB labels; ct-lungs: the CT, ct-body's body and its labels) and is
-not given back. Sending the body and the labels as bits rather than bytes would take a third
-of that off; not done in this issue."""
+After a large study the node's processes hold about 3 GB more while idle (the second
+column's "before the send"): the Python backend's shared-memory pool of each model, mapped
+by its stub and by tritonserver, grows to hold the largest request's tensors and is not given
+back, and the client's regions are kept for `inference.shared_memory_keep_s` (120 s) after
+their last job, then freed."""
 
 
 def _one_study(node: Any, orthanc: Any, batch: list[Path]) -> dict[str, Any]:

@@ -218,7 +218,7 @@ def drop_small_islands(mask: np.ndarray, affine: np.ndarray, min_mm2: float) -> 
     return mask
 
 
-def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def segment_body(hu: np.ndarray, affine: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """ct-body: the patient's outline. HU threshold, largest component, holes filled per slice
     (also where the field of view cuts the patient: lungs and bowel gas at the image border
     are inside), the table cut off where it touches the patient, and specks under
@@ -229,8 +229,12 @@ def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
     the grid's body, a block away from the outside air, every pixel is the body's (holes
     included), and on the blocks at the outside air the pixels above the threshold are.
 
-    Returns uint8 labels (0 background, 1 body).
+    Returns uint8 labels (0 background, 1 body), written into ``out`` if given (a uint8 or
+    bool array of the volume's shape that the caller keeps between volumes: memory touched
+    for the first time is slow on a VM).
     """
+    if out is not None and (out.shape != hu.shape or out.dtype.itemsize != 1):
+        raise ValueError(f"an output of {out.shape} {out.dtype} for a {hu.shape} volume")
     step = grid_step(affine)
     tissue = np.empty(grid_shape(hu.shape, step), dtype=bool)
     for k in range(0, len(hu), SLAB):
@@ -238,9 +242,13 @@ def segment_body(hu: np.ndarray, affine: np.ndarray) -> np.ndarray:
     filled = fill_holes_per_slice(largest_component(tissue), truncated=True)
     del tissue
     if not filled.any():
-        return np.zeros(hu.shape, dtype=np.uint8)
+        if out is None:
+            return np.zeros(hu.shape, dtype=np.uint8)
+        out[...] = 0
+        return out.view(np.uint8)
     inner = _inner_blocks(filled, step)
-    body = np.empty(hu.shape, dtype=bool)  # the one full-size array: the answer
+    # the one full-size array: the answer
+    body = np.empty(hu.shape, dtype=bool) if out is None else out.view(bool)
     for k in range(0, len(hu), SLAB):
         part = body[k : k + SLAB]
         np.greater(hu[k : k + SLAB], BODY_THRESHOLD_HU, out=part)

@@ -399,3 +399,22 @@ def test_a_jobs_regions_are_kept_for_the_next_job_and_freed_when_idle(triton: Lo
     finally:
         client.close()
     assert not any(os.path.exists(f"/dev/shm/{n}") for n in names[-1])
+
+
+def test_ct_body_answers_each_volume_in_its_kept_buffer(triton: LocalTriton) -> None:
+    """ct-body keeps its answer's buffer between requests: volumes of one shape in turn each
+    get their own body (the one computed in this process), never the previous one's."""
+    from inference.algorithms import segment_body
+    from inference.training.phantoms import random_chest_phantom
+
+    volumes = [random_chest_phantom(np.random.default_rng(seed)) for seed in (11, 12)]
+    assert volumes[0].hu.shape == volumes[1].hu.shape
+    expected = [segment_body(v.hu, v.affine) for v in volumes]
+    assert not np.array_equal(expected[0], expected[1])
+    client = InferenceClient(triton.url("http"), shared_memory=True)
+    try:
+        for n in (0, 1, 0):
+            got = client.segment("ct-body", volumes[n].hu, volumes[n].affine)
+            assert np.array_equal(got, expected[n])
+    finally:
+        client.close()

@@ -227,3 +227,15 @@ def test_the_block_grid_changes_the_answer_by_almost_nothing(
     assert (lungs != exact_lungs).sum() <= 1e-3 * (exact_lungs > 0).sum()
     assert dice(body, p.body) > 0.999
     assert dice(lungs > 0, p.right_lung | p.left_lung) > 0.97
+
+
+def test_body_written_into_a_kept_buffer_is_the_body() -> None:
+    """segment_body(out=...) (the server model's kept buffer) overwrites whatever the buffer
+    held, also for a volume without a body, and refuses a buffer of another shape."""
+    p = chest_phantom()
+    kept = np.full(p.hu.shape, 7, dtype=np.uint8)
+    assert np.array_equal(segment_body(p.hu, p.affine, out=kept), segment_body(p.hu, p.affine))
+    air = np.full_like(p.hu, -1000)
+    assert not segment_body(air, p.affine, out=kept).any()
+    with pytest.raises(ValueError, match="an output of"):
+        segment_body(p.hu, p.affine, out=kept[1:])

@@ -14,13 +14,29 @@ import numpy as np
 Segmenter = Callable[..., np.ndarray]
 
 
-def python_model(segment: Segmenter, optional: dict[str, str] | None = None) -> type:
+def python_model(
+    segment: Segmenter, optional: dict[str, str] | None = None, reuse_output: bool = False
+) -> type:
     """A ``TritonPythonModel`` class that runs ``segment(hu, affine)`` on each request;
     ``optional`` maps optional input tensors to the keyword ``segment`` takes them as (given
-    only when the request has them)."""
+    only when the request has them). With ``reuse_output``, ``segment`` takes ``out=``: a
+    uint8 buffer of the volume's shape that the model keeps for the next request of that
+    shape (memory touched for the first time costs about 7 ms per MB on a VM: 2 s for the
+    labels of a 1,000-slice CT). The backend copies the answer into its own shared memory
+    before the next request comes."""
     import triton_python_backend_utils as pb_utils
 
     class TritonPythonModel:
+        _kept: np.ndarray | None = None
+
+        def _out(self, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+            if not reuse_output:
+                return {}
+            if self._kept is None or self._kept.shape != shape:
+                self._kept = None  # the old one goes before the new one is made
+                self._kept = np.empty(shape, dtype=np.uint8)
+            return {"out": self._kept}
+
         def execute(self, requests: list[Any]) -> list[Any]:
             responses = []
             for request in requests:
@@ -32,6 +48,7 @@ def python_model(segment: Segmenter, optional: dict[str, str] | None = None) -> 
                         given = pb_utils.get_input_tensor_by_name(request, tensor)
                         if given is not None:
                             extra[keyword] = given.as_numpy()
+                    extra.update(self._out(tuple(hu.shape)))
                     labels = np.ascontiguousarray(segment(hu, affine, **extra), dtype=np.uint8)
                     responses.append(
                         pb_utils.InferenceResponse(

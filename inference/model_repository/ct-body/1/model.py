@@ -3,4 +3,5 @@
 from inference.algorithms import segment_body
 from inference.serving.python_model import python_model
 
-TritonPythonModel = python_model(segment_body)
+# its answer's buffer is kept between requests (first-touched memory is slow)
+TritonPythonModel = python_model(segment_body, reuse_output=True)

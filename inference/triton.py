@@ -21,6 +21,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,9 @@ class _RegionPool:
 
     def __init__(self) -> None:
         self._free: list[_Region] = []
+        self._held: dict[int, tuple[_Region, int]] = {}  # address -> (region, bytes): buffers
         self._lock = threading.Lock()
+        self.registering = threading.Lock()  # one clone registers a shared buffer, not two
         self._numbers = itertools.count()
 
     def new_name(self) -> str:
@@ -234,17 +237,41 @@ class _RegionPool:
         return out
 
     def __del__(self) -> None:  # nobody closed the first client: at least unlink the names
-        import tritonclient.utils.shared_memory as shm
+        if not getattr(self, "_free", None):
+            return
+        with contextlib.suppress(Exception):  # at interpreter exit imports may fail
+            import tritonclient.utils.shared_memory as shm
 
-        for region in getattr(self, "_free", []):
-            with contextlib.suppress(Exception):
-                shm.destroy_shared_memory_region(region.handle)
+            for region in self._free:
+                with contextlib.suppress(Exception):
+                    shm.destroy_shared_memory_region(region.handle)
 
     def unregister_all(self) -> None:
         """The server forgot every region (it restarted)."""
         with self._lock:
-            for region in self._free:
+            for region in [*self._free, *(r for r, _ in self._held.values())]:
                 region.registered = False
+
+    def hold(self, region: _Region, array: np.ndarray) -> None:
+        """``region`` is lent out as the buffer of ``array`` (see InferenceClient.buffers)."""
+        with self._lock:
+            self._held[_address(array)] = (region, array.nbytes)
+
+    def release(self, array: np.ndarray) -> None:
+        """The buffer ``array`` is no longer used: its region goes back to the free ones."""
+        with self._lock:
+            region, _ = self._held.pop(_address(array))
+        self.give(region)
+
+    def holding(self, array: np.ndarray) -> _Region | None:
+        """The lent region whose buffer ``array`` is (its start, at most its bytes), if any."""
+        with self._lock:
+            found = self._held.get(_address(array))
+        return found[0] if found is not None and array.nbytes <= found[1] else None
+
+
+def _address(array: np.ndarray) -> int:
+    return int(array.__array_interface__["data"][0])
 
 
 class InferenceClient:
@@ -291,6 +318,39 @@ class InferenceClient:
         return InferenceClient(
             self.url, self.protocol, self.request_timeout_s, self.shared_memory, self._pool
         )
+
+    @contextlib.contextmanager
+    def buffers(self) -> Iterator[Callable[[tuple[int, ...], type], np.ndarray]]:
+        """An allocator of arrays in kept shared-memory regions (plain arrays without
+        shared memory), valid until the end of the ``with``: a request whose input is one of
+        them names its region instead of copying it (the job's volume is built straight
+        into the region Triton reads). The regions go back to the pool afterwards, for the
+        next job, and the arrays must not be used then."""
+        import tritonclient.utils.shared_memory as shm
+
+        lent: list[np.ndarray] = []
+
+        def allocate(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+            if not self.shared_memory:
+                return np.empty(shape, dtype)
+            size = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            region = self._pool.take(size) or self._new_region(size)
+            array = shm.get_contents_as_numpy(region.handle, np.dtype(dtype), shape)
+            self._pool.hold(region, array)
+            lent.append(array)
+            return array
+
+        try:
+            yield allocate
+        finally:
+            for array in lent:
+                self._pool.release(array)
+
+    def _new_region(self, size: int) -> _Region:
+        import tritonclient.utils.shared_memory as shm
+
+        name = self._pool.new_name()
+        return _Region(name, shm.create_shared_memory_region(name, "/" + name, size), size)
 
     def close(self) -> None:
         """Close the connection. A clone's regions go back to the pool; the first client's
@@ -381,24 +441,23 @@ class InferenceClient:
     # -- requests --------------------------------------------------------------------------
     def _region(self, role: str, size: int) -> _Region:
         """A registered shared-memory region of at least ``size`` bytes for ``role``."""
-        import tritonclient.utils.shared_memory as shm
 
         current = self._regions.get(role)
         if current is not None and current.size < size:
             self._pool.give(current)  # another request may fit in it
             current = None
         if current is None:
-            current = self._pool.take(size)
-            if current is None:
-                name = self._pool.new_name()
-                handle = shm.create_shared_memory_region(name, "/" + name, size)
-                current = _Region(name, handle, size)
+            current = self._pool.take(size) or self._new_region(size)
             self._regions[role] = current
-        if not current.registered:
-            name = current.name
-            self._client.register_system_shared_memory(name, "/" + name, current.size)
-            current.registered = True
+        self._register(current)
         return current
+
+    def _register(self, region: _Region) -> None:
+        with self._pool.registering:
+            if not region.registered:
+                name = region.name
+                self._client.register_system_shared_memory(name, "/" + name, region.size)
+                region.registered = True
 
     def _forget_registrations(self) -> None:
         """The server may have restarted: register every region again before its use."""
@@ -439,7 +498,11 @@ class InferenceClient:
             array = np.ascontiguousarray(array)
             datatype = _NP_TO_TRITON[array.dtype]
             tensor = self._mod.InferInput(name, list(array.shape), datatype)
-            if use_shm:
+            held = self._pool.holding(array) if use_shm else None
+            if held is not None:  # built in a region already: named, not copied
+                self._register(held)
+                tensor.set_shared_memory(held.name, array.nbytes)
+            elif use_shm:
                 region = self._region(f"in_{name}", array.nbytes)
                 shm.set_shared_memory_region(region.handle, [array])
                 tensor.set_shared_memory(region.name, array.nbytes)

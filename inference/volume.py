@@ -7,7 +7,7 @@ coordinates (LPS, mm). The sorted headers are kept: encoders reference exactly t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +211,12 @@ def _check_size(datasets: Sequence[Dataset], limit: int) -> None:
         )
 
 
-def _multiframe_volume(ds: Dataset, limit: int, drop_duplicates: bool = False) -> Volume:
+Allocator = Callable[[tuple[int, ...], type], np.ndarray]  # (shape, dtype) -> a new array
+
+
+def _multiframe_volume(
+    ds: Dataset, limit: int, drop_duplicates: bool = False, allocate: Allocator | None = None
+) -> Volume:
     """An enhanced (multi-frame) image: each frame's geometry from its functional groups."""
     frames = ds.get("PerFrameFunctionalGroupsSequence")
     count = int(ds.NumberOfFrames)
@@ -268,7 +273,7 @@ def _multiframe_volume(ds: Dataset, limit: int, drop_duplicates: bool = False) -
         pixels = ds.pixel_array
     except Exception as exc:
         raise VolumeError(f"cannot decode pixel data: {exc}") from exc
-    hu = np.empty((len(order), int(ds.Rows), int(ds.Columns)), dtype=np.int16)
+    hu = (allocate or np.empty)((len(order), int(ds.Rows), int(ds.Columns)), np.int16)
     for k, n in enumerate(order):
         slope, intercept = rescale[n]
         values = pixels[n].astype(np.float32) * slope + intercept
@@ -341,12 +346,15 @@ def build_volume(
     paths: Iterable[Path | str],
     max_bytes: int = DEFAULT_MAX_VOLUME_BYTES,
     drop_duplicates: bool = False,
+    allocate: Allocator | None = None,
 ) -> Volume:
     """Read, sort, decode and rescale a series into a :class:`Volume` (single-frame images,
     or one multi-frame image with per-frame functional groups). A series whose headers say
     it decodes to more than ``max_bytes`` is refused before any pixel is decoded (a header
     announcing 65535 x 65535 pixels is 8 GB a slice). Two images at one position are an
-    error, unless ``drop_duplicates``: then the first is kept and the volume counts the others."""
+    error, unless ``drop_duplicates``: then the first is kept and the volume counts the others.
+    ``allocate`` makes the HU array (``np.empty`` by default; the pipeline's puts it in a
+    shared-memory region the inference server reads it from)."""
     paths = list(paths)
     if len(paths) == 1:
         single = _read(paths[0])
@@ -355,10 +363,11 @@ def build_volume(
         except (Unreadable, TypeError, ValueError) as exc:
             raise VolumeError("NumberOfFrames is unreadable") from exc
         if frames > 1:
-            return _multiframe_volume(single, max_bytes, drop_duplicates)
+            return _multiframe_volume(single, max_bytes, drop_duplicates, allocate)
     datasets, duplicates = read_headers(paths, drop_duplicates)
     _check_size(datasets, max_bytes)
-    hu = np.empty((len(datasets), datasets[0].Rows, datasets[0].Columns), dtype=np.int16)
+    shape = (len(datasets), int(datasets[0].Rows), int(datasets[0].Columns))
+    hu = (allocate or np.empty)(shape, np.int16)
     for index, ds in enumerate(datasets):
         pixels = _native_pixels(ds)
         if pixels is None:

@@ -418,3 +418,40 @@ def test_ct_body_answers_each_volume_in_its_kept_buffer(triton: LocalTriton) -> 
             assert np.array_equal(got, expected[n])
     finally:
         client.close()
+
+
+def test_a_volume_built_in_a_lent_buffer_goes_to_triton_by_name(triton: LocalTriton) -> None:
+    """The job's volume is built straight into a shared-memory region (InferenceClient.buffers):
+    a request names that region instead of copying the CT into another one, and the answers
+    are those of a plain array; after the job the region is kept for the next one, and a
+    client without shared memory hands out plain arrays."""
+    import os
+
+    phantom = held_out_phantom(HELD_OUT_SEEDS[0])
+    client = InferenceClient(triton.url("http"), shared_memory=True)
+    try:
+        expected = client.segment("ct-body", phantom.hu, phantom.affine)
+        copied_into = client._regions["in_CT"].name
+        with client.buffers() as allocate:
+            hu = allocate(phantom.hu.shape, np.int16)
+            hu[...] = phantom.hu
+            lent = client._pool.holding(hu)
+            assert lent is not None and os.path.exists(f"/dev/shm/{lent.name}")
+            own = client.clone()
+            try:
+                got = own.segment("ct-body", hu, phantom.affine)
+                assert "in_CT" not in own._regions  # named, not copied
+            finally:
+                own.close()
+            assert np.array_equal(got, expected)
+            assert lent.name != copied_into
+        assert client._pool.holding(hu) is None
+        kept = client._pool.take(hu.nbytes)  # back among the kept regions
+        assert kept is not None and kept.name == lent.name
+        client._pool.give(kept)
+    finally:
+        client.close()
+    plain = InferenceClient(triton.url("http"), shared_memory=False)
+    with plain.buffers() as allocate:
+        assert allocate((2, 3), np.int16).shape == (2, 3)
+    plain.close()

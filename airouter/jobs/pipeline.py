@@ -63,7 +63,7 @@ from inference.algorithms import truncated_slices
 from inference.cards import ModelCard
 from inference.runner import ModelOutput, run_model
 from inference.triton import InferenceClient, InferenceError, InferenceUnavailable
-from inference.volume import Volume, VolumeError, build_volume
+from inference.volume import Allocator, Volume, VolumeError, build_volume
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,15 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
         len(paths),
         ",".join(job.models),
     )
+    # the volume is built in a kept shared-memory region that Triton reads it from (no copy
+    # per model), lent for the job
+    with ctx.client().buffers() as allocate:
+        _analyse(ctx, run, list(paths), allocate)
+
+
+def _analyse(ctx: PipelineContext, run: _Run, paths: list[str], allocate: Allocator) -> None:
+    """Volume, quality checks, models, encoding and archiving of an analysis job."""
+    job = run.job
     run.stage = "volume"
     t0 = time.perf_counter()
     qc_spec = (job.options or {}).get("qc")
@@ -187,6 +196,7 @@ def _run(ctx: PipelineContext, run: _Run) -> None:
         paths,
         int(ctx.inference.max_volume_mb * 1024 * 1024),
         drop_duplicates=checks is not None and checks.duplicate_slices,
+        allocate=allocate,
     )
     REGISTRY.remember_dataset(volume.datasets[0])  # what the encoders' libraries may quote
     run.recorder.time(volume_s=time.perf_counter() - t0)

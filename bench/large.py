@@ -102,31 +102,33 @@ an AMD EPYC host (the code before, just before on that host: 7,540 MB and 65.8 s
 encoders' later work (bounding boxes shared, contours walked by scipy's graph routines, the
 garbage collector paused) brought encode from 3.9 s to about 1 s.
 
-On 2026-12-03 (second session, same host, slower that hour: storescu 8.4 s where it took
-5.0 s in the morning) three changes, measured one after another with this bench: ct-body and
-ct-lungs decide connectivity on a ~2 mm block grid and draw the boundary at full resolution
-(`inference/blocks.py`; on this volume in one process ct-body 18.5 -> 3.6 s, ct-lungs 9.0 ->
-1.0 s; on a noisy 0.7 mm phantom the grid and full resolution differ by 3 voxels in 100,000):
-63.3 s / 37.3 s (first study / second); the inference client's shared-memory regions kept
-between jobs instead of new ones per job and model: 56.2 s / 26.6 s; ct-body's body sent to
-ct-lungs as bits (33 MB instead of 262 MB): the figures above, ct-lungs 13.4 s / 1.15 s.
+On 2026-12-03 (second session, same host; its speed moved within the hour: storescu took
+3.0-12.5 s for the same send) four changes, measured one after another with this bench:
+ct-body and ct-lungs decide connectivity on a ~2 mm block grid and draw the boundary at full
+resolution (`inference/blocks.py`; on this volume in one process ct-body 18.5 -> 3.6 s,
+ct-lungs 9.0 -> 1.0 s; on a noisy 0.7 mm phantom the grid and full resolution differ by 3
+voxels in 100,000): 63.3 s / 37.3 s (first study / second, a slow hour); the inference
+client's shared-memory regions kept between jobs instead of new ones per job and model:
+56.2 s / 26.6 s; ct-body's body sent to ct-lungs as bits (33 MB instead of 262 MB) and
+ct-body's answer written into a buffer its stub keeps: 51.9 s / 20.8 s; the volume built
+straight into a kept region that Triton reads by name (no copy of the CT per model): the
+figures above. The second study meets the 15 s goal; the first does not, nor does the peak.
 
 What this machine adds: memory a process touches for the first time costs about 7 ms per MB
 here (a Firecracker VM whose host backs guest memory on first touch and takes freed memory
 back within seconds: a new 262 MB array costs 2 s to fill, the same array refilled 0.03 s).
 A node's first large study pays it in every process for every new buffer: the CT copied into
-each Python backend stub's pool (3.5-6 s each), the labels through the pools and the regions,
-the volume itself (500 MB). The second study finds the pools and the kept regions already
-there. The goals are not met. What is left, largest first, on the second study: ct-body
-through Triton (6.6 s, of which its own work about 3.6 s and its fresh 262 MB answer in the
-stub about 2 s), the volume build (5.9 s: 500 MB of pixels read into new memory), the quiet
-period (2 s; the rule option `complete_on_release` takes it off), the C-STORE to Orthanc
-(1.3 s), the encoders (0.9 s). On the first study the Python backend's copies of the CT
-dominate; sending the CT to one Python model that answers for both (one copy instead of two),
-building the volume straight into a kept region, and answering labels as bits are what would
-cut the first-study time and the peak; not done in this issue. The repeated head CT holds one
-patient per 140 slices: ct-body keeps the largest one, so the body is drawn on about 140 of
-the 1,000 slices.
+each Python backend stub's pool (3.5-6 s each: ct-lungs' 13 s on the first study is mostly
+that), the labels through the pools and the regions, the volume itself (500 MB). The second
+study finds the pools, the stub's buffer and the kept regions already there. What is left on
+the second study, largest first: ct-body (3.2 s), the quiet period (2 s; the rule option
+`complete_on_release` takes it off), ct-lungs (1.75 s), the C-STORE to Orthanc (1.4 s), the
+volume build (1.4 s), the encoders (1.0 s). The peak (about 5 GB) is the CT in the node's
+region and in each stub's pool, the two label volumes in the stubs' pools, the regions and
+the node, the node's masks; one Python model answering for both classic models (one copy of
+the CT instead of two) and labels as bits are what would cut it; not done in this issue.
+The repeated head CT holds one patient per 140 slices: ct-body keeps the largest one, so the
+body is drawn on about 140 of the 1,000 slices.
 
 After a large study the node's processes hold about 3 GB more while idle (the second
 column's "before the send"): the Python backend's shared-memory pool of each model, mapped

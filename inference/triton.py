@@ -213,9 +213,11 @@ class _RegionPool:
         return f"airouter_{os.getpid()}_{id(self):x}_{next(self._numbers)}"
 
     def take(self, size: int) -> _Region | None:
-        """The smallest free region of at least ``size`` bytes, if any."""
+        """The smallest free region of at least ``size`` bytes, if any, and not much larger
+        (at most four times, or 1 MiB: a 128-byte affine never takes a 500 MB region)."""
         with self._lock:
-            fitting = [r for r in self._free if r.size >= size]
+            most = max(4 * size, 1 << 20)
+            fitting = [r for r in self._free if size <= r.size <= most]
             if not fitting:
                 return None
             region = min(fitting, key=lambda r: r.size)

@@ -455,3 +455,17 @@ def test_a_volume_built_in_a_lent_buffer_goes_to_triton_by_name(triton: LocalTri
     with plain.buffers() as allocate:
         assert allocate((2, 3), np.int16).shape == (2, 3)
     plain.close()
+
+
+def test_a_small_tensor_does_not_take_a_large_kept_region() -> None:
+    """The pool lends the smallest region that fits and is not much larger."""
+    from inference.triton import _Region, _RegionPool
+
+    pool = _RegionPool()
+    large, small = _Region("large", None, 500 << 20), _Region("small", None, 4096)
+    pool.give(large)
+    assert pool.take(128) is None  # only the 500 MB one is free: a new region instead
+    pool.give(small)
+    assert pool.take(128) is small
+    assert pool.take(200 << 20) is large  # a 200 MB volume reuses the 500 MB region
+    assert pool.take(1) is None

@@ -525,3 +525,25 @@ def test_the_node_checks_templates_against_its_model_cards(tmp_path: Path) -> No
     )
     with pytest.raises(TemplateError, match=r"dispatch\.destinations\.pacs\.template"):
         site_templates(CARDS, settings)
+
+
+def test_structures_measure_their_masks_without_copying_a_binary_answer() -> None:
+    """A model answer of 0 and 1 (ct-body) is its structure's mask without a copy; labels of
+    more values give one mask each. Volume and attenuation are those of the mask."""
+    volume = build_volume(head_ct_files()[40:50])
+    labels = segment_body(volume.hu, volume.affine)
+    (body,) = structures_of(
+        CARDS["ct-body"], ModelOutput(labels=labels), volume.hu, volume.voxel_volume_ml
+    )
+    assert np.shares_memory(body.mask, labels) and body.mask.dtype == bool
+    values = volume.hu[labels == 1]
+    assert body.intensities_hu == pytest.approx((values.mean(), values.min(), values.max()))
+    assert body.volume_ml == pytest.approx(values.size * volume.voxel_volume_ml)
+    two = labels.copy()
+    two[:, :, : two.shape[2] // 2] *= 2  # the left half labelled 2
+    right, left = structures_of(
+        CARDS["ct-lungs"], ModelOutput(labels=two), volume.hu, volume.voxel_volume_ml
+    )
+    assert not np.shares_memory(right.mask, two)
+    assert np.array_equal(right.mask, two == 1) and np.array_equal(left.mask, two == 2)
+    assert left.intensities_hu is not None and right.intensities_hu is not None

@@ -48,27 +48,39 @@ def structures_of(
     if output.labels is None:
         return []
     maps = output.probabilities if OutputKind.PROBABILITY_MAP in card.outputs else {}
+    labels = output.labels
+    # labels of 0 and 1 only (ct-body) are label 1's mask already: a view, not a copy
+    binary = labels.dtype == np.uint8 and labels.size > 0 and int(labels.max()) <= 1
     structures = []
     for label in card.labels:
-        mask = output.labels == label.value
-        found = bool(mask.any())
-        values = hu[mask] if found else None
+        mask = labels.view(bool) if binary and label.value == 1 else labels == label.value
+        intensities = _intensities(hu, mask)
+        found = intensities is not None
         structures.append(
             Structure(
                 # one tracking UID per structure and job: its SEG segment, SR groups and
                 # RTSTRUCT ROI all carry it
                 spec=segment_spec(card, label, tracking_uid=hd.UID()),
                 mask=mask,
-                volume_ml=float(mask.sum()) * voxel_ml if found else None,
-                intensities_hu=(
-                    (float(values.mean()), float(values.min()), float(values.max()))
-                    if values is not None
-                    else None
-                ),
+                volume_ml=float(np.count_nonzero(mask)) * voxel_ml if found else None,
+                intensities_hu=intensities,
                 probability=maps.get(label.value),
             )
         )
     return structures
+
+
+def _intensities(hu: np.ndarray, mask: np.ndarray) -> tuple[float, float, float] | None:
+    """Mean, min and max of ``hu`` in ``mask`` (None for an empty mask), 16 slices at a time:
+    never a copy of every value in a large structure."""
+    count, total, low, high = 0, 0.0, np.inf, -np.inf
+    for k in range(0, len(mask), 16):
+        values = hu[k : k + 16][mask[k : k + 16]]
+        if values.size:
+            count += values.size
+            total += float(values.sum(dtype=np.float64))
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    return None if count == 0 else (total / count, low, high)
 
 
 def looked_for_structures(card: ModelCard) -> list[Structure]:

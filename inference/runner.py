@@ -25,6 +25,7 @@ from airouter.core.vocab import Activation
 from inference.algorithms import fill_holes_per_slice, largest_component, voxel_ml
 from inference.cards import InputKind, InputMode, ModelCard, Task
 from inference.triton import InferenceClient
+from inference.volume import Allocator
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # (B, C_in, *spatial) -> (B, C_out, *spatial)
 
@@ -120,9 +121,11 @@ def run_model(
     client: InferenceClient | None = None,
     predict: Predictor | None = None,
     uses: np.ndarray | None = None,
+    allocate: Allocator | None = None,
 ) -> ModelOutput:
     """Run ``card`` on a volume (``hu``: (slices, rows, columns), ``affine``: index -> LPS).
-    ``uses``: the labels of the model the card's ``input.uses`` names, when it ran too."""
+    ``uses``: the labels of the model the card's ``input.uses`` names, when it ran too;
+    ``allocate``: where a classic model's labels are written (``InferenceClient.buffers``)."""
     if card.input.kind is InputKind.HU_AFFINE:
         if client is None:
             raise ValueError("a hu_affine model runs on the server: a client is needed")
@@ -131,7 +134,7 @@ def run_model(
             wanted = card.input.uses
             extra = {wanted.tensor: mask_tensor(uses, wanted.label, packed=wanted.packed)}
         t0 = time.perf_counter()
-        labels = client.segment(card.triton_model, hu, affine, extra)
+        labels = client.segment(card.triton_model, hu, affine, extra, allocate)
         return ModelOutput(labels=labels, timings={"infer_s": time.perf_counter() - t0})
     if predict is None:
         if client is None:

@@ -468,14 +468,19 @@ class InferenceClient:
         self._pool.unregister_all()
 
     def infer(
-        self, model: str, inputs: dict[str, np.ndarray], outputs: OutputSpec
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: OutputSpec,
+        into: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """One request. ``outputs`` gives each output's dtype and shape (needed to size its
-        shared-memory region; checked against the answer otherwise)."""
+        shared-memory region; checked against the answer otherwise). ``into``: arrays from
+        :meth:`buffers` the server writes outputs straight into (returned, not copied)."""
         from tritonclient.utils import InferenceServerException
 
         try:
-            return self._infer(model, inputs, outputs)
+            return self._infer(model, inputs, outputs, into or {})
         except InferenceServerException as exc:
             message = exc.message() or str(exc)
             if not self.is_ready():
@@ -490,7 +495,11 @@ class InferenceClient:
             raise InferenceUnavailable(f"Triton at {self.url}: {exc}") from exc
 
     def _infer(
-        self, model: str, inputs: dict[str, np.ndarray], outputs: OutputSpec
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        outputs: OutputSpec,
+        into: dict[str, np.ndarray],
     ) -> dict[str, np.ndarray]:
         import tritonclient.utils.shared_memory as shm
 
@@ -514,6 +523,7 @@ class InferenceClient:
                 tensor.set_data_from_numpy(array, binary_data=True)
             request_inputs.append(tensor)
         requested = []
+        targets: dict[str, np.ndarray] = {}  # outputs written straight into a lent buffer
         for name, (dtype, shape) in outputs.items():
             if self.protocol is TritonProtocol.GRPC:
                 out = self._mod.InferRequestedOutput(name)
@@ -521,7 +531,16 @@ class InferenceClient:
                 out = self._mod.InferRequestedOutput(name, binary_data=True)
             if use_shm:
                 size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-                out.set_shared_memory(self._region(f"out_{name}", size).name, size)
+                target = into.get(name)
+                held = None
+                if target is not None and target.dtype == dtype and target.shape == shape:
+                    held = self._pool.holding(target)
+                if held is not None and target is not None:
+                    self._register(held)
+                    out.set_shared_memory(held.name, size)
+                    targets[name] = target
+                else:
+                    out.set_shared_memory(self._region(f"out_{name}", size).name, size)
             requested.append(out)
         grpc = self.protocol is TritonProtocol.GRPC
         # over HTTP the client's network_timeout bounds the request
@@ -538,6 +557,9 @@ class InferenceClient:
                     raise InferenceError(
                         f"model {model}: output {name} has shape {got}, not {shape}"
                     )
+                if name in targets:
+                    arrays[name] = targets[name]
+                    continue
                 handle = self._regions[f"out_{name}"].handle
                 arrays[name] = np.array(shm.get_contents_as_numpy(handle, np.dtype(dtype), shape))
             else:
@@ -556,9 +578,14 @@ class InferenceClient:
         hu: np.ndarray,
         affine: np.ndarray,
         extra: dict[str, np.ndarray] | None = None,
+        allocate: Callable[[tuple[int, ...], type], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Run a classic (``hu_affine``) model on a volume; returns the uint8 label volume.
-        ``extra`` are further inputs by tensor name (another model's mask, say)."""
+        ``extra`` are further inputs by tensor name (another model's mask, say); ``allocate``
+        (from :meth:`buffers`) makes the array the server writes the labels into."""
+        into = {}
+        if allocate is not None and self.shared_memory:
+            into["LABELS"] = allocate(tuple(hu.shape), np.uint8)
         result = self.infer(
             model,
             {
@@ -567,5 +594,6 @@ class InferenceClient:
                 **(extra or {}),
             },
             {"LABELS": (np.dtype(np.uint8), tuple(hu.shape))},
+            into,
         )
         return result["LABELS"]

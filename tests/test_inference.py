@@ -422,8 +422,9 @@ def test_ct_body_answers_each_volume_in_its_kept_buffer(triton: LocalTriton) -> 
 
 def test_a_volume_built_in_a_lent_buffer_goes_to_triton_by_name(triton: LocalTriton) -> None:
     """The job's volume is built straight into a shared-memory region (InferenceClient.buffers):
-    a request names that region instead of copying the CT into another one, and the answers
-    are those of a plain array; after the job the region is kept for the next one, and a
+    a request names that region instead of copying the CT into another one, the labels can be
+    written by the server into another such buffer, and the answers are those of a plain
+    array; after the job the region is kept for the next one, and a
     client without shared memory hands out plain arrays."""
     import os
 
@@ -441,9 +442,12 @@ def test_a_volume_built_in_a_lent_buffer_goes_to_triton_by_name(triton: LocalTri
             try:
                 got = own.segment("ct-body", hu, phantom.affine)
                 assert "in_CT" not in own._regions  # named, not copied
+                written = own.segment("ct-body", hu, phantom.affine, allocate=allocate)
+                assert client._pool.holding(written) is not None  # the server wrote it there
+                assert "out_LABELS" in own._regions  # only the first request used one
             finally:
                 own.close()
-            assert np.array_equal(got, expected)
+            assert np.array_equal(got, expected) and np.array_equal(written, expected)
             assert lent.name != copied_into
         assert client._pool.holding(hu) is None
         kept = client._pool.take(hu.nbytes)  # back among the kept regions

@@ -220,7 +220,7 @@ def _analyse(ctx: PipelineContext, run: _Run, paths: list[str], allocate: Alloca
         run.recorder.fail(refusal)
         return
     run.stage = "inference"
-    structures, classified = _infer(ctx, run, volume)
+    structures, classified = _infer(ctx, run, volume, allocate)
     structures = _chosen(run, structures)
     prior = None
     if (job.options or {}).get("prior") is not None:
@@ -393,15 +393,16 @@ def _forward(ctx: PipelineContext, run: _Run) -> None:
 
 
 def _infer(
-    ctx: PipelineContext, run: _Run, volume: Volume
+    ctx: PipelineContext, run: _Run, volume: Volume, allocate: Allocator | None = None
 ) -> tuple[list[Structure], list[Classification]]:
-    """Run the job's models and keep their raw output with the job."""
+    """Run the job's models and keep their raw output with the job (the classic models'
+    labels written by the server into ``allocate``'s buffers: no copy)."""
     job = run.job
     missing = [name for name in job.models if name not in ctx.cards]
     if missing:
         raise JobError(f"no model card for {', '.join(missing)}")
     cards = [ctx.cards[name] for name in job.models]
-    results = _wait_and_run(ctx, run, volume, cards)
+    results = _wait_and_run(ctx, run, volume, cards, allocate)
     structures = [
         s
         for card in cards
@@ -482,7 +483,11 @@ def _key(s: Structure) -> str:
 
 
 def _wait_and_run(
-    ctx: PipelineContext, run: _Run, volume: Volume, cards: list[ModelCard]
+    ctx: PipelineContext,
+    run: _Run,
+    volume: Volume,
+    cards: list[ModelCard],
+    allocate: Allocator | None = None,
 ) -> dict[str, ModelOutput]:
     """The models' outputs; while Triton is unavailable the job waits, visibly, and retries.
 
@@ -496,7 +501,7 @@ def _wait_and_run(
         client = ctx.client().clone()  # its own connection: clients are not thread-safe
         try:
             _check_ready(client, cards)
-            results = _run_models(run, volume, client, cards)
+            results = _run_models(run, volume, client, cards, allocate)
             break
         except InferenceUnavailable as exc:
             now = time.monotonic()
@@ -534,7 +539,11 @@ def _check_ready(client: InferenceClient, cards: list[ModelCard]) -> None:
 
 
 def _run_models(
-    run: _Run, volume: Volume, client: InferenceClient, cards: list[ModelCard]
+    run: _Run,
+    volume: Volume,
+    client: InferenceClient,
+    cards: list[ModelCard],
+    allocate: Allocator | None = None,
 ) -> dict[str, ModelOutput]:
     """The job's models concurrently (each Triton model instance is its own process), except
     that a model whose card ``uses`` another model's result in this job waits for it and gets
@@ -548,7 +557,9 @@ def _run_models(
             uses = futures[card.input.uses.model].result().labels
         own = client.clone()
         try:
-            return run_model(card, volume.hu, volume.affine, client=own, uses=uses)
+            return run_model(
+                card, volume.hu, volume.affine, client=own, uses=uses, allocate=allocate
+            )
         finally:
             own.close()
 

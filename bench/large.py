@@ -103,7 +103,7 @@ encoders' later work (bounding boxes shared, contours walked by scipy's graph ro
 garbage collector paused) brought encode from 3.9 s to about 1 s.
 
 On 2026-12-03 (second session, same host; its speed moved within the hour: storescu took
-3.0-12.5 s for the same send) five changes, measured one after another with this bench:
+3.0-12.5 s for the same send) six changes, measured one after another with this bench:
 ct-body and ct-lungs decide connectivity on a ~2 mm block grid and draw the boundary at full
 resolution (`inference/blocks.py`; on this volume in one process ct-body 18.5 -> 3.6 s,
 ct-lungs 9.0 -> 1.0 s; on a noisy 0.7 mm phantom the grid and full resolution differ by 3
@@ -113,7 +113,9 @@ client's shared-memory regions kept between jobs instead of new ones per job and
 ct-body's answer written into a buffer its stub keeps: 51.9 s / 20.8 s; the volume built
 straight into a kept region that Triton reads by name (no copy of the CT per model): 40.0 s /
 13.6 s, peak 4,974 / 5,174 MB; a model answer of 0 and 1 taken as its structure's mask
-without a copy, attenuation measured a slab at a time: the figures above. The second study
+without a copy, attenuation measured a slab at a time: 30.6 s / 13.7 s, 4,451 / 4,574 MB;
+the classic models' labels written by Triton straight into the job's lent regions (no copy
+per model in the node): the figures above. The second study
 meets the 15 s goal; the first does not, nor does the peak.
 
 What this machine adds: memory a process touches for the first time costs about 7 ms per MB
@@ -125,8 +127,8 @@ that), the labels through the pools and the regions, the volume itself (500 MB).
 study finds the pools, the stub's buffer and the kept regions already there. What is left on
 the second study, largest first: ct-body (3.2 s), the volume build (1.4-2.3 s), the quiet
 period (2 s; the rule option `complete_on_release` takes it off), ct-lungs (1.8 s), the
-C-STORE to Orthanc (1.5 s), the encoders (1.0-1.3 s). The peak (about 4.5 GB) is the CT in
-the node's region and in each stub's pool, the two label volumes in the stubs' pools, the
+C-STORE to Orthanc (1.5 s), the encoders (1.0-1.3 s). The peak (4.2-4.6 GB) is the CT in the
+node's region and in each stub's pool, the two label volumes in the stubs' pools, the
 regions and the node, the node's masks; one Python model answering for both classic models
 (one copy of the CT instead of two) and labels as bits are what would cut it; not done in
 this issue. The repeated head CT holds one patient per 140 slices: ct-body keeps the largest

@@ -236,22 +236,21 @@ def segment_body(hu: np.ndarray, affine: np.ndarray, out: np.ndarray | None = No
     if out is not None and (out.shape != hu.shape or out.dtype.itemsize != 1):
         raise ValueError(f"an output of {out.shape} {out.dtype} for a {hu.shape} volume")
     step = grid_step(affine)
-    tissue = np.empty(grid_shape(hu.shape, step), dtype=bool)
-    for k in range(0, len(hu), SLAB):
-        tissue[k : k + SLAB] = block_counts(hu[k : k + SLAB] > BODY_THRESHOLD_HU, step) > 0
-    filled = fill_holes_per_slice(largest_component(tissue), truncated=True)
-    del tissue
-    if not filled.any():
-        if out is None:
-            return np.zeros(hu.shape, dtype=np.uint8)
-        out[...] = 0
-        return out.view(np.uint8)
-    inner = _inner_blocks(filled, step)
-    # the one full-size array: the answer
+    # the one full-size array, the answer: the threshold first, then what the grid decides
     body = np.empty(hu.shape, dtype=bool) if out is None else out.view(bool)
+    tissue = np.empty(grid_shape(hu.shape, step), dtype=bool)
     for k in range(0, len(hu), SLAB):
         part = body[k : k + SLAB]
         np.greater(hu[k : k + SLAB], BODY_THRESHOLD_HU, out=part)
+        tissue[k : k + SLAB] = block_counts(part, step) > 0
+    filled = fill_holes_per_slice(largest_component(tissue), truncated=True)
+    del tissue
+    if not filled.any():
+        body[...] = False
+        return body.view(np.uint8)
+    inner = _inner_blocks(filled, step)
+    for k in range(0, len(hu), SLAB):
+        part = body[k : k + SLAB]
         combine(part, inner[k : k + SLAB], step, np.logical_or)
         combine(part, filled[k : k + SLAB], step, np.logical_and)
     del inner, filled

@@ -21,7 +21,7 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from airouter.core.vocab import TritonProtocol
+from inference.volume import Allocator
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,6 @@ class LocalTriton:
             "--allow-metrics=false",
             "--exit-timeout-secs=3",
             "--log-verbose=0",
-            "--backend-config=python,shm-growth-byte-size=268435456",
         ]
         log.info("starting tritonserver (http %s, grpc %s)", self.http_port, self.grpc_port)
         with open(self.log_path, "ab") as out:
@@ -322,7 +322,7 @@ class InferenceClient:
         )
 
     @contextlib.contextmanager
-    def buffers(self) -> Iterator[Callable[[tuple[int, ...], type], np.ndarray]]:
+    def buffers(self) -> Iterator[Allocator]:
         """An allocator of arrays in kept shared-memory regions (plain arrays without
         shared memory), valid until the end of the ``with``: a request whose input is one of
         them names its region instead of copying it (the job's volume is built straight
@@ -578,7 +578,7 @@ class InferenceClient:
         hu: np.ndarray,
         affine: np.ndarray,
         extra: dict[str, np.ndarray] | None = None,
-        allocate: Callable[[tuple[int, ...], type], np.ndarray] | None = None,
+        allocate: Allocator | None = None,
     ) -> np.ndarray:
         """Run a classic (``hu_affine``) model on a volume; returns the uint8 label volume.
         ``extra`` are further inputs by tensor name (another model's mask, say); ``allocate``

@@ -327,6 +327,7 @@ def segment_lungs(
     affine: np.ndarray,
     body: np.ndarray | None = None,
     body_bits: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """ct-lungs: air regions inside the body of at least MIN_LUNG_ML, split left/right.
 
@@ -339,10 +340,15 @@ def segment_lungs(
 
     The air's components are found on the ~2 mm grid (a block is air if most of its pixels
     are); a lung's pixels are the air pixels of its blocks and of the part-air blocks beside
-    them.
+    them. ``out``: a uint8 array of the volume's shape to write the labels into.
     """
+    if out is not None and (out.shape != hu.shape or out.dtype != np.uint8):
+        raise ValueError(f"an output of {out.shape} {out.dtype} for a {hu.shape} volume")
     body_slab = _body_slabs(hu, affine, body, body_bits)
-    out = np.zeros(hu.shape, dtype=np.uint8)
+    if out is None:
+        out = np.zeros(hu.shape, dtype=np.uint8)
+    else:
+        out[...] = 0
     midline = _mean_x(body_slab, hu.shape, affine)
     if midline is None:  # no body
         return out

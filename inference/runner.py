@@ -103,12 +103,16 @@ def timed_in_process(
     }
 
 
-def mask_tensor(labels: np.ndarray, label: int, packed: bool) -> np.ndarray:
+def mask_tensor(
+    labels: np.ndarray, label: int, packed: bool, allocate: Allocator | None = None
+) -> np.ndarray:
     """The mask of ``label`` as a uint8 tensor: 0/1 per voxel, or ``packed`` as bits along
-    each row (see ``UsesOutput``); slab by slab, never a full-size temporary."""
+    each row (see ``UsesOutput``); slab by slab, never a full-size temporary. ``allocate``
+    makes the packed tensor (in a shared-memory region the model reads it from)."""
     if not packed:
         return (labels == label).view(np.uint8)
-    out = np.empty((*labels.shape[:-1], -(-labels.shape[-1] // 8)), dtype=np.uint8)
+    shape = (*labels.shape[:-1], -(-labels.shape[-1] // 8))
+    out = np.empty(shape, dtype=np.uint8) if allocate is None else allocate(shape, np.uint8)
     for k in range(0, len(labels), 16):
         out[k : k + 16] = np.packbits(labels[k : k + 16] == label, axis=-1)
     return out
@@ -132,7 +136,7 @@ def run_model(
         extra = None
         if uses is not None and card.input.uses is not None:
             wanted = card.input.uses
-            extra = {wanted.tensor: mask_tensor(uses, wanted.label, packed=wanted.packed)}
+            extra = {wanted.tensor: mask_tensor(uses, wanted.label, wanted.packed, allocate)}
         t0 = time.perf_counter()
         labels = client.segment(card.triton_model, hu, affine, extra, allocate)
         return ModelOutput(labels=labels, timings={"infer_s": time.perf_counter() - t0})

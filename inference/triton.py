@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from airouter.core.vocab import TritonProtocol
+from inference.serving.python_model import Ref
 from inference.volume import Allocator
 
 log = logging.getLogger(__name__)
@@ -207,6 +209,7 @@ class _RegionPool:
         self._lock = threading.Lock()
         self.registering = threading.Lock()  # one clone registers a shared buffer, not two
         self._numbers = itertools.count()
+        self.by_reference: dict[str, bool] = {}  # model -> whether it takes REFS
 
     def new_name(self) -> str:
         """A region name unique on this host."""
@@ -253,6 +256,7 @@ class _RegionPool:
         with self._lock:
             for region in [*self._free, *(r for r, _ in self._held.values())]:
                 region.registered = False
+            self.by_reference.clear()  # its models may have changed too
 
     def hold(self, region: _Region, array: np.ndarray) -> None:
         """``region`` is lent out as the buffer of ``array`` (see InferenceClient.buffers)."""
@@ -461,6 +465,19 @@ class InferenceClient:
                 self._client.register_system_shared_memory(name, "/" + name, region.size)
                 region.registered = True
 
+    def _takes_refs(self, model: str) -> bool:
+        """Whether ``model`` takes its tensors by reference to our regions (a ``REFS``
+        input: see ``inference.serving.python_model``); asked of the server once."""
+        known = self._pool.by_reference.get(model)
+        if known is None:
+            meta = self._client.get_model_metadata(model)
+            if self.protocol is TritonProtocol.GRPC:
+                names = {i.name for i in meta.inputs}
+            else:
+                names = {i["name"] for i in meta.get("inputs", [])}
+            known = self._pool.by_reference[model] = "REFS" in names
+        return known
+
     def _forget_registrations(self) -> None:
         """The server may have restarted: register every region again before its use."""
         for region in self._regions.values():
@@ -504,12 +521,16 @@ class InferenceClient:
         import tritonclient.utils.shared_memory as shm
 
         use_shm = self.shared_memory
+        refs: dict[str, dict[str, Ref]] = {"inputs": {}, "outputs": {}}
         request_inputs = []
         for name, array in inputs.items():
             array = np.ascontiguousarray(array)
             datatype = _NP_TO_TRITON[array.dtype]
-            tensor = self._mod.InferInput(name, list(array.shape), datatype)
             held = self._pool.holding(array) if use_shm else None
+            if held is not None and self._takes_refs(model):  # the model maps it itself
+                refs["inputs"][name] = Ref(held.name, tuple(array.shape), array.dtype)
+                continue
+            tensor = self._mod.InferInput(name, list(array.shape), datatype)
             if held is not None:  # built in a region already: named, not copied
                 self._register(held)
                 tensor.set_shared_memory(held.name, array.nbytes)
@@ -525,16 +546,20 @@ class InferenceClient:
         requested = []
         targets: dict[str, np.ndarray] = {}  # outputs written straight into a lent buffer
         for name, (dtype, shape) in outputs.items():
+            target = into.get(name)
+            held = None
+            if use_shm and target is not None and target.dtype == dtype and target.shape == shape:
+                held = self._pool.holding(target)
+            if held is not None and target is not None and self._takes_refs(model):
+                refs["outputs"][name] = Ref(held.name, tuple(shape), np.dtype(dtype))
+                targets[name] = target
+                continue
             if self.protocol is TritonProtocol.GRPC:
                 out = self._mod.InferRequestedOutput(name)
             else:
                 out = self._mod.InferRequestedOutput(name, binary_data=True)
             if use_shm:
                 size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-                target = into.get(name)
-                held = None
-                if target is not None and target.dtype == dtype and target.shape == shape:
-                    held = self._pool.holding(target)
                 if held is not None and target is not None:
                     self._register(held)
                     out.set_shared_memory(held.name, size)
@@ -542,12 +567,31 @@ class InferenceClient:
                 else:
                     out.set_shared_memory(self._region(f"out_{name}", size).name, size)
             requested.append(out)
+        by_ref = bool(refs["inputs"] or refs["outputs"])
+        if by_ref:
+            text = json.dumps(
+                {part: {n: r.as_json() for n, r in given.items()} for part, given in refs.items()}
+            )
+            tensor = self._mod.InferInput("REFS", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+            request_inputs.append(tensor)
+            requested.append(self._mod.InferRequestedOutput("WRITTEN"))
         grpc = self.protocol is TritonProtocol.GRPC
         # over HTTP the client's network_timeout bounds the request
         kwargs: dict[str, object] = {"client_timeout": self.request_timeout_s} if grpc else {}
         result = self._client.infer(model, request_inputs, outputs=requested, **kwargs)
+        if by_ref:
+            expected = sum(r.nbytes for r in refs["outputs"].values())
+            written = result.as_numpy("WRITTEN")
+            if written is None or int(written.reshape(-1)[0]) != expected:
+                raise InferenceError(
+                    f"model {model}: wrote {written} bytes into its outputs, not {expected}"
+                )
         arrays: dict[str, np.ndarray] = {}
         for name, (dtype, shape) in outputs.items():
+            if name in refs["outputs"]:
+                arrays[name] = targets[name]
+                continue
             if use_shm:
                 answer = result.get_output(name)
                 got = tuple(

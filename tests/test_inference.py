@@ -3,6 +3,7 @@ model over HTTP, gRPC and system shared memory."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -473,3 +474,142 @@ def test_a_small_tensor_does_not_take_a_large_kept_region() -> None:
     assert pool.take(128) is small
     assert pool.take(200 << 20) is large  # a 200 MB volume reuses the 500 MB region
     assert pool.take(1) is None
+
+
+# -- tensors by reference -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("refs", "message"),
+    [
+        ("not json", "not JSON"),
+        ('{"inputs": {}, "extra": {}}', "'inputs' and 'outputs' only"),
+        (
+            '{"inputs": {"CT": {"region": "../etc/passwd", "shape": [1], "dtype": "<i2"}}}',
+            "not one",
+        ),
+        ('{"inputs": {"CT": {"region": "triton_x", "shape": [1], "dtype": "<i2"}}}', "not one"),
+        ('{"inputs": {"CT": {"region": "airouter_1", "shape": [-1], "dtype": "<i2"}}}', "shape"),
+        ('{"inputs": {"CT": {"region": "airouter_1", "shape": [1], "dtype": "<f8"}}}', "type"),
+        ('{"outputs": {"LABELS": "airouter_1"}}', "an object"),
+    ],
+)
+def test_a_reference_that_is_not_to_a_region_of_the_node_is_refused(
+    refs: str, message: str
+) -> None:
+    """The stub maps only regions named as the node's client names them, with a shape and a
+    type it knows: never a path, never another program's region."""
+    from inference.serving.python_model import RefError, read_refs
+
+    with pytest.raises(RefError, match=message):
+        read_refs(refs)
+
+
+def test_a_region_is_mapped_in_place_and_a_short_or_missing_one_is_refused() -> None:
+    """map_region reads and writes the region itself (what the node wrote, the model reads;
+    what the model writes, the node reads), and refuses a region smaller than the array, a
+    missing one and a link."""
+    import os
+
+    from inference.serving.python_model import Ref, RefError, map_region
+
+    name = f"airouter_test_{os.getpid()}"
+    path, link = f"/dev/shm/{name}", f"/dev/shm/{name}_link"
+    values = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    try:
+        with open(path, "wb") as f:
+            f.write(values.tobytes())
+        with map_region(Ref(name, (2, 3, 4), np.dtype(np.int16)), writable=False) as seen:
+            assert np.array_equal(seen, values) and not seen.flags.writeable
+        with map_region(Ref(name, (48,), np.dtype(np.uint8)), writable=True) as target:
+            target[:2] = 7
+        assert np.fromfile(path, dtype=np.uint8)[:3].tolist() == [7, 7, 1]
+        with (
+            pytest.raises(RefError, match="has 48 bytes, not 96"),
+            map_region(Ref(name, (48,), np.dtype(np.int16)), writable=False),
+        ):
+            pass
+        with (
+            pytest.raises(RefError, match="No such file"),
+            map_region(Ref(name + "_gone", (1,), np.dtype(np.uint8)), writable=False),
+        ):
+            pass
+        os.symlink(path, link)
+        with (
+            pytest.raises(RefError, match=f"region {name}_link"),
+            map_region(Ref(name + "_link", (1,), np.dtype(np.uint8)), writable=False),
+        ):
+            pass
+    finally:
+        for p in (path, link):
+            if os.path.lexists(p):
+                os.unlink(p)
+
+
+def _backend_pools(before: set[str]) -> int:
+    """Bytes of the Python backend's own shared-memory pools made since ``before``."""
+    import os
+
+    names = {n for n in os.listdir("/dev/shm") if n.startswith("triton_python_backend")}
+    return sum(os.stat(f"/dev/shm/{n}").st_size for n in names - before)
+
+
+def test_classic_models_read_and_write_the_nodes_regions_without_a_copy(tmp_path: Path) -> None:
+    """A volume built in a lent region goes to ct-body and ct-lungs by reference (REFS): the
+    models map the node's regions, read the CT and ct-body's body (as bits) there and write
+    their labels into the job's buffers. Their answers are those computed in this process,
+    and the Python backend's own shared memory never grows to hold the CT (it does when the
+    same CT goes as a tensor). A reference the model cannot map is refused with the reason."""
+    import os
+    import shutil
+
+    from inference.algorithms import segment_body
+    from inference.triton import MODEL_REPOSITORY
+
+    repository = tmp_path / "models"
+    for model in ("ct-body", "ct-lungs"):
+        shutil.copytree(MODEL_REPOSITORY / model, repository / model)
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("triton_python_backend")}
+    server = LocalTriton(tmp_path / "triton", model_repositories=[repository])
+    server.start()
+    phantom = held_out_phantom(HELD_OUT_SEEDS[0])
+    cards = load_cards(CARDS)
+    client = InferenceClient(server.url("http"), "http", shared_memory=True)
+    try:
+        client.wait_ready(["ct-body", "ct-lungs"], 120)
+        body_expected = segment_body(phantom.hu, phantom.affine)
+        lungs_expected = segment_lungs(phantom.hu, phantom.affine, body=body_expected)
+        assert phantom.hu.nbytes > 4 * _backend_pools(before)  # the pools start small
+        with client.buffers() as allocate:
+            hu = allocate(phantom.hu.shape, np.int16)
+            hu[...] = phantom.hu
+            body = run_model(
+                cards["ct-body"], hu, phantom.affine, client=client, allocate=allocate
+            ).labels
+            lungs = run_model(
+                cards["ct-lungs"], hu, phantom.affine, client, uses=body, allocate=allocate
+            ).labels
+            assert body is not None and lungs is not None
+            assert client._pool.holding(body) is not None  # written in the job's buffers
+            assert client._pool.holding(lungs) is not None
+            assert np.array_equal(body, body_expected)
+            assert np.array_equal(lungs, lungs_expected) and lungs.any()
+            assert client._pool.by_reference == {"ct-body": True, "ct-lungs": True}
+            assert set(client._regions) == {"in_AFFINE"}  # only the affine copied
+        assert phantom.hu.nbytes > 4 * _backend_pools(before)  # the CT never went there
+        copied = client.segment("ct-body", phantom.hu, phantom.affine)  # a plain array
+        assert np.array_equal(copied, body_expected)
+        assert _backend_pools(before) >= phantom.hu.nbytes  # as a tensor it does
+
+        import tritonclient.http as httpclient
+
+        refs = {"inputs": {"CT": {"region": "airouter_gone", "shape": [2], "dtype": "<i2"}}}
+        tensors = [httpclient.InferInput("REFS", [1], "BYTES")]
+        tensors[0].set_data_from_numpy(np.array([json.dumps(refs).encode()], dtype=np.object_))
+        tensors.append(httpclient.InferInput("AFFINE", [4, 4], "FP64"))
+        tensors[1].set_data_from_numpy(np.eye(4))
+        raw = httpclient.InferenceServerClient(server.url("http"))
+        with pytest.raises(Exception, match="RefError: region airouter_gone: No such file"):
+            raw.infer("ct-body", tensors)
+        raw.close()
+    finally:
+        client.close()
+        server.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -547,3 +548,28 @@ def test_structures_measure_their_masks_without_copying_a_binary_answer() -> Non
     assert not np.shares_memory(right.mask, two)
     assert np.array_equal(right.mask, two == 1) and np.array_equal(left.mask, two == 2)
     assert left.intensities_hu is not None and right.intensities_hu is not None
+
+
+def test_a_structure_costs_memory_only_for_the_slabs_it_spans() -> None:
+    """A mask is written only where its label is: a label found on a few slices of a large
+    volume, or not at all, leaves the rest of its mask untouched memory (the process grows by
+    those slabs, not by the volume), and the mask is still exactly ``labels == value``."""
+    from airouter.jobs.specs import mask_of
+
+    def resident_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    labels = np.zeros((400, 512, 512), dtype=np.uint8)  # 100 MB
+    labels[200:216] = 1  # one slab
+    labels[100:116, 10:20, 10:20] = 2
+    before = resident_mb()
+    masks = [mask_of(labels, value) for value in (1, 2, 3)]
+    grown = resident_mb() - before
+    for value, mask in zip((1, 2, 3), masks, strict=True):
+        assert mask.dtype == bool and np.array_equal(mask, labels == value)
+    assert not masks[2].any()  # label 3 nowhere
+    assert grown < 20, f"{grown:.0f} MB for masks of 2 slabs (a full one is 100 MB)"
+    full = labels == 3  # what writing every voxel costs, for comparison
+    assert resident_mb() - before > 90
+    del full

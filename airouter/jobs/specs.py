@@ -53,7 +53,7 @@ def structures_of(
     binary = labels.dtype == np.uint8 and labels.size > 0 and int(labels.max()) <= 1
     structures = []
     for label in card.labels:
-        mask = labels.view(bool) if binary and label.value == 1 else labels == label.value
+        mask = labels.view(bool) if binary and label.value == 1 else mask_of(labels, label.value)
         intensities = _intensities(hu, mask)
         found = intensities is not None
         structures.append(
@@ -68,6 +68,19 @@ def structures_of(
             )
         )
     return structures
+
+
+def mask_of(labels: np.ndarray, value: int, slab: int = 16) -> np.ndarray:
+    """The mask of ``value`` in ``labels``, written only on the slabs that hold it: the rest
+    of it is memory never touched (numpy's zeros are the kernel's zero pages until written),
+    so a structure costs memory for the slices it spans, and one not found none at all
+    (ct-lungs on a 1,000-slice head CT: two masks of 262 MB each before)."""
+    mask = np.zeros(labels.shape, dtype=bool)
+    for k in range(0, len(labels), slab):
+        part = labels[k : k + slab] == value
+        if part.any():
+            mask[k : k + slab] = part
+    return mask
 
 
 def _intensities(hu: np.ndarray, mask: np.ndarray) -> tuple[float, float, float] | None:

@@ -115,30 +115,34 @@ straight into a kept region that Triton reads by name (no copy of the CT per mod
 13.6 s, peak 4,974 / 5,174 MB; a model answer of 0 and 1 taken as its structure's mask
 without a copy, attenuation measured a slab at a time: 30.6 s / 13.7 s, 4,451 / 4,574 MB;
 the classic models' labels written by Triton straight into the job's lent regions (no copy
-per model in the node): the figures above. The second study
-meets the 15 s goal; the first does not, nor does the peak.
+per model in the node): 25.0 s / 13.5 s, 4,192 / 4,580 MB.
 
-What this machine adds: memory a process touches for the first time costs about 7 ms per MB
-here (a Firecracker VM whose host backs guest memory on first touch and takes freed memory
-back within seconds: a new 262 MB array costs 2 s to fill, the same array refilled 0.03 s).
-A node's first large study pays it in every process for every new buffer: the CT copied into
-each Python backend stub's pool (3.5-6 s each: ct-lungs' 13 s on the first study is mostly
-that), the labels through the pools and the regions, the volume itself (500 MB). The second
-study finds the pools, the stub's buffer and the kept regions already there. What is left on
-the second study, largest first: ct-body (3.2 s), the volume build (1.4-2.3 s), the quiet
-period (2 s; the rule option `complete_on_release` takes it off), ct-lungs (1.8 s), the
-C-STORE to Orthanc (1.5 s), the encoders (1.0-1.3 s). The peak (4.2-4.6 GB) is the CT in the
-node's region and in each stub's pool, the two label volumes in the stubs' pools, the
-regions and the node, the node's masks; one Python model answering for both classic models
-(one copy of the CT instead of two) and labels as bits are what would cut it; not done in
-this issue. The repeated head CT holds one patient per 140 slices: ct-body keeps the largest
-one, so the body is drawn on about 140 of the 1,000 slices.
+On 2026-12-03 (third session, same host, as noisy: storescu took 2.3-9.1 s for the same
+send): the classic models take their tensors by reference (a `REFS` input naming the node's
+shared-memory regions; the Python backend stub maps them, reads the CT and ct-body's bits
+there and writes the labels into the job's buffers): no copy of the CT into each stub's pool
+and none of the labels out of it, 24.9 s / 13.0 s, peak 2,423 / 2,613 MB (the stubs and
+tritonserver went from 2.6 GB at the peak to 0.35 GB); a structure's mask written only on
+the slabs its label is on (ct-lungs finds no lung in a head CT: its two masks cost 2 x 262 MB
+of zeros before, nothing now): 33.1 s / 16.3 s and 2,178 / 2,387 MB in a slow hour (the
+volume build alone took 9.2 s on the first study), then the figures above half an hour later.
 
-After a large study the node's processes hold about 3 GB more while idle (the second
-column's "before the send"): the Python backend's shared-memory pool of each model, mapped
-by its stub and by tritonserver, grows to hold the largest request's tensors and is not given
-back, and the client's regions are kept for `inference.shared_memory_keep_s` (120 s) after
-their last job, then freed."""
+What is left. The peak is the node's idle 0.4 GB, the Python backend stubs' 0.3 GB (0.19 GB
+of it ct-lungs-unet's stub, loaded with torch though no default rule uses it), the CT (524 MB)
+and the two label volumes (262 MB each) in the node's regions, and about 0.3 GB of the job's
+other buffers; labels as bits (33 MB per label instead of 262 MB) and loading only the
+models the rules use would bring it under 2 GB, not done. The first study after a start pays
+for memory touched for the first time (about 7 ms per MB here, a Firecracker VM whose host
+backs guest memory on first touch and takes freed memory back within seconds: a new 262 MB
+array costs 2 s to fill, the same array refilled 0.03 s): the volume's region (500 MB), the
+label regions, the encoders' and the C-STORE's first runs; the second study finds them
+kept. The repeated head CT holds one patient per 140 slices: ct-body keeps the largest
+one.
+
+After a large study the node's processes hold about 1.5 GB more while idle (the second
+column's "before the send"): the client's regions (the CT, the labels), kept for
+`inference.shared_memory_keep_s` (120 s) after their last job, then freed; the Python
+backend's pools no longer grow with the volume."""
 
 
 def _one_study(node: Any, orthanc: Any, batch: list[Path]) -> dict[str, Any]:

@@ -599,6 +599,18 @@ def test_classic_models_read_and_write_the_nodes_regions_without_a_copy(tmp_path
         assert np.array_equal(copied, body_expected)
         assert _backend_pools(before) >= phantom.hu.nbytes  # as a tensor it does
 
+        grpc = InferenceClient(server.url("grpc"), "grpc", shared_memory=True)
+        try:  # the same over gRPC
+            with grpc.buffers() as allocate:
+                hu = allocate(phantom.hu.shape, np.int16)
+                hu[...] = phantom.hu
+                body = grpc.segment("ct-body", hu, phantom.affine, allocate=allocate)
+                assert grpc._pool.holding(body) is not None
+                assert np.array_equal(body, body_expected)
+                assert grpc._pool.by_reference == {"ct-body": True}
+        finally:
+            grpc.close()
+
         import tritonclient.http as httpclient
 
         refs = {"inputs": {"CT": {"region": "airouter_gone", "shape": [2], "dtype": "<i2"}}}

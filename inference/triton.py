@@ -287,7 +287,10 @@ class InferenceClient:
     client registers with the server (only when the server runs on this host); the request
     then carries only their names. A client and its clones share their regions: a clone's come
     back when it closes, still registered, for the next clone (see ``_RegionPool``); they
-    are registered again if the server restarted and forgot them.
+    are registered again if the server restarted and forgot them. A model with a ``REFS``
+    input (the classic models) gets the tensors that are in lent regions (``buffers``) by
+    reference instead: it maps the regions itself and writes its outputs into them, with no
+    copy through the Python backend's own memory (``inference.serving.python_model``).
     """
 
     def __init__(

@@ -62,8 +62,12 @@ class LocalTriton:
         http_port: int = 0,
         grpc_port: int = 0,
         model_repositories: list[Path] | None = None,
+        models: list[str] | None = None,
     ) -> None:
         self.workdir = workdir
+        # None: every model of the repositories; a list: only those (explicit model control,
+        # the rest loaded on request, see InferenceClient.load)
+        self.models = models
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         # The bundled repository first; imported models live in repositories beside it.
@@ -121,6 +125,9 @@ class LocalTriton:
             "--exit-timeout-secs=3",
             "--log-verbose=0",
         ]
+        if self.models is not None:
+            cmd.append("--model-control-mode=explicit")
+            cmd.extend(f"--load-model={m}" for m in sorted(set(self.models)))
         log.info("starting tritonserver (http %s, grpc %s)", self.http_port, self.grpc_port)
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
@@ -208,6 +215,7 @@ class _RegionPool:
         self._held: dict[int, tuple[_Region, int]] = {}  # address -> (region, bytes): buffers
         self._lock = threading.Lock()
         self.registering = threading.Lock()  # one clone registers a shared buffer, not two
+        self.loading = threading.Lock()  # one clone asks the server to load a model, not two
         self._numbers = itertools.count()
         self.by_reference: dict[str, bool] = {}  # model -> whether it takes REFS
 
@@ -420,6 +428,24 @@ class InferenceClient:
                 break
             time.sleep(0.2)
         raise InferenceUnavailable(f"Triton at {self.url} not ready within {timeout_s:.0f} s")
+
+    def load(self, model: str) -> bool:
+        """Ask the server to load ``model`` unless it is ready (a server in explicit model
+        control mode: the node's own loads only the models in use); whether it is ready
+        now. A server that refuses (it polls its repository, or has no such model) or cannot
+        be reached is logged, not raised: the caller waits as for any model not ready."""
+        from tritonclient.utils import InferenceServerException
+
+        with self._pool.loading:  # two jobs needing it: one load, not a load and a reload
+            if self.is_ready(model):
+                return True
+            try:
+                self._client.load_model(model)
+            except (InferenceServerException, OSError) as exc:
+                log.debug("Triton at %s did not load %s: %s", self.url, model, exc)
+                return False
+            log.info("Triton at %s loaded %s", self.url, model)
+            return self.is_ready(model)
 
     def loaded_models(self) -> dict[str, str]:
         """Model name -> state as the server reports it (READY, UNAVAILABLE, ...)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -322,6 +323,12 @@ class Rule(_KeywordMatch):
         if self.action is Action.FORWARD and not self.destinations:
             raise ValueError("destinations: a forwarding rule needs at least one")
         return self
+
+
+def models_in_use(rules: Sequence[Rule]) -> set[str]:
+    """The models the enabled rules among ``rules`` run: what the inference server must have
+    loaded (a model no rule names is not loaded, unless a job asks for it)."""
+    return {m for r in rules if r.enabled and r.action is Action.RUN for m in r.models}
 
 
 class RuleFile(_Strict):

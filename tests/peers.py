@@ -291,7 +291,9 @@ def start_node(
         if process.poll() is not None:
             raise RuntimeError(f"node exited early:\n{node.log_text()[-3000:]}")
         health = node.get("/api/health")
-        models_ready = health and all(health.get("models_ready", {}).values())
+        models_ready = health and all(
+            health["models_ready"].get(m) for m in health.get("models_in_use", [])
+        )
         return bool(health and ((health.get("triton_ready") and models_ready) or not wait_triton))
 
     wait_for(ready, 120, "the node and its Triton models")

@@ -557,7 +557,9 @@ def test_classic_models_read_and_write_the_nodes_regions_without_a_copy(tmp_path
     models map the node's regions, read the CT and ct-body's body (as bits) there and write
     their labels into the job's buffers. Their answers are those computed in this process,
     and the Python backend's own shared memory never grows to hold the CT (it does when the
-    same CT goes as a tensor). A reference the model cannot map is refused with the reason."""
+    same CT goes as a tensor). A reference the model cannot map is refused with the reason.
+    The server loads only the models it is told to (explicit model control) and the others
+    when the client asks; a model it does not have is refused, not raised."""
     import os
     import shutil
 
@@ -568,13 +570,16 @@ def test_classic_models_read_and_write_the_nodes_regions_without_a_copy(tmp_path
     for model in ("ct-body", "ct-lungs"):
         shutil.copytree(MODEL_REPOSITORY / model, repository / model)
     before = {n for n in os.listdir("/dev/shm") if n.startswith("triton_python_backend")}
-    server = LocalTriton(tmp_path / "triton", model_repositories=[repository])
+    server = LocalTriton(tmp_path / "triton", model_repositories=[repository], models=["ct-body"])
     server.start()
     phantom = held_out_phantom(HELD_OUT_SEEDS[0])
     cards = load_cards(CARDS)
     client = InferenceClient(server.url("http"), "http", shared_memory=True)
     try:
-        client.wait_ready(["ct-body", "ct-lungs"], 120)
+        client.wait_ready(["ct-body"], 120)
+        assert not client.is_ready("ct-lungs")  # in the repository, not loaded
+        assert client.load("ct-lungs") and client.is_ready("ct-lungs")
+        assert not client.load("no-such-model")
         body_expected = segment_body(phantom.hu, phantom.affine)
         lungs_expected = segment_lungs(phantom.hu, phantom.affine, body=body_expected)
         assert phantom.hu.nbytes > 4 * _backend_pools(before)  # the pools start small

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from airouter.app.models_cli import NOT_LOADED
 from airouter.jobs.artefacts import load_masks
 from inference.triton import InferenceClient, LocalTriton
 from tests.peers import ROOT, NodeProcess, start_node, stop_process, storescu, wait_for
@@ -105,6 +106,66 @@ def test_triton_stopped_in_the_middle_of_a_queue_every_job_completes(tmp_path: P
         triton.stop()
 
 
+def _stubs(pid: int) -> list[str]:
+    """The models whose Python backend stub runs under tritonserver ``pid``."""
+    models = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+            parent = int((cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and args[0].endswith(b"triton_python_backend_stub"):
+            models.append(Path(args[1].decode()).parent.parent.name)  # <repo>/<model>/1/model.py
+    return sorted(models)
+
+
+def test_the_node_loads_the_models_its_rules_run_and_more_when_a_rule_names_them(
+    tmp_path: Path,
+) -> None:
+    """``inference.load_models: in_use`` (the default): with a rule that runs ct-body, the
+    node's tritonserver runs ct-body alone (one Python backend stub, not one per model of the
+    repository), the health says which models the rules run, ``airouter models list`` says
+    the others are not loaded; a rule file edited to run ct-lungs too has it loaded by the
+    same server (no restart) and its job runs both."""
+    rules = _rules(tmp_path / "rules", ["ct-body"])
+    node = start_node(
+        tmp_path / "node", None, router={"rules_dir": str(rules), "quiet_period_s": 0.5}
+    )
+    try:
+        health = node.get("/api/health")
+        pid = health["triton_pid"]
+        assert health["models_in_use"] == ["ct-body"]
+        assert health["models_ready"]["ct-body"] and not health["models_ready"]["ct-lungs"]
+        assert _stubs(pid) == ["ct-body"]
+        config = str(tmp_path / "node" / "airouter.yaml")
+        listing = _cli("models", "list", "--config", config, "--json")
+        assert listing.returncode == 0, listing.stderr
+        states = {m["name"]: m["state"] for m in json.loads(listing.stdout)}
+        assert states["ct-body"] == "READY"
+        assert states["ct-lungs"] == states["ct-lungs-unet"] == NOT_LOADED
+
+        time.sleep(1.1)  # a new modification time for the rule file
+        _rules(rules, ["ct-body", "ct-lungs"])
+        wait_for(
+            lambda: node.get("/api/health")["models_ready"]["ct-lungs"], 120, "ct-lungs loaded"
+        )
+        health = node.get("/api/health")
+        assert health["models_in_use"] == ["ct-body", "ct-lungs"]
+        assert health["triton_pid"] == pid and _stubs(pid) == ["ct-body", "ct-lungs"]
+        study = _send_phantom(node, tmp_path / "s", 3)
+        job = wait_for(
+            lambda: next(
+                (j for j in _jobs(node) if j["study_uid"] == study and j["state"] == "done"), None
+            ),
+            120,
+            "the job on both models",
+        )
+        assert job["models"] == ["ct-body", "ct-lungs"] and not job["error"]
+    finally:
+        stop_process(node.process)
+
+
 def test_the_node_restarts_its_own_triton_when_it_dies(tmp_path: Path) -> None:
     node = start_node(
         tmp_path / "node",
@@ -120,7 +181,8 @@ def test_the_node_restarts_its_own_triton_when_it_dies(tmp_path: Path) -> None:
             return bool(
                 health["triton_pid"] != pid
                 and health["triton_ready"]
-                and all(health["models_ready"].values())
+                and health["models_in_use"] == ["ct-body"]
+                and all(health["models_ready"][m] for m in health["models_in_use"])
             )
 
         wait_for(restarted, 120, "the node's Triton restarted")
@@ -272,7 +334,7 @@ def test_monai_bundle_imported_and_run_end_to_end_to_a_seg(tmp_path: Path) -> No
         assert listing.returncode == 0, listing.stderr
         states = {m["name"]: m["state"] for m in json.loads(listing.stdout)}
         assert states["phantom-lung-segmentation"] == "READY"
-        assert states["ct-lungs-unet"] == "READY"
+        assert states["ct-lungs-unet"] == NOT_LOADED  # no rule runs it
 
         p = random_chest_phantom(
             np.random.default_rng(4242), slices=60, size=256, pixel_mm=1.5, slice_mm=5.0

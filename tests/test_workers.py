@@ -90,6 +90,7 @@ def test_worker_processes_share_the_http_port_and_answer_as_the_node(tmp_path: P
                 "dimse_tls_port": None,
                 "triton_ready": False,
                 "models_ready": a["models_ready"],
+                "models_in_use": a["models_in_use"],
                 "triton_pid": None,
                 "jobs": {},
             }

@@ -141,10 +141,13 @@ class StateCollector(Collector):
         triton.add_metric([], 1 if status.get("triton_ready") else 0)
         yield triton
         models = GaugeMetricFamily(
-            "airouter_model_ready", "1 if Triton has the model ready", labels=["model"]
+            "airouter_model_ready",
+            "1 if Triton has the model ready (the models the rules in force run)",
+            labels=["model"],
         )
-        for name, ready in sorted((status.get("models_ready") or {}).items()):
-            models.add_metric([name], 1 if ready else 0)
+        ready = status.get("models_ready") or {}
+        for name in sorted(status.get("models_in_use", ready)):  # no alert for one not loaded
+            models.add_metric([name], 1 if ready.get(name) else 0)
         yield models
         disk = shutil.disk_usage(self.data_dir)
         free = GaugeMetricFamily(

@@ -17,6 +17,10 @@ from airouter.core.vocab import TritonProtocol
 from inference.cards import ModelCard, ModelCardError, load_cards
 from inference.triton import MODEL_REPOSITORY
 
+# the state of a card no rule in force runs: the node's server has not loaded it
+# (inference.load_models: in_use); a job that needs it has it loaded
+NOT_LOADED = "not loaded (no rule uses it)"
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **({"data_dir": args.data_dir} if args.data_dir else {}))
@@ -46,7 +50,10 @@ def _readiness(
     except (urllib.error.URLError, OSError):
         return {m: "node not running" for m in models}
     ready = health.get("models_ready", {})
-    return {m: "READY" if ready.get(m) else "not ready" for m in models}
+    in_use = set(health.get("models_in_use", models))
+    return {
+        m: "READY" if ready.get(m) else "not ready" if m in in_use else NOT_LOADED for m in models
+    }
 
 
 def list_models(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from airouter.app.metrics import scraper
 from airouter.app.shared import (
     Health,
     build_ingest,
+    cards_in_use,
     claim_port,
     dimse_listener,
     dimse_services,
@@ -52,7 +53,7 @@ from airouter.core.leases import (
 from airouter.core.settings import ConfigError, Settings
 from airouter.core.templates import TemplateError
 from airouter.core.tracker import SharedTracker
-from airouter.core.vocab import SharedMemoryMode, StudyState
+from airouter.core.vocab import ModelLoading, SharedMemoryMode, StudyState
 from airouter.jobs.lifecycle import recover_jobs
 from airouter.jobs.monitoring import queue_evaluations
 from airouter.jobs.pipeline import PipelineContext, run_job
@@ -130,6 +131,7 @@ class Node:
             lambda: self.dimse.server_address[1] if self.dimse else None,
             lambda: self.triton.process.pid if self.triton and self.triton.process else None,
             self._tls_port,
+            self.cards_in_use,
         )
 
     def _tls_port(self) -> int | None:
@@ -148,6 +150,39 @@ class Node:
         if self.ruleset.check():
             detail = self.ruleset.error or "reloaded"
             self.store.record("rules_rejected" if self.ruleset.error else "rules_reloaded", detail)
+            if not self.ruleset.error:
+                self._load_in_use()
+
+    def cards_in_use(self) -> list[str]:
+        """The model cards the rules in force run (every card with ``inference.load_models:
+        all``): the models that must be ready."""
+        return cards_in_use(self.settings, self.cards, self.rules)
+
+    def _triton_models(self) -> list[str]:
+        return sorted({self.cards[name].triton_model for name in self.cards_in_use()})
+
+    def _load_in_use(self) -> None:
+        """Have the server load the models the rules in force name that it has not loaded
+        (a reloaded rule may name a model no rule named), in the background: a job that
+        needs one meanwhile waits for it. The local server loads the same after a restart."""
+        wanted = self._triton_models()
+        if self.triton is not None and self.triton.models is not None:
+            self.triton.models = wanted
+        if any(self.cards[name].input.kind is InputKind.TENSOR for name in self.cards_in_use()):
+            threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+        client = self._client
+        if client is None:
+            return
+
+        def load() -> None:
+            probe = client.clone()  # made on this thread: the HTTP client is the thread's
+            try:
+                for model in wanted:
+                    probe.load(model)
+            finally:
+                probe.close()
+
+        threading.Thread(target=load, name="load-models", daemon=True).start()
 
     # -- inference -------------------------------------------------------------------------
     def _start_triton(self) -> None:
@@ -159,6 +194,7 @@ class Node:
                 s.http_port,
                 s.grpc_port,
                 model_repositories=[MODEL_REPOSITORY, imported],
+                models=None if s.load_models is ModelLoading.ALL else self._triton_models(),
             )
             self.triton.start()
             url = self.triton.url(s.protocol)
@@ -428,7 +464,9 @@ class Node:
             )
             self.processes.start()
         self._schedule()
-        if any(c.input.kind is InputKind.TENSOR for c in self.cards.values()):
+        if self.triton is None:  # a remote server in explicit model control mode
+            self._load_in_use()
+        elif any(self.cards[n].input.kind is InputKind.TENSOR for n in self.cards_in_use()):
             threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
         ctx = self._pipeline()
         for n in range(self.settings.jobs.workers):

@@ -24,13 +24,13 @@ from airouter.core.pseudonyms import Reidentifier
 from airouter.core.settings import RETURN_TO_SENDER, ConfigError, DicomNode, Settings
 from airouter.core.templates import Template, TemplateError, load_templates
 from airouter.core.tracker import AssociationTracker
-from airouter.core.vocab import Role
+from airouter.core.vocab import ModelLoading, Role
 from dispatch.commitment import STORAGE_COMMITMENT_PUSH, handle_event_report
 from dispatch.senders import tls_context
 from inference.cards import ModelCard
 from inference.triton import InferenceClient
 from router.registry import RuleSet, Validator
-from router.rules import Rule, RuleError
+from router.rules import Rule, RuleError, models_in_use
 from scp.ingest import Ingest
 from scp.qr import ArchiveQR, MoveTarget
 from scp.server import ExtraService
@@ -162,8 +162,19 @@ def rule_check(
     return validate
 
 
+def cards_in_use(
+    settings: Settings, cards: dict[str, ModelCard], rules: Sequence[Rule]
+) -> list[str]:
+    """The model cards ``rules`` run (every card with ``inference.load_models: all``): the
+    models that must be ready, and the only ones the node's own server loads."""
+    if settings.inference.load_models is ModelLoading.ALL:
+        return sorted(cards)
+    return sorted(m for m in models_in_use(rules) if m in cards)
+
+
 class Health:
-    """What ``/api/health`` answers: DIMSE, Triton and each model ready, jobs per state, and
+    """What ``/api/health`` answers: DIMSE, Triton and each model ready, the models the rules
+    in force run (the others are not loaded: ``inference.load_models``), jobs per state, and
     which process answered. Every process probes Triton itself (readiness is never a copy)."""
 
     def __init__(
@@ -175,9 +186,12 @@ class Health:
         dimse_port: Callable[[], int | None],
         triton_pid: Callable[[], int | None],
         tls_port: Callable[[], int | None] = lambda: None,
+        in_use: Callable[[], list[str]] | None = None,
     ) -> None:
         self.store = store
         self.cards = cards
+        # the cards the rules in force run (the models that must be ready); default: all
+        self._in_use = in_use or (lambda: sorted(cards))
         self.ae_title = settings.scp.ae_title
         self.process = settings.node_name
         self._client = client
@@ -212,6 +226,7 @@ class Health:
             "dimse_tls_port": self._tls_port(),
             "triton_ready": ready,
             "models_ready": models,
+            "models_in_use": self._in_use(),
             "triton_pid": self._triton_pid(),
             "jobs": {state.value: n for state, n in counts.items()},
             "process": self.process,

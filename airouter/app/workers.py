@@ -37,6 +37,7 @@ from airouter.app.metrics import scraper
 from airouter.app.shared import (
     Health,
     build_ingest,
+    cards_in_use,
     dimse_services,
     http_app,
     rule_check,
@@ -206,6 +207,7 @@ def run(
         lambda: settings.scp.dimse_port,
         lambda: _read_pid(triton_pid_file),
         lambda: tls_port,
+        lambda: cards_in_use(settings, cards, ruleset.rules),
     )
     app = http_app(
         settings,

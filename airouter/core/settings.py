@@ -33,6 +33,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from airouter.core.vocab import (
     DeadlineAction,
+    ModelLoading,
     Notify,
     OutputKind,
     SharedMemoryMode,
@@ -428,6 +429,10 @@ class InferenceSettings(_Strict):
     # Jobs wait while Triton is unavailable, retrying with backoff up to this interval.
     retry_max_s: float = Field(default=10.0, gt=0)
     shared_memory: SharedMemoryMode = SharedMemoryMode.AUTO
+    # The local server loads only the models the rules use (each model is a process that
+    # holds its libraries: the TorchScript one 190 MB with torch); a remote server in
+    # explicit model control mode is asked to load them too.
+    load_models: ModelLoading = ModelLoading.IN_USE
     # The shared-memory regions a job's requests wrote are kept this long for the next job
     # (filled again at memory speed, not first touched); 0 frees them after each job.
     shared_memory_keep_s: float = Field(default=120.0, ge=0)

@@ -206,6 +206,15 @@ class SharedMemoryMode(enum.StrEnum):
     OFF = "off"
 
 
+class ModelLoading(enum.StrEnum):
+    """Which models the node's own tritonserver loads: ``in_use``, those the rules in force
+    name (loaded when a reloaded rule names another, or a job needs one); ``all``, every
+    model of the repositories."""
+
+    IN_USE = "in_use"
+    ALL = "all"
+
+
 class Activation(enum.StrEnum):
     """A tensor model's output activation (card ``postprocessing.activation``)."""
 

@@ -534,7 +534,9 @@ def _check_ready(client: InferenceClient, cards: list[ModelCard]) -> None:
     if not client.is_ready():
         raise InferenceUnavailable(f"Triton at {client.url} is not ready")
     for card in cards:
-        if not client.is_ready(card.triton_model):
+        # a model no rule in force names is not loaded (inference.load_models): a job that
+        # needs one (a rerun after its rule changed) has it loaded
+        if not client.is_ready(card.triton_model) and not client.load(card.triton_model):
             raise InferenceUnavailable(f"model {card.triton_model} is not ready on {client.url}")
 
 

@@ -416,9 +416,12 @@ def dashboard_router(
     @app.get("/models", response_class=HTMLResponse)
     def models(request: Request) -> Response:
         """Model cards: version, checksum, labels, training, and whether Triton has it ready."""
-        ready = health().get("models_ready", {})
+        status = health()
+        ready = status.get("models_ready", {})
+        in_use = set(status.get("models_in_use", cards))
         rows = [
-            {"card": card, "ready": bool(ready.get(name))} for name, card in sorted(cards.items())
+            {"card": card, "ready": bool(ready.get(name)), "in_use": name in in_use}
+            for name, card in sorted(cards.items())
         ]
         with store.session() as s:
             stats = summarise(s, watch)

@@ -328,6 +328,7 @@ def segment_lungs(
     body: np.ndarray | None = None,
     body_bits: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    out_bits: np.ndarray | None = None,
 ) -> np.ndarray:
     """ct-lungs: air regions inside the body of at least MIN_LUNG_ML, split left/right.
 
@@ -340,18 +341,34 @@ def segment_lungs(
 
     The air's components are found on the ~2 mm grid (a block is air if most of its pixels
     are); a lung's pixels are the air pixels of its blocks and of the part-air blocks beside
-    them. ``out``: a uint8 array of the volume's shape to write the labels into.
+    them. ``out``: a uint8 array of the volume's shape to write the labels into; or
+    ``out_bits``, a uint8 array of (2, slices, rows, ceil(columns / 8)) that gets each lung's
+    mask packed along the rows instead (index 0 the right lung, 1 the left: label value - 1),
+    returned in place of the labels: no label volume is made.
     """
     if out is not None and (out.shape != hu.shape or out.dtype != np.uint8):
         raise ValueError(f"an output of {out.shape} {out.dtype} for a {hu.shape} volume")
+    packed = (2, *hu.shape[:2], -(-hu.shape[2] // 8))
+    if out_bits is not None and (out_bits.shape != packed or out_bits.dtype != np.uint8):
+        raise ValueError(
+            f"a packed output of {out_bits.shape} {out_bits.dtype} for a {hu.shape} volume "
+            f"(expected {packed} uint8)"
+        )
+    if out is not None and out_bits is not None:
+        raise ValueError("labels or bits, not both")
     body_slab = _body_slabs(hu, affine, body, body_bits)
-    if out is None:
-        out = np.zeros(hu.shape, dtype=np.uint8)
+    result: np.ndarray
+    if out_bits is not None:
+        out_bits[...] = 0
+        result = out_bits
+    elif out is None:
+        result = out = np.zeros(hu.shape, dtype=np.uint8)
     else:
         out[...] = 0
+        result = out
     midline = _mean_x(body_slab, hu.shape, affine)
     if midline is None:  # no body
-        return out
+        return result
     step = grid_step(affine)
     air_count: np.ndarray = np.empty(grid_shape(hu.shape, step), dtype=count_type(step))
     for k in range(0, len(hu), SLAB):
@@ -360,14 +377,14 @@ def segment_lungs(
         air_count[k : k + SLAB] = block_counts(air, step)
     found = _components(air_count > block_area(hu.shape, step) // 2)  # mostly air
     if found.count == 0:
-        return out
+        return result
     # only the components large enough to be a lung are numbered (a CT's air holds tens of
     # thousands of small pockets): their labels fit in uint16 and replace the slabs' own
     all_sizes = found.sizes(weights=air_count)  # air pixels, not blocks
     big = np.flatnonzero(all_sizes * voxel_ml(affine) >= MIN_LUNG_ML)
     big = big[big > 0]
     if big.size == 0:
-        return out
+        return result
     renumber = np.zeros(found.count + 1, dtype=np.uint16)
     renumber[big] = np.arange(1, big.size + 1)
     labels, count = found.relabel(renumber), int(big.size)
@@ -387,7 +404,7 @@ def segment_lungs(
     )
     lung_like[0] = False
     if not lung_like.any():
-        return out
+        return result
     lung = lung_like[labels]  # a lookup per block (np.isin sorts: much slower)
     del labels
     if step > 1:  # the lungs' edges: the part-air blocks beside their blocks
@@ -398,11 +415,16 @@ def segment_lungs(
         keep = hu[k : k + SLAB] < AIR_THRESHOLD_HU
         keep &= body_slab(k)
         combine(keep, lung[k : k + SLAB], step, np.logical_and)
-        x = _patient_x(affine, keep.shape, first=k)
+        left = keep & (_patient_x(affine, keep.shape, first=k) >= midline)
+        if out_bits is not None:
+            out_bits[RIGHT_LUNG - 1, k : k + SLAB] = np.packbits(keep & ~left, axis=-1)
+            out_bits[LEFT_LUNG - 1, k : k + SLAB] = np.packbits(left, axis=-1)
+            continue
+        assert out is not None
         slab = out[k : k + SLAB]
         slab[keep] = RIGHT_LUNG
-        slab[keep & (x >= midline)] = LEFT_LUNG
-    return out
+        slab[left] = LEFT_LUNG
+    return result
 
 
 def _inside_bone_ring(hu: np.ndarray, step: int) -> np.ndarray:

@@ -87,6 +87,10 @@ class ModelInput(BaseModel):
     batch_size: int = Field(default=4, ge=1)  # patches or slices per request
     divisible_by: int = Field(default=1, ge=1)  # volume mode: pad spatial dims to a multiple
     uses: UsesOutput | None = None  # hu_affine models: another model's result, if it runs too
+    # hu_affine models: each label's mask written as bits (packed along each row, label value
+    # v at index v - 1) into the node's region when the tensors go by reference, instead of a
+    # uint8 label volume: an eighth of the memory (the volume's labels otherwise)
+    labels_as_bits: bool = False
 
 
 class IntensityScaling(BaseModel):
@@ -166,6 +170,8 @@ class ModelCard(BaseModel):
         if len(set(values)) != len(values):
             raise ValueError("labels: two labels share a value")
         if self.input.kind is InputKind.TENSOR:
+            if self.input.labels_as_bits:
+                raise ValueError("input.labels_as_bits: a hu_affine model's way of answering")
             if self.input.mode is InputMode.PATCH and not self.input.patch_size:
                 raise ValueError("input.patch_size is required for mode: patch")
             top = max(values)

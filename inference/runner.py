@@ -38,6 +38,9 @@ class ModelOutput:
     """What a model gave for one volume, on the source grid."""
 
     labels: np.ndarray | None = None  # uint8 (slices, rows, columns); label values of the card
+    # or, from a model whose card says labels_as_bits: each label's mask packed along the rows,
+    # uint8 (labels, slices, rows, ceil(columns / 8)), label value v at index v - 1
+    label_bits: np.ndarray | None = None
     # Per label value: the model's probability as uint8 0..255 (for explainability).
     probabilities: dict[int, np.ndarray] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)  # classification: label name -> score
@@ -138,6 +141,11 @@ def run_model(
             wanted = card.input.uses
             extra = {wanted.tensor: mask_tensor(uses, wanted.label, wanted.packed, allocate)}
         t0 = time.perf_counter()
+        if card.input.labels_as_bits and allocate is not None:
+            count = max(label.value for label in card.labels)
+            bits = client.segment_bits(card.triton_model, hu, affine, count, allocate, extra)
+            if bits is not None:
+                return ModelOutput(label_bits=bits, timings={"infer_s": time.perf_counter() - t0})
         labels = client.segment(card.triton_model, hu, affine, extra, allocate)
         return ModelOutput(labels=labels, timings={"infer_s": time.perf_counter() - t0})
     if predict is None:

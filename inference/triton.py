@@ -670,3 +670,44 @@ class InferenceClient:
             into,
         )
         return result["LABELS"]
+
+    def segment_bits(
+        self,
+        model: str,
+        hu: np.ndarray,
+        affine: np.ndarray,
+        count: int,
+        allocate: Allocator,
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> np.ndarray | None:
+        """Run a classic model that writes its ``count`` labels' masks as bits (card:
+        ``labels_as_bits``): (count, slices, rows, ceil(columns / 8)) uint8, label value v
+        at index v - 1, in a buffer of ``allocate``. None where the labels cannot go by
+        reference (no shared memory, or a model without ``REFS``): :meth:`segment` then."""
+        from tritonclient.utils import InferenceServerException
+
+        if not self.shared_memory:
+            return None
+        try:
+            by_reference = self._takes_refs(model)
+        except (InferenceServerException, OSError) as exc:
+            if not self.is_ready():
+                raise InferenceUnavailable(f"Triton at {self.url}: {exc}") from exc
+            raise InferenceError(f"model {model}: {exc}") from exc
+        if not by_reference:
+            return None
+        shape = (count, *hu.shape[:2], -(-hu.shape[2] // 8))
+        target = allocate(shape, np.uint8)
+        if self._pool.holding(target) is None:
+            return None  # not a lent region: the server cannot write there
+        result = self.infer(
+            model,
+            {
+                "CT": hu.astype(np.int16, copy=False),
+                "AFFINE": affine.astype(np.float64),
+                **(extra or {}),
+            },
+            {"LABEL_BITS": (np.dtype(np.uint8), shape)},
+            {"LABEL_BITS": target},
+        )
+        return result["LABEL_BITS"]

@@ -203,6 +203,8 @@ def test_ct_lungs_takes_ct_bodys_body_over_triton_and_gives_the_same_lungs(
         with pytest.raises(InferenceError, match="packed body mask"):
             bits = np.zeros(phantom.hu.shape, np.uint8)  # bytes where bits are expected
             client.segment("ct-lungs", phantom.hu, phantom.affine, {"BODY_BITS": bits})
+        with pytest.raises(ValueError, match="packed output"):  # one lung's bits, not two
+            segment_lungs(phantom.hu, phantom.affine, out_bits=np.zeros((1, 2, 2, 2), np.uint8))
     finally:
         client.close()
 
@@ -591,12 +593,18 @@ def test_classic_models_read_and_write_the_nodes_regions_without_a_copy(tmp_path
             ).labels
             lungs = run_model(
                 cards["ct-lungs"], hu, phantom.affine, client, uses=body, allocate=allocate
-            ).labels
-            assert body is not None and lungs is not None
+            )
+            bits = lungs.label_bits  # ct-lungs' card: labels_as_bits
+            assert body is not None and lungs.labels is None and bits is not None
             assert client._pool.holding(body) is not None  # written in the job's buffers
-            assert client._pool.holding(lungs) is not None
+            assert client._pool.holding(bits) is not None
+            assert bits.shape == (2, *hu.shape[:2], -(-hu.shape[2] // 8))
             assert np.array_equal(body, body_expected)
-            assert np.array_equal(lungs, lungs_expected) and lungs.any()
+            columns = hu.shape[2]
+            for value in (1, 2):
+                unpacked = np.unpackbits(bits[value - 1], axis=-1, count=columns).view(bool)
+                assert np.array_equal(unpacked, lungs_expected == value)
+                assert unpacked.any()
             assert client._pool.by_reference == {"ct-body": True, "ct-lungs": True}
             assert set(client._regions) == {"in_AFFINE"}  # only the affine copied
         assert phantom.hu.nbytes > 4 * _backend_pools(before)  # the CT never went there

@@ -548,13 +548,22 @@ def test_structures_measure_their_masks_without_copying_a_binary_answer() -> Non
     assert not np.shares_memory(right.mask, two)
     assert np.array_equal(right.mask, two == 1) and np.array_equal(left.mask, two == 2)
     assert left.intensities_hu is not None and right.intensities_hu is not None
+    # the same labels as each label's bits (labels_as_bits): the same masks and measures
+    bits = np.stack([np.packbits(two == v, axis=-1) for v in (1, 2)])
+    packed = structures_of(
+        CARDS["ct-lungs"], ModelOutput(label_bits=bits), volume.hu, volume.voxel_volume_ml
+    )
+    for unpacked, from_labels in zip(packed, (right, left), strict=True):
+        assert np.array_equal(unpacked.mask, from_labels.mask)
+        assert unpacked.volume_ml == from_labels.volume_ml
+        assert unpacked.intensities_hu == from_labels.intensities_hu
 
 
 def test_a_structure_costs_memory_only_for_the_slabs_it_spans() -> None:
     """A mask is written only where its label is: a label found on a few slices of a large
     volume, or not at all, leaves the rest of its mask untouched memory (the process grows by
     those slabs, not by the volume), and the mask is still exactly ``labels == value``."""
-    from airouter.jobs.specs import mask_of
+    from airouter.jobs.specs import mask_of, unpacked_mask
 
     def resident_mb() -> float:
         with open("/proc/self/statm") as f:
@@ -569,7 +578,15 @@ def test_a_structure_costs_memory_only_for_the_slabs_it_spans() -> None:
     for value, mask in zip((1, 2, 3), masks, strict=True):
         assert mask.dtype == bool and np.array_equal(mask, labels == value)
     assert not masks[2].any()  # label 3 nowhere
-    assert grown < 20, f"{grown:.0f} MB for masks of 2 slabs (a full one is 100 MB)"
+    bits = [np.packbits(labels == value, axis=-1) for value in (1, 2, 3)]
+    before_bits = resident_mb()
+    unpacked = [unpacked_mask(b, labels.shape) for b in bits]  # the same from bits
+    grown += resident_mb() - before_bits
+    for value, mask in zip((1, 2, 3), unpacked, strict=True):
+        assert mask.dtype == bool and np.array_equal(mask, labels == value)
+    with pytest.raises(ValueError, match="bits of"):
+        unpacked_mask(bits[0][:, :, :-1], labels.shape)
+    assert grown < 40, f"{grown:.0f} MB for masks of 2 slabs, twice (a full one is 100 MB)"
     full = labels == 3  # what writing every voxel costs, for comparison
     assert resident_mb() - before > 90
     del full

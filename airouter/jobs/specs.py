@@ -45,15 +45,26 @@ def structures_of(
 ) -> list[Structure]:
     """One structure per label of a segmentation model's output: its mask, and for a found
     one its volume, attenuation (mean, min, max in the modality's units) and probability."""
-    if output.labels is None:
+    labels, bits = output.labels, output.label_bits
+    if labels is None and bits is None:
         return []
     maps = output.probabilities if OutputKind.PROBABILITY_MAP in card.outputs else {}
-    labels = output.labels
     # labels of 0 and 1 only (ct-body) are label 1's mask already: a view, not a copy
-    binary = labels.dtype == np.uint8 and labels.size > 0 and int(labels.max()) <= 1
+    binary = (
+        labels is not None
+        and labels.dtype == np.uint8
+        and labels.size > 0
+        and int(labels.max()) <= 1
+    )
     structures = []
     for label in card.labels:
-        mask = labels.view(bool) if binary and label.value == 1 else mask_of(labels, label.value)
+        if bits is not None:
+            mask = unpacked_mask(bits[label.value - 1], hu.shape)
+        else:
+            assert labels is not None
+            mask = (
+                labels.view(bool) if binary and label.value == 1 else mask_of(labels, label.value)
+            )
         intensities = _intensities(hu, mask)
         found = intensities is not None
         structures.append(
@@ -80,6 +91,20 @@ def mask_of(labels: np.ndarray, value: int, slab: int = 16) -> np.ndarray:
         part = labels[k : k + slab] == value
         if part.any():
             mask[k : k + slab] = part
+    return mask
+
+
+def unpacked_mask(bits: np.ndarray, shape: tuple[int, ...], slab: int = 16) -> np.ndarray:
+    """The mask of ``shape`` whose rows ``bits`` holds packed (numpy ``packbits``), unpacked
+    only on the slabs that have a bit set: like :func:`mask_of`, a structure costs memory for
+    the slices it spans."""
+    if bits.shape != (*shape[:2], -(-shape[2] // 8)):
+        raise ValueError(f"bits of {bits.shape} for a mask of {shape}")
+    mask = np.zeros(shape, dtype=bool)
+    for k in range(0, shape[0], slab):
+        part = bits[k : k + slab]
+        if part.any():
+            mask[k : k + slab] = np.unpackbits(part, axis=-1, count=shape[2]).view(bool)
     return mask
 
 

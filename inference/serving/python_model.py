@@ -129,7 +129,9 @@ def python_model(
     volume's shape to write the labels into: the region a request names for ``LABELS``,
     or, with ``reuse_output``, a buffer the model keeps for the next request of that shape
     when the labels travel as a tensor (memory touched for the first time costs about 7 ms
-    per MB on a VM: 2 s for the labels of a 1,000-slice CT)."""
+    per MB on a VM: 2 s for the labels of a 1,000-slice CT). A request whose REFS name a
+    ``LABEL_BITS`` output gets each label's mask as bits there instead (``segment`` takes
+    ``out_bits=``: (labels, slices, rows, ceil(columns / 8)) uint8)."""
     import triton_python_backend_utils as pb_utils
 
     class TritonPythonModel:
@@ -156,7 +158,18 @@ def python_model(
                     raise RefError("the request has no CT or no AFFINE")
                 hu = arrays["CT"]
                 extra = {kw: arrays[t] for t, kw in (optional or {}).items() if t in arrays}
-                if "LABELS" not in outs:
+                if "LABEL_BITS" in outs:  # each label's mask as bits (card: labels_as_bits)
+                    ref = outs["LABEL_BITS"]
+                    packed = (*hu.shape[:2], -(-hu.shape[2] // 8))
+                    if ref.dtype != np.uint8 or len(ref.shape) != 4 or ref.shape[1:] != packed:
+                        raise RefError(f"LABEL_BITS: {ref.shape} {ref.dtype} for a {hu.shape} CT")
+                    target = stack.enter_context(map_region(ref, True))
+                    bits = segment(hu, arrays["AFFINE"], out_bits=target, **extra)
+                    if bits.__array_interface__["data"][0] != target.ctypes.data:
+                        np.copyto(target, bits, casting="unsafe")
+                    del bits, target
+                    answer, written = [], ref.nbytes
+                elif "LABELS" not in outs:
                     extra.update(self._out(tuple(hu.shape)))
                     labels = np.ascontiguousarray(
                         segment(hu, arrays["AFFINE"], **extra), dtype=np.uint8

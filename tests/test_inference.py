@@ -638,3 +638,31 @@ def test_classic_models_read_and_write_the_nodes_regions_without_a_copy(tmp_path
     finally:
         client.close()
         server.stop()
+
+
+def test_a_new_region_is_faulted_in_before_it_is_lent(tmp_path: Path) -> None:
+    """A region made for a job's buffer has its pages in memory when the buffer is lent
+    (faulted from several threads at once: the volume built in it then writes to pages
+    that exist); one taken back from the pool is the same region, not a new one."""
+    import os
+
+    from inference.triton import populate
+
+    client = InferenceClient("127.0.0.1:9", "http", shared_memory=True)  # no server needed
+    try:
+        with client.buffers() as allocate:
+            volume = allocate((40, 512, 512), np.int16)  # 20 MB
+            region = client._pool.holding(volume)
+            assert region is not None
+            stored = os.stat(f"/dev/shm/{region.name}").st_blocks * 512
+            assert stored >= volume.nbytes  # every page there, none written by us
+            assert not volume.any()  # a new region reads as zeros
+        with client.buffers() as allocate:
+            again = allocate((40, 512, 512), np.int16)
+            assert client._pool.holding(again) is region  # kept: nothing to fault in
+        plain = np.frombuffer(bytearray(8 << 20), np.uint8)
+        assert populate(plain, threads=3)  # any writable mapping
+        assert not populate(plain[: 1 << 10])  # too small to be worth threads
+    finally:
+        client.close_idle(-1)
+        client.close()

@@ -60,6 +60,22 @@ def decimal_strings(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         values.size and np.abs(values).max() >= _MAX_COORDINATE_MM
     ):
         raise EncodeError("a contour lies outside any patient coordinate a DS can hold")
+    if values.size <= _CHUNK:
+        return _decimal_chunk(values)
+    # a chunk at a time: the passes' working arrays (about 80 bytes a value) stay small
+    texts, ends, offset = [], [], 0
+    for start in range(0, values.size, _CHUNK):
+        text, end = _decimal_chunk(values[start : start + _CHUNK])
+        texts.append(text)
+        ends.append(end + offset)
+        offset += len(text)
+    return np.concatenate(texts), np.concatenate(ends)
+
+
+_CHUNK = 1 << 16  # values formatted at once
+
+
+def _decimal_chunk(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scaled = values * 1000.0
     q = np.rint(scaled)
     # where the product's own rounding may have moved a value across a tie, Python's

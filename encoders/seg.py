@@ -361,9 +361,11 @@ def _streamed_binary(
         assert box is not None
         _, j, _ = box
         own = [p for p in planes if hit[p]]
-        pixels[start : start + len(own), j, :] = np.packbits(
-            m[own, j, :], axis=-1, bitorder="little"
-        )
+        for n in range(0, len(own), 64):  # 64 planes at a time: no copy of the whole mask
+            chunk = own[n : n + 64]
+            pixels[start + n : start + n + len(chunk), j, :] = np.packbits(
+                m[chunk, j, :], axis=-1, bitorder="little"
+            )
         start += len(own)
         # one segment: highdicom names it once, in the shared functional groups
         segment = (

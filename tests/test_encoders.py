@@ -719,8 +719,8 @@ def test_contour_coordinates_are_written_as_printf_would() -> None:
     rng = np.random.default_rng(11)
     values = np.concatenate(
         [
-            rng.uniform(-600, 600, 20000),
-            rng.integers(-2000000, 2000000, 20000) * 0.0005,  # ties at the fourth decimal
+            rng.uniform(-600, 600, 50000),  # more values than one chunk of the passes
+            rng.integers(-2000000, 2000000, 50000) * 0.0005,  # ties at the fourth decimal
             [0.0, 0.0004, 12.5, 99.9995, 9.9996, -3.25, 999999999.4, -999999999.4],
         ]
     )
@@ -730,6 +730,7 @@ def test_contour_coordinates_are_written_as_printf_would() -> None:
     assert written[:-1] == [f"{v:.3f}" for v in values]
     assert max(map(len, written)) <= 16
     assert ends[-1] == len(text) - 1
+    assert np.array_equal(ends, np.cumsum([len(w) + 1 for w in written[:-1]]) - 1)  # separators
     assert decimal_strings(np.array([-0.0001]))[0].tobytes() == b"0.000\\"  # never "-0.000"
     for bad in (np.nan, np.inf, 1e9):
         with pytest.raises(EncodeError):

@@ -127,19 +127,33 @@ the slabs its label is on (ct-lungs finds no lung in a head CT: its two masks co
 of zeros before, nothing now): 33.1 s / 16.3 s and 2,178 / 2,387 MB in a slow hour (the
 volume build alone took 9.2 s on the first study), then the figures above half an hour later.
 
-What is left. The peak is the node's idle 0.4 GB, the Python backend stubs' 0.3 GB (0.19 GB
-of it ct-lungs-unet's stub, loaded with torch though no default rule uses it), the CT (524 MB)
-and the two label volumes (262 MB each) in the node's regions, and about 0.3 GB of the job's
-other buffers; labels as bits (33 MB per label instead of 262 MB) and loading only the
-models the rules use would bring it under 2 GB, not done. The first study after a start pays
-for memory touched for the first time (about 7 ms per MB here, a Firecracker VM whose host
-backs guest memory on first touch and takes freed memory back within seconds: a new 262 MB
-array costs 2 s to fill, the same array refilled 0.03 s): the volume's region (500 MB), the
-label regions, the encoders' and the C-STORE's first runs; the second study finds them
-kept. The repeated head CT holds one patient per 140 slices: ct-body keeps the largest
-one.
+On 2026-12-03 (fourth session, same host; storescu took 2.4-7.6 s for the same send), one
+change after another: the code as the third session left it, 26.9 s / 13.0 s, 2,171 / 2,383
+MB; Triton loading only the models the rules run (`inference.load_models: in_use`: no
+ct-lungs-unet stub with torch, 190 MB) and the node importing torch and MONAI only for a
+network model in use (240 MB; the node idles at 0.3 GB, was 0.7): 22.5 s / 15.1 s, 1,794 /
+1,994 MB; ct-lungs writing each lung's mask as bits into the node's region (card:
+`labels_as_bits`; 66 MB instead of a 262 MB label volume): 22.1 s / 11.4 s, 1,590 / 1,770 MB;
+a new shared-memory region faulted in from both cores before it is lent (MADV_POPULATE_WRITE:
+memory touched for the first time cost 5.4-7.4 ms per MB from one thread here, 2.9-3.5 from
+two; the volume build went from 5.5 s to 1.8 s on a first study): 15.7 s / 10.8 s, then
+15.0 s / 11.2 s in the next run, 1,588-1,646 / 1,757-1,788 MB; the encoders' working memory
+cut (the SEG's frames packed 64 planes at a time instead of from a copy of the whole mask,
+238 -> 64 MB; the RTSTRUCT's coordinates formatted 65,536 at a time, 168 -> 100 MB):
+15.8 s / 11.1 s, 1,592 / 1,679 MB (encode 2.44 s / 0.94 s), then the table above.
 
-After a large study the node's processes hold about 1.5 GB more while idle (the second
+What is left. The peak (both columns under 2 GB now) is the node's idle 0.2 GB, the two
+classic models' stubs and tritonserver 0.16 GB, and the job's regions, kept for the next job:
+the CT (524 MB), ct-body's labels (262 MB, which are the BODY structure's mask), its body as
+bits for ct-lungs (33 MB) and the lungs' bits (66 MB). The first study after a start is at
+the 15 s goal, not under it in every run: it still pays for memory touched for the first
+time (the host, a Firecracker VM, backs guest memory on first touch), in the models' stubs
+(ct-body 2.2 s against 1.7 s), in the encoders (about 160 MB of working arrays: 2.4 s against
+0.9 s) and in the first C-STORE to Orthanc; the 2 s of the quiet period are the default
+rule's (complete on release removes them). The repeated head CT holds one patient per 140
+slices: ct-body keeps the largest one.
+
+After a large study the node's processes hold about 1.3 GB more while idle (the second
 column's "before the send"): the client's regions (the CT, the labels), kept for
 `inference.shared_memory_keep_s` (120 s) after their last job, then freed; the Python
 backend's pools no longer grow with the volume."""

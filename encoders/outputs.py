@@ -8,7 +8,7 @@ Provenance and the series identity of every object come from the encoder setting
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import highdicom as hd
@@ -83,6 +83,9 @@ class OutputRequest:
     # input quality checks that failed (the SR reports them; structures then not found are
     # "not assessable", with the reason, rather than "Absent")
     quality: InputQuality | None = None
+    # structures not found where their model cannot tell absence (outside the region it
+    # reads): tracking identifier -> the reason; "not assessable" rather than "Absent"
+    out_of_view: Mapping[str, str] = field(default_factory=dict)
     # the patient's previous comparable study, measured by the same models (the SR compares)
     prior: PriorStudy | None = None
 
@@ -205,7 +208,7 @@ def encode_outputs(
             # the Image Library: a multi-frame image once, described by its first frame's view
             library_images=source.slices if source.instances is None else source.slices[:1],
             quality=request.quality,
-            not_assessable=_not_assessable(request.quality, absent),
+            not_assessable=_not_assessable(request.quality, absent, request.out_of_view),
             prior=request.prior,
         )
         result.objects.append((OutputKind.SR, sr))
@@ -231,13 +234,25 @@ def encode_outputs(
     return result
 
 
-def _not_assessable(quality: InputQuality | None, absent: Sequence[SegmentSpec]) -> dict[str, str]:
-    """With failed input quality checks, a structure not found may be missed for it: not
-    assessable, for the reasons found, instead of a definite "Absent"."""
-    if quality is None or not quality.findings:
-        return {}
-    reason = "input quality: " + "; ".join(quality.findings)
-    return {spec.tracking_id: reason for spec in absent}
+def _not_assessable(
+    quality: InputQuality | None,
+    absent: Sequence[SegmentSpec],
+    out_of_view: Mapping[str, str],
+) -> dict[str, str]:
+    """With failed input quality checks, a structure not found may be missed for it; outside
+    the region its model reads, it is out of view: not assessable, for the reasons found,
+    instead of a definite "Absent"."""
+    quality_reason = (
+        "input quality: " + "; ".join(quality.findings)
+        if quality is not None and quality.findings
+        else None
+    )
+    reasons = {}
+    for spec in absent:
+        found = [r for r in (quality_reason, out_of_view.get(spec.tracking_id)) if r]
+        if found:
+            reasons[spec.tracking_id] = "; ".join(found)
+    return reasons
 
 
 def _rtstruct(

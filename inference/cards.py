@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from airouter.core.vocab import Activation, OutputKind, RTROIType, RunMode
 
@@ -163,6 +171,28 @@ class ModelCard(BaseModel):
     # Triton), and a series whose pixels may carry burned-in text (Burned In Annotation YES,
     # or unknown for US, SC ...) is refused unless the rule has allow_burned_in.
     deidentify: bool = False
+    # The regions in which the model can tell that a structure is absent: BodyPartExamined
+    # values (PS3.16 Annex L defined terms). On a series whose BodyPartExamined names another
+    # region, a structure the model did not find is "not assessable" (lungs on a head CT are
+    # out of view, not missing). Empty: every region.
+    body_parts: list[str] = Field(default_factory=list)
+
+    @field_validator("body_parts")
+    @classmethod
+    def _defined_terms(cls, parts: list[str]) -> list[str]:
+        for part in parts:
+            if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", part):
+                raise ValueError(
+                    f"body_parts: {part!r} is not a BodyPartExamined value (CS: upper-case "
+                    "letters, digits, space and underscore, at most 16)"
+                )
+        return parts
+
+    def covers(self, body_part: str) -> bool:
+        """Whether a structure this model did not find on a series of ``body_part`` (its
+        BodyPartExamined; empty when unknown) is absent rather than out of view."""
+        part = body_part.strip().upper()
+        return not self.body_parts or not part or part in self.body_parts
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelCard:

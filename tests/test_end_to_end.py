@@ -165,11 +165,17 @@ def test_ct_study_comes_back_as_seg_sr_rtstruct_in_orthanc(
             print("   ", w)
         assert errors == [], f"{modality}: {errors}"
     dump = subprocess.run(
-        [tool("dsrdump"), str(tmp_path / "SR.dcm")], capture_output=True, text=True, check=False
+        [tool("dsrdump"), "+Pl", str(tmp_path / "SR.dcm")],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert dump.returncode == 0, dump.stderr
     assert "Imaging Measurement Report" in dump.stdout and "Volume" in dump.stdout
-    assert dump.stdout.count("Absent") == 2  # a head CT: both lungs reported absent
+    # a head CT (Body Part Examined BRAIN): the lungs are out of ct-lungs' view, not absent
+    assert dump.stdout.count("Absent") == 0
+    assert dump.stdout.count("Presence Undetermined") == 2
+    assert dump.stdout.count("Not assessable: out of view: Body Part Examined BRAIN") == 2
 
     # 3. SEG == the model's mask exactly; RTSTRUCT Dice >= 0.98; SR volumes == SEG within 1 %
     masks = load_masks(node.data_dir / "jobs" / str(job["id"]) / "masks.npz")

@@ -27,11 +27,11 @@ from pydicom.filereader import data_element_generator
 from airouter.core.settings import EncoderSettings
 from airouter.core.templates import TemplateError, load_templates, parse_templates
 from airouter.core.vocab import OutputKind
-from airouter.jobs.specs import apply_template, structures_of
+from airouter.jobs.specs import apply_template, out_of_view, structures_of
 from encoders.common import IDENTIFIERS
 from encoders.outputs import OutputRequest, SourceSeries, encode_outputs
 from inference.algorithms import segment_body, segment_lungs
-from inference.cards import load_cards
+from inference.cards import ModelCardError, load_card, load_cards
 from inference.runner import ModelOutput
 from inference.volume import build_volume
 from tests.objects import dataset_bytes
@@ -124,9 +124,11 @@ def pipeline_objects(
     ]
     chosen = TEMPLATES[template] if template else None
     templated = apply_template(chosen, structures)
+    body_part = str(volume.datasets[0].get("BodyPartExamined", "") or "")
     encoded = encode_outputs(
         request=OutputRequest(
             kinds=KINDS,
+            out_of_view=out_of_view(CARDS, templated.structures, body_part),
             research=bool(chosen and chosen.research),
             structure_set_label=chosen.structure_set.label if chosen else "AI",
             structure_set_name=chosen.structure_set.name if chosen else None,
@@ -288,6 +290,68 @@ def test_one_identity_per_structure_across_seg_sr_and_rtstruct(
         item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"
     ]
     assert len(library) == 1 and len(library[0].ContentSequence) >= 1
+
+
+def test_a_structure_out_of_the_models_view_is_not_assessable_rather_than_absent(
+    written: tuple[str, dict[str, Dataset], dict[str, bytes], list[Dataset]],
+) -> None:
+    """The head CT (Body Part Examined BRAIN) has no lungs in view: ct-lungs, which tells
+    absence only on a chest, reports each lung "Presence Undetermined" with the reason, never
+    the definite negative "Absent"; the body, found, is measured as usual. Where the series
+    names no region, the model's "Absent" stands."""
+    name, objects, _, sources = written
+    part = str(sources[0].get("BodyPartExamined", "") or "")
+    report = hd.sr.srread(io.BytesIO(_bytes(objects["SR"])))
+    groups = report.content.get_planar_roi_measurement_groups() + list(
+        report.content.get_volumetric_roi_measurement_groups()
+    )
+    assert {g.tracking_identifier for g in groups} == {"External"}
+    evaluations = {}
+    for group in report.content[0].ContentSequence:
+        if group.ConceptNameCodeSequence[0].CodeValue != "126010":  # Imaging Measurements
+            continue
+        for item in group.ContentSequence:
+            texts = {
+                c.ConceptNameCodeSequence[0].CodeMeaning: c
+                for c in item.ContentSequence
+                if "ConceptNameCodeSequence" in c
+            }
+            tracking = str(texts["Tracking Identifier"].TextValue)
+            for c in item.ContentSequence:
+                if c.ValueType == "CODE" and tracking.startswith("Lung"):
+                    meaning = c.ConceptCodeSequence[0].CodeMeaning
+                    if meaning in ("Absent", "Presence Undetermined"):
+                        comment = texts.get("Comment")
+                        evaluations[tracking] = (meaning, comment and str(comment.TextValue))
+    assert set(evaluations) == {"Lung_R", "Lung_L"}, (name, evaluations)
+    for meaning, comment in evaluations.values():
+        if part.upper() == "BRAIN":  # the head CT, tilted or multi-frame
+            assert meaning == "Presence Undetermined", (name, meaning)
+            assert comment == (
+                "Not assessable: out of view: Body Part Examined BRAIN is not a region in "
+                "which ct-lungs can tell absence"
+            ), comment
+        elif part:  # the J2K body CT says PARTIALBODY: not known to hold both lungs either
+            assert part == "PARTIALBODY" and meaning == "Presence Undetermined", (name, part)
+        else:  # the legacy-converted multi-frame image lost the region: the model's answer
+            assert name == "multiframe" and (meaning, comment) == ("Absent", None), name
+
+
+def test_a_model_tells_absence_on_its_own_region_or_an_unknown_one() -> None:
+    lungs = CARDS["ct-lungs"]
+    assert lungs.covers("CHEST") and lungs.covers("chest ") and lungs.covers("")
+    assert not lungs.covers("BRAIN") and not lungs.covers("HEAD")
+    assert CARDS["ct-body"].covers("BRAIN")  # no body_parts: every region
+    text = (ROOT / "config" / "models" / "ct-lungs.yaml").read_text()
+    bad = text.replace("body_parts: [CHEST,", "body_parts: [chest,")
+    path = ROOT / "var" / "test-cards" / "ct-lungs.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.write_text(bad)
+        with pytest.raises(ModelCardError, match="body_parts: 'chest' is not a BodyPartExamined"):
+            load_card(path)
+    finally:
+        path.unlink()
 
 
 def _bytes(ds: Dataset) -> bytes:

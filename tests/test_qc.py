@@ -256,7 +256,10 @@ def test_a_clean_ct_comes_back_named_by_the_site_template(
     (obs,) = rt.RTROIObservationsSequence
     assert obs.RTROIInterpretedType == "EXTERNAL" and obs.ROIObservationLabel == "External"
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["External"]
-    assert "template_applied" in _events(node, job["id"])
+    events = _events(node, job["id"])
+    assert "template_applied" in events
+    # the head CT says BRAIN: the lungs were out of ct-lungs' view (the SR says not assessable)
+    assert "ct-lungs:Right Lung: out of view: Body Part Examined BRAIN" in events["not_assessable"]
 
 
 @pytest.mark.integration

@@ -31,6 +31,7 @@ from airouter.core.settings import (
     InferenceSettings,
     MonitoringSettings,
 )
+from airouter.core.tags import text_value
 from airouter.core.templates import Template
 from airouter.core.vocab import (
     Action,
@@ -52,6 +53,7 @@ from airouter.jobs.specs import (
     apply_template,
     classifications_of,
     looked_for_structures,
+    out_of_view,
     structures_of,
 )
 from dispatch.deidentify import burned_in_refusal
@@ -640,6 +642,10 @@ def _encode_and_archive_now(
     sets: list[tuple[list[str] | None, EncodedOutputs]] = []
     wanted = kinds or frozenset(OutputKind(k) for k in job.outputs)
     targets = _targets(ctx, job)
+    body_part = text_value(volume.datasets[0], "BodyPartExamined") or ""
+    unseen = out_of_view(ctx.cards, structures, body_part)
+    if unseen:
+        run.recorder.event("not_assessable", "; ".join(f"{k}: {v}" for k, v in unseen.items()))
     for template, destinations in targets:
         templated = apply_template(template, structures)
         if template is not None:
@@ -652,6 +658,7 @@ def _encode_and_archive_now(
             request=OutputRequest(
                 kinds=wanted,
                 quality=quality,
+                out_of_view=out_of_view(ctx.cards, templated.structures, body_part),
                 seg_type=job.seg_type or SegType((job.options or {}).get("seg_type", "binary")),
                 version=job.version,
                 shadow=shadow,

@@ -6,6 +6,7 @@ a card.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import highdicom as hd
@@ -153,6 +154,24 @@ class Templated:
     structures: list[Structure]
     left_out: list[str] = field(default_factory=list)  # not listed: not sent
     missing: list[str] = field(default_factory=list)  # listed, from no model of this job
+
+
+def out_of_view(
+    cards: Mapping[str, ModelCard], structures: Sequence[Structure], body_part: str
+) -> dict[str, str]:
+    """The structures not found on a series of ``body_part`` (its BodyPartExamined) that their
+    model cannot call absent there (its card's ``body_parts`` leave the region out): tracking
+    identifier -> why they are not assessable."""
+    reasons = {}
+    for s in structures:
+        card = cards.get(s.spec.algorithm_name)
+        if s.found or card is None or card.covers(body_part):
+            continue
+        reasons[s.spec.tracking_id] = (
+            f"out of view: Body Part Examined {body_part.strip().upper()} is not a region "
+            f"in which {card.name} can tell absence"
+        )
+    return reasons
 
 
 def apply_template(template: Template | None, structures: list[Structure]) -> Templated:

@@ -3,8 +3,10 @@ process, no peers; the node-level test is tests/test_lifecycle_and_phi.py)."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -12,6 +14,7 @@ from sqlalchemy import func, select
 from airouter.app.web import create_app
 from airouter.core.db import Event, Job, Store, Study
 from airouter.core.vocab import Action, JobState, SegType
+from airouter.jobs.artefacts import load_masks, save_masks
 from airouter.jobs.lifecycle import JobActionError, cancel_job, recover_jobs, retry_job
 from airouter.jobs.recorder import JobCancelled, JobRecorder
 from router.queue import claim_next_job
@@ -198,3 +201,18 @@ def test_a_database_of_release_0_1_opens_in_place(tmp_path: Path) -> None:
     new = _job(store, JobState.CANCELLED)
     assert _get(store, new).seg_type is SegType.LABELMAP
     assert claim_next_job(store) == 1  # the old queued job runs
+
+
+def test_masks_kept_with_a_job_come_back_as_saved_empty_ones_unstored(tmp_path: Path) -> None:
+    """A job's masks, packed; an empty one (lungs on a head CT) is named, not stored, and
+    comes back as zeros of the same shape."""
+    rng = np.random.default_rng(7)
+    found = rng.random((5, 16, 24)) > 0.5
+    save_masks(tmp_path, {"ct-body/Body": found, "ct-lungs/Right Lung": np.zeros_like(found)})
+    with zipfile.ZipFile(tmp_path / "masks.npz") as archive:
+        assert sorted(archive.namelist()) == ["_empty.npy", "_shape.npy", "ct-body/Body.npy"]
+    masks = load_masks(tmp_path / "masks.npz")
+    assert list(masks) == ["ct-body/Body", "ct-lungs/Right Lung"]
+    assert np.array_equal(masks["ct-body/Body"], found)
+    right = masks["ct-lungs/Right Lung"]
+    assert right.shape == found.shape and right.dtype == bool and not right.any()

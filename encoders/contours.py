@@ -17,7 +17,7 @@ import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components, depth_first_order
 
-from encoders.common import Box, bounding_box
+from encoders.common import Box, bounding_box, in_threads
 
 # Edges of a cell as offsets, in doubled pixel coordinates, from its top-left pixel: a vertex
 # at (2r + dr, 2c + dc) / 2 lies midway along that edge.
@@ -80,11 +80,10 @@ def trace(mask: np.ndarray, box: Box | None = None) -> Contours:
     if box is None:
         return Contours(empty, np.zeros(1, dtype=np.int64), np.zeros((0, 2)))
     sub = mask[box]
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     occupied = np.flatnonzero(sub.any(axis=(1, 2)))
-    for s in range(0, len(occupied), SLAB):
-        ks = occupied[s : s + SLAB]
-        parts.append(_trace_slab(sub, ks))
+    slabs = [occupied[s : s + SLAB] for s in range(0, len(occupied), SLAB)]
+    # the slabs on every core: their array passes let the interpreter go
+    parts = in_threads(lambda ks: _trace_slab(sub, ks), slabs)
     slices = np.concatenate([p[0] for p in parts]) + box[0].start
     sizes = np.concatenate([np.diff(p[1]) for p in parts])
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

@@ -25,6 +25,7 @@ from encoders.common import (
     Provenance,
     SeriesIdentity,
     Structure,
+    in_threads,
 )
 from encoders.contours import Contours, trace
 
@@ -285,6 +286,23 @@ def build_rtstruct(
     frame.RTReferencedStudySequence = DicomSequence([rt_study])
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
 
+    # each structure's contours traced and written on the encoders' threads
+    found = [s for s in structures if s.found]
+    counts: list[dict[str, int]] = [{} for _ in found]
+    sequences = dict(
+        zip(
+            (id(s) for s in found),
+            in_threads(
+                lambda job: _contour_sequence(job[0], geometry, refs, job[1]),
+                list(zip(found, counts, strict=True)),
+            ),
+            strict=True,
+        )
+    )
+    if dropped is not None:
+        for count in counts:
+            for name, n in count.items():
+                dropped[name] = dropped.get(name, 0) + n
     rois, contours, observations = [], [], []
     for number, s in enumerate([*structures, *placeholders], start=1):
         roi = Dataset()
@@ -298,8 +316,7 @@ def build_rtstruct(
         contour.ReferencedROINumber = number
         contour.ROIDisplayColor = list(s.spec.color)
         if s.found:  # a placeholder has no contour (ContourSequence is type 3)
-            items = _contour_sequence(s, geometry, refs, dropped)
-            rb.put_sequence(contour, 0x30060040, items)  # Contour Sequence
+            rb.put_sequence(contour, 0x30060040, sequences[id(s)])  # Contour Sequence
         contours.append(contour)
         obs = Dataset()
         obs.ObservationNumber = number

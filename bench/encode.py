@@ -59,7 +59,16 @@ coordinates formatted in array passes, the garbage collector paused. Where the r
 (one profiled round): tracing 20 structures over their bounding boxes (about 4 million cell
 edges) about 0.8 s, the SR about 0.45 s (highdicom's TID 1500 with 20 groups: its content
 tree is built and copied), the RTSTRUCT's formatting about 0.25 s, the SEG about 0.25 s and
-writing the three objects about 0.3 s. Figures on this machine move up to 3x between runs."""
+writing the three objects about 0.3 s. Figures on this machine move up to 3x between runs.
+
+On 2026-12-07, on an Intel Xeon host, the same code took 2.58 s (1.90 s was the AMD EPYC host
+of the earlier record; the 140-slice case 0.27 s against 0.22 s). Each structure's contours,
+and each structure's 16-slice slabs, then traced and written on the encoders' threads, one
+per core (their array passes let the interpreter go; a thread for the whole RTSTRUCT beside
+the SEG and SR gave 2.27-2.57 s, no better): 2.33-2.40 s, the table. Goal not met on this
+host. Where the rest goes (one timed round): the RTSTRUCT 1.1 s (tracing on both cores, of it
+scipy's graph routines a third), the SR 0.5 s (highdicom's document copies and searches its
+content tree: 0.26 s), the SEG 0.3 s, writing the three 0.3 s."""
 
 
 def _as_the_pipeline(headers: list[Any], structures: list[Any]) -> float:

@@ -140,7 +140,17 @@ two; the volume build went from 5.5 s to 1.8 s on a first study): 15.7 s / 10.8 
 15.0 s / 11.2 s in the next run, 1,588-1,646 / 1,757-1,788 MB; the encoders' working memory
 cut (the SEG's frames packed 64 planes at a time instead of from a copy of the whole mask,
 238 -> 64 MB; the RTSTRUCT's coordinates formatted 65,536 at a time, 168 -> 100 MB):
-15.8 s / 11.1 s, 1,592 / 1,679 MB (encode 2.44 s / 0.94 s), then the table above.
+15.8 s / 11.1 s, 1,592 / 1,679 MB (encode 2.44 s / 0.94 s), then 15.0 s / 10.6 s and 1,604 /
+1,726 MB.
+
+On 2026-12-07 (fifth session, an Intel Xeon host; storescu took 2.6-4.9 s for the same send):
+the code as the fourth session left it, 15.5 s / 11.6 s, 1,631 / 1,702 MB (and 14.9 s for one
+more first study); a job's empty masks named in its masks.npz instead of packed and
+compressed (ct-lungs finds no lung on the head CT: masks 0.62 -> 0.33 s), 13.6 s / 11.7 s;
+each structure's contours, and a structure's slabs, traced on both cores: 15.3 s / 12.1 s,
+then 14.3 s / 11.3 s (the table), 1,641-1,660 / 1,716-1,779 MB. From one run to the next the
+first study's volume build took 1.75-2.93 s (the CT's region touched for the first time),
+ct-body 2.6-3.1 s and the C-STORE of the three objects to Orthanc 2.1-2.4 s.
 
 What is left. The peak (both columns under 2 GB now) is the node's idle 0.2 GB, the two
 classic models' stubs and tritonserver 0.16 GB, and the job's regions, kept for the next job:

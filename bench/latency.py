@@ -51,7 +51,10 @@ models from 2.59 to 0.62 s and the whole from 3.69 to 1.59 s; not model compute 
 1.01 s (rounds 0.73-1.42: the volume build alone took 0.13-0.51 s from one round to the
 next). In the third session the classic models took their tensors by reference to the
 node's regions (no copy through the Python backend's memory): both models 0.62 -> 0.38 s,
-not model compute 0.90 s, the whole 1.27 s."""
+not model compute 0.90 s, the whole 1.27 s. On 2026-12-07 (an Intel Xeon host) the code
+recorded here gave 0.79 s not model compute, then 0.98 s (the table) within the hour, where
+storescu's own send of the 140 instances went from 0.29 to 0.61 s: at the goal on a busy
+host, under it on a quiet one."""
 
 
 def send_and_wait(  # type: ignore[no-untyped-def]

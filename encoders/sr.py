@@ -351,6 +351,28 @@ def _encoded_items(items: Sequence[Dataset]) -> list[bytes]:
     return out
 
 
+def _is_measurements(item: Dataset) -> bool:
+    return str(item.ConceptNameCodeSequence[0].CodeValue) == "126010"  # Imaging Measurements
+
+
+def _check_references(sr: Dataset, images: Sequence[Dataset], seg: Dataset | None) -> None:
+    """Every instance the measurements reference is among the document's evidence (what
+    highdicom checks when it is given the whole tree): a wrong UID never leaves."""
+    allowed = {str(ds.SOPInstanceUID) for ds in images}
+    if seg is not None:
+        allowed.add(str(seg.SOPInstanceUID))
+    stack = [item for item in sr.ContentSequence if _is_measurements(item)]
+    while stack:
+        item = stack.pop()
+        for ref in item.get("ReferencedSOPSequence", []):
+            if str(ref.ReferencedSOPInstanceUID) not in allowed:
+                raise EncodeError(
+                    "the SR references an instance that is not among its evidence: "
+                    f"{ref.ReferencedSOPInstanceUID}"
+                )
+        stack.extend(item.get("ContentSequence", []))
+
+
 def _add_image_library(sr: Dataset, images: Sequence[Dataset]) -> None:
     """TID 1600 Image Library (111028), which viewers dereference: one group whose descriptors
     (modality, frame of reference, size, spacing, orientation: what the series' images share)
@@ -412,7 +434,7 @@ def build_measurement_report(
     library_images: Sequence[Dataset] | None = None,
     quality: InputQuality | None = None,
     prior: PriorStudy | None = None,
-) -> hd.sr.Comprehensive3DSR:
+) -> Dataset:
     """One TID 1411 volumetric group per structure found (``structures[n]`` is segment
     ``n + 1`` of ``seg``; its ``volume_ml`` and ``intensities_hu`` are reported), one TID 1501
     group per structure the model looked for and did not find ("Absent"), and one TID 1501
@@ -472,7 +494,15 @@ def build_measurement_report(
         procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
         imaging_measurements=groups,
     )
-    sr = hd.sr.Comprehensive3DSR(
+    # highdicom copies the whole content tree, parses the copy and searches the original for
+    # references (0.26 s of a 500-slice SR with 20 structures): it is given the tree without
+    # its Imaging Measurements container, which goes back in after. The evidence is every
+    # image and the SEG all the same (highdicom lists all it is given); the measurements
+    # reference only those (the SEG's segments, an image of ``planar_slices``).
+    root = report[0]
+    full = list(root.ContentSequence)
+    root.ContentSequence = [item for item in full if not _is_measurements(item)]
+    built = hd.sr.Comprehensive3DSR(
         evidence=[*source_images, *([seg] if seg is not None else [])],
         content=report,
         series_instance_uid=series.series_instance_uid,
@@ -483,6 +513,13 @@ def build_measurement_report(
         institution_name=provenance.institution_name,
         is_complete=True,
     )
+    # a plain data set: highdicom's parsed view of the content would be the stub's
+    sr = Dataset()
+    for element in built:
+        sr.add(element)
+    sr.file_meta, sr.preamble = built.file_meta, built.preamble
+    sr.ContentSequence = full
+    _check_references(sr, source_images, seg)
     _add_image_library(sr, list(library_images or source_images))
     if prior is not None and prior.images:
         sr.PertinentOtherEvidenceSequence = [_pertinent_evidence(prior.images)]

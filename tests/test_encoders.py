@@ -25,7 +25,7 @@ from encoders.common import (
 )
 from encoders.rtstruct import build_rtstruct
 from encoders.seg import build_probability_seg, build_seg
-from encoders.sr import build_measurement_report
+from encoders.sr import _check_references, build_measurement_report
 from inference.cards import load_cards
 from tests.objects import build_all, structure
 from tests.peers import ROOT, head_ct_files, tool
@@ -135,6 +135,27 @@ def test_seg_sr_rtstruct_round_trip(ct: list[Dataset], geometry: str, tmp_path: 
     )
     assert "Volume" in _valid_sr_dump(sr, tmp_path / "sr.dcm")
     report = hd.sr.srread(tmp_path / "sr.dcm")
+    # the evidence: every source image and the SEG; a measurement that references anything
+    # else is refused (the SR is built from a stub of its tree: the check is ours)
+    evidence = {
+        str(item.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {*sops, str(seg.SOPInstanceUID)}
+    tampered = copy.deepcopy(sr)
+    stack = [
+        i for i in tampered.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"
+    ]
+    while stack:
+        item = stack.pop()
+        if "ReferencedSOPSequence" in item:
+            item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID = hd.UID()
+            break
+        stack.extend(item.get("ContentSequence", []))
+    with pytest.raises(EncodeError, match="not among its evidence"):
+        _check_references(tampered, images, seg)
     groups = report.content.get_volumetric_roi_measurement_groups()
     # one identity per structure: the SEG segment, its volumetric group and its planar
     # group (outline and area on its largest slice) share the tracking UID

@@ -148,7 +148,10 @@ the code as the fourth session left it, 15.5 s / 11.6 s, 1,631 / 1,702 MB (and 1
 more first study); a job's empty masks named in its masks.npz instead of packed and
 compressed (ct-lungs finds no lung on the head CT: masks 0.62 -> 0.33 s), 13.6 s / 11.7 s;
 each structure's contours, and a structure's slabs, traced on both cores: 15.3 s / 12.1 s,
-then 14.3 s / 11.3 s (the table), 1,641-1,660 / 1,716-1,779 MB. From one run to the next the
+then 14.3 s / 11.3 s, 1,641-1,660 / 1,716-1,779 MB; the SR built from a stub of its tree
+(encode of this study 1.65-1.72 -> 1.37 s on the first study): 13.7 s / 12.8 s, 1,641 / 1,727
+MB (the table; the second study's volume build and models were slower in that run). From one
+run to the next the
 first study's volume build took 1.75-2.93 s (the CT's region touched for the first time),
 ct-body 2.6-3.1 s and the C-STORE of the three objects to Orthanc 2.1-2.4 s.
 

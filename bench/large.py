@@ -151,9 +151,8 @@ each structure's contours, and a structure's slabs, traced on both cores: 15.3 s
 then 14.3 s / 11.3 s, 1,641-1,660 / 1,716-1,779 MB; the SR built from a stub of its tree
 (encode of this study 1.65-1.72 -> 1.37 s on the first study): 13.7 s / 12.8 s, 1,641 / 1,727
 MB (the table; the second study's volume build and models were slower in that run). From one
-run to the next the
-first study's volume build took 1.75-2.93 s (the CT's region touched for the first time),
-ct-body 2.6-3.1 s and the C-STORE of the three objects to Orthanc 2.1-2.4 s.
+run to the next the first study's volume build took 1.75-2.93 s (the CT's region touched for
+the first time), ct-body 2.6-3.1 s and the C-STORE of the three objects to Orthanc 2.1-2.4 s.
 
 What is left. The peak (both columns under 2 GB now) is the node's idle 0.2 GB, the two
 classic models' stubs and tritonserver 0.16 GB, and the job's regions, kept for the next job:

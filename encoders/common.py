@@ -261,6 +261,16 @@ class SegmentSpec:
 Box = tuple[slice, slice, slice]  # (slices, rows, columns) of a 3D mask
 
 
+def plain_dataset(ds: Dataset) -> Dataset:
+    """``ds``'s elements, file meta and preamble in a plain pydicom Dataset (highdicom's
+    classes keep a parsed view of what they were built from, which edits leave stale)."""
+    plain = Dataset()
+    for element in ds:
+        plain.add(element)
+    plain.file_meta, plain.preamble = ds.file_meta, ds.preamble
+    return plain
+
+
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="encode")

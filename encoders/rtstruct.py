@@ -184,16 +184,12 @@ def _contour_sequence(
     structure: Structure,
     geometry: _Geometry,
     refs: Sequence[bytes],
-    dropped: dict[str, int] | None,
-) -> list[bytes]:
+) -> tuple[list[bytes], int]:
     """The Contour Sequence's items, encoded (:mod:`encoders.rawbytes`): a few hundred
     thousand coordinates on a large CT, which pydicom would hold and write value by value.
     Every contour's points are placed, and written as text, in one array pass."""
     traced = trace(structure.mask, structure.box)
     degenerate = _degenerate_contours(traced)
-    if dropped is not None and degenerate.any():
-        name = structure.spec.name
-        dropped[name] = dropped.get(name, 0) + int(degenerate.sum())
     xyz = geometry.to_patient(np.repeat(traced.slices, np.diff(traced.starts)), traced.points)
     text, ends = decimal_strings(xyz)
     raw = text.tobytes()
@@ -212,7 +208,7 @@ def _contour_sequence(
                 + rb.element(0x30060050, "DS", data)
             )
         )
-    return items
+    return items, int(degenerate.sum())
 
 
 def build_rtstruct(
@@ -286,23 +282,9 @@ def build_rtstruct(
     frame.RTReferencedStudySequence = DicomSequence([rt_study])
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
 
-    # each structure's contours traced and written on the encoders' threads
+    # each structure's contours traced and written on the encoders' threads, in order
     found = [s for s in structures if s.found]
-    counts: list[dict[str, int]] = [{} for _ in found]
-    sequences = dict(
-        zip(
-            (id(s) for s in found),
-            in_threads(
-                lambda job: _contour_sequence(job[0], geometry, refs, job[1]),
-                list(zip(found, counts, strict=True)),
-            ),
-            strict=True,
-        )
-    )
-    if dropped is not None:
-        for count in counts:
-            for name, n in count.items():
-                dropped[name] = dropped.get(name, 0) + n
+    traced = iter(in_threads(lambda s: _contour_sequence(s, geometry, refs), found))
     rois, contours, observations = [], [], []
     for number, s in enumerate([*structures, *placeholders], start=1):
         roi = Dataset()
@@ -316,7 +298,10 @@ def build_rtstruct(
         contour.ReferencedROINumber = number
         contour.ROIDisplayColor = list(s.spec.color)
         if s.found:  # a placeholder has no contour (ContourSequence is type 3)
-            rb.put_sequence(contour, 0x30060040, sequences[id(s)])  # Contour Sequence
+            items, degenerate = next(traced)
+            rb.put_sequence(contour, 0x30060040, items)  # Contour Sequence
+            if dropped is not None and degenerate:
+                dropped[s.spec.name] = dropped.get(s.spec.name, 0) + degenerate
         contours.append(contour)
         obs = Dataset()
         obs.ObservationNumber = number

@@ -28,6 +28,7 @@ from encoders.common import (
     SeriesIdentity,
     Structure,
     bounding_box,
+    plain_dataset,
 )
 
 
@@ -307,11 +308,7 @@ def _streamed_binary(
     seg = _segmentation(
         [first], decoy, hd.seg.SegmentationTypeValues.BINARY, structures, provenance, series
     )
-    ds = Dataset()
-    for elem in seg:
-        ds.add(elem)
-    ds.file_meta = seg.file_meta
-    ds.preamble = seg.preamble
+    ds = plain_dataset(seg)
     # what pydicom's writer would have corrected (Pixel Data's "OB or OW") is corrected now:
     # it writes the raw elements below only where it need not correct anything itself
     correct_ambiguous_vr(ds, True)

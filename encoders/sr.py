@@ -29,6 +29,7 @@ from encoders.common import (
     SegmentSpec,
     SeriesIdentity,
     Structure,
+    plain_dataset,
 )
 from encoders.contours import trace
 
@@ -513,11 +514,7 @@ def build_measurement_report(
         institution_name=provenance.institution_name,
         is_complete=True,
     )
-    # a plain data set: highdicom's parsed view of the content would be the stub's
-    sr = Dataset()
-    for element in built:
-        sr.add(element)
-    sr.file_meta, sr.preamble = built.file_meta, built.preamble
+    sr = plain_dataset(built)  # highdicom's parsed view of the content is the stub's
     sr.ContentSequence = full
     _check_references(sr, source_images, seg)
     _add_image_library(sr, list(library_images or source_images))

@@ -70,9 +70,10 @@ the SEG and SR gave 2.27-2.57 s, no better): 2.33-2.40 s. Then the SR: highdicom
 document from the whole content tree, which it copied, parsed and searched for references
 (0.26 s); it is now given the tree without its Imaging Measurements container, which goes
 back in after, and the measurements' references are checked against the evidence by us (SR
-0.50 -> 0.29 s): 2.00 s, the table (goal met, at its edge on this host). Where the rest goes
-(one timed round): the RTSTRUCT 1.1 s (tracing on both cores, of it scipy's graph routines a
-third), the SEG 0.3 s, the SR 0.3 s, writing the three 0.3 s."""
+0.50 -> 0.29 s): 2.00 s, the table (goal met, at its edge on this host). An hour later the
+host was slower: that code and the reviewed one, alternating, 2.70-2.72 s and 2.48-2.77 s.
+Where the rest goes (one timed round): the RTSTRUCT 1.1 s (tracing on both cores, of it
+scipy's graph routines a third), the SEG 0.3 s, the SR 0.3 s, writing the three 0.3 s."""
 
 
 def _as_the_pipeline(headers: list[Any], structures: list[Any]) -> float:
